@@ -1,0 +1,306 @@
+"""Hugging Face checkpoints: `load_pretrained` and `save_pretrained` in the hub layout.
+
+Reads `config.json` plus `model.safetensors` or a sharded `model.safetensors.index.json`; accepts the hub's
+per-expert keys and transformers 5's fused `experts.gate_up_proj` / `experts.down_proj`; dequantises
+DeepSeek-V3 FP8 (e4m3) weights with their 128x128 `weight_scale_inv` blocks; skips V3's MTP layers
+(`model.layers.{num_hidden_layers}.*`). The model is built on the meta device and each tensor is streamed
+from the memory-mapped files into its place, so the weights are never held twice. Nothing is read with
+pickle. `save_pretrained` writes per-expert keys and a hub-spelling config.json, which transformers loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dsmoe.config import ModelConfig
+from dsmoe.errors import UserError
+from dsmoe.model.transformer import Transformer, cast_model
+
+log = logging.getLogger(__name__)
+
+# One map, both directions: dsmoe name pattern -> hub name pattern. "{}" is a layer index or a module
+# name; "{e}" (hub side only) is an expert index, for the stacked expert tensors.
+KEY_MAP: dict[str, str] = {
+    "embed_tokens.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "layers.{}.input_layernorm.weight": "model.layers.{}.input_layernorm.weight",
+    "layers.{}.post_attention_layernorm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "layers.{}.self_attn.{}.weight": "model.layers.{}.self_attn.{}.weight",
+    "layers.{}.mlp.{}.weight": "model.layers.{}.mlp.{}.weight",  # dense gate/up/down_proj and the router
+    "layers.{}.mlp.gate.e_score_correction_bias": "model.layers.{}.mlp.gate.e_score_correction_bias",
+    "layers.{}.mlp.shared_experts.{}.weight": "model.layers.{}.mlp.shared_experts.{}.weight",
+    "layers.{}.mlp.experts.gate_up_proj": "model.layers.{}.mlp.experts.{e}.{gate,up}_proj.weight",
+    "layers.{}.mlp.experts.down_proj": "model.layers.{}.mlp.experts.{e}.down_proj.weight",
+}
+# transformers 5 keeps the experts fused in memory; its files (and some converted checkpoints) may too.
+FUSED_EXPERT_KEYS = {
+    "model.layers.{}.mlp.experts.gate_up_proj": "layers.{}.mlp.experts.gate_up_proj",
+    "model.layers.{}.mlp.experts.down_proj": "layers.{}.mlp.experts.down_proj",
+}
+
+
+class CheckpointError(UserError):
+    """A checkpoint that does not match its config or cannot be read; the message names file and key."""
+
+
+def _pattern(template: str) -> re.Pattern:
+    parts = re.split(r"(\{\}|\{e\}|\{gate,up\})", template)
+    groups = {"{}": r"([A-Za-z0-9_]+)", "{e}": r"(?P<e>\d+)", "{gate,up}": r"(?P<part>gate|up)"}
+    return re.compile("".join(groups.get(p, re.escape(p)) for p in parts) + "$")
+
+
+_HUB_TO_OURS = [(_pattern(hub), ours) for ours, hub in KEY_MAP.items()] + \
+               [(_pattern(hub), ours) for hub, ours in FUSED_EXPERT_KEYS.items()]
+
+
+def hub_to_ours(key: str) -> tuple[str, int | None, str | None] | None:
+    """Hub key -> (dsmoe parameter name, expert index or None, "gate"/"up"/"down" or None)."""
+    for pattern, ours in _HUB_TO_OURS:
+        m = pattern.match(key)
+        if not m:
+            continue
+        groups = [g for i, g in enumerate(m.groups(), 1) if i not in _named_indices(pattern)]
+        name = ours.format(*groups)
+        e = m.groupdict().get("e")
+        part = m.groupdict().get("part") or ("down" if e is not None else None)
+        return name, (int(e) if e is not None else None), part
+    return None
+
+
+def _named_indices(pattern: re.Pattern) -> set[int]:
+    return set(pattern.groupindex.values())
+
+
+def ours_to_hub(name: str, tensor: torch.Tensor):
+    """dsmoe parameter -> [(hub key, tensor)], splitting stacked experts into per-expert tensors."""
+    layer = name.split(".")[1] if name.startswith("layers.") else None
+    if name.endswith("mlp.experts.gate_up_proj"):
+        F = tensor.shape[1] // 2
+        for e in range(tensor.shape[0]):
+            yield f"model.layers.{layer}.mlp.experts.{e}.gate_proj.weight", tensor[e, :F]
+            yield f"model.layers.{layer}.mlp.experts.{e}.up_proj.weight", tensor[e, F:]
+        return
+    if name.endswith("mlp.experts.down_proj"):
+        for e in range(tensor.shape[0]):
+            yield f"model.layers.{layer}.mlp.experts.{e}.down_proj.weight", tensor[e]
+        return
+    yield ("lm_head.weight" if name == "lm_head.weight" else f"model.{name}"), tensor
+
+
+# ---------------------------------------------------------------- loading
+
+def read_config(path: Path) -> tuple[ModelConfig, dict]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"no config.json in {path}: pass a folder holding a Hugging Face DeepSeek "
+                              "checkpoint or a dsmoe run folder")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON ({e}); restore the file") from None
+    return ModelConfig.from_hf_dict(hf), hf
+
+
+def checkpoint_files(path: Path) -> dict[str, Path]:
+    """Tensor key -> file, from the index when sharded, else from the single model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: path / name for name in set(weight_map.values())}
+        for name, file in files.items():
+            if not file.is_file():
+                raise CheckpointError(f"shard {name} listed in {index.name} is missing from {path}: "
+                                      "download or copy the complete checkpoint")
+        return {key: files[name] for key, name in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        found = ", ".join(sorted(p.name for p in path.glob("*.bin"))) or "none"
+        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path} (.bin files: "
+                              f"{found}); dsmoe reads safetensors only, never pickle: convert the checkpoint")
+    with safe_open(single, "pt") as f:
+        return {key: single for key in f.keys()}
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """W[i, j] = W_fp8[i, j] * scale_inv[i // 128, j // 128] (edge blocks are partial)."""
+    rows, cols = weight.shape
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return weight.float() * scale
+
+
+def _default_dtype(hf: dict) -> torch.dtype:
+    if hf.get("quantization_config"):
+        return torch.bfloat16  # FP8 checkpoints are dequantised to bf16, as DeepSeek's fp8_cast_bf16 does
+    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None, moe_impl: str = "auto") -> Transformer:
+    """Load a DeepSeek (16B / V2 / V2-Lite / V3) checkpoint or a dsmoe run folder into a Transformer.
+
+    dtype defaults to the checkpoint's (bf16 for FP8 checkpoints); the router stays fp32 regardless.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder: pass the folder that holds config.json")
+    config, hf = read_config(path)
+    dtype = dtype or _default_dtype(hf)
+    key_files = checkpoint_files(path)
+    block = tuple((hf.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+
+    with torch.device("meta"):
+        model = Transformer(config, moe_impl)
+    cast_model(model, dtype)
+    model.to_empty(device=device or "cpu")
+    targets = dict(model.named_parameters())
+    targets.update((n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+    filled: dict[str, int] = {}  # name -> number of pieces written (experts arrive in E or 2E pieces)
+    mtp_skipped = 0
+
+    with ExitStack() as stack, torch.no_grad():
+        handles = {f: stack.enter_context(safe_open(f, "pt", device="cpu")) for f in set(key_files.values())}
+        for key, file in key_files.items():
+            if key.endswith("weight_scale_inv"):
+                continue  # read together with its weight
+            layer = re.match(r"model\.layers\.(\d+)\.", key)
+            if layer and int(layer.group(1)) >= config.num_hidden_layers:
+                mtp_skipped += 1
+                continue
+            mapped = hub_to_ours(key)
+            if mapped is None or mapped[0] not in targets:
+                raise CheckpointError(f"{file.name}: unexpected key {key}: the checkpoint does not match "
+                                      "its config.json (wrong model_type or layer count?)")
+            name, expert, part = mapped
+            tensor = handles[file].get_tensor(key)
+            if tensor.dtype == torch.float8_e4m3fn:
+                scale_key = key + "_scale_inv"
+                if scale_key not in key_files:
+                    raise CheckpointError(f"{file.name}: FP8 tensor {key} has no {scale_key}")
+                tensor = dequantize_fp8(tensor, handles[key_files[scale_key]].get_tensor(scale_key), block)
+            _copy_into(targets[name], tensor, expert, part, file.name, key)
+            filled[name] = filled.get(name, 0) + 1
+
+    if mtp_skipped:
+        log.info("skipped %d tensors of the multi-token-prediction layer(s) (not used by this model)",
+                 mtp_skipped)
+    for name, tensor in targets.items():
+        if name.endswith("e_score_correction_bias") and name not in filled:
+            tensor.zero_()  # checkpoints converted from V2-style routing carry no bias: start unbiased
+    missing = [n for n in targets if n not in filled and not n.endswith("e_score_correction_bias")]
+    for name in (n for n in filled if n.endswith(("experts.gate_up_proj", "experts.down_proj"))):
+        E = targets[name].shape[0]
+        expected = 2 * E if name.endswith("gate_up_proj") else E
+        if filled[name] not in (1, expected):  # 1 = a fused tensor
+            missing.append(f"{name} ({filled[name]} of {expected} expert tensors)")
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} weights missing from the checkpoint, e.g. "
+                              f"{', '.join(missing[:3])} (dsmoe names): the files are incomplete or belong "
+                              "to another config.json")
+    model.init_buffers()
+    return model
+
+
+def _copy_into(target: torch.Tensor, tensor: torch.Tensor, expert: int | None, part: str | None,
+               file: str, key: str) -> None:
+    if expert is None:
+        dest = target
+    elif expert >= target.shape[0]:
+        raise CheckpointError(f"{file}: {key} names expert {expert} but config.json has {target.shape[0]}")
+    elif part == "down":
+        dest = target[expert]
+    else:
+        F = target.shape[1] // 2
+        dest = target[expert, :F] if part == "gate" else target[expert, F:]
+    if tuple(dest.shape) != tuple(tensor.shape):
+        raise CheckpointError(f"{file}: {key} has shape {list(tensor.shape)} but config.json implies "
+                              f"{list(dest.shape)}: the checkpoint and its config.json disagree")
+    dest.copy_(tensor.to(dest.dtype))
+
+
+# ---------------------------------------------------------------- saving
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: use bytes or a size like '5GB' or '500MB'")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def hub_state(model: Transformer):
+    """(hub key, tensor) pairs in checkpoint order; experts split per expert (views, no copies)."""
+    for name, tensor in model.state_dict().items():
+        if name.endswith(("expert_counts", "aux_loss")):
+            continue
+        yield from ours_to_hub(name, tensor)
+
+
+def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+                    dtype: torch.dtype | None = None) -> None:
+    """Write config.json + safetensors (sharded with an index past max_shard_size) in the hub layout.
+
+    Each file is written under a temporary name and renamed into place, the index and config.json last,
+    so an interrupted save never leaves a partial file under a real name.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in hub_state(model):
+        t = tensor.detach()
+        if dtype is not None and t.is_floating_point() and not key.endswith(("mlp.gate.weight", "correction_bias")):
+            t = t.to(dtype)
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        # clone: safetensors refuses tensors that share storage (the per-expert views do)
+        _atomic(path / name, lambda tmp, s=shard: save_file({k: v.contiguous().cpu().clone() for k, v in s.items()},
+                                                           tmp, metadata={"format": "pt"}))
+    index = path / "model.safetensors.index.json"
+    if len(shards) > 1:
+        weight_map = {k: n for n, s in zip(names, shards) for k in s}
+        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+        _atomic_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    elif index.exists():
+        index.unlink()
+    for stale in path.glob("model*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+    hf = model.config.to_hf_dict()
+    weights_dtype = dtype or next(p.dtype for n, p in model.named_parameters() if not n.endswith("gate.weight"))
+    hf["dtype"] = str(weights_dtype).replace("torch.", "")
+    _atomic_text(path / "config.json", json.dumps(hf, indent=2))
+
+
+def _atomic(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_text(target: Path, text: str) -> None:
+    _atomic(target, lambda tmp: Path(tmp).write_text(text + "\n"))

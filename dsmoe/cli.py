@@ -1,0 +1,62 @@
+"""`dsmoe` command line: one subcommand per job, each a thin layer over library functions.
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; modules
+are imported only when their subcommand runs, so `dsmoe --help` stays fast and a missing optional
+extra (say [serve]) only matters to the command that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from dsmoe.errors import UserError
+
+SUBCOMMANDS = {
+    "train": ("dsmoe.train.cli", "train a model (built-in corpus by default), or resume a run"),
+    "eval": ("dsmoe.tasks.eval_cli", "validation loss and perplexity of a run or checkpoint on a corpus"),
+    "generate": ("dsmoe.infer.cli", "generate text from a prompt"),
+    "chat": ("dsmoe.infer.chat_cli", "interactive chat with a model (REPL with history)"),
+    "serve": ("dsmoe.serve.cli", "OpenAI-compatible HTTP server"),
+    "convert": ("dsmoe.checkpoint.convert_cli", "re-save a checkpoint (dtype, shard size) in the hub layout"),
+    "bench": ("dsmoe.bench.cli", "benchmarks: moe | train | decode | scale"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsmoe", description="DeepSeekMoE models: train, evaluate, generate, serve.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    top, rest = parser.parse_known_args(argv)
+    if top.command is None:
+        parser.print_help()
+        return 2
+    module_name, help_text = SUBCOMMANDS[top.command]
+    logging.basicConfig(level=logging.DEBUG if top.verbose else logging.INFO, format="%(message)s")
+    module = importlib.import_module(module_name)
+    sub = argparse.ArgumentParser(prog=f"dsmoe {top.command}", description=help_text,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    module.add_arguments(sub)
+    args = sub.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

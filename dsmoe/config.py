@@ -1,0 +1,352 @@
+"""ModelConfig: the architecture of a DeepSeekMoE-family model, with Hugging Face DeepSeek field names.
+
+A real `config.json` of deepseek-moe-16b (`model_type` "deepseek"), DeepSeek-V2/V2-Lite ("deepseek_v2") or
+DeepSeek-V3 ("deepseek_v3") maps onto it one to one through `from_hf_dict`; `to_hf_dict` writes it back in
+the hub spelling (`rope_theta` + `rope_scaling`) that both the hub's remote code and transformers 5 read.
+Every behaviour switch is a field (see `../shared/reference/deepseek_arch.md` for the formulas).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsmoe.errors import UserError
+
+SUPPORTED_MODEL_TYPES = ("deepseek", "deepseek_v2", "deepseek_v3")
+SCORING_FUNCS = ("softmax", "sigmoid")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+ARCHITECTURES = {
+    "deepseek": "DeepseekForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+}
+
+
+class ConfigError(UserError):
+    """A model configuration that cannot describe a valid model; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str = "deepseek_v3"  # "deepseek" (16B, MHA) | "deepseek_v2" | "deepseek_v3"
+    vocab_size: int = 32000
+    hidden_size: int = 1024
+    intermediate_size: int = 4096  # width of the dense SwiGLU layers
+    moe_intermediate_size: int = 512  # width of one routed (and one shared) expert
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = None  # MHA/GQA only; None = num_attention_heads
+    # --- mixture of experts
+    n_routed_experts: int | None = 64  # None = every layer dense
+    n_shared_experts: int = 2  # merged into one MLP of width n_shared_experts * moe_intermediate_size
+    num_experts_per_tok: int = 6
+    first_k_dense_replace: int = 1  # the first k layers keep a dense MLP
+    moe_layer_freq: int = 1  # layer i is MoE iff i >= first_k_dense_replace and i % moe_layer_freq == 0
+    scoring_func: str = "sigmoid"  # "softmax" (V1/V2) | "sigmoid" (V3)
+    topk_method: str = "noaux_tc"  # "greedy" | "group_limited_greedy" (V2: max per group) | "noaux_tc" (V3)
+    n_group: int = 1  # expert groups (devices / nodes) for group-limited routing
+    topk_group: int = 1  # groups a token may use
+    norm_topk_prob: bool = True  # renormalise the K gate weights to sum to 1 (before the scaling factor)
+    routed_scaling_factor: float = 1.0  # multiplies the routed gate weights
+    router_fp32: bool = True  # V2/V3 route in fp32; the 16B hub code routes in the model dtype
+    aux_loss_alpha: float = 0.0  # expert-level balance loss weight (training only)
+    seq_aux: bool = True  # balance loss per sequence (True) or over the whole micro-batch (False)
+    # --- attention: MLA when kv_lora_rank is set, else MHA/GQA with head_dim = hidden / heads
+    q_lora_rank: int | None = None  # None = one q_proj (V2-Lite); else q_a_proj -> norm -> q_b_proj
+    kv_lora_rank: int | None = 256
+    qk_nope_head_dim: int = 64
+    qk_rope_head_dim: int = 32
+    v_head_dim: int = 64
+    # --- positions and norms
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"type": "yarn", "factor": ..., ...} or None
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    # --- vocabulary and init
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    pad_token_id: int | None = None
+    initializer_range: float = 0.006  # std of every weight at init, as in the DeepSeekMoE/V3 papers
+    num_nextn_predict_layers: int = 0  # V3's MTP modules; stored in checkpoints as extra layers, skipped here
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # ---- derived values (properties, never rewritten fields)
+    @property
+    def use_mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width of MHA (16B model); MLA uses the qk_*/v_head_dim fields instead."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.use_mla else self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        return self.qk_rope_head_dim if self.use_mla else self.head_dim
+
+    @property
+    def rope_interleaved(self) -> bool:
+        """MLA checkpoints pair rotary dims as (2i, 2i+1); the 16B MHA model uses Llama halves."""
+        return self.use_mla
+
+    @property
+    def softmax_scale(self) -> float:
+        scale = self.qk_head_dim**-0.5
+        if self.rope_scaling and self.rope_scaling.get("mscale_all_dim"):
+            m = yarn_mscale(self.rope_scaling["factor"], self.rope_scaling["mscale_all_dim"])
+            scale *= m * m
+        return scale
+
+    def is_moe_layer(self, i: int) -> bool:
+        return (
+            self.n_routed_experts is not None
+            and i >= self.first_k_dense_replace
+            and i % self.moe_layer_freq == 0
+        )
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- parameter counts (embedding and head included, as the papers count them)
+    def num_params(self, active: bool = False) -> int:
+        d = self.hidden_size
+        attn = self._attention_params()
+        dense_mlp = 3 * d * self.intermediate_size
+        expert = 3 * d * self.moe_intermediate_size
+        total = self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + d  # embed, head, final norm
+        for i in range(self.num_hidden_layers):
+            total += attn + 2 * d
+            if self.is_moe_layer(i):
+                routed = self.num_experts_per_tok if active else self.n_routed_experts
+                total += expert * (routed + self.n_shared_experts) + self.n_routed_experts * d
+            else:
+                total += dense_mlp
+        return total
+
+    def _attention_params(self) -> int:
+        d, h = self.hidden_size, self.num_attention_heads
+        if not self.use_mla:
+            return d * h * self.head_dim + 2 * d * self.kv_heads * self.head_dim + h * self.head_dim * d
+        q = d * h * self.qk_head_dim if self.q_lora_rank is None else (
+            d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * h * self.qk_head_dim
+        )
+        kv = d * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+        kv += self.kv_lora_rank * h * (self.qk_nope_head_dim + self.v_head_dim)
+        return q + kv + h * self.v_head_dim * d
+
+    # ---- Hugging Face config.json
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"config.json has model_type {model_type!r}; dsmoe reads {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in hf.items() if k in known}
+        theta, scaling = _rope_from_hf(hf)
+        kwargs["rope_theta"], kwargs["rope_scaling"] = theta, scaling
+        if isinstance(kwargs.get("eos_token_id"), list):
+            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        # transformers writes null for fields its class does not use; fall back to each version's default
+        kwargs = {k: v for k, v in kwargs.items() if v is not None or k in _NULLABLE}
+        if model_type == "deepseek":
+            kwargs.setdefault("kv_lora_rank", None)  # MHA: the absence of kv_lora_rank is the signal
+            kwargs.update(scoring_func="softmax", topk_method="greedy", router_fp32=False)
+            kwargs.setdefault("norm_topk_prob", False)
+            kwargs.setdefault("aux_loss_alpha", 0.001)
+        elif model_type == "deepseek_v2":
+            kwargs.setdefault("scoring_func", "softmax")
+            kwargs.setdefault("topk_method", "greedy")
+            kwargs.setdefault("norm_topk_prob", False)
+            kwargs.setdefault("aux_loss_alpha", 0.001)
+        else:
+            kwargs.setdefault("scoring_func", "sigmoid")
+            kwargs.setdefault("topk_method", "noaux_tc")
+            kwargs.setdefault("norm_topk_prob", True)
+            kwargs.setdefault("aux_loss_alpha", 0.0001)
+            kwargs.setdefault("num_nextn_predict_layers", hf.get("num_mtp_layers", 0))
+        for name in ("n_group", "topk_group"):
+            if kwargs.get(name) is None:
+                kwargs[name] = 1
+        kwargs.setdefault("initializer_range", 0.006)
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"architectures": [ARCHITECTURES[self.model_type]]}
+        for f in dataclasses.fields(self):
+            out[f.name] = getattr(self, f.name)
+        out["hidden_act"] = "silu"
+        out["attention_bias"] = False
+        out["num_key_value_heads"] = self.kv_heads
+        if self.model_type == "deepseek_v3":
+            out["rope_interleave"] = True
+        out.pop("router_fp32")  # implied by model_type; no hub config carries it
+        return out
+
+
+_NULLABLE = {"n_routed_experts", "q_lora_rank", "kv_lora_rank", "rope_scaling", "bos_token_id",
+             "eos_token_id", "pad_token_id", "num_key_value_heads"}
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """Accept both the hub spelling (rope_theta + rope_scaling) and transformers 5's rope_parameters."""
+    params = hf.get("rope_parameters")
+    if params:
+        params = dict(params)
+        theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = params.pop("rope_type", params.pop("type", "default"))
+        return float(theta), (None if rope_type == "default" else {"type": rope_type, **params})
+    scaling = hf.get("rope_scaling")
+    if scaling:
+        scaling = dict(scaling)
+        scaling["type"] = scaling.pop("rope_type", scaling.get("type", "default"))
+        if scaling["type"] == "default":
+            scaling = None
+    return float(hf.get("rope_theta", 10000.0)), scaling
+
+
+def _validate(c: ModelConfig) -> None:
+    def fail(name: str, why: str) -> None:
+        raise ConfigError(f"invalid model config: {name}={getattr(c, name)!r}: {why}")
+
+    if c.model_type not in SUPPORTED_MODEL_TYPES:
+        fail("model_type", f"use one of {', '.join(SUPPORTED_MODEL_TYPES)}")
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "intermediate_size", "max_position_embeddings"):
+        if getattr(c, name) <= 0:
+            fail(name, "must be positive")
+    if c.scoring_func not in SCORING_FUNCS:
+        fail("scoring_func", f"use one of {', '.join(SCORING_FUNCS)}")
+    if c.topk_method not in TOPK_METHODS:
+        fail("topk_method", f"use one of {', '.join(TOPK_METHODS)}")
+    if c.n_routed_experts is not None:
+        if c.n_routed_experts <= 0:
+            fail("n_routed_experts", "must be positive (or null for an all-dense model)")
+        if not 1 <= c.num_experts_per_tok <= c.n_routed_experts:
+            fail("num_experts_per_tok", f"must be between 1 and n_routed_experts={c.n_routed_experts}")
+        if c.moe_intermediate_size <= 0:
+            fail("moe_intermediate_size", "must be positive")
+        if c.n_shared_experts < 0:
+            fail("n_shared_experts", "must be >= 0")
+        if c.moe_layer_freq <= 0:
+            fail("moe_layer_freq", "must be >= 1")
+        if c.first_k_dense_replace < 0:
+            fail("first_k_dense_replace", "must be >= 0")
+        if c.n_group <= 0 or c.n_routed_experts % c.n_group:
+            fail("n_group", f"must divide n_routed_experts={c.n_routed_experts}")
+        if not 1 <= c.topk_group <= c.n_group:
+            fail("topk_group", f"must be between 1 and n_group={c.n_group}")
+        per_group = c.n_routed_experts // c.n_group
+        if c.topk_method != "greedy" and c.topk_group * per_group < c.num_experts_per_tok:
+            fail("topk_group", f"topk_group * experts per group ({per_group}) must be >= num_experts_per_tok")
+        if c.topk_method == "noaux_tc" and c.n_group > 1 and per_group < 2:
+            fail("n_group", "noaux_tc scores a group by its top-2 experts: each group needs at least 2")
+        if c.topk_method == "noaux_tc" and c.scoring_func != "sigmoid":
+            fail("topk_method", "noaux_tc (aux-loss-free V3 routing) needs scoring_func='sigmoid'")
+    if c.use_mla:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(c, name) <= 0:
+                fail(name, "must be positive")
+        if c.qk_rope_head_dim % 2:
+            fail("qk_rope_head_dim", "must be even (rotary pairs)")
+        if c.q_lora_rank is not None and c.q_lora_rank <= 0:
+            fail("q_lora_rank", "must be positive or null")
+    else:
+        if c.hidden_size % c.num_attention_heads:
+            fail("num_attention_heads", f"must divide hidden_size={c.hidden_size}")
+        if c.num_attention_heads % c.kv_heads:
+            fail("num_key_value_heads", f"must divide num_attention_heads={c.num_attention_heads}")
+        if c.head_dim % 2:
+            fail("hidden_size", "hidden_size / num_attention_heads must be even for rotary embeddings")
+    if c.rope_scaling is not None:
+        kind = c.rope_scaling.get("type")
+        if kind != "yarn":
+            fail("rope_scaling", "dsmoe implements rope_scaling type 'yarn' (DeepSeek's) or none")
+        if "factor" not in c.rope_scaling or "original_max_position_embeddings" not in c.rope_scaling:
+            fail("rope_scaling", "yarn needs 'factor' and 'original_max_position_embeddings'")
+
+
+def _mla_v3_routing(**kw: Any) -> dict[str, Any]:
+    return dict(model_type="deepseek_v3", scoring_func="sigmoid", topk_method="noaux_tc",
+                norm_topk_prob=True, **kw)
+
+
+_YARN_V2 = {"type": "yarn", "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+            "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1}
+_YARN_V3 = {**_YARN_V2, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+PRESETS: dict[str, ModelConfig] = {
+    # Trains on 2 CPU cores in minutes: ~12M params, MLA + V3 aux-free routing over 16 experts.
+    "tiny": ModelConfig(**_mla_v3_routing(
+        vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, n_routed_experts=16, n_shared_experts=1,
+        num_experts_per_tok=4, first_k_dense_replace=1, n_group=4, topk_group=2,
+        routed_scaling_factor=1.0, aux_loss_alpha=0.0001, kv_lora_rank=64, q_lora_rank=None,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=1024)),
+    # One GPU: ~1.2B total / ~0.2B active, the shape of the training benchmark.
+    "small": ModelConfig(**_mla_v3_routing(
+        vocab_size=32000, hidden_size=1024, intermediate_size=4096, moe_intermediate_size=512,
+        num_hidden_layers=12, num_attention_heads=16, n_routed_experts=64, n_shared_experts=2,
+        num_experts_per_tok=6, first_k_dense_replace=1, n_group=1, topk_group=1,
+        routed_scaling_factor=1.0, aux_loss_alpha=0.0001, kv_lora_rank=256, q_lora_rank=None,
+        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, max_position_embeddings=4096)),
+    "deepseek-moe-16b": ModelConfig(
+        model_type="deepseek", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16,
+        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1,
+        scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, router_fp32=False,
+        aux_loss_alpha=0.001, kv_lora_rank=None, max_position_embeddings=4096,
+        bos_token_id=100000, eos_token_id=100001),
+    "deepseek-v2-lite": ModelConfig(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, n_routed_experts=64,
+        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, scoring_func="softmax",
+        topk_method="greedy", norm_topk_prob=False, aux_loss_alpha=0.001, q_lora_rank=None,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        rope_scaling=_YARN_V2, max_position_embeddings=163840, bos_token_id=100000, eos_token_id=100001),
+    "deepseek-v2": ModelConfig(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, intermediate_size=12288,
+        moe_intermediate_size=1536, num_hidden_layers=60, num_attention_heads=128, n_routed_experts=160,
+        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, scoring_func="softmax",
+        topk_method="group_limited_greedy", n_group=8, topk_group=3, norm_topk_prob=False,
+        routed_scaling_factor=16.0, aux_loss_alpha=0.003, q_lora_rank=1536, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        rope_scaling={**_YARN_V2, "mscale": 1.0, "mscale_all_dim": 1.0},
+        max_position_embeddings=163840, bos_token_id=100000, eos_token_id=100001),
+    "deepseek-v3": ModelConfig(**_mla_v3_routing(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=61, num_attention_heads=128, n_routed_experts=256, n_shared_experts=1,
+        num_experts_per_tok=8, first_k_dense_replace=3, n_group=8, topk_group=4,
+        routed_scaling_factor=2.5, aux_loss_alpha=0.0001, q_lora_rank=1536, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, rope_scaling=_YARN_V3,
+        max_position_embeddings=163840, num_nextn_predict_layers=1)),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,5 @@
+"""The error users can fix. Anything raised as UserError reaches the CLI user as one sentence, no traceback."""
+
+
+class UserError(ValueError):
+    """Bad input (config, path, checkpoint, flag); the message says what is wrong and how to fix it."""

@@ -1,0 +1,66 @@
+"""The torch grouped path: rows sorted by expert, one grouped GEMM per projection, fp32 combine.
+
+Everything stays on the device: the plan is built with argsort/cumsum (no .item()/.tolist()), so the
+layer can be captured in a CUDA graph. `torch.nn.functional.grouped_mm` does the expert GEMMs where the
+device and dtype support it (see `grouped_mm_supported`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dsmoe.kernels.reference import swiglu
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@dataclass
+class DispatchPlan:
+    token_N: torch.Tensor  # source token of each expert-sorted row
+    inverse_N: torch.Tensor  # position in the sorted order of routing decision (t, k) flattened
+    offsets_E: torch.Tensor  # int32 cumulative row ends per expert, what grouped_mm takes
+
+
+def dispatch_plan(topk_idx_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
+    flat = topk_idx_TK.flatten()
+    order = torch.argsort(flat, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return DispatchPlan(order // topk_idx_TK.shape[1], inverse, torch.cumsum(counts, 0, dtype=torch.int32))
+
+
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """CUDA: bf16 on SM >= 9.0 (the fused CUTLASS kernel). CPU: any float dtype whose row strides are
+    multiples of 16 bytes (a constraint of the CPU build of torch 2.13)."""
+    if _grouped_mm is None:
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    if x.device.type != "cpu":
+        return False
+    return all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x, *weights))
+
+
+def grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Row block e of x (rows offsets[e-1]:offsets[e]) times w[e]^T; [N, I] -> [N, O]."""
+    return _grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=offsets_E)
+
+
+def moe_experts_grouped(
+    x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+    gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor,
+) -> torch.Tensor:
+    T, K = topk_idx_TK.shape
+    plan = dispatch_plan(topk_idx_TK, gate_up_EFD.shape[0])
+    x_ND = x_TD[plan.token_N]
+    h_NF = swiglu(grouped_linear(x_ND, gate_up_EFD, plan.offsets_E))
+    y_ND = grouped_linear(h_NF, down_EDF, plan.offsets_E)
+    # Back to (token, k) order with a gather (deterministic), then the weighted sum in fp32.
+    y_TKD = y_ND[plan.inverse_N].view(T, K, -1)
+    y_TD = (y_TKD.float() * topk_weight_TK.float().unsqueeze(-1)).sum(dim=1)
+    return y_TD.to(x_TD.dtype)

@@ -1,0 +1,96 @@
+"""Gating: which K of the E routed experts each token uses, and with what weight.
+
+One function, `route`, covers every DeepSeek variant (spec section 4):
+- V1 (16B): softmax, greedy top-k, no scaling; logits in the model dtype (`ModelConfig.router_fp32=False`).
+- V2: softmax in fp32; `greedy` (V2-Lite) or `group_limited_greedy` (groups scored by their best expert,
+  top `topk_group` groups kept); weights times `routed_scaling_factor`.
+- V3 (`noaux_tc`): sigmoid; a bias (`e_score_correction_bias`, trained aux-loss-free, never by gradient)
+  is added for *selection only*; groups scored by the sum of their top-2 biased scores; masked experts get
+  -inf; the gate weights are the unbiased scores, renormalised, then scaled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsmoe.config import ModelConfig
+
+
+@dataclass
+class Routing:
+    topk_idx_TK: torch.Tensor  # int64 expert ids
+    topk_weight_TK: torch.Tensor  # fp32 gate weights
+    scores_TE: torch.Tensor  # fp32 affinities (softmax probabilities or sigmoid scores), unbiased
+    counts_E: torch.Tensor  # int64 tokens routed to each expert
+
+
+def route(
+    logits_TE: torch.Tensor,
+    *,
+    top_k: int,
+    scoring_func: str,
+    topk_method: str,
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = False,
+    routed_scaling_factor: float = 1.0,
+    bias_E: torch.Tensor | None = None,
+) -> Routing:
+    T, E = logits_TE.shape
+    if scoring_func == "softmax":
+        scores = logits_TE.softmax(dim=-1, dtype=torch.float32)
+    else:
+        scores = logits_TE.float().sigmoid()
+    choice = scores if bias_E is None else scores + bias_E.float()
+    if topk_method != "greedy" and n_group > 1:
+        grouped = choice.view(T, n_group, E // n_group)
+        if topk_method == "noaux_tc":
+            group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_score = grouped.amax(dim=-1)
+        keep_G = torch.zeros_like(group_score, dtype=torch.bool)
+        keep_G.scatter_(1, group_score.topk(topk_group, dim=-1).indices, True)
+        choice = choice.masked_fill(~keep_G.repeat_interleave(E // n_group, dim=1), float("-inf"))
+    topk_idx = choice.topk(top_k, dim=-1).indices
+    weight = scores.gather(1, topk_idx)
+    if norm_topk_prob:
+        weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+    weight = weight * routed_scaling_factor
+    counts = torch.zeros(E, dtype=torch.int64, device=logits_TE.device)
+    # scatter_add, not bincount: bincount reads the max back to the host on CUDA (a sync per layer)
+    counts.scatter_add_(0, topk_idx.flatten(), torch.ones_like(topk_idx.flatten()))
+    return Routing(topk_idx, weight, scores, counts)
+
+
+class Router(nn.Module):
+    """`mlp.gate` in checkpoints: weight [E, D], and for noaux_tc the selection bias [E] (fp32 buffer)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        if config.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        c = self.config
+        if c.router_fp32:
+            logits = F.linear(x_TD.float(), self.weight.float())
+        else:
+            logits = F.linear(x_TD, self.weight.to(x_TD.dtype))
+        return route(
+            logits, top_k=c.num_experts_per_tok, scoring_func=c.scoring_func, topk_method=c.topk_method,
+            n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
+            routed_scaling_factor=c.routed_scaling_factor, bias_E=self.e_score_correction_bias,
+        )
+
+    def reset_parameters(self, std: float) -> None:
+        nn.init.normal_(self.weight, std=std)
+        if self.e_score_correction_bias is not None:
+            self.e_score_correction_bias.zero_()

@@ -1,0 +1,134 @@
+"""The decoder: embedding -> blocks [attention -> dense MLP or MoE] -> norm -> lm_head.
+
+Parameter names follow the Hugging Face checkpoints without the leading "model." (layers.{i}.self_attn...,
+layers.{i}.mlp.gate.weight), except the routed experts, which are stacked (layers.{i}.mlp.experts.
+gate_up_proj / down_proj); checkpoint/hf.py maps both ways.
+
+Construction on the meta device is supported: build under `torch.device("meta")`, then `to_empty(device=)`
+and `init_weights()` (or let `load_pretrained` fill the weights).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsmoe.config import ModelConfig
+from dsmoe.model.attention import build_attention
+from dsmoe.model.balance import update_bias
+from dsmoe.model.layers import MLP, RMSNorm, RotaryEmbedding
+from dsmoe.model.moe import MoE
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, moe_impl: str):
+        super().__init__()
+        self.layer_id = layer_id
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = build_attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config, moe_impl) if config.is_moe_layer(layer_id) else \
+            MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, moe_impl: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary = RotaryEmbedding(config)
+        self.layers = nn.ModuleList(Block(config, i, moe_impl) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else \
+            nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+        last_only: bool = False, return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """input_ids (B, S) -> logits (B, S, V) (or (B, 1, V) with last_only; the final-normed hidden
+        states (B, S, D) with return_hidden). positions default to 0..S-1; a cache (one entry per layer)
+        is given by the inference engine."""
+        B, S = input_ids.shape
+        if positions is None:
+            positions = torch.arange(S, device=input_ids.device)
+        cos, sin = self.rotary(positions)
+        h = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, None if cache is None else cache[i])
+        h = self.norm(h[:, -1:] if last_only else h)
+        return h if return_hidden else self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return h @ weight.t()
+
+    # ---- initialisation
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Every weight ~ N(0, initializer_range) (0.006, the papers' value), norms 1, biases 0."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, (RMSNorm, MoE)):
+                module.reset_parameters(*(() if isinstance(module, RMSNorm) else (std,)))
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute non-persistent buffers (rotary frequencies), e.g. after `to_empty`."""
+        self.rotary.reset_parameters()
+        for moe in self.moe_layers():
+            moe.expert_counts.zero_()
+            moe.aux_loss.zero_()
+
+    # ---- MoE statistics and the aux-loss-free bias update
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+
+    def routing_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert counts [L_moe, E] of the last forward, summed balance loss of the last forward)."""
+        moes = self.moe_layers()
+        if not moes:
+            return torch.zeros(0, 0, dtype=torch.int64), torch.zeros(())
+        return torch.stack([m.expert_counts for m in moes]), torch.stack([m.aux_loss for m in moes]).sum()
+
+    def set_aux_loss_scale(self, scale: float) -> None:
+        for moe in self.moe_layers():
+            moe.aux_loss_scale = scale
+
+    def set_moe_impl(self, impl: str) -> None:
+        for moe in self.moe_layers():
+            moe.experts.impl = impl
+
+    @torch.no_grad()
+    def update_expert_bias(self, counts_LE: torch.Tensor, gamma: float) -> None:
+        """b += gamma * sign(mean(c) - c) per MoE layer from one optimizer step's counts (noaux_tc only)."""
+        for moe, counts in zip(self.moe_layers(), counts_LE):
+            if moe.gate.e_score_correction_bias is not None:
+                update_bias(moe.gate.e_score_correction_bias, counts, gamma)
+
+
+def build_model(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                moe_impl: str = "auto") -> Transformer:
+    """Build on the meta device, materialise on `device`, initialise. Router weights stay fp32."""
+    with torch.device("meta"):
+        model = Transformer(config, moe_impl)
+    model.to_empty(device=device)
+    model.init_weights()
+    if dtype is not None:
+        cast_model(model, dtype)
+    return model
+
+
+def cast_model(model: Transformer, dtype: torch.dtype) -> Transformer:
+    """Cast parameters to `dtype` except the router (weight and bias stay fp32, as transformers keeps them)."""
+    for name, p in model.named_parameters():
+        if not name.endswith("mlp.gate.weight"):
+            p.data = p.data.to(dtype)
+    return model
