@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.set_defaults(_module=f"dsmoe.bench.{name}")
-        # arguments come from the module itself, imported only for the benchmark that runs
+        # each module declares its own flags and keeps heavy imports (transformers, triton) inside run()
         try:
             importlib.import_module(f"dsmoe.bench.{name}").add_arguments(p)
         except ModuleNotFoundError:
