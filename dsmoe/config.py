@@ -168,6 +168,8 @@ class ModelConfig:
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
         # transformers writes null for fields its class does not use; fall back to each version's default
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k in _NULLABLE}
+        if kwargs.get("kv_lora_rank") is not None:
+            kwargs["num_key_value_heads"] = None  # meaningless under MLA; transformers writes the head count
         if model_type == "deepseek":
             kwargs.setdefault("kv_lora_rank", None)  # MHA: the absence of kv_lora_rank is the signal
             kwargs.update(scoring_func="softmax", topk_method="greedy", router_fp32=False)
