@@ -116,3 +116,21 @@ def test_grouped_moe_layer_never_syncs_with_the_host():
         layer(x).float().square().mean().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_autocast_runs_the_experts_in_the_autocast_dtype():
+    """Training keeps fp32 weights under bf16 autocast: the expert GEMMs must run in bf16 (the fast
+    grouped path), as F.linear does, while the router stays fp32."""
+    from dsmoe.config import PRESETS
+    from dsmoe.model.moe import MoE
+
+    cfg = PRESETS["tiny"]
+    layer = MoE(cfg, impl="grouped")
+    layer.reset_parameters(0.05)
+    x = torch.randn(2, 8, cfg.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        scores = layer.gate(x.view(-1, cfg.hidden_size)).scores_TE
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(scores, torch.sigmoid(x.view(-1, cfg.hidden_size) @ layer.gate.weight.t()))
+    torch.testing.assert_close(y.float(), layer(x), atol=3e-2, rtol=3e-2)

@@ -41,7 +41,11 @@ def moe_experts(
     x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
     gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor, impl: str = "auto",
 ) -> torch.Tensor:
-    """y_t = sum_k w_tk * SwiGLU-expert_{idx_tk}(x_t) for the routed experts; fp32 combine, x's dtype out."""
+    """y_t = sum_k w_tk * SwiGLU-expert_{idx_tk}(x_t) for the routed experts; fp32 combine, x's dtype out
+    (the autocast dtype under autocast: like F.linear, the expert GEMMs then run in bf16 on fp32 weights)."""
+    if torch.is_autocast_enabled(x_TD.device.type):
+        dtype = torch.get_autocast_dtype(x_TD.device.type)
+        x_TD, gate_up_EFD, down_EDF = x_TD.to(dtype), gate_up_EFD.to(dtype), down_EDF.to(dtype)
     impl = resolve_impl(impl, x_TD, gate_up_EFD, down_EDF)
     if impl == "triton":
         from dsmoe.kernels.triton_moe import moe_experts_triton

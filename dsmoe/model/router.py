@@ -81,7 +81,8 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> Routing:
         c = self.config
         if c.router_fp32:
-            logits = F.linear(x_TD.float(), self.weight.float())
+            with torch.autocast(x_TD.device.type, enabled=False):  # autocast would route in bf16
+                logits = F.linear(x_TD.float(), self.weight.float())
         else:
             logits = F.linear(x_TD, self.weight.to(x_TD.dtype))
         return route(
