@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# Triton chooses between its compiler and its CPU interpreter when `triton` is first imported (transformers
+# imports it too), so without CUDA the interpreter is selected here, before any test module is collected.
+# It only changes how Triton kernels run, and on a machine without CUDA they can run in no other way.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,13 +1,20 @@
-"""The one door from the model to the MoE kernels: `moe_experts(..., impl=...)`.
+"""The one door from the model to the MoE kernels: `moe_experts(..., impl=...)` and `route_fused(...)`.
 
 impl: "reference" (per-expert loop, the spec), "grouped" (torch grouped_mm), "triton" (fused kernels, when
 Triton and a GPU are there), or "auto" (the fastest available for these tensors). Chosen per call by the
 caller (the model keeps it as a constructor argument), never by a global.
+
+The Triton kernels run inside `torch.library` custom ops (`dsmoe::experts_fwd` / `dsmoe::experts_bwd`,
+`dsmoe::route`) with fake (meta) implementations and registered autograd, so torch.compile treats them as
+opaque nodes without graph breaks and CUDA graphs capture them (they never sync with the host; run one
+step before capturing so the autotuner has picked its configs). Triton is imported only inside the op
+bodies: importing this module never needs it.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from dsmoe.kernels.grouped import grouped_mm_supported, moe_experts_grouped
 from dsmoe.kernels.reference import moe_experts_reference
@@ -54,3 +61,129 @@ def moe_experts(
     if impl == "grouped":
         return moe_experts_grouped(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF)
     return moe_experts_reference(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF)
+
+
+def fused_routing(impl: str, x: torch.Tensor) -> bool:
+    """Whether the router should use the fused routing kernel: exactly when the experts run on Triton."""
+    return resolve_impl(impl, x) == "triton"
+
+
+# ---- routing: dsmoe::route ------------------------------------------------------------------------------
+
+@torch.library.custom_op("dsmoe::route", mutates_args=())
+def _route_op(
+    logits: Tensor, bias: Tensor | None, top_k: int, scoring_func: str, topk_method: str, n_group: int,
+    topk_group: int, norm_topk_prob: bool, routed_scaling_factor: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from dsmoe.kernels.triton_router import route_triton
+
+    return route_triton(logits, bias, top_k=top_k, scoring_func=scoring_func, topk_method=topk_method,
+                        n_group=n_group, topk_group=topk_group, norm_topk_prob=norm_topk_prob,
+                        routed_scaling_factor=routed_scaling_factor)
+
+
+@_route_op.register_fake
+def _(logits, bias, top_k, scoring_func, topk_method, n_group, topk_group, norm_topk_prob, routed_scaling_factor):
+    T, E = logits.shape
+    return (logits.new_empty(T, top_k, dtype=torch.int64), logits.new_empty(T, top_k, dtype=torch.float32),
+            logits.new_empty(T, E, dtype=torch.float32), logits.new_empty(E, dtype=torch.int64))
+
+
+def _route_setup(ctx, inputs, output) -> None:
+    logits, _, _, ctx.scoring_func, _, _, _, ctx.norm_topk_prob, ctx.routed_scaling_factor = inputs
+    idx, _, scores, counts = output
+    ctx.logits_dtype = logits.dtype
+    ctx.mark_non_differentiable(idx, counts)
+    ctx.save_for_backward(scores, idx)
+
+
+def _route_backward(ctx, _d_idx, d_weight, d_scores, _d_counts):
+    from dsmoe.kernels.triton_router import route_backward
+
+    scores, idx = ctx.saved_tensors
+    d_logits = route_backward(d_weight, d_scores, scores, idx, scoring_func=ctx.scoring_func,
+                              norm_topk_prob=ctx.norm_topk_prob, routed_scaling_factor=ctx.routed_scaling_factor,
+                              logits_dtype=ctx.logits_dtype)
+    return d_logits, None, None, None, None, None, None, None, None
+
+
+_route_op.register_autograd(_route_backward, setup_context=_route_setup)
+
+
+def route_fused(
+    logits_TE: torch.Tensor, bias_E: torch.Tensor | None, *, top_k: int, scoring_func: str, topk_method: str,
+    n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = False, routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused routing kernel, same contract as `dsmoe.model.router.route`: (topk_idx_TK int64,
+    topk_weight_TK fp32, scores_TE fp32, counts_E int64); differentiable in the logits."""
+    return torch.ops.dsmoe.route(logits_TE, bias_E, top_k, scoring_func, topk_method, n_group, topk_group,
+                                 norm_topk_prob, float(routed_scaling_factor))
+
+
+# ---- routed experts: dsmoe::experts_fwd / dsmoe::experts_bwd ------------------------------------------------
+
+@torch.library.custom_op("dsmoe::experts_fwd", mutates_args=())
+def _experts_fwd_op(
+    x: Tensor, topk_idx: Tensor, topk_weight: Tensor, gate_up: Tensor, down: Tensor, save_for_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from dsmoe.kernels.triton_moe import experts_forward
+
+    y, gu, order, inverse, offsets = experts_forward(x, topk_idx, topk_weight, gate_up, down, save_for_backward)
+    return y, (gu if gu is not None else x.new_empty(0)), order, inverse, offsets
+
+
+@_experts_fwd_op.register_fake
+def _(x, topk_idx, topk_weight, gate_up, down, save_for_backward):
+    N, (E, F2, _) = topk_idx.numel(), gate_up.shape
+    plan = [topk_idx.new_empty(N, dtype=torch.int32), topk_idx.new_empty(N, dtype=torch.int32),
+            topk_idx.new_empty(E, dtype=torch.int32)]
+    return x.new_empty(x.shape), x.new_empty((N, F2) if save_for_backward else (0,)), *plan
+
+
+@torch.library.custom_op("dsmoe::experts_bwd", mutates_args=())
+def _experts_bwd_op(
+    dy: Tensor, x: Tensor, topk_weight: Tensor, gate_up: Tensor, down: Tensor, gu: Tensor, order: Tensor,
+    inverse: Tensor, offsets: Tensor, need_dw: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from dsmoe.kernels.triton_moe import experts_backward
+
+    dx, dw, d_gate_up, d_down = experts_backward(dy, x, topk_weight, gate_up, down, gu, order, inverse, offsets,
+                                                 need_dw)
+    return dx, (dw if dw is not None else topk_weight.new_empty(0)), d_gate_up, d_down
+
+
+@_experts_bwd_op.register_fake
+def _(dy, x, topk_weight, gate_up, down, gu, order, inverse, offsets, need_dw):
+    dw = topk_weight.new_empty(topk_weight.shape if need_dw else (0,))
+    return x.new_empty(x.shape), dw, gate_up.new_empty(gate_up.shape), down.new_empty(down.shape)
+
+
+def _experts_setup(ctx, inputs, output) -> None:
+    x, _, topk_weight, gate_up, down, _ = inputs
+    _, gu, order, inverse, offsets = output
+    ctx.mark_non_differentiable(gu, order, inverse, offsets)
+    ctx.save_for_backward(x, topk_weight, gate_up, down, gu, order, inverse, offsets)
+
+
+def _experts_backward(ctx, dy, *_unused):
+    x, topk_weight, gate_up, down, gu, order, inverse, offsets = ctx.saved_tensors
+    need_dw = ctx.needs_input_grad[2]
+    dx, dw, d_gate_up, d_down = torch.ops.dsmoe.experts_bwd(dy, x, topk_weight, gate_up, down, gu, order,
+                                                            inverse, offsets, need_dw)
+    return dx, None, (dw if need_dw else None), d_gate_up, d_down, None
+
+
+_experts_fwd_op.register_autograd(_experts_backward, setup_context=_experts_setup)
+
+
+def experts_fused(
+    x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+    gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor,
+) -> torch.Tensor:
+    """The Triton routed experts as one differentiable op; keeps gu_N2F for backward only when needed.
+    Under autocast the GEMMs run in the autocast dtype (custom ops are not autocast by torch itself)."""
+    if torch.is_autocast_enabled(x_TD.device.type):
+        dtype = torch.get_autocast_dtype(x_TD.device.type)
+        x_TD, gate_up_EFD, down_EDF = x_TD.to(dtype), gate_up_EFD.to(dtype), down_EDF.to(dtype)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, topk_weight_TK, gate_up_EFD, down_EDF))
+    return torch.ops.dsmoe.experts_fwd(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF, save)[0]

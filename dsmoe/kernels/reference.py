@@ -29,3 +29,43 @@ def moe_experts_reference(
         h = swiglu(x_TD[token] @ gate_up_EFD[e].t()) @ down_EDF[e].t()
         y_TD = y_TD.index_add(0, token, h.float() * topk_weight_TK[token, slot, None].float())
     return y_TD.to(x_TD.dtype)
+
+
+# ---- the steps the fused kernels take, one plain function each (dsmoe.model.router.route is the spec of
+# ---- the fused routing kernel) ---------------------------------------------------------------------------
+
+def permute_reference(topk_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows sorted by expert, ties in (token, k) order: (order_N = flat index t*K+k of each sorted row,
+    inverse_N = sorted row of each flat index, offsets_E = inclusive row ends per expert), int32."""
+    flat = topk_idx_TK.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+    return order.int(), inverse.int(), counts.cumsum(0).int()
+
+
+def expert_rows(offsets_E: torch.Tensor) -> list[tuple[int, int]]:
+    ends = offsets_E.tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
+def grouped_swiglu_reference(
+    x_TD: torch.Tensor, order_N: torch.Tensor, offsets_E: torch.Tensor, gate_up_EFD: torch.Tensor, top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gu_N2F, h_NF) of the sorted rows: gu = x[token] @ gate_up[e]^T, h = SwiGLU(gu)."""
+    x_ND = x_TD[order_N.long() // top_k]
+    gu = torch.cat([x_ND[a:b] @ gate_up_EFD[e].t() for e, (a, b) in enumerate(expert_rows(offsets_E))])
+    return gu, swiglu(gu)
+
+
+def grouped_linear_reference(a_ND: torch.Tensor, offsets_E: torch.Tensor, w_EOI: torch.Tensor) -> torch.Tensor:
+    """Row block of expert e times w[e]^T: [N, I] -> [N, O]."""
+    return torch.cat([a_ND[a:b] @ w_EOI[e].t() for e, (a, b) in enumerate(expert_rows(offsets_E))])
+
+
+def combine_reference(y_ND: torch.Tensor, inverse_N: torch.Tensor, top_k: int,
+                      weight_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """y_t = sum_k w_tk * y[inverse[t*K+k]] in fp32 (w = 1 when None)."""
+    y = y_ND[inverse_N.long()].view(-1, top_k, y_ND.shape[-1]).float()
+    return y.sum(1) if weight_TK is None else (y * weight_TK.float().unsqueeze(-1)).sum(1)

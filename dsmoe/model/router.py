@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.config import ModelConfig
+from dsmoe.kernels import ops
 
 
 @dataclass
@@ -78,18 +79,21 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, impl: str = "reference") -> Routing:
+        """`impl` is the experts' implementation: when that is Triton, the fused routing kernel replaces
+        `route` (same contract, one launch)."""
         c = self.config
         if c.router_fp32:
             with torch.autocast(x_TD.device.type, enabled=False):  # autocast would route in bf16
                 logits = F.linear(x_TD.float(), self.weight.float())
         else:
             logits = F.linear(x_TD, self.weight.to(x_TD.dtype))
-        return route(
-            logits, top_k=c.num_experts_per_tok, scoring_func=c.scoring_func, topk_method=c.topk_method,
-            n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
-            routed_scaling_factor=c.routed_scaling_factor, bias_E=self.e_score_correction_bias,
-        )
+        kw = dict(top_k=c.num_experts_per_tok, scoring_func=c.scoring_func, topk_method=c.topk_method,
+                  n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
+                  routed_scaling_factor=c.routed_scaling_factor)
+        if ops.fused_routing(impl, x_TD):
+            return Routing(*ops.route_fused(logits, self.e_score_correction_bias, **kw))
+        return route(logits, bias_E=self.e_score_correction_bias, **kw)
 
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.weight, std=std)

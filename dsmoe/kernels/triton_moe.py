@@ -1,0 +1,98 @@
+"""The routed experts on Triton kernels: forward and hand-written backward, no host-device sync.
+
+Forward (N = T*K routed rows, sorted by expert; nothing of size N*D is gathered or scattered in torch):
+  permute_triton     stable counting sort -> order_N, inverse_N, offsets_E
+  SWIGLU rows GEMM   x gathered in the prologue @ gate_up[e]^T -> gu_N2F (saved), h_NF = silu(g) * u
+  PLAIN rows GEMM    h_NF @ down[e]^T -> y_ND (unweighted, sorted)
+  combine            y_t = sum_k w_tk * y_ND[inverse[t, k]] in fp32 (deterministic, no atomics)
+
+Backward (saved: x, w, weights, gu_N2F and the int32 plan; h is recomputed from gu, never stored):
+  DSWIGLU rows GEMM  dy gathered @ down[e] -> dh; d w_tk = <dh, h>; dgu = SwiGLU'(gu) * w * dh; h
+  weight grad        d down[e] = (w * dy)[rows of e]^T @ h
+  PLAIN rows GEMM    dgu @ gate_up[e] -> dx_ND;  combine (unweighted) -> dx_TD in fp32
+  weight grad        d gate_up[e] = dgu[rows of e]^T @ x[tokens of e]
+
+`moe_experts_triton` is the autograd-aware entry (through the `dsmoe::experts_fwd` custom op in
+`ops`); `experts_forward` / `experts_backward` are the raw launchers the custom ops call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsmoe.kernels.triton_gemm_rows import DSWIGLU, PLAIN, SWIGLU, grouped_rows
+from dsmoe.kernels.triton_gemm_weights import grouped_weight_grad
+from dsmoe.kernels.triton_permute import combine_triton, permute_triton
+
+
+def check_expert_inputs(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF) -> None:
+    """Shapes, dtypes and devices the kernels rely on; one sentence that names what to fix."""
+    if x_TD.dim() != 2 or topk_idx_TK.dim() != 2 or gate_up_EFD.dim() != 3 or down_EDF.dim() != 3:
+        raise ValueError("moe experts want x [T, D], topk_idx [T, K], gate_up [E, 2F, D], down [E, D, F]")
+    T, D = x_TD.shape
+    E, F2, D2 = gate_up_EFD.shape
+    if topk_idx_TK.shape[0] != T or topk_weight_TK.shape != topk_idx_TK.shape:
+        raise ValueError(f"topk_idx {tuple(topk_idx_TK.shape)} and topk_weight {tuple(topk_weight_TK.shape)} "
+                         f"must both be [T={T}, K]")
+    if D2 != D or F2 % 2 or down_EDF.shape != (E, D, F2 // 2):
+        raise ValueError(f"expert weights gate_up {tuple(gate_up_EFD.shape)} / down {tuple(down_EDF.shape)} "
+                         f"do not fit x with D={D}: want [E, 2F, D] and [E, D, F]")
+    if topk_idx_TK.dtype.is_floating_point or topk_idx_TK.dtype == torch.bool:
+        raise ValueError("topk_idx must be an integer tensor of expert ids")
+    if not (x_TD.dtype == gate_up_EFD.dtype == down_EDF.dtype) or not topk_weight_TK.dtype.is_floating_point:
+        raise ValueError(f"x, gate_up and down must share one float dtype (got {x_TD.dtype}, "
+                         f"{gate_up_EFD.dtype}, {down_EDF.dtype}) and topk_weight must be floating point")
+    devices = {t.device for t in (x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF)}
+    if len(devices) != 1:
+        raise ValueError(f"all MoE tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def experts_forward(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF, save_for_backward: bool):
+    """(y_TD, gu_N2F or None, order_N, inverse_N, offsets_E). Token ids must lie in [0, E)."""
+    check_expert_inputs(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF)
+    T, K = topk_idx_TK.shape
+    E, F2, D = gate_up_EFD.shape
+    x_TD = x_TD.contiguous()
+    order, inverse, offsets = permute_triton(topk_idx_TK, E)
+    gu = torch.empty(T * K, F2, dtype=x_TD.dtype, device=x_TD.device) if save_for_backward else None
+    h, _ = grouped_rows(SWIGLU, x_TD, gate_up_EFD, (gate_up_EFD.stride(2), gate_up_EFD.stride(1)), F2 // 2,
+                        order, offsets, K, gather_a=True, gu=gu, store_gu=save_for_backward)
+    y_ND, _ = grouped_rows(PLAIN, h, down_EDF, (down_EDF.stride(2), down_EDF.stride(1)), D,
+                           order, offsets, K, gather_a=False)
+    del h
+    y_TD = combine_triton(y_ND, inverse, topk_weight_TK.contiguous(), T, K, x_TD.dtype)
+    return y_TD, gu, order, inverse, offsets
+
+
+def experts_backward(dy_TD, x_TD, topk_weight_TK, gate_up_EFD, down_EDF, gu_N2F, order_N, inverse_N, offsets_E,
+                     need_dw: bool):
+    """(dx_TD, d topk_weight_TK or None, d gate_up, d down) from the saved forward state."""
+    T, K = topk_weight_TK.shape
+    E, F2, D = gate_up_EFD.shape
+    dy_TD = dy_TD.to(x_TD.dtype).contiguous()  # autograd may hand an expanded or fp32 gradient
+    x_TD = x_TD.contiguous()
+    w_flat = topk_weight_TK.reshape(-1).contiguous()
+    dw_flat = torch.zeros(T * K, dtype=torch.float32, device=x_TD.device) if need_dw else None
+    dgu, h = grouped_rows(DSWIGLU, dy_TD, down_EDF, (down_EDF.stride(1), down_EDF.stride(2)), F2 // 2,
+                          order_N, offsets_E, K, gather_a=True, gu=gu_N2F, weight_flat=w_flat, dw_flat=dw_flat)
+    d_down = grouped_weight_grad(dy_TD, h, order_N, offsets_E, K, gather_a=True, gather_b=False,
+                                 scale_flat=w_flat, out_dtype=down_EDF.dtype)
+    del h
+    dx_ND, _ = grouped_rows(PLAIN, dgu, gate_up_EFD, (gate_up_EFD.stride(1), gate_up_EFD.stride(2)), D,
+                            order_N, offsets_E, K, gather_a=False)
+    dx_TD = combine_triton(dx_ND, inverse_N, None, T, K, x_TD.dtype)
+    del dx_ND
+    d_gate_up = grouped_weight_grad(dgu, x_TD, order_N, offsets_E, K, gather_a=False, gather_b=True,
+                                    out_dtype=gate_up_EFD.dtype)
+    dw = dw_flat.view(T, K).to(topk_weight_TK.dtype) if need_dw else None
+    return dx_TD, dw, d_gate_up, d_down
+
+
+def moe_experts_triton(
+    x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+    gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor,
+) -> torch.Tensor:
+    """y_t = sum_k w_tk * SwiGLU-expert_{idx_tk}(x_t), differentiable in x, w, gate_up and down."""
+    from dsmoe.kernels.ops import experts_fused
+
+    return experts_fused(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF)
