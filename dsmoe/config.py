@@ -54,6 +54,10 @@ class ModelConfig:
     router_fp32: bool = True  # V2/V3 route in fp32; the 16B hub code routes in the model dtype
     aux_loss_alpha: float = 0.0  # expert-level balance loss weight (training only)
     seq_aux: bool = True  # balance loss per sequence (True) or over the whole micro-batch (False)
+    # V2's device-level (alpha_2) and communication (alpha_3) balance losses over the expert-to-device layout;
+    # without expert parallelism the routing groups (n_group) stand in for the devices
+    device_aux_loss_alpha: float = 0.0
+    comm_aux_loss_alpha: float = 0.0
     # --- attention: MLA when kv_lora_rank is set, else MHA/GQA with head_dim = hidden / heads
     q_lora_rank: int | None = None  # None = one q_proj (V2-Lite); else q_a_proj -> norm -> q_b_proj
     kv_lora_rank: int | None = 256
@@ -253,6 +257,9 @@ def _validate(c: ModelConfig) -> None:
             fail("moe_intermediate_size", "must be positive")
         if c.n_shared_experts < 0:
             fail("n_shared_experts", "must be >= 0")
+        for name in ("aux_loss_alpha", "device_aux_loss_alpha", "comm_aux_loss_alpha"):
+            if getattr(c, name) < 0:
+                fail(name, "must be >= 0")
         if c.moe_layer_freq <= 0:
             fail("moe_layer_freq", "must be >= 1")
         if c.first_k_dense_replace < 0:

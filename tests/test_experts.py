@@ -134,3 +134,10 @@ def test_autocast_runs_the_experts_in_the_autocast_dtype():
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(scores, torch.sigmoid(x.view(-1, cfg.hidden_size) @ layer.gate.weight.t()))
     torch.testing.assert_close(y.float(), layer(x), atol=3e-2, rtol=3e-2)
+
+
+def test_empty_batch():
+    _, _, _, gate_up, down = make_inputs(1, 16, 8, 4, 2, torch.float32)
+    x, idx, w = torch.zeros(0, 16), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2)
+    for impl in ("grouped", "reference"):
+        assert moe_experts(x, idx, w, gate_up, down, impl=impl).shape == (0, 16)

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (no timing claims)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="json_path", default=None, help="also write all results to this file")
+    parser.add_argument("--profile", action="store_true",
+                        help="at the largest T, print where the time of dsmoe grouped/triton goes, per GPU kernel")
 
 
 def _parse(args):
@@ -198,6 +200,9 @@ def _bench_shape(L, shape, token_counts, impls, args, device, dtype, rows, skew_
                         row["note"] = "routing differs (HF is sigmoid/V3): no error check"
                     del out
                 t = L.time_steps(step, inputs, device, args.seconds)
+                if args.profile and impl in ("grouped", "triton") and tokens == max(token_counts):
+                    print(f"  kernel time of {shape.label} T={tokens} dsmoe {impl}, forward+backward:")
+                    print(L.kernel_profile(step, inputs))
                 row.update(t, tflops=flops / t["ms"] / 1e9)
                 results[impl] = t
                 if impl == "triton" and device.type == "cuda" and tokens == token_counts[0]:

@@ -56,6 +56,8 @@ def moe_experts_grouped(
     gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor,
 ) -> torch.Tensor:
     T, K = topk_idx_TK.shape
+    if T == 0:  # an empty batch (e.g. a rank that received no tokens): grouped_mm rejects empty inputs
+        return torch.zeros_like(x_TD)
     plan = dispatch_plan(topk_idx_TK, gate_up_EFD.shape[0])
     x_ND = x_TD[plan.token_N]
     h_NF = swiglu(grouped_linear(x_ND, gate_up_EFD, plan.offsets_E))

@@ -18,9 +18,10 @@ from torch import nn
 
 from dsmoe.config import ModelConfig
 from dsmoe.kernels import ops
-from dsmoe.model.balance import AddAuxiliaryLoss, affinity_probs, expert_balance_loss
+from dsmoe.model.balance import (AddAuxiliaryLoss, affinity_probs, communication_balance_loss,
+                                 device_balance_loss, expert_balance_loss)
 from dsmoe.model.layers import MLP
-from dsmoe.model.router import Router
+from dsmoe.model.router import Router, Routing
 
 
 class Experts(nn.Module):
@@ -55,6 +56,10 @@ class MoE(nn.Module):
             if config.n_shared_experts > 0 else None
         )
         self.aux_loss_scale = 1.0  # the trainer sets 1/grad_accum so the aux loss weighs alpha per step
+        # Expert-to-device layout for the device-level and communication losses: experts are placed
+        # contiguously, experts_per_device to a device. One process: the routing groups stand in for devices
+        # (V2 trains with n_group = devices); expert parallelism sets the real layout from outside.
+        self.experts_per_device = config.n_routed_experts // config.n_group
         self.register_buffer("expert_counts", torch.zeros(config.n_routed_experts, dtype=torch.int64),
                              persistent=False)
         self.register_buffer("aux_loss", torch.zeros(()), persistent=False)
@@ -62,19 +67,49 @@ class MoE(nn.Module):
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        routing = self.gate(x_TD)
+        routing = self.gate(x_TD, self.experts.impl)
         y_TD = self.experts(x_TD, routing.topk_idx_TK, routing.topk_weight_TK)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         with torch.no_grad():
             self.expert_counts.copy_(routing.counts_E)
-        alpha = self.config.aux_loss_alpha
-        if self.training and alpha > 0 and torch.is_grad_enabled():
-            probs = affinity_probs(routing.scores_TE, self.config.scoring_func)
-            aux = expert_balance_loss(probs, routing.topk_idx_TK, alpha, S if self.config.seq_aux else None)
+        c = self.config
+        alphas = (c.aux_loss_alpha, c.device_aux_loss_alpha, c.comm_aux_loss_alpha)
+        if self.training and max(alphas) > 0 and torch.is_grad_enabled():
+            aux = self.balance_loss(routing, S)
             y_TD = AddAuxiliaryLoss.apply(y_TD, aux * self.aux_loss_scale)
             self.aux_loss.copy_(aux.detach())
         return y_TD.view(B, S, D)
+
+    def balance_loss(self, routing: Routing, seq_len: int) -> torch.Tensor:
+        """The sum of the enabled balance losses of one forward (spec sections 5.1, 5.2, 5.4)."""
+        c = self.config
+        probs = affinity_probs(routing.scores_TE, c.scoring_func)
+        idx = routing.topk_idx_TK
+        aux = probs.new_zeros((), dtype=torch.float32)
+        if c.aux_loss_alpha > 0:
+            aux = aux + expert_balance_loss(probs, idx, c.aux_loss_alpha, seq_len if c.seq_aux else None)
+        if c.device_aux_loss_alpha > 0 or c.comm_aux_loss_alpha > 0:
+            device_E = torch.arange(c.n_routed_experts, device=idx.device) // self.experts_per_device
+            if c.device_aux_loss_alpha > 0:
+                aux = aux + device_balance_loss(probs, idx, device_E, c.device_aux_loss_alpha)
+            if c.comm_aux_loss_alpha > 0:
+                aux = aux + communication_balance_loss(probs, idx, device_E, self.max_devices_per_token(),
+                                                       c.comm_aux_loss_alpha)
+        return aux
+
+    def max_devices_per_token(self) -> int:
+        """M of the communication loss: the most devices one token can reach. Group-limited routing keeps
+        topk_group groups, so at most the devices spanned by the topk_group widest groups."""
+        c = self.config
+        E, per_device = c.n_routed_experts, self.experts_per_device
+        limit = min(c.num_experts_per_tok, E // per_device)
+        if c.topk_method != "greedy" and c.n_group > 1:
+            per_group = E // c.n_group
+            spans = sorted((((g + 1) * per_group - 1) // per_device - g * per_group // per_device + 1
+                            for g in range(c.n_group)), reverse=True)
+            limit = min(limit, sum(spans[:c.topk_group]))
+        return limit
 
     def reset_parameters(self, std: float) -> None:
         self.gate.reset_parameters(std)

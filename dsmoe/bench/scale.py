@@ -1,0 +1,254 @@
+"""`dsmoe bench scale`: expert-parallel weak scaling and all-to-all bandwidth, under torchrun.
+
+    NCCL_NVLS_ENABLE=0 torchrun --standalone --nproc-per-node N -m dsmoe bench scale --preset small
+
+One run, everything measured in it:
+  1. one GPU (rank 0 alone, the others wait): the model at EP = 1 trains on the per-GPU micro-batch;
+     before training it computes the loss of the whole global batch (the correctness reference);
+  2. all N GPUs: the same model (same seed) with EP = N (default) and FSDP2 trains on the same per-GPU
+     micro-batch; its loss on the same global batch must match the one-GPU loss;
+  3. every EP dispatch all-to-all of those steps is timed and replayed by a bare NCCL all_to_all_single
+     with the same split sizes (same bytes); then two profiled steps give the share of step time where only
+     communication kernels run (exposed communication).
+The table comes last. Weak scaling = tokens/s per GPU at EP = N over tokens/s on one GPU (goal >= 0.85);
+dispatch bandwidth over the replay's (goal >= 0.9).
+
+--baseline local is for models that do not fit on one GPU: the one-GPU run then holds E / N experts (the
+same expert FLOPs per token as one EP rank), the N-GPU model is initialised after sharding, and there is
+no loss check. With --nproc-per-node 1 the run checks that NCCL initialises and the code path runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dsmoe.config import PRESETS, get_preset
+from dsmoe.distributed import flags
+
+BYTES_GB = 1e9
+CHECK_STEP = 999_999  # the batches of the loss check: a step that training never reaches
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model preset")
+    parser.add_argument("--layers", type=int, help="override num_hidden_layers")
+    parser.add_argument("--experts", type=int, help="override n_routed_experts")
+    parser.add_argument("--batch", type=int, default=4, help="per-GPU micro-batch, sequences")
+    parser.add_argument("--seq", type=int, default=2048, help="sequence length")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--moe-impl", default="auto", choices=["auto", "reference", "grouped", "triton"])
+    parser.add_argument("--baseline", default="full", choices=["full", "local"],
+                        help="one-GPU model: the full model, or E/N experts (a model that only fits sharded)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trace-dir", help="keep rank 0's profiler trace (Chrome JSON) here")
+    flags.add_arguments(parser)
+    parser.set_defaults(ep=-1)  # -1: EP over every rank
+
+
+def _config(args):
+    changes = {}
+    if args.layers:
+        changes["num_hidden_layers"] = args.layers
+    if args.experts:
+        changes["n_routed_experts"] = args.experts
+    return get_preset(args.preset).replace(**changes)
+
+
+def _one_rank_config(config, ep: int):
+    """E / ep experts on one GPU: the expert FLOPs per token of one EP rank (routing groups dropped)."""
+    return config.replace(n_routed_experts=config.n_routed_experts // ep, n_group=1, topk_group=1,
+                          num_experts_per_tok=min(config.num_experts_per_tok, config.n_routed_experts // ep))
+
+
+def _batch(args, vocab: int, step: int, rank: int, device):
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
+    return torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device)
+
+
+def _loss(model, ids):
+    logits = model(ids)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def _train(model, opt, args, rt, rank: int, steps: int, first_step: int = 0) -> float:
+    """Seconds for `steps` training steps (after the device has finished all earlier work)."""
+    from dsmoe.distributed.runtime import clip_grad_norm_
+
+    _sync(rt.device)
+    start = time.perf_counter()
+    for step in range(first_step, first_step + steps):
+        ids = _batch(args, model.config.vocab_size, step, rank, rt.device)
+        _loss(model, ids).backward()
+        clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync(rt.device)
+    return time.perf_counter() - start
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _build(config, args, device, dtype, meta: bool = False):
+    from dsmoe.model.transformer import Transformer, build_model, cast_model
+
+    torch.manual_seed(args.seed)
+    if meta:
+        with torch.device("meta"):
+            model = Transformer(config, args.moe_impl)
+        return cast_model(model, dtype)
+    return build_model(config, device, dtype, args.moe_impl)
+
+
+def _peak_gib(device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def _one_gpu(args, rt, config, dtype) -> dict:
+    """Rank 0 alone: reference loss of the global batch, then tokens/s at EP = 1."""
+    full = args.baseline == "full"
+    model = _build(config if full else _one_rank_config(config, rt.world_size), args, rt.device, dtype)
+    out = {}
+    if full:
+        with torch.no_grad():
+            losses = [_loss(model, _batch(args, config.vocab_size, CHECK_STEP, r, rt.device)).item()
+                      for r in range(rt.world_size)]
+        out["loss"] = sum(losses) / len(losses)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    _train(model, opt, args, rt, 0, args.warmup)
+    out["seconds"] = _train(model, opt, args, rt, 0, args.steps, first_step=args.warmup)
+    out["peak_gib"] = _peak_gib(rt.device)
+    del model, opt
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    return out
+
+
+def _profile_split(model, opt, args, rt) -> dict:
+    """Compute / exposed communication / idle shares of two profiled steps (CUDA only)."""
+    from dsmoe.bench.scale_timing import kernels_from_trace, step_time_split
+
+    if rt.device.type != "cuda":
+        return {}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        _train(model, opt, args, rt, rt.rank, 2, first_step=args.warmup + args.steps)
+    folder = args.trace_dir if (args.trace_dir and rt.is_main) else tempfile.mkdtemp()
+    os.makedirs(folder, exist_ok=True)
+    trace = os.path.join(folder, f"scale_trace_rank{rt.rank}.json")
+    prof.export_chrome_trace(trace)
+    split = step_time_split(kernels_from_trace(trace))
+    if not (args.trace_dir and rt.is_main):
+        os.remove(trace)
+    return split
+
+
+def _many_gpus(args, rt, config, dtype) -> dict:
+    from dsmoe.bench.scale_timing import DispatchRecorder, replay_all_to_all
+    from dsmoe.distributed.expert_parallel import ExpertParallelExperts
+    from dsmoe.distributed.parallelize import parallelize
+
+    meta = args.baseline == "local"
+    model = _build(config, args, rt.device, dtype, meta=meta)
+    parallelize(model, rt.mesh, ac=args.ac, compile=args.compile)
+    if meta:
+        model.to_empty(device=rt.device)
+        model.init_weights()
+    out = {}
+    if not meta:
+        with torch.no_grad():
+            local = _loss(model, _batch(args, config.vocab_size, CHECK_STEP, rt.rank, rt.device))
+        out["loss"] = rt.reduce(local, "mean").item()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    recorder = DispatchRecorder(rt.device)
+    recorder.attach(m for m in model.modules() if isinstance(m, ExpertParallelExperts))
+    _train(model, opt, args, rt, rt.rank, args.warmup)
+    recorder.enabled = True
+    seconds = _train(model, opt, args, rt, rt.rank, args.steps, first_step=args.warmup)
+    recorder.enabled = False
+    out["seconds"] = rt.reduce(torch.tensor(seconds), "max").item()
+    calls = recorder.calls()
+    if calls:
+        sent = sum(c[3] for c in calls)
+        dispatch_s = sum(c[4] for c in calls)
+        replay_s = replay_all_to_all(calls, rt.device, rt.mesh.ep_mesh.get_group())
+        totals = rt.reduce(torch.tensor([sent, dispatch_s, replay_s], dtype=torch.float64), "sum")
+        out["dispatch_gbps"] = totals[0].item() / totals[1].item() / BYTES_GB
+        out["replay_gbps"] = totals[0].item() / totals[2].item() / BYTES_GB
+    split = _profile_split(model, opt, args, rt)
+    if split:
+        shares = rt.reduce(torch.tensor([split["compute"], split["exposed_comm"], split["idle"]]), "mean")
+        out["split"] = dict(zip(("compute", "exposed_comm", "idle"), shares.tolist()))
+    out["peak_gib"] = rt.reduce(torch.tensor(_peak_gib(rt.device)), "max").item()
+    return out
+
+
+def _table(args, rt, config, one: dict, many: dict) -> tuple[str, bool]:
+    tokens = args.batch * args.seq
+    tps_one = tokens * args.steps / one["seconds"]
+    tps_many = tokens * args.steps / many["seconds"]
+    ep = rt.mesh.dims.ep if rt.mesh else 1
+    described = f"{args.preset}: {config.num_params() / 1e9:.2f}B params, {config.n_routed_experts} experts"
+    rows = [("metric", "value", "goal"),
+            ("model", f"{described}, {config.num_hidden_layers} layers", ""),
+            ("GPUs / EP / dp_shard", f"{rt.world_size} / {ep} / {rt.world_size // ep}", ""),
+            ("per-GPU micro-batch", f"{args.batch} x {args.seq} = {tokens} tokens, {args.dtype}", ""),
+            ("1 GPU tokens/s" + (" (E/N experts)" if args.baseline == "local" else ""), f"{tps_one:,.0f}", ""),
+            (f"{rt.world_size} GPUs tokens/s per GPU", f"{tps_many:,.0f}", ""),
+            ("weak scaling", f"{tps_many / tps_one:.3f}", ">= 0.85")]
+    if "dispatch_gbps" in many:
+        rows += [("dispatch all-to-all GB/s per rank", f"{many['dispatch_gbps']:.3g}", ""),
+                 ("bare all_to_all_single, same bytes, GB/s", f"{many['replay_gbps']:.3g}", ""),
+                 ("dispatch / bare all-to-all", f"{many['dispatch_gbps'] / many['replay_gbps']:.3f}", ">= 0.9")]
+    if "split" in many:
+        s = many["split"]
+        rows += [("step time: exposed communication", f"{s['exposed_comm']:.1%}", ""),
+                 ("step time: compute / idle", f"{s['compute']:.1%} / {s['idle']:.1%}", "")]
+    ok = True
+    if "loss" in one and "loss" in many:
+        tol = 2e-2 if args.dtype == "bfloat16" else 1e-4
+        diff = abs(one["loss"] - many["loss"]) / max(1e-9, abs(one["loss"]))
+        ok = diff <= tol and math.isfinite(many["loss"])
+        rows.append(("loss, global batch: N GPUs vs 1 GPU",
+                     f"{many['loss']:.4f} vs {one['loss']:.4f} (rel {diff:.1e}) {'ok' if ok else 'MISMATCH'}",
+                     f"rel <= {tol:g}"))
+    rows.append(("peak memory GiB: 1 GPU / per GPU", f"{one['peak_gib']:.1f} / {many['peak_gib']:.1f}", ""))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, width)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in width) + "|")
+    return "\n".join(lines), ok
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsmoe.distributed.runtime import init_from_env
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rt = init_from_env(ep=world if args.ep == -1 else args.ep, dp_shard=args.dp_shard, timeout_s=args.dist_timeout)
+    try:
+        config = _config(args)
+        dtype = getattr(torch, args.dtype)
+        if rt.is_main:
+            backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+            print(f"dsmoe bench scale: {rt.world_size} rank(s), backend {backend}, device {rt.device}", flush=True)
+        one = _one_gpu(args, rt, config, dtype) if rt.is_main else {}
+        rt.barrier()
+        many = _many_gpus(args, rt, config, dtype)
+        if not rt.is_main:
+            return 0
+        table, ok = _table(args, rt, config, one, many)
+        print(table, flush=True)
+        return 0 if ok else 1
+    finally:
+        rt.shutdown()

@@ -1,0 +1,20 @@
+"""Command-line flags for parallel runs (`dsmoe train`, `dsmoe bench scale`). No torch import here, so
+building the CLI parser stays fast."""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("parallelism (under torchrun)")
+    g.add_argument("--ep", type=int, default=1, help="expert-parallel degree (divides the world size and the "
+                   "number of routed experts)")
+    g.add_argument("--dp-shard", type=int, default=-1, help="ranks sharing the same experts (FSDP degree of the "
+                   "expert weights); -1 = world size / ep")
+    g.add_argument("--ac", action="store_true", help="activation checkpointing per block")
+    g.add_argument("--compile", action="store_true", help="torch.compile per block")
+    g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds a collective may wait before the job fails with an error")

@@ -1,0 +1,84 @@
+"""Parallelism applied from outside the model, in a fixed order: EP -> activation checkpointing -> compile ->
+FSDP2 (torchtitan's order: FSDP wraps last so its hooks see the final modules).
+
+Works on a materialised model (each rank keeps its slices and drops the rest) and on one built on the meta
+device (then `model.to_empty(device=...)` and `model.init_weights()` after `parallelize`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
+
+from dsmoe.distributed.expert_parallel import ExpertParallelExperts, apply_ep
+from dsmoe.distributed.mesh import ParallelMesh
+from dsmoe.model.moe import MoE
+
+
+def apply_ac(model: nn.Module) -> None:
+    """Recompute each block's activations in backward (composable checkpointing keeps parameter names).
+    Under EP the recomputed forward repeats its all-to-alls; every rank recomputes the same blocks in the
+    same order, and routing is deterministic, so the splits match."""
+    from torch.distributed._composable import checkpoint
+
+    for block in model.layers:
+        checkpoint(block)
+
+
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile per block, in place (names unchanged). The MoE layer's expert-parallel dispatch reads
+    split sizes on the host, so dynamo breaks the graph there and compiles the pieces around it."""
+    for block in model.layers:
+        block.compile(backend=backend)
+
+
+def apply_fsdp(model: nn.Module, mesh: ParallelMesh, param_dtype: torch.dtype | None = None,
+               reduce_dtype: torch.dtype | None = torch.float32, reshard_after_forward: bool = True) -> None:
+    """FSDP2 `fully_shard` per block, then the root (embedding, final norm, head).
+
+    Dense weights are sharded over every rank. Expert-parallel experts form their own group, sharded over
+    the ranks that hold the same experts (mesh.dp_mesh); their gradients sum the contributions of all
+    ranks' tokens (they arrived by all-to-all), so they are divided by the world size, like the dense ones.
+    The router forms its own group and is never cast: routing stays fp32 under a bf16 param_dtype, as in
+    the single-device model.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    keep_fp32 = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    world = mesh.dims.world_size
+    for block in model.layers:
+        moe = block.mlp
+        if isinstance(moe, MoE):
+            fully_shard(moe.gate, mesh=mesh.fsdp_mesh, mp_policy=keep_fp32,
+                        reshard_after_forward=reshard_after_forward)
+            if isinstance(moe.experts, ExpertParallelExperts):
+                dp = mesh.dims.dp
+                # whole experts per rank when they divide evenly; else split each expert's rows (no padding)
+                placement = Shard(0) if moe.experts.local_experts % dp == 0 else Shard(1)
+                fully_shard(moe.experts, mesh=mesh.dp_mesh, mp_policy=mp, shard_placement_fn=lambda p: placement,
+                            reshard_after_forward=reshard_after_forward)
+                moe.experts.set_gradient_divide_factor(world)
+                if mesh.dp_mesh.device_type == "cpu" and dp > 1:
+                    # gloo has no PREMUL_SUM. (Not with dp == 1: torch 2.13 then divides twice.)
+                    moe.experts.set_force_sum_reduction_for_comms(True)
+        fully_shard(block, mesh=mesh.fsdp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh.fsdp_mesh, mp_policy=mp, reshard_after_forward=False)
+
+
+def parallelize(model: nn.Module, mesh: ParallelMesh | None, *, ac: bool = False, compile: bool = False,
+                param_dtype: torch.dtype | None = None, compile_backend: str = "inductor") -> nn.Module:
+    """Apply everything, in the fixed order. mesh None (or one rank): only AC and compile. Returns the
+    model, changed in place."""
+    distributed = mesh is not None and mesh.dims.world_size > 1
+    if distributed:
+        mesh.dims.check_experts(model.config.n_routed_experts)
+        if mesh.dims.ep > 1:
+            apply_ep(model, mesh.ep_mesh)
+    if ac:
+        apply_ac(model)
+    if compile:
+        apply_compile(model, compile_backend)
+    if distributed:
+        apply_fsdp(model, mesh, param_dtype=param_dtype)
+    return model
