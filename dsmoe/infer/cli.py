@@ -1,0 +1,53 @@
+"""`dsmoe generate PATH --prompt TEXT [--stream]`: complete a prompt with a model folder's model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from dsmoe.errors import UserError
+from dsmoe.infer.loading import add_model_arguments, add_sampling_arguments, eos_ids, load_for_inference
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    add_sampling_arguments(parser, temperature=0.8, max_new_tokens=128)
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="cache length (default: prompt + max-new-tokens)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsmoe.infer.engine import Engine
+    from dsmoe.infer.sampling import SamplingParams
+    from dsmoe.infer.text import stream_text
+
+    model, tokenizer, _ = load_for_inference(args)
+    prompt_ids = tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        raise UserError("the prompt encodes to no tokens; give some text")
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    max_len = args.max_model_len or len(prompt_ids) + args.max_new_tokens
+    engine = Engine(model, max_batch=1, max_model_len=max_len, eos_token_ids=eos_ids(model, tokenizer),
+                    cuda_graphs=not args.no_cuda_graphs)
+    start = time.perf_counter()
+    pieces, count = [], 0
+    out = sys.stdout
+    if args.stream:
+        out.write(args.prompt)
+        out.flush()
+    for delta, step in stream_text(engine, tokenizer, prompt_ids, params, args.stop):
+        count += len(step.token_ids)
+        pieces.append(delta)
+        if args.stream and delta:
+            out.write(delta)
+            out.flush()
+    if not args.stream:
+        out.write(args.prompt + "".join(pieces))
+    out.write("\n")
+    seconds = time.perf_counter() - start
+    print(f"[{count} tokens in {seconds:.2f} s, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0

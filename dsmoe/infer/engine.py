@@ -1,0 +1,332 @@
+"""The continuous-batching engine: token ids in, token ids out.
+
+Each running sequence owns a slot of a static KV cache. Every `step()`:
+1. admits waiting requests into free slots and prefills prompt chunks, up to `prefill_chunk` tokens per
+   step (a long prompt spreads over several steps, so running sequences keep decoding meanwhile); the last
+   chunk of a prompt samples its first token on the device;
+2. launches one decode step for every running sequence: rows 0..B-1 of the batch are slots 0..B-1, each
+   reading its next input token and position from device buffers the previous step (or the prefill) wrote,
+   so consecutive steps need no round trip through the host;
+3. reads back the tokens of the step *before* the one just launched (one step in flight): the host checks
+   stop tokens and lengths while the device computes. A sequence that stops is dropped from the next
+   launch; the one extra token the in-flight step computed for it is discarded.
+Requests join and leave at any step; `cancel()` ends one at once. Stop *strings* need text, so they are
+checked by the caller (dsmoe.infer.text), which cancels the request when one appears.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from dsmoe.errors import UserError
+from dsmoe.infer.cache import KVCache
+from dsmoe.infer.runner import DecodeRunner
+from dsmoe.infer.sampling import (SamplingParams, TokenLogprobs, apply_repetition_penalty, sample,
+                                  to_token_logprobs, token_logprobs)
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    token_ids: list[int]  # new tokens (zero or one per step)
+    logprobs: list[TokenLogprobs] | None  # one per new token when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprobs | None] | None  # once, in the request's first output; [0] is None
+    finish_reason: str | None  # None while running, then "stop" (a stop token) or "length"
+
+
+@dataclass
+class Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    slot: int | None = None
+    prefilled: int = 0  # prompt tokens already in the cache
+    launched: int = 0  # generated tokens whose computation has been launched
+    next_pos: int = 0  # position of the next decode input token
+    output: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    finished: str | None = None
+    reported_prompt: bool = False
+    stop_ids: frozenset[int] = frozenset()
+
+
+@dataclass
+class _Launched:
+    rows: list[tuple[int, Request]]  # (row of the token tensor, request)
+    tokens: torch.Tensor  # host copy
+    logprobs: tuple[torch.Tensor, ...] | None
+    event: torch.cuda.Event | None
+
+
+class SlotState:
+    """Per-slot device buffers: the next decode input and the sampling parameters of the slot's request."""
+
+    def __init__(self, num_slots: int, trash: int, device: torch.device):
+        def full(value, dtype):
+            return torch.full((num_slots,), value, dtype=dtype, device=device)
+
+        self.input_ids = full(0, torch.int64)
+        self.positions = full(trash, torch.int64)
+        self.temperature = full(0.0, torch.float32)
+        self.top_k = full(0, torch.int64)
+        self.top_p = full(1.0, torch.float32)
+        self.penalty = full(1.0, torch.float32)
+        self.seed = full(0, torch.int64)
+        self.seen: torch.Tensor | None = None  # (slots, V) bool, allocated once a request uses a penalty
+
+
+class Engine:
+    def __init__(self, model, *, max_batch: int = 8, max_model_len: int | None = None, prefill_chunk: int = 512,
+                 eos_token_ids: tuple[int, ...] | list[int] = (), cuda_graphs: bool = True,
+                 overlap: bool | None = None, compile: bool = False):
+        """overlap: keep one decode step in flight while the host reads the previous one (default: on CUDA,
+        where host and device run concurrently; on the CPU it only exercises the same bookkeeping).
+        compile: run the decode step's blocks through torch.compile (see runner.py)."""
+        config = model.config
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.vocab_size = config.vocab_size
+        self.max_batch = max_batch
+        self.max_model_len = max_model_len or min(config.max_position_embeddings, 4096)
+        if self.max_model_len > config.max_position_embeddings:
+            raise UserError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
+                            f"{config.max_position_embeddings}; pass a smaller one")
+        if prefill_chunk < 1 or max_batch < 1:
+            raise UserError("max_batch and prefill_chunk must be >= 1")
+        self.prefill_chunk = prefill_chunk
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids if t is not None)
+        dtype = model.embed_tokens.weight.dtype
+        self.cache = KVCache(config, max_batch, self.max_model_len, self.device, dtype)
+        self.slots = SlotState(max_batch, self.cache.trash, self.device)
+        self.runner = DecodeRunner(model, self.cache, self.slots,
+                                   cuda_graphs=cuda_graphs and self.device.type == "cuda", compile=compile)
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # slot -> request, prefilled and decoding
+        self.prefilling: Request | None = None
+        self.free_slots = list(range(max_batch))
+        self.pending: deque[_Launched] = deque()
+        self.ready: list[StepOutput] = []  # outputs produced without a device round trip
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ public API
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request; raises UserError for a prompt the model cannot take (empty, ids outside the
+        vocabulary, prompt + max_new_tokens past max_model_len)."""
+        self.validate(prompt_ids, params)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise UserError(f"request id {rid!r} is already in use")
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        req = Request(rid, [int(t) for t in prompt_ids], params, seed % (1 << 63), stop_ids=frozenset(stop))
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
+        self.requests[rid] = req
+        self.waiting.append(req)
+        return rid
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if len(prompt_ids) == 0:
+            raise UserError("the prompt is empty: give at least one token")
+        bad = next((t for t in prompt_ids if not 0 <= int(t) < self.vocab_size), None)
+        if bad is not None:
+            raise UserError(f"prompt token id {int(bad)} is outside the vocabulary (0..{self.vocab_size - 1})")
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > self.max_model_len:
+            raise UserError(f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
+                            f"({params.max_new_tokens}) is {total}, more than max_model_len "
+                            f"({self.max_model_len}); shorten the prompt or ask for fewer tokens")
+
+    def cancel(self, request_id: str) -> None:
+        """End a request now (no further output is produced for it); unknown or finished ids are ignored."""
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._finish(req, "cancelled")
+
+    def abort_all(self) -> None:
+        """Cancel every request and drop results in flight (after a failed step: start from a clean state)."""
+        for rid in list(self.requests):
+            self.cancel(rid)
+        self.pending.clear()
+        self.ready.clear()
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running or self.pending or self.ready)
+
+    def num_running(self) -> int:
+        return len(self.running) + (self.prefilling is not None)
+
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @torch.no_grad()
+    def step(self) -> list[StepOutput]:
+        self._prefill_step()
+        launched = self._launch_decode()
+        keep = 1 if launched and self.overlap else 0
+        outputs, self.ready = self.ready, []
+        while len(self.pending) > keep:
+            outputs += self._process(self.pending.popleft())
+        return outputs
+
+    # ------------------------------------------------------------------ prefill
+    def _prefill_step(self) -> None:
+        budget = self.prefill_chunk
+        while budget > 0:
+            req = self.prefilling or self._admit()
+            if req is None:
+                return
+            n = min(budget, len(req.prompt) - req.prefilled)
+            self._prefill_chunk(req, n)
+            budget -= n
+
+    def _admit(self) -> Request | None:
+        if not self.waiting or not self.free_slots:
+            return None
+        req = self.waiting.popleft()
+        slot = self.free_slots.pop(0)
+        req.slot = slot
+        p, s = req.params, self.slots
+        s.temperature[slot] = p.temperature
+        s.top_k[slot] = p.top_k
+        s.top_p[slot] = p.top_p
+        s.penalty[slot] = p.repetition_penalty
+        s.seed[slot] = req.seed
+        if p.repetition_penalty != 1 and s.seen is None:
+            s.seen = torch.zeros(self.max_batch, self.vocab_size, dtype=torch.bool, device=self.device)
+        if s.seen is not None:
+            s.seen[slot] = False
+            if p.repetition_penalty != 1:
+                s.seen[slot, torch.tensor(req.prompt, device=self.device)] = True
+        return req
+
+    def _prefill_chunk(self, req: Request, n: int) -> None:
+        start, end, P = req.prefilled, req.prefilled + n, len(req.prompt)
+        ids = torch.tensor(req.prompt[start:end], device=self.device)[None]
+        positions = torch.arange(start, end, device=self.device)
+        want_prompt = req.params.prompt_logprobs is not None
+        logits = self.model(ids, positions, cache=self.cache.prefill(req.slot, start), last_only=not want_prompt)[0]
+        if want_prompt:
+            targets = req.prompt[start + 1: min(end + 1, P)]
+            if targets:
+                t = torch.tensor(targets, device=self.device)
+                lp = token_logprobs(logits[: len(targets)], t, req.params.prompt_logprobs)
+                req.prompt_logprobs += _host_logprobs(lp, targets)
+        req.prefilled = end
+        self.prefilling = req if end < P else None
+        if end < P:
+            return
+        if req.params.max_new_tokens == 0:
+            self.ready.append(StepOutput(req.id, [], None, req.prompt_logprobs, "length"))
+            req.reported_prompt = True
+            self._finish(req, "length")
+            return
+        slot = req.slot
+        position = torch.full((1,), P, device=self.device)
+        tokens, lp = self._sample(logits[-1:], slot, slot + 1, [req], position)
+        self.slots.input_ids[slot] = tokens[0]
+        self.slots.positions[slot] = P
+        req.launched, req.next_pos = 1, P
+        self.running[slot] = req
+        self.pending.append(self._launched([(0, req)], tokens, lp))
+
+    # ------------------------------------------------------------------ decode
+    def _launch_decode(self) -> bool:
+        live = []
+        for req in self.running.values():
+            if req.launched < req.params.max_new_tokens:
+                live.append(req)
+            elif req.next_pos != self.cache.trash:  # all its tokens are launched: park its row
+                self.slots.positions[req.slot] = self.cache.trash
+                req.next_pos = self.cache.trash
+        if not live:
+            return False
+        B = self.runner.batch_bucket(max(r.slot for r in live) + 1)
+        L = self.runner.length_bucket(max(r.next_pos for r in live) + 1)
+        logits = self.runner(B, L)
+        s = self.slots
+        next_positions = s.positions[:B] + 1
+        tokens, lp = self._sample(logits, 0, B, live, next_positions)
+        s.input_ids[:B] = tokens
+        s.positions[:B] = next_positions.clamp_(max=self.cache.trash)
+        for req in live:
+            req.launched += 1
+            req.next_pos += 1
+        self.pending.append(self._launched([(r.slot, r) for r in live], tokens, lp))
+        return True
+
+    def _sample(self, logits: torch.Tensor, lo: int, hi: int, reqs: list[Request], positions: torch.Tensor):
+        s = self.slots
+        raw = logits.float()
+        logits = raw
+        if s.seen is not None and any(r.params.repetition_penalty != 1 for r in reqs):
+            logits = apply_repetition_penalty(raw, s.seen[lo:hi], s.penalty[lo:hi])
+        tokens = sample(logits, s.temperature[lo:hi], s.top_k[lo:hi], s.top_p[lo:hi], s.seed[lo:hi], positions,
+                        any_random=any(not r.params.greedy for r in reqs),
+                        any_filtered=any(r.params.filtered for r in reqs))
+        if s.seen is not None:
+            s.seen[torch.arange(lo, hi, device=self.device), tokens] = True
+        wanted = [r.params.logprobs for r in reqs if r.params.logprobs is not None]
+        lp = token_logprobs(raw, tokens, max(wanted)) if wanted else None
+        return tokens, lp
+
+    def _launched(self, rows, tokens: torch.Tensor, lp) -> _Launched:
+        if self.device.type != "cuda":
+            return _Launched(rows, tokens, lp, None)
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for t in (tokens, *(lp or ()))]
+        event = torch.cuda.Event()
+        event.record()
+        return _Launched(rows, host[0], tuple(host[1:]) if lp else None, event)
+
+    def _process(self, launched: _Launched) -> list[StepOutput]:
+        if launched.event is not None:
+            launched.event.synchronize()
+        tokens = launched.tokens.tolist()
+        lp = [x.tolist() for x in launched.logprobs] if launched.logprobs else None
+        outputs = []
+        for row, req in launched.rows:
+            if req.finished:
+                continue  # stopped or cancelled while this step was in flight
+            token = tokens[row]
+            req.output.append(token)
+            logprobs = None
+            if req.params.logprobs is not None:
+                n = req.params.logprobs
+                logprobs = [TokenLogprobs(token, lp[0][row], list(zip(lp[1][row][:n], lp[2][row][:n])))]
+            reason = "stop" if token in req.stop_ids else \
+                "length" if len(req.output) >= req.params.max_new_tokens else None
+            prompt_lp = None if req.reported_prompt else req.prompt_logprobs
+            req.reported_prompt = True
+            outputs.append(StepOutput(req.id, [token], logprobs, prompt_lp, reason))
+            if reason:
+                self._finish(req, reason)
+        return outputs
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finished = reason
+        self.requests.pop(req.id, None)
+        if self.prefilling is req:
+            self.prefilling = None
+        if req.slot is not None:
+            self.running.pop(req.slot, None)
+            self.slots.positions[req.slot] = self.cache.trash
+            self.free_slots.append(req.slot)
+            self.free_slots.sort()
+            req.slot = None
+
+
+def _host_logprobs(lp: tuple[torch.Tensor, ...], targets: list[int]) -> list[TokenLogprobs]:
+    chosen, top_ids, top_lps = (x.tolist() for x in lp)
+    return to_token_logprobs(chosen, top_ids, top_lps, targets)

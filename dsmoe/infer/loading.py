@@ -1,0 +1,66 @@
+"""Loading a model folder for generation: model + tokenizer on the chosen device, and the shared CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from dsmoe.errors import UserError
+from dsmoe.infer.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="model folder: a dsmoe run folder or a Hugging Face DeepSeek checkpoint")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="auto = bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--moe-impl", default="auto", choices=["auto", "reference", "grouped", "triton"],
+                        help="routed-expert implementation")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on a GPU")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, temperature: float, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None, help="fixes the sampled tokens")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def load_for_inference(args: argparse.Namespace):
+    """-> (model in eval mode, tokenizer, device) from the flags of add_model_arguments."""
+    from dsmoe.checkpoint.hf import load_pretrained
+
+    device = resolve_device(args.device)
+    dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = Tokenizer.load(args.path)  # first: a missing tokenizer fails before a long weight load
+    model = load_pretrained(args.path, dtype=dtype, device=device, moe_impl=args.moe_impl).eval()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"{args.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{model.config.vocab_size}; the tokenizer belongs to another model")
+    log.debug("loaded %s on %s in %s", args.path, device, dtype)
+    return model, tokenizer, device
+
+
+def eos_ids(model, tokenizer: Tokenizer) -> tuple[int, ...]:
+    ids = [*tokenizer.eos_ids, model.config.eos_token_id]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))

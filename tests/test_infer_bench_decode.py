@@ -1,0 +1,58 @@
+"""The decode benchmark's own parts on the CPU: transformers gets exactly our weights, the bytes a decode step
+must read are counted right, and a tiny end-to-end run prints its table."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from infer_helpers import single_thread  # noqa: F401 (autouse fixture)
+
+from dsmoe.bench import decode
+from dsmoe.config import get_preset
+from dsmoe.infer.generate import generate
+from dsmoe.infer.sampling import SamplingParams
+from dsmoe.model.transformer import build_model
+
+pytest.importorskip("transformers")
+SHRINK = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+              num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2, kv_lora_rank=32, qk_nope_head_dim=16,
+              qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=256, initializer_range=0.05)
+
+
+@pytest.mark.parametrize("preset,extra", [("deepseek-v2-lite", {}),
+                                          ("small", dict(q_lora_rank=48, n_group=4, topk_group=2))])
+def test_transformers_gets_the_same_weights(preset, extra):
+    torch.manual_seed(0)
+    model = build_model(get_preset(preset).replace(**SHRINK, **extra), dtype=torch.float32).eval()
+    hf = decode.build_transformers(model)
+    assert decode.logits_gap(model, hf, prompt_len=12) < 1e-4
+
+
+def test_step_bytes_counts_touched_experts_and_cache():
+    cfg = get_preset("small").replace(**SHRINK)
+    model = build_model(cfg, dtype=torch.float32).eval()
+    generate(model, [[3, 4, 5]], SamplingParams(max_new_tokens=2, temperature=0))  # last forward: 1 token
+    from dsmoe.infer.cache import KVCache
+
+    cache = KVCache(cfg, 1, 8, "cpu", torch.float32)
+    got = decode.step_bytes(model, cache, batch=1, context=10)
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
+    dense = sum(p.numel() * 4 for n, p in model.named_parameters() if ".mlp.experts." not in n)
+    dense -= (cfg.vocab_size - 1) * cfg.hidden_size * 4  # one embedding row read, not the table
+    moe_layers = len(cfg.moe_layer_ids)
+    assert got == dense + moe_layers * cfg.num_experts_per_tok * expert + 10 * 3 * (32 + 8) * 4
+
+
+def test_benchmark_runs_end_to_end(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    decode.add_arguments(parser)
+    out = tmp_path / "decode.json"
+    args = parser.parse_args(["--presets", "tiny", "--batch-sizes", "1,2", "--prompt-len", "8", "--new-tokens", "4",
+                              "--hf-impls", "", "--device", "cpu", "--variants", "graphs", "--json", str(out)])
+    assert decode.run(args) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[-4].split()[:3] == ["model", "batch", "dsmoe"] and table[-1].split()[:3] == ["tiny", "2", "graphs"]
+    report = json.loads(out.read_text())
+    assert report["models"]["tiny"]["check_rel_err"] < 1e-4
+    assert 0 < report["models"]["tiny"]["batches"]["2"]["dsmoe"]["graphs"]["fraction_of_bound"]

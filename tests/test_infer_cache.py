@@ -1,0 +1,96 @@
+"""KV-cached forwards equal the full forward: expanded (chunked) prefill and weight-absorbed MLA decode, for the
+DeepSeekMoE 16B (MHA, here with GQA too), V2-Lite, V2 and V3 architectures, in fp32."""
+
+import pytest
+import torch
+from infer_helpers import single_thread  # noqa: F401 (autouse fixture)
+
+from dsmoe.config import get_preset
+from dsmoe.infer.attend import absorbed_decode
+from dsmoe.infer.cache import KVCache
+from dsmoe.model.transformer import build_model
+
+SHRINK = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+              num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2, max_position_embeddings=128,
+              initializer_range=0.05, bos_token_id=0, eos_token_id=1)
+MLA = dict(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
+CONFIGS = {
+    "16b-mha": get_preset("deepseek-moe-16b").replace(**SHRINK, num_key_value_heads=4),
+    "16b-gqa": get_preset("deepseek-moe-16b").replace(**SHRINK, num_key_value_heads=2),
+    "v2-lite": get_preset("deepseek-v2-lite").replace(**SHRINK, **MLA),
+    "v2": get_preset("deepseek-v2").replace(**SHRINK, **MLA, q_lora_rank=48, n_group=4, topk_group=2),
+    "v3": get_preset("deepseek-v3").replace(**SHRINK, **MLA, q_lora_rank=48, n_group=4, topk_group=2,
+                                            first_k_dense_replace=1),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_cached_logits_equal_full_forward(name):
+    """Two sequences: one prefilled in chunks (3 + 4 tokens), one in one go, into slots 2 and 0 with slot 1
+    free (its row writes to the trash position); then decoded together at different positions."""
+    cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    model = build_model(cfg, dtype=torch.float32).eval()
+    ids = torch.randint(cfg.vocab_size, (2, 18))
+    prompt_lens, slots, chunks = [7, 4], [2, 0], [[3, 4], [4]]
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(cfg, num_slots=3, max_len=24, device="cpu", dtype=torch.float32)
+        for b in range(2):
+            start = 0
+            for n in chunks[b]:
+                out = model(ids[b: b + 1, start: start + n], torch.arange(start, start + n),
+                            cache=cache.prefill(slots[b], start))
+                torch.testing.assert_close(out[0], full[b, start: start + n], atol=2e-5, rtol=1e-4)
+                start += n
+        positions = torch.tensor([prompt_lens[1], cache.trash, prompt_lens[0]])
+        for _ in range(10):
+            inputs = torch.stack([ids[1, positions[0]], torch.tensor(0), ids[0, positions[2]]])[:, None]
+            length = int(max(positions[0], positions[2])) + 1
+            out = model(inputs, positions[:, None], cache=cache.decode(positions, length), last_only=True)[:, 0]
+            torch.testing.assert_close(out[0], full[1, positions[0]], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(out[2], full[0, positions[2]], atol=2e-5, rtol=1e-4)
+            positions = positions + torch.tensor([1, 0, 1])
+    assert full.abs().max() > 0.5  # logits are not all ~0: the comparison can fail
+
+
+def test_absorbed_decode_equals_expanded_attention():
+    """The absorption identity on one MLA layer, against explicit expanded K/V attention with a mask."""
+    cfg = CONFIGS["v3"]
+    torch.manual_seed(1)
+    attn = build_model(cfg, dtype=torch.float32).layers[0].self_attn
+    B, L, H = 3, 9, cfg.num_attention_heads
+    x = torch.randn(B, L, cfg.hidden_size)
+    cos, sin = torch.randn(L, cfg.qk_rope_head_dim // 2), torch.randn(L, cfg.qk_rope_head_dim // 2)
+    q_nope, q_pe, latent, k_pe = attn.project(x, cos, sin)
+    k, v = attn.expand_kv(latent, k_pe)
+    positions = torch.tensor([8, 3, 5])  # each row's query is its token at this position
+    masked = torch.arange(L)[None, :] > positions[:, None]
+    rows = torch.arange(B)
+    qn, qp = q_nope[rows, :, positions][:, :, None], q_pe[rows, :, positions][:, :, None]
+    kv = torch.cat([latent, k_pe[:, 0]], dim=-1)
+    out = absorbed_decode(attn, qn, qp, kv, masked)
+    q = torch.cat([qn, qp], dim=-1)
+    scores = (q @ k.transpose(-1, -2)) * attn.softmax_scale
+    expected = (scores.masked_fill(masked[:, None, None], float("-inf")).softmax(-1) @ v).transpose(1, 2)
+    torch.testing.assert_close(out, expected.reshape(B, 1, H * cfg.v_head_dim), atol=1e-5, rtol=1e-5)
+
+
+def test_mla_cache_stores_latent_plus_rope_key_per_token():
+    cfg = get_preset("deepseek-v2-lite")  # 27 layers of 512 + 64 values: spec section 6.2
+    cache = KVCache(cfg, num_slots=1, max_len=2, device="meta", dtype=torch.bfloat16)
+    assert cache.bytes_per_token() == 27 * 576 * 2
+    v3 = KVCache(get_preset("deepseek-v3"), num_slots=1, max_len=2, device="meta", dtype=torch.bfloat16)
+    assert v3.bytes_per_token() == 61 * 576 * 2
+
+
+def test_cache_refuses_tokens_it_cannot_place():
+    cfg = CONFIGS["v2-lite"]
+    model = build_model(cfg, dtype=torch.float32).eval()
+    cache = KVCache(cfg, num_slots=1, max_len=4, device="cpu", dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="call cache.prefill"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="exceeds the cache length"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache.prefill(0, 0))
+    with pytest.raises(ValueError, match="slot"):
+        cache.prefill(1, 0)

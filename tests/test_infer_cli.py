@@ -1,0 +1,82 @@
+"""`dsmoe generate` and `dsmoe chat` on a tiny model folder."""
+
+import io
+import sys
+
+import pytest
+from infer_helpers import build_model_dir, single_thread  # noqa: F401 (autouse fixture)
+
+from dsmoe.checkpoint.hf import load_pretrained
+from dsmoe.cli import main
+from dsmoe.infer.chat_template import render_chat
+from dsmoe.infer.generate import generate
+from dsmoe.infer.sampling import SamplingParams
+from dsmoe.infer.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model_dir(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def plain_dir(tmp_path_factory):
+    return build_model_dir(tmp_path_factory.getbasetemp(), chat_template=None)
+
+
+def expected_text(path, prompt_ids, max_new_tokens):
+    tok = Tokenizer.load(path)
+    model = load_pretrained(path).eval()
+    ids = generate(model, [prompt_ids], SamplingParams(max_new_tokens=max_new_tokens, temperature=0),
+                   eos_token_ids=tok.eos_ids)[0]
+    return tok.decode(ids)
+
+
+def test_generate_prints_prompt_and_continuation(model_dir, capsys):
+    args = ["generate", str(model_dir), "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    tok = Tokenizer.load(model_dir)
+    assert out.out == "def " + expected_text(model_dir, tok.encode("def "), 12) + "\n"
+    assert "12 tokens" in out.err
+    assert main(args + ["--stream"]) == 0
+    assert capsys.readouterr().out == out.out  # streamed text is the same text
+
+
+def test_generate_seeded_sampling_repeats(model_dir, capsys):
+    args = ["generate", str(model_dir), "--prompt", "def ", "--max-new-tokens", "10", "--seed", "0"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first
+
+
+def test_generate_user_errors(tmp_path, model_dir, capsys):
+    (tmp_path / "config.json").write_bytes((model_dir / "config.json").read_bytes())
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err
+    assert main(["generate", str(model_dir), "--prompt", "x", "--temperature", "-1"]) == 2
+    assert "temperature" in capsys.readouterr().err
+    assert main(["generate", str(model_dir), "--prompt", "x", "--max-new-tokens", "5000"]) == 2
+    assert "max_position_embeddings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["template", "fallback"])
+def test_chat_repl_keeps_history(which, model_dir, plain_dir, capsys, monkeypatch):
+    path = model_dir if which == "template" else plain_dir
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nand more\n/reset\n/bogus\nhello\n/exit\nignored\n"))
+    assert main(["chat", str(path), "--max-new-tokens", "6", "--temperature", "0", "--system", "Be brief."]) == 0
+    out = capsys.readouterr().out
+    replies = [line[len("assistant> "):] for line in out.splitlines() if line.startswith("assistant> ")]
+    assert len(replies) == 3 and "(history cleared)" in out and "unknown command /bogus" in out
+    assert replies[0] == replies[2]  # after /reset the same first message gets the same greedy reply
+    tok = Tokenizer.load(path)
+    system = {"role": "system", "content": "Be brief."}
+    text = render_chat([system, {"role": "user", "content": "hello"}], tok.chat_template, bos_token=tok.bos_token)
+    ids = tok.encode(text, add_special_tokens=tok.chat_template is None)
+    assert replies[0] == expected_text(path, ids, 6).split("\nUser:")[0]
+    second = [system, {"role": "user", "content": "hello"}, {"role": "assistant", "content": replies[0].strip()},
+              {"role": "user", "content": "and more"}]
+    ids = tok.encode(render_chat(second, tok.chat_template, bos_token=tok.bos_token),
+                     add_special_tokens=tok.chat_template is None)
+    assert replies[1] == expected_text(path, ids, 6).split("\nUser:")[0]

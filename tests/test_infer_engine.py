@@ -1,0 +1,181 @@
+"""The engine: greedy = a full-forward argmax loop, batched = one by one, requests joining and leaving mid-way
+(chunked prefill, cancellation, slot reuse) produce the same tokens as alone, stop ids, logprobs."""
+
+import pytest
+import torch
+from infer_helpers import single_thread, tiny_config  # noqa: F401 (autouse fixture)
+
+from dsmoe.errors import UserError
+from dsmoe.infer.engine import Engine
+from dsmoe.infer.generate import generate
+from dsmoe.infer.sampling import SamplingParams
+from dsmoe.model.transformer import build_model
+
+GREEDY = SamplingParams(max_new_tokens=10, temperature=0)
+SAMPLED = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.3, seed=11)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(tiny_config(128), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(2, 128, (n,), generator=g).tolist() for n in (3, 11, 5, 1, 17, 8)]
+
+
+def alone(model, prompt, params):
+    return generate(model, [prompt], params)[0]
+
+
+def test_greedy_equals_full_forward_argmax_loop(model, prompts):
+    seq = list(prompts[1])
+    with torch.no_grad():
+        for _ in range(GREEDY.max_new_tokens):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert alone(model, prompts[1], GREEDY) == seq[len(prompts[1]):]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_batched_generation_equals_one_by_one(model, prompts, params, overlap):
+    """overlap=True runs the CUDA schedule (one step in flight, results read a step late) on the CPU."""
+    batched = generate(model, prompts, params, max_batch=4, prefill_chunk=4, overlap=overlap)
+    assert batched == [alone(model, p, params) for p in prompts]
+    assert all(len(out) == params.max_new_tokens for out in batched)
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(model, prompts):
+    first = alone(model, prompts[0], SAMPLED)
+    assert alone(model, prompts[0], SAMPLED) == first
+    other = SamplingParams(**{**SAMPLED.__dict__, "seed": 12})
+    assert alone(model, prompts[0], other) != first
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_requests_join_and_leave_mid_way(model, prompts, overlap):
+    """Slots 3, prefill chunk 4: A and B start; C (17-token prompt) joins after 2 steps and prefills over
+    several steps while A and B keep decoding; B is cancelled mid-way; D takes B's slot."""
+    engine = Engine(model, max_batch=3, max_model_len=64, prefill_chunk=4, overlap=overlap)
+    got: dict[str, list[int]] = {}
+    tokens_per_step = []
+
+    def step():
+        outs = engine.step()
+        for out in outs:
+            got.setdefault(out.request_id, []).extend(out.token_ids)
+        tokens_per_step.append({o.request_id for o in outs if o.token_ids})
+
+    a = engine.add_request(prompts[0], GREEDY)
+    b = engine.add_request(prompts[2], SAMPLED)
+    step(), step()
+    c = engine.add_request(prompts[4], SAMPLED)
+    for _ in range(3):
+        step()
+    assert a in tokens_per_step[-2] and a in tokens_per_step[-3]  # A decoded while C was being prefilled
+    engine.cancel(b)
+    d = engine.add_request(prompts[5], GREEDY)
+    while engine.has_work():
+        step()
+    assert got[a] == alone(model, prompts[0], GREEDY)
+    assert got[c] == alone(model, prompts[4], SAMPLED)
+    assert got[d] == alone(model, prompts[5], GREEDY)
+    full_b = alone(model, prompts[2], SAMPLED)
+    assert 0 < len(got[b]) < len(full_b) and got[b] == full_b[: len(got[b])]
+
+
+def test_more_requests_than_slots(model, prompts):
+    many = prompts * 2
+    assert generate(model, many, GREEDY, max_batch=2) == [alone(model, p, GREEDY) for p in many]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_stop_token_ids_and_eos(model, prompts, overlap):
+    reference = alone(model, prompts[3], GREEDY)
+    stop = reference[3]
+    first = reference.index(stop)
+    engine = Engine(model, max_batch=2, max_model_len=64, eos_token_ids=[stop], overlap=overlap)
+    rid = engine.add_request(prompts[3], GREEDY)
+    ignoring = engine.add_request(prompts[3], SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True))
+    outs = {}
+    while engine.has_work():
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).append(out)
+    assert [o.token_ids[0] for o in outs[rid]] == reference[: first + 1]
+    assert outs[rid][-1].finish_reason == "stop"
+    assert [o.token_ids[0] for o in outs[ignoring]] == reference and outs[ignoring][-1].finish_reason == "length"
+    by_id = SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=(stop,))
+    assert alone(model, prompts[3], by_id) == reference[: first + 1]
+
+
+def test_prompt_and_token_logprobs_match_the_full_forward(model, prompts):
+    prompt = prompts[4]
+    engine = Engine(model, max_batch=1, max_model_len=64, prefill_chunk=5)
+    engine.add_request(prompt, SamplingParams(max_new_tokens=3, temperature=0, logprobs=2, prompt_logprobs=2))
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    generated = [o.token_ids[0] for o in outs]
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt + generated]))[0].log_softmax(-1)
+    entries = outs[0].prompt_logprobs
+    assert entries[0] is None and len(entries) == len(prompt)
+    for i, entry in enumerate(entries[1:], start=1):
+        assert entry.token_id == prompt[i]
+        assert entry.logprob == pytest.approx(ref[i - 1, prompt[i]].item(), abs=1e-4)
+        assert [t for t, _ in entry.top] == ref[i - 1].topk(2).indices.tolist()
+    for k, out in enumerate(outs):
+        (entry,) = out.logprobs
+        pos = len(prompt) - 1 + k
+        assert entry.logprob == pytest.approx(ref[pos, generated[k]].item(), abs=1e-4)
+        assert entry.top[0] == (generated[k], entry.logprob)  # greedy: the chosen token is the top-1, exactly
+    assert all(o.prompt_logprobs is None for o in outs[1:])
+
+
+def test_scoring_only_request(model, prompts):
+    engine = Engine(model, max_batch=1, max_model_len=64)
+    engine.add_request(prompts[1], SamplingParams(max_new_tokens=0, prompt_logprobs=1))
+    (out,) = engine.step()
+    assert out.token_ids == [] and out.finish_reason == "length" and len(out.prompt_logprobs) == len(prompts[1])
+    assert not engine.has_work()
+
+
+def test_repetition_penalty_discourages_repeats(model, prompts):
+    plain = alone(model, prompts[0], SamplingParams(max_new_tokens=24, temperature=0))
+    assert len(set(plain)) < len(plain)  # this random model repeats itself without a penalty
+    penalised = alone(model, prompts[0], SamplingParams(max_new_tokens=24, temperature=0, repetition_penalty=100))
+    assert len(set(penalised)) == len(penalised) and not set(penalised) & set(prompts[0])
+
+
+def test_bad_requests_are_user_errors(model):
+    engine = Engine(model, max_batch=1, max_model_len=16)
+    with pytest.raises(UserError, match="empty"):
+        engine.add_request([], GREEDY)
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        engine.add_request([5, 128], GREEDY)
+    with pytest.raises(UserError, match=r"\(10\).*more than max_model_len \(16\)"):
+        engine.add_request([5] * 7, GREEDY)
+    with pytest.raises(UserError, match="max_position_embeddings"):
+        Engine(model, max_model_len=10_000)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_equals_eager():
+    """torch.compile of the decode blocks (bf16: the dtype grouped_mm traces in) gives the eager step's logits,
+    and one compiled function serves every MoE block."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(128).replace(num_hidden_layers=3), dtype=torch.bfloat16, moe_impl="grouped").eval()
+    eager, compiled = (Engine(model, max_batch=3, max_model_len=32, compile=c) for c in (False, True))
+    for engine in (eager, compiled):
+        engine.slots.input_ids[:3] = torch.tensor([5, 6, 7])
+        engine.slots.positions[:3] = torch.tensor([3, 9, 1])
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.runner(3, 16), eager.runner(3, 16), atol=2e-2, rtol=2e-2)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # the dense block and the MoE block

@@ -1,0 +1,174 @@
+"""The real `openai` client against a live `dsmoe serve` (tiny model, 127.0.0.1, a free port)."""
+
+import asyncio
+
+import openai
+import pytest
+import torch
+from infer_helpers import build_model_dir, running_server, single_thread  # noqa: F401 (autouse fixture)
+
+from dsmoe.checkpoint.hf import load_pretrained
+from dsmoe.infer.chat_template import render_chat
+from dsmoe.infer.generate import generate
+from dsmoe.infer.sampling import SamplingParams
+from dsmoe.infer.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model_dir(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    with running_server(model_dir, tmp_path_factory.mktemp("log") / "serve.log", "--max-batch", "16") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def local(model_dir):
+    return load_pretrained(model_dir).eval(), Tokenizer.load(model_dir)
+
+
+def greedy_text(local, prompt_ids, n):
+    model, tok = local
+    return tok.decode(generate(model, [prompt_ids], SamplingParams(max_new_tokens=n, temperature=0),
+                               eos_token_ids=tok.eos_ids)[0])
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert server.stats()["status"] == "ok"
+
+
+def test_completion_streamed_and_not(client, local):
+    r = client.completions.create(model="tiny", prompt="def ", max_tokens=12, temperature=0)
+    text = r.choices[0].text
+    assert text == greedy_text(local, local[1].encode("def "), 12)
+    assert r.usage.prompt_tokens == len(local[1].encode("def ")) and r.usage.completion_tokens == 12
+    assert r.choices[0].finish_reason == "length"
+    chunks = list(client.completions.create(model="tiny", prompt="def ", max_tokens=12, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[0].choices[0].finish_reason is None
+
+
+def test_chat_streamed_and_not(client, local):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    model, tok = local
+    prompt = tok.encode(render_chat(messages, tok.chat_template, bos_token=tok.bos_token), add_special_tokens=False)
+    assert r.choices[0].message.content == greedy_text(local, prompt, 10)
+    assert r.choices[0].message.role == "assistant" and r.usage.prompt_tokens == len(prompt)
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_prompt_forms(client, local):
+    tok = local[1]
+    ids = tok.encode("import os")
+    single = [client.completions.create(model="tiny", prompt=p, max_tokens=5, temperature=0).choices[0].text
+              for p in ("def ", "class ")]
+    r = client.completions.create(model="tiny", prompt=["def ", "class "], max_tokens=5, temperature=0)
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == single
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0).choices[0].text
+    r = client.completions.create(model="tiny", prompt=[ids, tok.encode("def ")], max_tokens=5, temperature=0)
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [by_ids, single[0]]
+
+
+def test_echo_logprobs_cover_the_prompt_like_openai(client, local):
+    model, tok = local
+    ids = tok.encode("def main():")
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=2, temperature=0, echo=True, logprobs=2)
+    choice = r.choices[0]
+    lp = choice.logprobs
+    generated = generate(model, [ids], SamplingParams(max_new_tokens=2, temperature=0))[0]
+    assert choice.text.startswith(tok.decode(ids))
+    assert len(lp.tokens) == len(ids) + 2 == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    full = ids + generated
+    with torch.no_grad():
+        ref = model(torch.tensor([full]))[0].float().log_softmax(-1)
+    for i in range(1, len(full)):
+        assert lp.token_logprobs[i] == pytest.approx(ref[i - 1, full[i]].item(), abs=1e-4)
+        assert len(lp.top_logprobs[i]) <= 2
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert lp.tokens[0] == "<|bos|>" and lp.text_offset[1] == 0  # special tokens: listed, not in the text
+    assert "".join(lp.tokens[1: len(ids)]) == tok.decode(ids)
+    # lm-eval's request: echo, logprobs 1, max_tokens 1; is_greedy compares with == to the top-1
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    last = r.choices[0].logprobs
+    assert len(last.token_logprobs) == len(ids) + 1
+    assert last.token_logprobs[-1] == max(last.top_logprobs[-1].values())
+    only = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    assert only.choices[0].text == tok.decode(ids) and len(only.choices[0].logprobs.tokens) == len(ids)
+
+
+def test_stop_strings_and_seeds(client):
+    full = client.completions.create(model="tiny", prompt="def ", max_tokens=20, temperature=0).choices[0].text
+    stop = full[6:9]
+    r = client.completions.create(model="tiny", prompt="def ", max_tokens=20, temperature=0, stop=[stop, "zzz"])
+    assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+    chunks = client.completions.create(model="tiny", prompt="def ", max_tokens=20, temperature=0, stop=stop,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == full[: full.index(stop)]
+    sampled = [client.completions.create(model="tiny", prompt="def ", max_tokens=12, temperature=1.0, seed=s)
+               .choices[0].text for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_extensions_and_unknown_fields(client, local):
+    model, tok = local
+    r = client.completions.create(model="tiny", prompt="def ", max_tokens=8, temperature=0.7, seed=3,
+                                  extra_body={"top_k": 5, "repetition_penalty": 1.2, "not_an_openai_field": [1, {}],
+                                              "ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
+    ids = generate(model, [tok.encode("def ")], SamplingParams(max_new_tokens=8, temperature=0))[0]
+    r = client.completions.create(model="tiny", prompt="def ", max_tokens=8, temperature=0,
+                                  extra_body={"stop_token_ids": [ids[2]]})
+    assert r.usage.completion_tokens == ids.index(ids[2]) + 1 and r.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("params", [dict(n=2), dict(logit_bias={"5": 1.0}), dict(best_of=3),
+                                    dict(presence_penalty=0.5), dict(frequency_penalty=-1.0), dict(suffix="x")])
+def test_unsupported_parameters_are_refused_by_name(client, params):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="def ", max_tokens=3, **params)
+    name = next(iter(params))
+    assert e.value.body["param"] == name and name in e.value.body["message"]
+
+
+@pytest.mark.parametrize("params", [dict(tools=[{"type": "function", "function": {"name": "f"}}]),
+                                    dict(response_format={"type": "json_object"}), dict(n=3)])
+def test_unsupported_chat_parameters_are_refused_by_name(client, params):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], **params)
+    assert e.value.body["param"] == next(iter(params))
+
+
+def test_32_concurrent_streaming_clients(server, client):
+    prompts = [f"def f{i}(" for i in range(32)]
+    expected = [client.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0).choices[0].text
+                for p in prompts]
+
+    async def one(aclient, prompt):
+        stream = await aclient.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0,
+                                                  stream=True)
+        return "".join([c.choices[0].text async for c in stream])
+
+    async def all_at_once():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                                      timeout=120) as aclient:
+            return await asyncio.gather(*(one(aclient, p) for p in prompts))
+
+    assert asyncio.run(all_at_once()) == expected
+    server.wait_idle()

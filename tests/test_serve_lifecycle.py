@@ -1,0 +1,88 @@
+"""Server lifecycle: a client that disconnects frees its slot, a full queue answers 429, SIGTERM drains the
+requests in flight and exits 0."""
+
+import json
+import signal
+import time
+from contextlib import ExitStack
+
+import httpx
+import pytest
+from infer_helpers import build_model_dir, running_server
+
+# 500 decode steps of the tiny model take about a second or more on a CPU: long enough to act mid-way
+LONG = {"model": "tiny", "prompt": "def ", "max_tokens": 500, "temperature": 0, "ignore_eos": True, "stream": True}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model_dir = build_model_dir(tmp_path_factory.getbasetemp())
+    log = tmp_path_factory.mktemp("log") / "serve.log"
+    with running_server(model_dir, log, "--max-batch", "2", "--max-queue", "1", "--max-model-len", "512") as s:
+        yield s
+
+
+def data_lines(response):
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            yield line[len("data: "):]
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_streaming_client_disconnect_cancels_its_request(server):
+    before = server.stats()["cancelled"]
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json=LONG) as r:
+            lines = data_lines(r)
+            next(lines), next(lines)
+            assert server.stats()["running"] == 1
+    wait_for(lambda: server.stats()["cancelled"] == before + 1)
+    stats = server.wait_idle(timeout=5)
+    assert stats["running"] == 0
+
+
+def test_non_streaming_client_disconnect_cancels_its_request(server):
+    before = server.stats()["cancelled"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json={**LONG, "stream": False}, timeout=0.3)
+    wait_for(lambda: server.stats()["cancelled"] == before + 1)
+    server.wait_idle(timeout=5)
+
+
+def test_full_queue_answers_429(server):
+    with ExitStack() as stack, httpx.Client(base_url=server.url, timeout=30) as http:
+        for _ in range(3):  # 2 slots + 1 queue place
+            r = stack.enter_context(http.stream("POST", "/v1/completions", json=LONG))
+            assert r.status_code == 200
+        wait_for(lambda: server.stats()["in_flight"] == 3)
+        r = http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded"
+        assert http.get("/health").json()["status"] == "ok"
+    server.wait_idle()
+
+
+def test_sigterm_drains_requests_in_flight_and_exits(server):
+    request = {**LONG, "max_tokens": 60, "stream_options": {"include_usage": True}}
+    with httpx.Client(base_url=server.url, timeout=60) as http, http.stream("POST", "/v1/completions",
+                                                                             json=request) as r:
+        lines = data_lines(r)
+        next(lines)
+        server.proc.send_signal(signal.SIGTERM)
+        rest = list(lines)
+        time.sleep(0.3)
+        try:
+            refused = httpx.post(server.url + "/v1/completions", json={"prompt": "x"}, timeout=5).status_code == 503
+        except httpx.TransportError:
+            refused = True
+    assert rest[-1] == "[DONE]"
+    chunks = [json.loads(line) for line in rest[:-1]]
+    assert chunks[-1]["usage"]["completion_tokens"] == 60
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert refused
+    assert server.proc.wait(timeout=30) == 0
