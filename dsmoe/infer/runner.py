@@ -42,10 +42,8 @@ class DecodeRunner:
         self.cuda_graphs = cuda_graphs
         self.compiled = compile
         if compile:
-            import torch._dynamo
-
             # one compiled entry per (block kind, B, L bucket): allow more than dynamo's default of 8
-            config = torch._dynamo.config
+            from torch._dynamo import config
             name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
             setattr(config, name, max(getattr(config, name), 256))
             self.block = torch.compile(_call_block, dynamic=False)
