@@ -29,6 +29,10 @@ class Routing:
     counts_E: torch.Tensor  # int64 tokens routed to each expert
 
 
+# A pytree node, so hooks that walk a module's outputs (FSDP2's pre-backward unshard) see the tensors inside.
+torch.utils._pytree.register_dataclass(Routing)
+
+
 def route(
     logits_TE: torch.Tensor,
     *,

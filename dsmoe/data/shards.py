@@ -1,0 +1,123 @@
+"""Token shards: the corpus tokenized once into flat numpy memmaps (train.bin, val.bin) with a held-out
+validation split, cached under a hash of the corpus content, the split and the tokenizer.
+
+Layout of one cache entry (a folder renamed into place when complete, so a crash leaves no half entry):
+  train.bin, val.bin   uint16 token ids (uint32 when the vocabulary exceeds 65535), documents back to back
+  meta.json            dtype, token and byte counts of each split, documents per split
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dsmoe.data.sources import Document
+from dsmoe.data.tokenizer import TextTokenizer
+from dsmoe.errors import UserError
+
+SPLIT_VERSION = 1  # bump when the split or the document encoding changes: old cache entries are then unused
+MIN_DOCS_FOR_DOCUMENT_SPLIT = 10
+_ENCODE_CHUNK = 256  # documents per encode_batch call: bounds memory on large corpora
+
+
+@dataclass
+class TokenShards:
+    train: np.ndarray  # memmap
+    val: np.ndarray  # memmap (empty when val_fraction is 0)
+    meta: dict
+    path: Path
+
+    @property
+    def val_tokens_per_byte(self) -> float:
+        """Converts a mean loss per token into nats per byte of text (comparable across tokenizers)."""
+        return self.meta["val_tokens"] / max(self.meta["val_bytes"], 1)
+
+
+def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Hold out whole documents (chosen by content hash, a stable choice) when there are at least
+    MIN_DOCS_FOR_DOCUMENT_SPLIT of them; a corpus of a few long texts gives instead the last val_fraction
+    of each text (nanoGPT's tinyshakespeare split: the last 10% of the file)."""
+    texts = [d.text for d in docs]
+    if val_fraction <= 0:
+        return texts, []
+    if len(docs) >= MIN_DOCS_FOR_DOCUMENT_SPLIT:
+        n_val = max(1, round(len(docs) * val_fraction))
+        ranked = sorted(range(len(docs)), key=lambda i: hashlib.sha1(texts[i].encode()).hexdigest())
+        held = set(ranked[:n_val])
+        return [t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held]
+    cuts = [int(len(t) * (1 - val_fraction)) for t in texts]
+    return [t[:c] for t, c in zip(texts, cuts)], [t[c:] for t, c in zip(texts, cuts) if t[c:]]
+
+
+def shards_key(corpus_hash: str, val_fraction: float, tokenizer: TextTokenizer) -> str:
+    h = hashlib.sha256()
+    for part in (f"v{SPLIT_VERSION}", corpus_hash, repr(float(val_fraction)), tokenizer.bos_token,
+                 tokenizer.eos_token, tokenizer.to_json()):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def load_or_build_shards(train_texts: list[str], val_texts: list[str], tokenizer: TextTokenizer, key: str,
+                         cache_dir: Path) -> TokenShards:
+    folder = cache_dir / "tokens" / key
+    if not (folder / "meta.json").is_file():
+        _build(folder, train_texts, val_texts, tokenizer)
+    return open_shards(folder)
+
+
+def open_shards(folder: Path) -> TokenShards:
+    meta = json.loads((folder / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+
+    def open_split(name: str) -> np.ndarray:
+        count = meta[f"{name}_tokens"]
+        if count == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(folder / f"{name}.bin", dtype=dtype, mode="r", shape=(count,))
+
+    return TokenShards(open_split("train"), open_split("val"), meta, folder)
+
+
+def _build(folder: Path, train_texts: list[str], val_texts: list[str], tokenizer: TextTokenizer) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+        meta = {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size, "split_version": SPLIT_VERSION}
+        for name, texts in (("train", train_texts), ("val", val_texts)):
+            meta[f"{name}_tokens"] = _write_tokens(tmp / f"{name}.bin", texts, tokenizer, dtype)
+            meta[f"{name}_bytes"] = sum(len(t.encode()) for t in texts)
+            meta[f"{name}_documents"] = len(texts)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "meta.json").is_file():  # not a concurrent build that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_tokens(path: Path, texts: list[str], tokenizer: TextTokenizer, dtype) -> int:
+    count = 0
+    with open(path, "wb") as f:
+        for start in range(0, len(texts), _ENCODE_CHUNK):
+            for ids in tokenizer.encode_documents(texts[start:start + _ENCODE_CHUNK]):
+                np.asarray(ids, dtype=dtype).tofile(f)
+                count += len(ids)
+    return count
+
+
+def check_enough_tokens(shards: TokenShards, seq_len: int) -> None:
+    if len(shards.train) < seq_len + 1:
+        raise UserError(f"the training split has {len(shards.train)} tokens, fewer than --seq-len {seq_len} + 1: "
+                        "pass more text with --data or lower --seq-len")

@@ -1,0 +1,125 @@
+"""`dsmoe train`: train a model from flags, from a saved train_config.json, or resume a run.
+
+  dsmoe train                                   # tiny preset, built-in corpus -> runs/tiny (~5 min on 2 cores)
+  dsmoe train --preset tiny --data FILE --steps 300 --out runs/mine
+  dsmoe train --resume runs/mine                # continue exactly where the last checkpoint left off
+  dsmoe train --config runs/mine/train_config.json --out runs/again
+
+The training flags are generated from TrainConfig's fields; only the flags given on the command line
+override a loaded config, and resuming with a flag that changes the config is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from dsmoe.errors import UserError
+from dsmoe.train.config import TrainConfig
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    run = parser.add_argument_group("run")
+    flag = lambda *names, **kw: run.add_argument(*names, default=argparse.SUPPRESS, **kw)
+    flag("--out", metavar="RUN", help="run folder to create (default: runs/PRESET)")
+    flag("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
+    flag("--config", metavar="FILE", help="start from a saved train_config.json (flags given override it)")
+    flag("--overwrite", action="store_true", help="delete an earlier run in --out and start over")
+    flag("--stop-after", type=int, metavar="N", help="stop after N steps of this session (checkpoint saved; "
+         "continue with --resume); the schedule still spans the whole budget")
+    flag("--time-limit", type=float, metavar="SECONDS", help="stop (checkpoint saved) after this long")
+    flag("--cache-dir", metavar="DIR", help="token and tokenizer cache (default: $DSMOE_CACHE or ~/.cache/dsmoe)")
+    flag("--no-progress", action="store_true", help="no progress bar (evaluation lines still print)")
+    group = parser.add_argument_group("training config (saved as RUN/train_config.json)")
+    for f in dataclasses.fields(TrainConfig):
+        _add_field(group, f, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+
+
+def _add_field(group, f: dataclasses.Field, default: Any) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    shown = "none" if default in (None, [], {}) else default
+    kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {shown})")
+    if "choices" in f.metadata:
+        kw["choices"] = f.metadata["choices"]
+    if "metavar" in f.metadata:
+        kw["metavar"] = f.metadata["metavar"]
+    kind = str(f.type)
+    if kind == "bool":
+        kw["action"] = argparse.BooleanOptionalAction
+    elif kind.startswith("list"):
+        kw["nargs"] = "+"
+    elif kind.startswith("dict"):
+        kw.update(nargs="+", type=_key_value)
+    else:
+        kw["type"] = _TYPES[kind.split(" | ")[0]]
+    group.add_argument(flag, **kw)
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a bare string
+
+
+def explicit_config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line (the others keep the default or the loaded value)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if "model" in values:
+        values["model"] = dict(values["model"])
+    return values
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
+    """-> (config, run folder, resume?) from the flags."""
+    given = explicit_config_values(args)
+    resume, config, out = (getattr(args, name, None) for name in ("resume", "config", "out"))
+    if resume:
+        if config:
+            raise UserError("--resume and --config both given: --resume already uses RUN/train_config.json")
+        if out and Path(out) != Path(resume):
+            raise UserError("--resume continues in its own folder; drop --out")
+        base = TrainConfig.load(resume).to_dict()
+        return TrainConfig.from_dict({**base, **given}), Path(resume), True
+    if config:
+        base = TrainConfig.load(config).to_dict()
+        merged = {**base, **given, "model": {**base["model"], **given.get("model", {})}}
+        cfg = TrainConfig.from_dict(merged, config)
+    else:
+        cfg = TrainConfig(**given)
+    return cfg, Path(out or f"runs/{cfg.preset}"), False
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg, out, resume = resolve_config(args)
+    stop_after, time_limit = getattr(args, "stop_after", None), getattr(args, "time_limit", None)
+    if stop_after is not None and stop_after < 1:
+        raise UserError("--stop-after must be at least 1")
+    from dsmoe.train.trainer import (
+        Trainer,  # torch and the model load only once the flags are valid
+    )
+
+    cache_dir = getattr(args, "cache_dir", None)
+    trainer = Trainer(cfg, out, resume=resume, overwrite=getattr(args, "overwrite", False),
+                      progress=not getattr(args, "no_progress", False),
+                      cache_dir=Path(cache_dir) if cache_dir else None)
+    summary = trainer.train(stop_after=stop_after, time_limit=time_limit)
+    status = "done" if summary["steps"] >= summary["total_steps"] else \
+        f"stopped at step {summary['steps']} of {summary['total_steps']} (continue with --resume {out})"
+    speed = f", last {summary['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in summary else ""
+    speed += f" (MFU {summary['mfu']:.1%})" if "mfu" in summary else ""
+    print(f"{status}: {summary['tokens']:,} tokens in {summary['elapsed_s']:.0f}s{speed}, "
+          f"{summary['skipped_steps']} skipped steps")
+    if "val_loss" in summary:
+        print(f"final val loss {summary['val_loss']:.4f} | perplexity {summary['val_ppl']:.2f} | "
+              f"{summary['val_nats_per_byte']:.4f} nats/byte")
+    print(f"run folder: {out} (model, tokenizer, metrics.jsonl, plots/loss.png, plots/expert_load.png)")
+    return 0

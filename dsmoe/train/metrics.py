@@ -1,0 +1,60 @@
+"""metrics.jsonl (one JSON object per logged step or evaluation) and, optionally, TensorBoard.
+
+Train records: step, tokens, loss (lm + aux), lm_loss, aux_loss, lr, grad_norm, tokens_per_s, mfu (CUDA),
+maxvio (per MoE layer) and maxvio_mean, skipped_steps, elapsed_s. Eval records: step, val_loss, val_ppl,
+val_nats_per_byte. On resume, records after the checkpoint's step are dropped: those steps run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from dsmoe.errors import UserError
+
+
+def require_tensorboard():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                        "(or drop --tensorboard)") from None
+    return SummaryWriter
+
+
+class MetricsLog:
+    def __init__(self, run: Path, *, resume_step: int | None = None, tensorboard: bool = False):
+        self.file = run / "metrics.jsonl"
+        self.records: list[dict[str, Any]] = []
+        if resume_step is not None and self.file.is_file():
+            for line in self.file.read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    if record.get("step", 0) <= resume_step:
+                        self.records.append(record)
+        tmp = self.file.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        os.replace(tmp, self.file)
+        self._tb = require_tensorboard()(str(run / "tensorboard"), purge_step=resume_step) if tensorboard else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with open(self.file, "a") as f:  # opened per record: a crash loses nothing, no handle outlives a run
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key == "step":
+                    continue
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+                elif isinstance(value, list):
+                    for i, v in enumerate(value):
+                        self._tb.add_scalar(f"{key}/{i}", v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,180 @@
+"""Data pipeline: corpus sources, tokenizer round trip, the validation split, cached shards, batch determinism."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dsmoe.data import shards as shards_module
+from dsmoe.data.batches import eval_windows, step_batches
+from dsmoe.data.prepare import prepare_corpus, read_documents
+from dsmoe.data.shards import split_documents
+from dsmoe.data.sources import Document, builtin_corpus, limit_corpus, read_corpus
+from dsmoe.data.tokenizer import BOS, EOS, load_tokenizer, train_tokenizer
+from dsmoe.errors import UserError
+
+SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
+TRICKY = ["  leading spaces\ttabs\r\nCRLF", "unicode: naïve café 日本語 🙂 ∑", "", "x",
+          "def f(a, b):\n    return a**b\n"]
+
+
+def write_docs(folder, n=12):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"doc{i:02d}.txt").write_text(f"document {i}: " + "the quick brown fox jumps. " * (5 + i))
+    return folder
+
+
+def test_sources_files_folders_globs_and_jsonl(tmp_path):
+    folder = write_docs(tmp_path / "txt", 3)
+    (folder / "skip.bin").write_bytes(b"\0\1\2")  # not a text extension: ignored in a folder
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(json.dumps({"body": "first record"}) + "\n\n" + json.dumps({"body": "second"}) + "\n")
+    docs = read_corpus([str(folder), str(tmp_path / "txt" / "doc0*.txt"), str(jsonl)], text_field="body")
+    assert [d.text for d in docs[-2:]] == ["first record", "second"]
+    assert len(docs) == 3 + 3 + 2
+    assert docs[0].name.endswith("doc00.txt")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "ok"}\nnot json\n', "not valid JSON"),
+    ('{"body": "no text field"}\n', "--text-field"),
+])
+def test_bad_jsonl_names_the_line_and_the_fix(tmp_path, content, message):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    with pytest.raises(UserError, match=message):
+        read_corpus([str(f)])
+
+
+def test_missing_and_empty_corpora_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        read_corpus([str(tmp_path / "missing.txt")])
+    with pytest.raises(UserError, match="matches no files"):
+        read_corpus([str(tmp_path / "*.nothing")])
+    (tmp_path / "blank.txt").write_text("  \n\n")
+    with pytest.raises(UserError, match="holds no text"):
+        read_corpus([str(tmp_path / "blank.txt")])
+
+
+def test_builtin_corpus_is_the_stdlib_without_tests():
+    docs = builtin_corpus()
+    names = [d.name for d in docs]
+    assert len(docs) > 100 and any(n.endswith("json/decoder.py") for n in names)
+    assert not any(part.startswith("test") for n in names for part in n.split("/"))
+    assert not any("site-packages" in n for n in names)
+
+
+def test_limit_corpus_is_a_deterministic_capped_subset():
+    docs = [Document(str(i), f"{i} " * (10 + i)) for i in range(50)]
+    a, b = limit_corpus(docs, 1000), limit_corpus(list(docs), 1000)
+    assert [d.name for d in a] == [d.name for d in b]
+    assert sum(len(d.text.encode()) for d in a) <= 1000
+    assert [d.name for d in a] == sorted((d.name for d in a), key=int)  # corpus order kept
+    assert limit_corpus(docs, None) is docs
+    (head,) = limit_corpus([Document("big", "é" * 100)], 11)  # cut inside a character: dropped, not mangled
+    assert head.text == "é" * 5
+
+
+def test_tokenizer_round_trip_and_special_tokens(tmp_path):
+    text = Path(SHAKESPEARE).read_text()[:20000]
+    tok = train_tokenizer([text, *TRICKY], vocab_size=400)
+    assert (tok.bos_id, tok.eos_id) == (0, 1) and tok.vocab_size == 400
+    for sample in TRICKY + [text[:500]]:
+        assert tok.decode(tok.encode(sample)) == sample
+    (ids,) = tok.encode_documents(["hello"])
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    tok.save(tmp_path, model_max_length=128)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["eos_token"]) == (BOS, EOS)
+    again = load_tokenizer(tmp_path)
+    assert again.encode(TRICKY[1]) == tok.encode(TRICKY[1])
+
+
+def test_byte_level_vocabulary_is_one_token_per_byte():
+    tok = train_tokenizer(["abc abc"], vocab_size=258)
+    assert tok.vocab_size == 258
+    sample = "naïve 🙂"
+    assert len(tok.encode(sample)) == len(sample.encode())
+    assert tok.decode(tok.encode(sample)) == sample
+    with pytest.raises(UserError, match="at least 258"):
+        train_tokenizer(["abc"], vocab_size=100)
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(UserError, match="no tokenizer"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match="not a tokenizers JSON"):
+        load_tokenizer(tmp_path)
+
+
+def test_split_by_document_and_by_tail():
+    docs = [Document(str(i), f"text number {i}") for i in range(20)]
+    train, val = split_documents(docs, 0.1)
+    assert len(val) == 2 and len(train) == 18 and not set(train) & set(val)
+    assert split_documents(list(reversed(docs)), 0.1)[1] == list(reversed(val))  # chosen by content, not order
+    text = "abcdefghij" * 10
+    train, val = split_documents([Document("one", text)], 0.1)  # few documents: the tail of each
+    assert train == [text[:90]] and val == [text[90:]]
+    assert split_documents(docs, 0.0) == ([d.text for d in docs], [])
+
+
+def test_shards_are_cached_by_content(tmp_path, monkeypatch):
+    docs = read_documents([str(write_docs(tmp_path / "docs"))])
+    first = prepare_corpus(docs, val_fraction=0.2, vocab_size=300, cache_dir=tmp_path / "cache")
+    assert first.shards.meta["val_documents"] == 2 and first.shards.meta["train_documents"] == 10
+    assert first.shards.train.dtype == np.uint16
+    expected = [t for ids in first.tokenizer.encode_documents([d.text for d in docs
+                                                               if d.text not in _val_texts(docs)]) for t in ids]
+    assert first.shards.train.tolist() == expected
+
+    def fail(*args, **kwargs):
+        raise AssertionError("rebuilt although cached")
+
+    monkeypatch.setattr(shards_module, "_build", fail)
+    second = prepare_corpus(docs, val_fraction=0.2, vocab_size=300, cache_dir=tmp_path / "cache")
+    assert second.shards.path == first.shards.path
+    assert np.array_equal(second.shards.train, first.shards.train)
+    monkeypatch.undo()
+    changed = docs[:-1] + [Document("new", docs[-1].text + " changed")]
+    third = prepare_corpus(changed, val_fraction=0.2, vocab_size=300, cache_dir=tmp_path / "cache")
+    assert third.shards.path != first.shards.path
+    assert not list((tmp_path / "cache" / "tokens").glob(".*"))  # no temporary folders left
+
+
+def _val_texts(docs):
+    return set(split_documents(docs, 0.2)[1])
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    kw = dict(seq_len=16, micro_batch=4, grad_accum=2, seed=3)
+    a = step_batches(tokens, step=7, **kw)
+    assert len(a) == 2 and a[0].shape == (4, 17) and a[0].dtype == np.int64
+    assert all(np.array_equal(x, y) for x, y in zip(a, step_batches(tokens, step=7, **kw)))
+    assert not np.array_equal(a[0], step_batches(tokens, step=8, **kw)[0])
+    assert not np.array_equal(a[0], step_batches(tokens, step=7, **{**kw, "seed": 4})[0])
+    row = a[0][0]
+    assert np.array_equal(row, np.arange(row[0], row[0] + 17))  # a contiguous window
+
+
+def test_data_parallel_ranks_split_the_same_global_batch():
+    tokens = np.arange(5_000, dtype=np.uint16)
+    single = np.concatenate(step_batches(tokens, seq_len=8, micro_batch=2, grad_accum=4, seed=0, step=5))
+    ranks = [np.concatenate(step_batches(tokens, seq_len=8, micro_batch=2, grad_accum=2, seed=0, step=5,
+                                         dp_rank=r, dp_size=2)) for r in range(2)]
+    assert np.array_equal(single, np.concatenate(ranks))
+
+
+def test_eval_windows_predict_each_token_once():
+    tokens = np.arange(103)
+    windows = eval_windows(tokens, seq_len=10)
+    assert len(windows) == 10 and all(len(w) == 11 for w in windows)
+    targets = np.concatenate([w[1:] for w in windows])
+    assert np.array_equal(targets, np.arange(1, 101))
+    assert len(eval_windows(tokens, seq_len=10, max_tokens=35)) == 3
+    (short,) = eval_windows(np.arange(5), seq_len=10)
+    assert len(short) == 5
+    assert eval_windows(np.arange(1), seq_len=10) == []

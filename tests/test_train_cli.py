@@ -1,0 +1,90 @@
+"""`dsmoe train` and `dsmoe eval` from the command line: a short run end to end, and every bad input stopping at
+once with one sentence (exit status 2, no traceback, no run folder left behind)."""
+
+import json
+
+import pytest
+
+from dsmoe.cli import main
+
+SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
+MICRO = ["--model", "hidden_size=64", "intermediate_size=96", "moe_intermediate_size=32", "num_hidden_layers=2",
+         "num_attention_heads=2", "n_routed_experts=4", "num_experts_per_tok=2", "n_group=2", "topk_group=1",
+         "kv_lora_rank=16", "qk_nope_head_dim=16", "qk_rope_head_dim=8", "v_head_dim=16",
+         "--corpus-limit-mb", "0.03", "--vocab-size", "280", "--seq-len", "32", "--micro-batch", "4",
+         "--eval-tokens", "256", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def short_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", SHAKESPEARE, "--steps", "4", "--out", str(run), *MICRO]) == 0
+    return run, capsys.readouterr().out
+
+
+def test_train_then_eval_from_the_command_line(short_run, capsys):
+    run, out = short_run
+    assert "done:" in out and "final val loss" in out
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line][-1]
+    assert main(["eval", str(run)]) == 0
+    assert f"validation split: loss {final['val_loss']:.4f}" in capsys.readouterr().out  # the same windows
+    assert main(["eval", str(run / "checkpoints" / "step_4"), "--data", SHAKESPEARE, "--max-tokens", "300"]) == 0
+    assert "tinyshakespeare.txt: loss" in capsys.readouterr().out
+
+
+def test_config_file_reruns_a_run_with_overrides(short_run, tmp_path):
+    import argparse
+
+    from dsmoe.train.cli import add_arguments, resolve_config
+
+    run, _ = short_run
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--config", str(run / "train_config.json"), "--out", str(tmp_path / "again"),
+                              "--steps", "9", "--model", "num_hidden_layers=3"])
+    cfg, out, resume = resolve_config(args)
+    assert (cfg.steps, cfg.model["num_hidden_layers"], cfg.model["hidden_size"]) == (9, 3, 64)
+    assert cfg.data == [SHAKESPEARE] and out == tmp_path / "again" and not resume
+
+
+def fails(capsys, argv, message):
+    brief = argv[0] == "train" and "--resume" not in argv
+    assert main([*argv, "--steps", "1"] if brief else argv) == 2  # had it started, it would have been brief
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    return err
+
+
+def test_bad_inputs_stop_at_once_with_one_sentence(tmp_path, capsys):
+    out = str(tmp_path / "new")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    fails(capsys, ["train", "--data", str(tmp_path / "missing.txt"), "--out", out], "no such file")
+    fails(capsys, ["train", "--data", str(blank), "--out", out], "holds no text")
+    fails(capsys, ["train", "--seq-len", "4096", "--out", out], "max_position_embeddings")
+    fails(capsys, ["train", "--data", SHAKESPEARE, "--out", str(afile / "run"), *MICRO], "cannot write to")
+    fails(capsys, ["train", "--resume", str(tmp_path / "nothing")], "no training config")
+    fails(capsys, ["train", "--preset", "huge", "--out", out], "unknown preset")
+    fails(capsys, ["train", "--model", "hidden=3", "--out", out], "not a ModelConfig field")
+    fails(capsys, ["train", "--steps", "5", "--tokens", "100", "--out", out], "give one budget")
+    fails(capsys, ["train", "--data", SHAKESPEARE, "--out", out, *MICRO, "--vocab-size", "100"], "at least 258")
+    assert not (tmp_path / "new").exists()  # nothing was created by a refused run
+    fails(capsys, ["eval", str(tmp_path)], "no config.json")
+
+
+def test_an_existing_run_is_neither_overwritten_nor_resumed_with_another_config(short_run, capsys):
+    run, _ = short_run
+    fails(capsys, ["train", "--data", SHAKESPEARE, "--out", str(run), *MICRO], "--resume")
+    fails(capsys, ["train", "--resume", str(run), "--lr", "0.5"], "was trained with --lr")
+    fails(capsys, ["train", "--resume", str(run), "--out", str(run.parent / "elsewhere")], "drop --out")
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0  # same config: allowed (already complete)
+    assert main(["train", "--data", SHAKESPEARE, "--out", str(run), "--steps", "2", "--overwrite", *MICRO]) == 0
+    assert json.loads((run / "train_config.json").read_text())["steps"] == 2
