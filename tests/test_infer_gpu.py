@@ -57,7 +57,14 @@ def test_graph_generation_equals_eager_generation(model, params):
     assert graphs.runner.graphs and not graphs.runner.failed and not eager.runner.graphs
 
 
-def test_compiled_graph_step_equals_eager_step(model):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_graph_step_equals_eager_step(dtype):
+    """fp32: the compiled step computes the eager step's function (measured on an H200: 5.9e-6 of logits of
+    scale 6). bf16: inductor fuses without the eager path's intermediate bf16 roundings, and a routing flip
+    can follow, so the logits differ by a few percent (0.44 of 6.25 measured); the next tokens agree."""
+    cfg = get_preset("small").replace(num_hidden_layers=4, vocab_size=4096, initializer_range=0.05)
+    torch.manual_seed(0)
+    model = build_model(cfg, device="cuda", dtype=dtype).eval()
     compiled = Engine(model, max_batch=4, max_model_len=128, compile=True)
     eager = Engine(model, max_batch=4, max_model_len=128, cuda_graphs=False)
     for engine in (compiled, eager):
@@ -67,4 +74,7 @@ def test_compiled_graph_step_equals_eager_step(model):
         expected = eager.runner.forward(4, 64).float()
         got = compiled.runner(4, 64).float()
     assert (4, 64) in compiled.runner.graphs and not compiled.runner.failed
-    assert (got - expected).abs().max() <= 0.03 * expected.abs().max()
+    if dtype == torch.float32:
+        assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    else:
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
