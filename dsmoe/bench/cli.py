@@ -1,4 +1,8 @@
-"""`dsmoe bench NAME ...`: each benchmark is a module dsmoe.bench.NAME with add_arguments(parser) and run(args)."""
+"""`dsmoe bench NAME ...`: each benchmark is a module dsmoe.bench.NAME with add_arguments(parser) and run(args).
+
+Only the chosen benchmark's module is imported, so one benchmark's optional dependencies (transformers,
+triton, torch.distributed) never stand in another's way.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +18,15 @@ BENCHMARKS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", metavar="NAME", required=True)
-    for name, help_text in BENCHMARKS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        p.set_defaults(_module=f"dsmoe.bench.{name}")
-        # each module declares its own flags and keeps heavy imports (transformers, triton) inside run()
-        try:
-            importlib.import_module(f"dsmoe.bench.{name}").add_arguments(p)
-        except ModuleNotFoundError:
-            pass
+    parser.description = "benchmarks; `dsmoe bench NAME --help` lists a benchmark's options. " + "; ".join(
+        f"{name}: {text}" for name, text in BENCHMARKS.items())
+    parser.add_argument("name", choices=list(BENCHMARKS), metavar="NAME", help=", ".join(BENCHMARKS))
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
 
 
 def run(args: argparse.Namespace) -> int:
-    return importlib.import_module(args._module).run(args)
+    module = importlib.import_module(f"dsmoe.bench.{args.name}")
+    sub = argparse.ArgumentParser(prog=f"dsmoe bench {args.name}", description=BENCHMARKS[args.name],
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    module.add_arguments(sub)
+    return module.run(sub.parse_args(args.options))
