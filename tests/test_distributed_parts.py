@@ -10,8 +10,8 @@ import json
 
 import pytest
 import torch
-
 from distributed_common import CFG, lm_loss, make_model, micro_batch
+
 from dsmoe.bench import scale
 from dsmoe.bench.scale_timing import kernels_from_trace, step_time_split
 from dsmoe.checkpoint.hf import CheckpointError
@@ -21,8 +21,12 @@ from dsmoe.distributed.parallelize import apply_ac, apply_compile
 from dsmoe.distributed.runtime import clip_grad_norm_, init_from_env
 from dsmoe.distributed.testing import run_distributed
 from dsmoe.errors import UserError
-from dsmoe.model.balance import (affinity_probs, communication_balance_loss, device_balance_loss,
-                                 expert_balance_loss)
+from dsmoe.model.balance import (
+    affinity_probs,
+    communication_balance_loss,
+    device_balance_loss,
+    expert_balance_loss,
+)
 
 
 def test_degrees_must_fit_the_world():
@@ -157,6 +161,7 @@ def test_bench_scale_two_processes(tmp_path):
     run_distributed(_bench_worker, 2, str(out_file), timeout_s=120)
     out = out_file.read_text()
     assert "2 rank(s), backend gloo" in out
-    for row in ("| 2 GPUs tokens/s per GPU", "| weak scaling", "| dispatch / bare all-to-all", "(rel"):
+    for row in ("| 2 GPUs tokens/s per GPU", "| weak scaling", "| dispatch / bare all-to-all", "(rel",
+                "| backward ms, host enqueue / wall: 1 GPU | 2 GPUs"):
         assert row in out, row
     assert "MISMATCH" not in out

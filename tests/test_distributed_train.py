@@ -56,7 +56,7 @@ def check_logits(model, rank: int, world: int) -> torch.Tensor:
 
 
 def _train_and_save(rank: int, world: int, folder: str) -> None:
-    rt = init_from_env(ep=2)  # 4 ranks: dp_shard 2 x ep 2
+    rt = init_from_env(ep=2, device_type="cpu")  # 4 ranks: dp_shard 2 x ep 2 (gloo, also where GPUs are)
     model = parallelize(make_model(), rt.mesh)
     opt = make_optimizer(model)
     losses_and_norms = [distributed_step(model, opt, rt, step) for step in range(STEPS)]
@@ -69,7 +69,7 @@ def _train_and_save(rank: int, world: int, folder: str) -> None:
 
 
 def _load_and_resume(rank: int, world: int, folder: str) -> None:
-    rt = init_from_env(ep=2)  # 2 ranks: ep 2
+    rt = init_from_env(ep=2, device_type="cpu")  # 2 ranks: ep 2
     model = parallelize(make_model(seed=7), rt.mesh, ac=True)
     opt = make_optimizer(model)
     extra = load_checkpoint(f"{folder}/ckpt", model, opt)

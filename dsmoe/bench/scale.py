@@ -10,6 +10,9 @@ One run, everything measured in it:
   3. every EP dispatch all-to-all of those steps is timed and replayed by a bare NCCL all_to_all_single
      with the same split sizes (same bytes); then two profiled steps give the share of step time where only
      communication kernels run (exposed communication).
+  4. on both, a few more steps timed phase by phase (forward, backward, clip + optimizer), each phase with a
+     device sync after it: the host time to enqueue a phase next to its wall time shows whether the host
+     (Python, launches, host syncs) or the device bounds it.
 The table comes last. Weak scaling = tokens/s per GPU at EP = N over tokens/s on one GPU (goal >= 0.85);
 dispatch bandwidth over the replay's (goal >= 0.9).
 
@@ -95,6 +98,38 @@ def _train(model, opt, args, rt, rank: int, steps: int, first_step: int = 0) -> 
     return time.perf_counter() - start
 
 
+PHASES = ("forward", "backward", "clip + optimizer")
+
+
+def _phases(model, opt, args, rt, rank: int, first_step: int, align: bool, steps: int = 3) -> dict:
+    """{phase: [host ms to enqueue it, wall ms until the device finished it]}, means over `steps` steps, each
+    phase started after a device sync (and, with align, a barrier so that every rank starts it together)."""
+    from dsmoe.distributed.runtime import clip_grad_norm_
+
+    state: dict = {}
+
+    def update():
+        clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    totals = {name: [0.0, 0.0] for name in PHASES}
+    for step in range(first_step, first_step + steps):
+        ids = _batch(args, model.config.vocab_size, step, rank, rt.device)
+        work = (lambda ids=ids: state.update(loss=_loss(model, ids)), lambda: state["loss"].backward(), update)
+        for name, fn in zip(PHASES, work):
+            _sync(rt.device)
+            if align:
+                rt.barrier()
+            start = time.perf_counter()
+            fn()
+            enqueued = time.perf_counter()
+            _sync(rt.device)
+            totals[name][0] += (enqueued - start) * 1e3 / steps
+            totals[name][1] += (time.perf_counter() - start) * 1e3 / steps
+    return totals
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -128,6 +163,7 @@ def _one_gpu(args, rt, config, dtype) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     _train(model, opt, args, rt, 0, args.warmup)
     out["seconds"] = _train(model, opt, args, rt, 0, args.steps, first_step=args.warmup)
+    out["phases"] = _phases(model, opt, args, rt, 0, args.warmup + args.steps, align=False)
     out["peak_gib"] = _peak_gib(rt.device)
     del model, opt
     if rt.device.type == "cuda":
@@ -187,6 +223,9 @@ def _many_gpus(args, rt, config, dtype) -> dict:
         totals = rt.reduce(torch.tensor([sent, dispatch_s, replay_s], dtype=torch.float64), "sum")
         out["dispatch_gbps"] = totals[0].item() / totals[1].item() / BYTES_GB
         out["replay_gbps"] = totals[0].item() / totals[2].item() / BYTES_GB
+    phases = _phases(model, opt, args, rt, rt.rank, args.warmup + args.steps, align=True)
+    worst = rt.reduce(torch.tensor([v for name in PHASES for v in phases[name]]), "max").tolist()
+    out["phases"] = {name: worst[2 * i:2 * i + 2] for i, name in enumerate(PHASES)}
     split = _profile_split(model, opt, args, rt)
     if split:
         shares = rt.reduce(torch.tensor([split["compute"], split["exposed_comm"], split["idle"]]), "mean")
@@ -224,6 +263,10 @@ def _table(args, rt, config, one: dict, many: dict) -> tuple[str, bool]:
         rows.append(("loss, global batch: N GPUs vs 1 GPU",
                      f"{many['loss']:.4f} vs {one['loss']:.4f} (rel {diff:.1e}) {'ok' if ok else 'MISMATCH'}",
                      f"rel <= {tol:g}"))
+    for name in PHASES:
+        (h1, w1), (hn, wn) = one["phases"][name], many["phases"][name]
+        rows.append((f"{name} ms, host enqueue / wall: 1 GPU | {rt.world_size} GPUs",
+                     f"{h1:.1f} / {w1:.1f} | {hn:.1f} / {wn:.1f}", ""))
     rows.append(("peak memory GiB: 1 GPU / per GPU", f"{one['peak_gib']:.1f} / {many['peak_gib']:.1f}", ""))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, width)) + " |" for r in rows]

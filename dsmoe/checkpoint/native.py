@@ -9,6 +9,9 @@ RUN/checkpoints/step_N/
 
 A checkpoint is written into a hidden temporary folder and renamed into place, so a crash during a save
 leaves the previous checkpoints untouched and never a partial step_N. Only the last K are kept.
+
+Runs under torchrun write the same state into a sharded checkpoint instead (dsmoe.train.checkpoints,
+dsmoe.distributed.checkpoint: state.json holds it under "extra"); read_state and load_model read both.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ def read_state(path: Path) -> dict[str, Any]:
         state = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{file} cannot be read ({e}); resume from another checkpoint or start a new run") from None
+    if "extra" in state:  # sharded (written under torchrun)
+        state = state["extra"]
     if state.get("format") != FORMAT:
         raise UserError(f"{path} is not a dsmoe training checkpoint; pass RUN or RUN/checkpoints/step_N")
     return state
@@ -109,7 +114,12 @@ def load_model(path: Path, device: torch.device | str = "cpu", moe_impl: str = "
     with torch.device("meta"):
         model = Transformer(config, moe_impl)
     model.to_empty(device=device)
-    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
+    if (path / "model.safetensors").is_file():
+        model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
+    else:  # sharded: DCP gathers the pieces into this one process
+        from dsmoe.distributed.checkpoint import load_checkpoint
+
+        load_checkpoint(path, model)
     model.init_buffers()
     return model
 

@@ -15,6 +15,7 @@ _EXPORTS = {
     "apply_ac": "parallelize", "apply_compile": "parallelize", "apply_fsdp": "parallelize",
     "parallelize": "parallelize",
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "export_hub": "checkpoint",
+    "load_native_checkpoint": "checkpoint", "load_rank_tensors": "checkpoint",
     "Runtime": "runtime", "init_from_env": "runtime", "prepare_model": "runtime", "add_arguments": "flags",
     "clip_grad_norm_": "runtime",
 }

@@ -5,6 +5,9 @@ nothing is gathered. Storage is DCP's safetensors format (each file's header rec
 in the full tensors) plus one JSON file: nothing is pickled, so loading runs no pickle either. A checkpoint
 saved on N ranks loads on any other number (DCP reshards on load), also in one process without a process
 group. The save is atomic: pieces go to `<path>.partial/`, which is renamed once every rank has finished.
+Tensors that belong to one rank only (its RNG states) go to `ranks/rank_<r>.safetensors`; they are given back
+only to the same rank at the same world size. `load_native_checkpoint` reads a one-process training checkpoint
+(dsmoe.checkpoint.native, full tensors) into a sharded model the same way, each rank reading its own slices.
 
 `export_hub` writes config.json + safetensors in the Hugging Face layout (the foundation's key map) from a
 sharded model: one parameter at a time is gathered and one output file at a time is held, never the model.
@@ -13,6 +16,7 @@ sharded model: one parameter at a time is gathered and one output file at a time
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -22,17 +26,31 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint import (
+    HuggingFaceStorageReader,
+    HuggingFaceStorageWriter,
+)
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.tensor import DTensor
 
-from dsmoe.checkpoint.hf import CheckpointError, _atomic, _atomic_text, _parse_size, ours_to_hub
+from dsmoe.checkpoint.hf import (
+    CheckpointError,
+    _atomic,
+    _atomic_text,
+    _parse_size,
+    ours_to_hub,
+)
 
 STATE_FILE = "state.json"  # optimizer hyper-parameters (param_groups) and the caller's extra state
+RANKS_DIR = "ranks"  # one safetensors file per rank (outside the folder DCP's reader lists)
 
 
 def _distributed() -> bool:
@@ -41,6 +59,10 @@ def _distributed() -> bool:
 
 def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
 
 
 @contextmanager
@@ -57,9 +79,9 @@ def _barrier() -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    extra: dict | None = None) -> None:
-    """Save model (+ optimizer) state and a JSON-serialisable `extra` (step, data position, ...). Every rank
-    calls it."""
+                    extra: dict | None = None, rank_tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Save model (+ optimizer) state, a JSON-serialisable `extra` (step, data position, ...) and this rank's
+    own `rank_tensors` (see load_rank_tensors). Every rank calls it."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     if _rank() == 0:
@@ -67,7 +89,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         partial.mkdir(parents=True)
     _barrier()
     state: dict = {"model": get_model_state_dict(model)}
-    meta: dict = {"extra": extra or {}}
+    meta: dict = {"extra": extra or {}, "world_size": _world_size()}
     if optimizer is not None:
         optim = get_optimizer_state_dict(model, optimizer)
         state["optim"] = optim["state"]
@@ -75,6 +97,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     with _one_process_is_intended():
         dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(partial), save_distributed=True),
                  no_dist=not _distributed())
+    if rank_tensors:
+        (partial / RANKS_DIR).mkdir(exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in rank_tensors.items()},
+                  partial / RANKS_DIR / f"rank_{_rank()}.safetensors")
     _barrier()
     if _rank() == 0:
         (partial / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -97,21 +123,66 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
         raise CheckpointError(f"{path} is not a complete dsmoe distributed checkpoint (no {STATE_FILE}): "
                               "pass a checkpoints/step_N folder written by training")
     meta = json.loads(state_file.read_text())
-    state: dict = {"model": get_model_state_dict(model)}
+    if optimizer is not None and "param_groups" not in meta:
+        raise CheckpointError(f"{path} holds no optimizer state: resume needs a full training checkpoint")
+    model_state = get_model_state_dict(model)
+    state: dict = {"model": model_state}
     if optimizer is not None:
-        if "param_groups" not in meta:
-            raise CheckpointError(f"{path} holds no optimizer state: resume needs a full training checkpoint")
         state["optim"] = get_optimizer_state_dict(model, optimizer)["state"]  # allocated, filled in place
+    _read_into(path, state)
+    _apply(model, optimizer, model_state, state.get("optim"), meta.get("param_groups"))
+    return meta["extra"]
+
+
+def load_native_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                           optimizer_meta: dict | None = None) -> None:
+    """A one-process training checkpoint (dsmoe.checkpoint.native: full tensors in model.safetensors and
+    optimizer.safetensors, the optimizer state keyed by parameter index) into a sharded model and optimizer
+    built the same way: DCP's reader gives every rank its own slices of the full tensors, so no rank holds the
+    whole model. optimizer_meta: the native state.json's "optimizer" entry. Every rank calls it."""
+    model_state = get_model_state_dict(model)
+    flat = dict(model_state)
+    optim_state, param_groups = None, None
+    if optimizer is not None:
+        optim_state = get_optimizer_state_dict(model, optimizer)["state"]
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        order = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]  # the native indices
+        for index, name in enumerate(order):
+            flat.update({f"state.{index}.{key}": t for key, t in optim_state[name].items() if torch.is_tensor(t)})
+        for key, value in optimizer_meta["scalars"].items():
+            index, name = key.split(".", 1)
+            optim_state[order[int(index)]][name] = value
+        param_groups = [{**g, "params": [order[i] for i in g["params"]]} for g in optimizer_meta["param_groups"]]
+    _read_into(path, flat)
+    _apply(model, optimizer, model_state, optim_state, param_groups)
+
+
+def _read_into(path: Path, state: dict) -> None:
+    """Fill the tensors of `state` in place from the safetensors files of `path` (each rank its own slices)."""
     try:
         with _one_process_is_intended():
             dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not _distributed())
     except (CheckpointException, RuntimeError, KeyError) as e:
         raise CheckpointError(f"{path} does not fit this model ({_reason(e)}): resume with the model config "
                               "the checkpoint was saved with") from None
-    set_model_state_dict(model, state["model"])
+
+
+def _apply(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict, optim_state: dict | None,
+           param_groups: list | None) -> None:
+    set_model_state_dict(model, model_state)
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, {"state": state["optim"], "param_groups": meta["param_groups"]})
-    return meta["extra"]
+        set_optimizer_state_dict(model, optimizer, {"state": optim_state, "param_groups": param_groups})
+
+
+def load_rank_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """This rank's `rank_tensors` of save_checkpoint, or None where the checkpoint was written at another world
+    size (or without them)."""
+    path = Path(path)
+    meta = json.loads((path / STATE_FILE).read_text())
+    file = path / RANKS_DIR / f"rank_{_rank()}.safetensors"
+    if meta.get("world_size") != _world_size() or not file.is_file():
+        return None
+    return load_file(file)
 
 
 def _reason(e: BaseException) -> str:
@@ -122,6 +193,19 @@ def _reason(e: BaseException) -> str:
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@contextmanager
+def _expected_two_step_gathers():
+    """Expert weights sharded over both mesh dimensions gather in two all-gathers, and DTensor warns about it on
+    every rank; for an export, one parameter at a time, that is the plan, not a problem."""
+    logger = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def export_hub(model: nn.Module, path: str | os.PathLike, max_shard_size: int | str = "5GB",
@@ -153,7 +237,8 @@ def export_hub(model: nn.Module, path: str | os.PathLike, max_shard_size: int | 
     for file_name, group in zip(file_names, files):
         tensors: dict[str, torch.Tensor] = {}
         for name in group:
-            full = _full(state[name].detach())
+            with _expected_two_step_gathers():
+                full = _full(state[name].detach())
             if _rank() != 0:
                 continue
             if dtype is not None and not _keeps_dtype(name) and full.is_floating_point():

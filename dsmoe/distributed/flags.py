@@ -8,13 +8,17 @@ import argparse
 DEFAULT_TIMEOUT_S = 600.0
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, ac_and_compile: bool = True) -> argparse._ArgumentGroup:
+    """The parallel layout flags; with ac_and_compile also --ac and --compile (`dsmoe train` has its own
+    --activation-checkpointing and --compile in its training config). Returns the group, for more flags."""
     g = parser.add_argument_group("parallelism (under torchrun)")
     g.add_argument("--ep", type=int, default=1, help="expert-parallel degree (divides the world size and the "
                    "number of routed experts)")
     g.add_argument("--dp-shard", type=int, default=-1, help="ranks sharing the same experts (FSDP degree of the "
                    "expert weights); -1 = world size / ep")
-    g.add_argument("--ac", action="store_true", help="activation checkpointing per block")
-    g.add_argument("--compile", action="store_true", help="torch.compile per block")
+    if ac_and_compile:
+        g.add_argument("--ac", action="store_true", help="activation checkpointing per block")
+        g.add_argument("--compile", action="store_true", help="torch.compile per block")
     g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help="seconds a collective may wait before the job fails with an error")
+    return g

@@ -56,7 +56,8 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, param_dtype: torch.dtype | 
                 dp = mesh.dims.dp
                 # whole experts per rank when they divide evenly; else split each expert's rows (no padding)
                 placement = Shard(0) if moe.experts.local_experts % dp == 0 else Shard(1)
-                fully_shard(moe.experts, mesh=mesh.dp_mesh, mp_policy=mp, shard_placement_fn=lambda p: placement,
+                fully_shard(moe.experts, mesh=mesh.dp_mesh, mp_policy=mp,
+                            shard_placement_fn=lambda p, placement=placement: placement,
                             reshard_after_forward=reshard_after_forward)
                 moe.experts.set_gradient_divide_factor(world)
                 if mesh.dp_mesh.device_type == "cpu" and dp > 1:

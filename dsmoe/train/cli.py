@@ -4,6 +4,11 @@
   dsmoe train --preset tiny --data FILE --steps 300 --out runs/mine
   dsmoe train --resume runs/mine                # continue exactly where the last checkpoint left off
   dsmoe train --config runs/mine/train_config.json --out runs/again
+  torchrun --standalone --nproc-per-node 4 -m dsmoe train --ep 2 ...   # 4 ranks: expert parallel 2 x FSDP 2
+
+Under torchrun the same command runs data parallel x expert parallel (dsmoe.distributed): --micro-batch and
+--grad-accum are per rank, so the global batch is micro-batch x grad-accum x ranks; a run resumed on another
+number of ranks keeps its global batch. The parallel flags are not part of the run's config.
 
 The training flags are generated from TrainConfig's fields; only the flags given on the command line
 override a loaded config, and resuming with a flag that changes the config is refused.
@@ -14,9 +19,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+from dsmoe.distributed import flags as parallel_flags
 from dsmoe.errors import UserError
 from dsmoe.train.config import TrainConfig
 
@@ -35,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--time-limit", type=float, metavar="SECONDS", help="stop (checkpoint saved) after this long")
     flag("--cache-dir", metavar="DIR", help="token and tokenizer cache (default: $DSMOE_CACHE or ~/.cache/dsmoe)")
     flag("--no-progress", action="store_true", help="no progress bar (evaluation lines still print)")
+    parallel = parallel_flags.add_arguments(parser, ac_and_compile=False)  # the config has AC and compile flags
+    parallel.add_argument("--sharded-init", action="store_true", help="build the model on the meta device and "
+                          "initialise each rank's shards (GPUs; for models that do not fit whole on one GPU; the "
+                          "weights then differ from a one-process run with the same seed)")
     group = parser.add_argument_group("training config (saved as RUN/train_config.json)")
     for f in dataclasses.fields(TrainConfig):
         _add_field(group, f, f.default if f.default is not dataclasses.MISSING else f.default_factory())
@@ -103,15 +114,42 @@ def run(args: argparse.Namespace) -> int:
     stop_after, time_limit = getattr(args, "stop_after", None), getattr(args, "time_limit", None)
     if stop_after is not None and stop_after < 1:
         raise UserError("--stop-after must be at least 1")
-    from dsmoe.train.trainer import (
-        Trainer,  # torch and the model load only once the flags are valid
+    under_torchrun = "WORLD_SIZE" in os.environ
+    if not under_torchrun and (args.ep != 1 or args.dp_shard not in (-1, 1) or args.sharded_init):
+        raise UserError("--ep, --dp-shard and --sharded-init need several processes: launch with "
+                        "torchrun --nproc-per-node N -m dsmoe train ...")
+    from dsmoe.train.trainer import (  # torch loads only once the flags are valid
+        Trainer,
+        resolve_device,
     )
 
+    rt = None
+    if under_torchrun:  # every rank joins the process group and owns its device (LOCAL_RANK)
+        from dsmoe.distributed.runtime import init_from_env
+
+        rt = init_from_env(ep=args.ep, dp_shard=args.dp_shard, timeout_s=args.dist_timeout,
+                           device_type=resolve_device(cfg.device).type)
+        if rt.world_size > 1 and cfg.device.startswith("cuda:"):
+            raise UserError(f"--device {cfg.device}: under torchrun each rank uses the GPU of its LOCAL_RANK; "
+                            "use --device cuda or auto")
+        if args.sharded_init and (rt.world_size == 1 or rt.device.type != "cuda"):
+            # DTensor draws distinct random numbers per shard only on GPUs; on the CPU every shard repeats them
+            raise UserError("--sharded-init needs more than one rank on GPUs; drop it (every rank then builds the "
+                            "whole model once before sharding it)")
     cache_dir = getattr(args, "cache_dir", None)
     trainer = Trainer(cfg, out, resume=resume, overwrite=getattr(args, "overwrite", False),
+                      reducer=rt if rt is not None and rt.world_size > 1 else None, sharded_init=args.sharded_init,
                       progress=not getattr(args, "no_progress", False),
                       cache_dir=Path(cache_dir) if cache_dir else None)
     summary = trainer.train(stop_after=stop_after, time_limit=time_limit)
+    if rt is not None:
+        rt.shutdown()  # only after success: a failing rank exits at once, and torchrun stops the others
+    if trainer.main:
+        _print_summary(summary, out)
+    return 0
+
+
+def _print_summary(summary: dict, out: Path) -> None:
     status = "done" if summary["steps"] >= summary["total_steps"] else \
         f"stopped at step {summary['steps']} of {summary['total_steps']} (continue with --resume {out})"
     speed = f", last {summary['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in summary else ""
@@ -122,4 +160,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"final val loss {summary['val_loss']:.4f} | perplexity {summary['val_ppl']:.2f} | "
               f"{summary['val_nats_per_byte']:.4f} nats/byte")
     print(f"run folder: {out} (model, tokenizer, metrics.jsonl, plots/loss.png, plots/expert_load.png)")
-    return 0

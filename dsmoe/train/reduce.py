@@ -1,8 +1,9 @@
 """The trainer's one door to other processes: every per-step reduction (loss and metric means, the expert
 counts of the aux-loss-free bias update, evaluation sums) goes through a `Reducer`.
 
-`SingleProcess` is the identity. A data-parallel run (torchrun) passes a reducer whose `sum`/`mean`
-all-reduce over the data-parallel group and whose rank/size pick each rank's slice of the batch; the
+`SingleProcess` is the identity. Under torchrun the trainer gets dsmoe.distributed.runtime.Runtime instead,
+which has the same members (rank, local_rank, world_size, is_main, sum, mean, barrier) plus the device and the mesh;
+its `sum`/`mean` all-reduce over every rank and its rank/size pick each rank's slice of the batch. The
 trainer code is the same either way.
 """
 
@@ -13,6 +14,7 @@ import torch
 
 class SingleProcess:
     rank = 0
+    local_rank = 0
     world_size = 1
 
     @property
@@ -24,3 +26,6 @@ class SingleProcess:
 
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
+
+    def barrier(self, timeout_s: float | None = None) -> None:
+        pass

@@ -6,6 +6,13 @@ model's routing statistics (expert counts, balance loss); after the step it upda
 router biases from the step's summed counts. A step whose loss or gradient norm is not finite is skipped
 (no optimizer step, no bias update; its data is not retried) and counted; `max_skipped_steps` such steps
 in a row abort the run. Every reduction across processes goes through `self.reducer` (reduce.py).
+
+Under torchrun the reducer is the distributed runtime (dsmoe.distributed.runtime.Runtime) and the same loop runs
+data parallel x expert parallel: every rank builds the same model from the seed, which parallelize() then shards
+(EP, FSDP2, activation checkpointing, compile); each rank reads its own slice of every global batch; losses,
+expert counts and evaluation sums are reduced over all ranks, and FSDP averages the gradients, so a step equals
+one process's step over the same global batch. Rank 0 alone writes the run folder (config, tokenizer, metrics,
+plots); checkpoints and the final export are collective (checkpoints.py, dsmoe.distributed.checkpoint).
 """
 
 from __future__ import annotations
@@ -20,10 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from dsmoe.checkpoint import native
 from dsmoe.checkpoint.hf import save_pretrained
 from dsmoe.config import get_preset
 from dsmoe.data.batches import eval_windows, step_batches
@@ -31,16 +36,18 @@ from dsmoe.data.prepare import prepare_corpus, read_documents
 from dsmoe.data.shards import check_enough_tokens
 from dsmoe.errors import UserError
 from dsmoe.model.balance import max_violation
-from dsmoe.model.transformer import Transformer, build_model
 from dsmoe.tasks.perplexity import evaluate_loss, perplexity
+from dsmoe.train import checkpoints
 from dsmoe.train.config import TrainConfig
 from dsmoe.train.flops import measure_dense_tflops, train_flops_per_token
 from dsmoe.train.metrics import MetricsLog, require_tensorboard
+from dsmoe.train.model_setup import build_training_model
 from dsmoe.train.optim import build_optimizer, lr_at, set_lr
 from dsmoe.train.reduce import SingleProcess
 from dsmoe.train.run_folder import open_run_for_resume, start_run_folder
 
 log = logging.getLogger(__name__)
+DATA_WAIT_S = 24 * 3600.0  # how long the other ranks wait for rank 0 to prepare the data
 
 
 class TrainingDiverged(UserError):
@@ -66,67 +73,57 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def checkpoint_blocks(model: Transformer) -> None:
-    """Activation checkpointing: each block keeps only its input and recomputes the rest in backward.
-    The routing statistics survive: recomputation routes identically and rewrites the same values."""
-    for block in model.layers:
-        block.forward = lambda *args, _forward=block.forward, **kw: checkpoint(_forward, *args, use_reentrant=False,
-                                                                              **kw)
-
-
-def add_dropout(model: Transformer, p: float) -> None:
-    """Dropout where nanoGPT puts it: on the embeddings and on each attention and MLP/MoE output before it joins
-    the residual stream. Forward hooks, so the model code and its checkpoints stay as they are; off in eval()."""
-    def hook(module, args, output):
-        return F.dropout(output, p, module.training)
-
-    model.embed_tokens.register_forward_hook(hook)
-    for block in model.layers:
-        block.self_attn.register_forward_hook(hook)
-        block.mlp.register_forward_hook(hook)
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-                 reducer=None, cache_dir: Path | None = None, progress: bool = True):
+                 reducer=None, cache_dir: Path | None = None, progress: bool = True, sharded_init: bool = False):
+        """reducer: None in one process, the dsmoe.distributed Runtime under torchrun. sharded_init (torchrun
+        only): build the model on the meta device and initialise each rank's shards after sharding, for models
+        that do not fit whole on one device (the weights then differ from a one-process run's)."""
         self.cfg, self.out = cfg, Path(out)
         self.reducer = reducer or SingleProcess()
         self.main = self.reducer.is_main
+        self.distributed = self.reducer.world_size > 1
         self.progress = progress and self.main
         if cfg.tensorboard and self.main:
             require_tensorboard()
         self.device = resolve_device(cfg.device)
+        if self.distributed:
+            self.device = self.reducer.device  # this rank's GPU (LOCAL_RANK), or the CPU
         use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         cfg.model_config(get_preset(cfg.preset).vocab_size, 0, 1)  # bad overrides or seq_len fail before any work
         resume_from = open_run_for_resume(self.out, cfg) if resume else None
+        # The global batch (sequences per optimizer step) is fixed when the run starts; resumed on another number
+        # of ranks, each rank accumulates more or fewer micro-batches so that the steps stay the same.
+        self.sequences_per_step = cfg.micro_batch * cfg.grad_accum * self.reducer.world_size
+        if resume_from is not None:
+            data = checkpoints.read_trainer_state(resume_from)["data"]
+            self.sequences_per_step = data.get("sequences_per_step", cfg.micro_batch * cfg.grad_accum)
+        self.grad_accum = checkpoints.micro_batches_per_rank(cfg.micro_batch, self.sequences_per_step,
+                                                             self.reducer.world_size)
         docs = read_documents(cfg.data, cfg.text_field, cfg.corpus_limit_bytes())
         if not resume and self.main:
             start_run_folder(self.out, cfg, overwrite)
 
-        corpus = prepare_corpus(docs, val_fraction=cfg.val_fraction, vocab_size=cfg.vocab_size, cache_dir=cache_dir,
-                                tokenizer_path=str(self.out) if resume else cfg.tokenizer)
-        self.tokenizer, self.shards = corpus.tokenizer, corpus.shards
-        check_enough_tokens(self.shards, cfg.seq_len)
-        self.val_windows = eval_windows(self.shards.val, cfg.seq_len, cfg.eval_tokens)
-        self.model_config = cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.bos_id, self.tokenizer.eos_id)
-        if self.main:
-            self.tokenizer.save(self.out, self.model_config.max_position_embeddings)
+        # Data in waves: rank 0 trains (or loads) the tokenizer, fills its node's token cache and saves the tokenizer
+        # into the run folder; then the first rank of every other node fills that node's cache with it; then the
+        # rest find everything cached. The waits have no collective timeout: a large corpus may take longer.
+        wave = 0 if self.main else 1 if self.reducer.local_rank == 0 else 2
+        for current in range(3 if self.distributed else 1):
+            if wave == current:
+                self._prepare_data(docs, cfg.tokenizer if wave == 0 and not resume else str(self.out), cache_dir)
+                if self.main:
+                    self.tokenizer.save(self.out, self.model_config.max_position_embeddings)
+            self.reducer.barrier(timeout_s=DATA_WAIT_S)
 
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(self.model_config, self.device, moe_impl=cfg.moe_impl)
-        self.model.set_aux_loss_scale(1.0 / cfg.grad_accum)
-        if cfg.dropout > 0:
-            add_dropout(self.model, cfg.dropout)
-        if cfg.activation_checkpointing:
-            checkpoint_blocks(self.model)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.model, self.forward = build_training_model(self.model_config, cfg, self.device, self.reducer,
+                                                        self.grad_accum, sharded_init)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
-        self.total_steps = cfg.total_steps(self.reducer.world_size)
+        self.total_steps = cfg.total_steps(self.sequences_per_step // (cfg.micro_batch * cfg.grad_accum))
         self.step = self.skipped = self.consecutive_skips = 0
         self.tokens_seen, self.elapsed_before = 0, 0.0
         if resume_from is not None:
-            state = native.load_checkpoint(resume_from, self.model, self.optimizer)
+            state = checkpoints.load(resume_from, self.model, self.optimizer, self.reducer)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.skipped, self.consecutive_skips = state["skipped_steps"], state["consecutive_skips"]
             self.elapsed_before = state["elapsed_s"]
@@ -141,6 +138,15 @@ class Trainer:
         self.last_record: dict | None = None
         self.corpus_documents = len(docs)
 
+    def _prepare_data(self, docs, tokenizer_path: str | None, cache_dir: Path | None) -> None:
+        cfg = self.cfg
+        corpus = prepare_corpus(docs, val_fraction=cfg.val_fraction, vocab_size=cfg.vocab_size, cache_dir=cache_dir,
+                                tokenizer_path=tokenizer_path)
+        self.tokenizer, self.shards = corpus.tokenizer, corpus.shards
+        check_enough_tokens(self.shards, cfg.seq_len)
+        self.val_windows = eval_windows(self.shards.val, cfg.seq_len, cfg.eval_tokens)
+        self.model_config = cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.bos_id, self.tokenizer.eos_id)
+
     # ------------------------------------------------------------------ one step
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -152,7 +158,7 @@ class Trainer:
         lr = lr_at(self.step, cfg, self.total_steps)
         set_lr(self.optimizer, lr)
         batches = step_batches(self.shards.train, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch,
-                               grad_accum=cfg.grad_accum, seed=cfg.seed, step=self.step,
+                               grad_accum=self.grad_accum, seed=cfg.seed, step=self.step,
                                dp_rank=self.reducer.rank, dp_size=self.reducer.world_size)
         lm_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
@@ -166,10 +172,10 @@ class Trainer:
             counts = step_counts.clone() if counts is None else counts + step_counts
             aux_sum += aux.float().to(self.device)
             lm_sum += lm.detach()
-            (lm / cfg.grad_accum).backward()  # the balance loss joins in backward (AddAuxiliaryLoss)
+            (lm / self.grad_accum).backward()  # the balance loss joins in backward (AddAuxiliaryLoss)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        losses = self.reducer.mean(torch.stack([lm_sum, aux_sum]) / cfg.grad_accum)
+        grad_norm = self._clip_grad_norm(model.parameters(), max_norm)
+        losses = self.reducer.mean(torch.stack([lm_sum, aux_sum]) / self.grad_accum)
         counts = self.reducer.sum(counts)
         lm_loss, aux_loss, norm = torch.cat([losses, grad_norm.float().reshape(1).to(self.device)]).tolist()
         ok = math.isfinite(lm_loss) and math.isfinite(aux_loss) and math.isfinite(norm)
@@ -183,7 +189,7 @@ class Trainer:
             self.consecutive_skips += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += cfg.tokens_per_step() * self.reducer.world_size
+        self.tokens_seen += self.sequences_per_step * cfg.seq_len
         if self.consecutive_skips >= cfg.max_skipped_steps:
             raise TrainingDiverged(
                 f"training diverged: {self.consecutive_skips} steps in a row (up to step {self.step}) had a "
@@ -193,6 +199,15 @@ class Trainer:
             self.load_counts += counts_cpu.numpy()
         return {"lm_loss": lm_loss, "aux_loss": aux_loss, "grad_norm": norm, "lr": lr, "ok": ok,
                 "maxvio": max_violation(counts_cpu).tolist() if counts_cpu.numel() else []}
+
+    def _clip_grad_norm(self, parameters, max_norm: float) -> torch.Tensor:
+        """torch's in one process; sharded gradients (FSDP2 and expert-parallel DTensors on different meshes)
+        need the global norm of dsmoe.distributed."""
+        if not self.distributed:
+            return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        from dsmoe.distributed.runtime import clip_grad_norm_
+
+        return clip_grad_norm_(parameters, max_norm)
 
     # ------------------------------------------------------------------ the loop
     def train(self, stop_after: int | None = None, time_limit: float | None = None) -> dict:
@@ -211,7 +226,7 @@ class Trainer:
         while self.step < end:
             window.append(self.train_step())
             bar.update(1)
-            last = self.step == end or (time_limit is not None and time.perf_counter() - start > time_limit)
+            last = self.step == end or (time_limit is not None and self._past(start + time_limit))
             if self.step % cfg.log_interval == 0 or last:
                 now = time.perf_counter()
                 record = self._log_record(window, now - window_start - paused, now - start)
@@ -235,8 +250,13 @@ class Trainer:
             self.evaluate_and_plot(None)
         if saved_at != self.step:
             self.save_checkpoint(elapsed)
-        if self.main:
+        if self.distributed:
+            from dsmoe.distributed.checkpoint import export_hub
+
+            export_hub(self.model, self.out)  # gathered one parameter at a time; rank 0 writes
+        else:
             save_pretrained(self.model, self.out)
+        if self.main:
             self.metrics.close()
         summary = {"run": str(self.out), "steps": self.step, "total_steps": self.total_steps,
                    "tokens": self.tokens_seen, "skipped_steps": self.skipped,
@@ -247,11 +267,16 @@ class Trainer:
             summary.update({k: self.last_record[k] for k in ("tokens_per_s", "mfu") if k in self.last_record})
         return summary
 
+    def _past(self, deadline: float) -> bool:
+        """Whether any rank's clock has passed the deadline: every rank stops after the same step."""
+        over = torch.tensor([float(time.perf_counter() > deadline)], device=self.device)
+        return bool(self.reducer.sum(over).item() > 0)
+
     def _log_record(self, window: list[dict], seconds: float, elapsed: float) -> dict:
         good = [r for r in window if r["ok"]] or window
         mean = lambda key: float(np.mean([r[key] for r in good]))
         maxvio = np.mean([r["maxvio"] for r in good], axis=0).tolist() if good[0]["maxvio"] else []
-        tokens_per_s = len(window) * self.cfg.tokens_per_step() * self.reducer.world_size / max(seconds, 1e-9)
+        tokens_per_s = len(window) * self.sequences_per_step * self.cfg.seq_len / max(seconds, 1e-9)
         record = {"step": self.step, "tokens": self.tokens_seen, "loss": mean("lm_loss") + mean("aux_loss"),
                   "lm_loss": mean("lm_loss"), "aux_loss": mean("aux_loss"), "lr": window[-1]["lr"],
                   "grad_norm": mean("grad_norm"), "tokens_per_s": tokens_per_s, "maxvio": maxvio,
@@ -297,26 +322,31 @@ class Trainer:
             self.load_since = self.step
 
     def save_checkpoint(self, elapsed: float) -> Path | None:
-        if not self.main:
-            return None
+        """Every rank calls it (a sharded save is collective)."""
         state = {"tokens_seen": self.tokens_seen, "skipped_steps": self.skipped,
                  "consecutive_skips": self.consecutive_skips, "elapsed_s": self.elapsed_before + elapsed,
                  "total_steps": self.total_steps, "lr": lr_at(max(self.step - 1, 0), self.cfg, self.total_steps),
-                 "data": {"seed": self.cfg.seed, "next_step": self.step}, "train_config": self.cfg.to_dict()}
-        return native.save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, state,
-                                      keep=self.cfg.keep_checkpoints)
+                 "data": {"seed": self.cfg.seed, "next_step": self.step, "sequences_per_step": self.sequences_per_step},
+                 "train_config": self.cfg.to_dict()}
+        return checkpoints.save(self.out / "checkpoints", self.step, self.model, self.optimizer, state,
+                                keep=self.cfg.keep_checkpoints, reducer=self.reducer)
 
     def describe(self) -> str:
         c, cfg = self.model_config, self.cfg
         meta = self.shards.meta
         data = ", ".join(cfg.data) if cfg.data else "built-in corpus (Python standard library)"
         precision = "bf16 autocast" if self.autocast_dtype else "fp32"
+        where = str(self.device)
+        if self.distributed:
+            dims = self.reducer.mesh.dims
+            where = f"{self.reducer.world_size} ranks ({self.device.type}, expert parallel {dims.ep} x data parallel " \
+                    f"{dims.dp}, {self.grad_accum} micro-batches of {cfg.micro_batch} per rank)"
         return (f"model: {cfg.preset} preset, {c.num_params() / 1e6:.1f}M parameters "
                 f"({c.num_params(active=True) / 1e6:.1f}M active), vocab {c.vocab_size}\n"
                 f"data: {data}: {self.corpus_documents} documents, {meta['train_tokens']:,} train / "
                 f"{meta['val_tokens']:,} validation tokens\n"
-                f"plan: {self.total_steps} steps x {cfg.tokens_per_step() * self.reducer.world_size:,} tokens on "
-                f"{self.device} ({precision}{', compiled' if cfg.compile else ''}) -> {self.out}")
+                f"plan: {self.total_steps} steps x {self.sequences_per_step * cfg.seq_len:,} tokens on "
+                f"{where} ({precision}{', compiled' if cfg.compile else ''}) -> {self.out}")
 
     def _say(self, text: str) -> None:
         if self.main:
