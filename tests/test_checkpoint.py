@@ -34,7 +34,7 @@ def test_sharded_round_trip_is_bit_exact(model, tmp_path):
     save_pretrained(model, tmp_path, max_shard_size="200KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temporary files
+    assert not list(tmp_path.glob(".*.tmp*"))  # atomic writes leave no temporary files
     loaded = load_pretrained(tmp_path)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dsmoe.atomic import atomic_write, atomic_write_text
 from dsmoe.config import ModelConfig
 from dsmoe.errors import UserError
 from dsmoe.model.transformer import Transformer, cast_model
@@ -275,32 +276,29 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
         # clone: safetensors refuses tensors that share storage (the per-expert views do)
-        _atomic(path / name, lambda tmp, s=shard: save_file({k: v.contiguous().cpu().clone() for k, v in s.items()},
-                                                           tmp, metadata={"format": "pt"}))
+        atomic_write(path / name, lambda tmp, s=shard: save_file(
+            {k: v.contiguous().cpu().clone() for k, v in s.items()}, tmp, metadata={"format": "pt"}))
+    weights_dtype = dtype or next(p.dtype for n, p in model.named_parameters() if not n.endswith("gate.weight"))
+    finish_hub_save(path, model.config, {k: n for n, s in zip(names, shards) for k in s},
+                    sum(t.numel() * t.element_size() for s in shards for t in s.values()), weights_dtype)
+
+
+def finish_hub_save(path: Path, config: ModelConfig, weight_map: dict[str, str], total_bytes: int,
+                    weights_dtype: torch.dtype) -> None:
+    """After the safetensors files are in place: the index (when sharded), stale shards of an earlier save
+    removed, and config.json (hub spelling) written last."""
+    names = set(weight_map.values())
     index = path / "model.safetensors.index.json"
-    if len(shards) > 1:
-        weight_map = {k: n for n, s in zip(names, shards) for k in s}
-        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
-        _atomic_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if len(names) > 1:
+        atomic_write_text(index, json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
+                                            indent=2) + "\n")
     elif index.exists():
         index.unlink()
     for stale in path.glob("model*.safetensors"):
         if stale.name not in names:
             stale.unlink()
-    hf = model.config.to_hf_dict()
-    weights_dtype = dtype or next(p.dtype for n, p in model.named_parameters() if not n.endswith("gate.weight"))
+    hf = config.to_hf_dict()
     hf["dtype"] = str(weights_dtype).replace("torch.", "")
-    _atomic_text(path / "config.json", json.dumps(hf, indent=2))
+    atomic_write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
 
 
-def _atomic(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_text(target: Path, text: str) -> None:
-    _atomic(target, lambda tmp: Path(tmp).write_text(text + "\n"))

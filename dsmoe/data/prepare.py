@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsmoe.atomic import atomic_write_text
 from dsmoe.data.shards import (
     TokenShards,
     load_or_build_shards,
@@ -65,10 +66,5 @@ def _cached_trained_tokenizer(train_texts: list[str], vocab_size: int, cache_dir
              sum(len(t) for t in train_texts) / 1e6)
     tokenizer = train_tokenizer(train_texts, vocab_size)
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(tokenizer.to_json())
-        os.replace(tmp, file)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(file, tokenizer.to_json())
     return tokenizer

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from dsmoe.atomic import atomic_write_text
 from dsmoe.errors import UserError
 
 BOS, EOS = "<|bos|>", "<|eos|>"
@@ -65,8 +66,8 @@ class TextTokenizer:
                   "eos_token": self.eos_token, "add_bos_token": True, "clean_up_tokenization_spaces": False}
         if model_max_length:
             config["model_max_length"] = model_max_length
-        _write_atomic(folder / "tokenizer.json", self.to_json())
-        _write_atomic(folder / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write_text(folder / "tokenizer.json", self.to_json())
+        atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
@@ -122,11 +123,3 @@ def _config_names(config_file: Path) -> dict[str, str]:
             names[key] = value
     return names
 
-
-def _write_atomic(target: Path, text: str) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)

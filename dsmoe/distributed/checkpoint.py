@@ -41,11 +41,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from dsmoe.atomic import atomic_write
 from dsmoe.checkpoint.hf import (
     CheckpointError,
-    _atomic,
-    _atomic_text,
     _parse_size,
+    finish_hub_save,
     ours_to_hub,
 )
 
@@ -248,21 +248,11 @@ def export_hub(model: nn.Module, path: str | os.PathLike, max_shard_size: int | 
         if _rank() == 0:
             weight_map.update(dict.fromkeys(tensors, file_name))
             total += sum(t.numel() * t.element_size() for t in tensors.values())
-            _atomic(path / file_name, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+            atomic_write(path / file_name, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
         del tensors
     if _rank() == 0:
-        index = path / "model.safetensors.index.json"
-        if len(files) > 1:
-            _atomic_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        elif index.exists():
-            index.unlink()
-        for stale in path.glob("model*.safetensors"):
-            if stale.name not in file_names:
-                stale.unlink()
-        hf = model.config.to_hf_dict()
         weights_dtype = dtype or next(t.dtype for n, t in state.items() if not _keeps_dtype(n))
-        hf["dtype"] = str(weights_dtype).replace("torch.", "")
-        _atomic_text(path / "config.json", json.dumps(hf, indent=2))
+        finish_hub_save(path, model.config, weight_map, total, weights_dtype)
     _barrier()
 
 

@@ -8,10 +8,10 @@ val_nats_per_byte. On resume, records after the checkpoint's step are dropped: t
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from dsmoe.atomic import atomic_write_text
 from dsmoe.errors import UserError
 
 
@@ -34,9 +34,7 @@ class MetricsLog:
                     record = json.loads(line)
                     if record.get("step", 0) <= resume_step:
                         self.records.append(record)
-        tmp = self.file.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(tmp, self.file)
+        atomic_write_text(self.file, "".join(json.dumps(r) + "\n" for r in self.records))
         self._tb = require_tensorboard()(str(run / "tensorboard"), purge_step=resume_step) if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:

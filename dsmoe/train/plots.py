@@ -6,7 +6,6 @@ Uses matplotlib's object API with the Agg canvas: no display, no global pyplot s
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+
+from dsmoe.atomic import atomic_write
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
@@ -60,7 +61,5 @@ def plot_expert_load(counts_LE: np.ndarray, layer_ids: list[int], path: Path, ti
 
 def _save(fig: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

@@ -14,11 +14,11 @@ The checks here stop a run before any work when the folder cannot be used, with 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from dsmoe.atomic import atomic_write_text
 from dsmoe.checkpoint.native import latest_checkpoint
 from dsmoe.errors import UserError
 from dsmoe.train.config import TrainConfig
@@ -68,6 +68,4 @@ def check_writable(out: Path) -> None:
 
 
 def write_config(out: Path, cfg: TrainConfig) -> None:
-    tmp = out / ".train_config.json.tmp"
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    os.replace(tmp, out / "train_config.json")
+    atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
