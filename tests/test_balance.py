@@ -18,7 +18,7 @@ def test_perfect_balance_gives_alpha(seq_len):
     probs, idx = balanced_routing(T=32, E=8, K=2)
     assert expert_balance_loss(probs, idx, alpha=0.01, seq_len=seq_len).item() == pytest.approx(0.01)
     device = torch.arange(8) // 2
-    assert device_balance_loss(probs, idx, device, alpha=0.05).item() == pytest.approx(0.05)
+    assert device_balance_loss(probs, idx, device, 4, alpha=0.05).item() == pytest.approx(0.05)
 
 
 def test_hand_computed_imbalance():
@@ -44,7 +44,7 @@ def test_communication_loss_counts_a_token_once_per_device():
     device = torch.tensor([0, 0, 1, 1])
     idx = torch.tensor([[0, 1]] * 4)  # every token sends both picks to device 0
     # f''_0 = D/(M T) * 4 = 2/(1*4) * 4 = 2 ; P''_0 = 0.5 -> 1.0
-    assert communication_balance_loss(probs, idx, device, max_devices=1, alpha=1.0).item() == pytest.approx(1.0)
+    assert communication_balance_loss(probs, idx, device, 2, max_devices=1, alpha=1.0).item() == pytest.approx(1.0)
 
 
 def test_sigmoid_affinities_are_normalised_over_all_experts():

@@ -90,10 +90,10 @@ def test_device_losses_use_the_expert_layout():
         probs = affinity_probs(r.scores_TE, CFG.scoring_func)
         device_E = torch.arange(CFG.n_routed_experts) // per_device
         expected = expert_balance_loss(probs, r.topk_idx_TK, CFG.aux_loss_alpha, 8)
-        expected = expected + device_balance_loss(probs, r.topk_idx_TK, device_E, CFG.device_aux_loss_alpha)
+        expected = expected + device_balance_loss(probs, r.topk_idx_TK, device_E, devices, CFG.device_aux_loss_alpha)
         m = moe.max_devices_per_token()
         assert m == min(CFG.num_experts_per_tok, CFG.topk_group * -(-devices // CFG.n_group))
-        expected = expected + communication_balance_loss(probs, r.topk_idx_TK, device_E, m,
+        expected = expected + communication_balance_loss(probs, r.topk_idx_TK, device_E, devices, m,
                                                          CFG.comm_aux_loss_alpha)
         torch.testing.assert_close(moe.aux_loss, expected.detach())
 

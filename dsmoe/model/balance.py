@@ -38,12 +38,14 @@ def expert_balance_loss(
 
 
 def device_balance_loss(
-    probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, expert_device_E: torch.Tensor, alpha: float
+    probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, expert_device_E: torch.Tensor, num_devices: int,
+    alpha: float,
 ) -> torch.Tensor:
-    """Device-level loss (DeepSeekMoE eq. 15-17): f'_d = mean of f_j over d's experts, P'_d = sum of P_j."""
+    """Device-level loss (DeepSeekMoE eq. 15-17): f'_d = mean of f_j over d's experts, P'_d = sum of P_j.
+    expert_device_E maps each expert to its device; num_devices is passed so nothing is read back from the GPU."""
     T, E = probs_TE.shape
     K = topk_idx_TK.shape[1]
-    D = int(expert_device_E.max()) + 1 if expert_device_E.numel() else 1
+    D = num_devices
     f_E = torch.zeros(E, device=probs_TE.device).scatter_add_(
         0, topk_idx_TK.flatten(), torch.ones(T * K, device=probs_TE.device)) * (E / (T * K))
     P_E = probs_TE.float().mean(dim=0)
@@ -55,12 +57,12 @@ def device_balance_loss(
 
 
 def communication_balance_loss(
-    probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, expert_device_E: torch.Tensor,
+    probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, expert_device_E: torch.Tensor, num_devices: int,
     max_devices: int, alpha: float,
 ) -> torch.Tensor:
     """Communication loss (V2 eq. 29-31): f''_d = D / (M T) * #(tokens sent to device d), P''_d as above."""
     T, E = probs_TE.shape
-    D = int(expert_device_E.max()) + 1
+    D = num_devices
     sent_TD = torch.zeros(T, D, device=probs_TE.device)
     sent_TD.scatter_(1, expert_device_E[topk_idx_TK], 1.0)  # a token counts once per device it reaches
     f_D = sent_TD.sum(dim=0) * (D / (max_devices * T))

@@ -91,11 +91,12 @@ class MoE(nn.Module):
             aux = aux + expert_balance_loss(probs, idx, c.aux_loss_alpha, seq_len if c.seq_aux else None)
         if c.device_aux_loss_alpha > 0 or c.comm_aux_loss_alpha > 0:
             device_E = torch.arange(c.n_routed_experts, device=idx.device) // self.experts_per_device
+            num_devices = c.n_routed_experts // self.experts_per_device
             if c.device_aux_loss_alpha > 0:
-                aux = aux + device_balance_loss(probs, idx, device_E, c.device_aux_loss_alpha)
+                aux = aux + device_balance_loss(probs, idx, device_E, num_devices, c.device_aux_loss_alpha)
             if c.comm_aux_loss_alpha > 0:
-                aux = aux + communication_balance_loss(probs, idx, device_E, self.max_devices_per_token(),
-                                                       c.comm_aux_loss_alpha)
+                aux = aux + communication_balance_loss(probs, idx, device_E, num_devices,
+                                                       self.max_devices_per_token(), c.comm_aux_loss_alpha)
         return aux
 
     def max_devices_per_token(self) -> int:
