@@ -46,9 +46,19 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x, *weights))
 
 
+def grouped_mm_available() -> bool:
+    return _grouped_mm is not None
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """torch's grouped GEMM: [N, I] x [E, I, O] -> [N, O] (row groups), or [I, N] x [N, O] -> [E, I, O]
+    (groups along the reduced dimension: a weight gradient)."""
+    return _grouped_mm(a, b, offs=offsets_E)
+
+
 def grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Row block e of x (rows offsets[e-1]:offsets[e]) times w[e]^T; [N, I] -> [N, O]."""
-    return _grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=offsets_E)
+    return grouped_mm(x_ND, w_EOI.transpose(-2, -1), offsets_E)
 
 
 def moe_experts_grouped(

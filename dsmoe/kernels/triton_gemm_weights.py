@@ -2,8 +2,8 @@
 
 dW[e] = A_e^T @ B_e, summed over the rows of expert e (rows offsets[e-1]:offsets[e] of the sorted order)
 
-- down projection: dW_down[e] [D, F] = (w * dy)[tokens of e]^T @ h_e; A is dy gathered through the sort
-  order and scaled by the row's gate weight while loading (the weighted dy is never materialised).
+- down projection: dW_down[e] [D, F] = dy[tokens of e]^T @ (w * h)_e; A is dy gathered through the sort
+  order (the gate weight is folded into h by the SwiGLU backward, so no operand is rescaled here).
 - gate_up projection: dW_gu[e] [2F, D] = dgu_e^T @ x[tokens of e]; B is x gathered.
 
 One program per (expert, output tile) walks that expert's rows in BLOCK_K steps and writes its tile
@@ -25,10 +25,10 @@ from dsmoe.kernels.triton_configs import (WEIGHT_CONFIGS, dot_precision, prune_w
                  prune_configs_by={"early_config_prune": prune_weight_configs}, do_bench=tolerant_bench)
 @triton.jit(do_not_specialize=["E", "ROWS_HINT"])
 def _grouped_weight_grad_kernel(
-    a_ptr, b_ptr, out_ptr, order_ptr, scale_ptr, offsets_ptr,
+    a_ptr, b_ptr, out_ptr, order_ptr, offsets_ptr,
     I, J, E, TOPK, stride_am, stride_bm, stride_oe, stride_oi,
     ROWS_HINT,
-    GATHER_A: tl.constexpr, SCALE_A: tl.constexpr, GATHER_B: tl.constexpr, PRECISION: tl.constexpr,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # BLOCK_M x BLOCK_N is the output tile over (I, J); BLOCK_K rows are reduced per step.
@@ -58,9 +58,6 @@ def _grouped_weight_grad_kernel(
         b_rows = (flat // TOPK) if GATHER_B else rows
         a = tl.load(a_ptr + a_rows.to(tl.int64)[:, None] * stride_am + offs_i[None, :],
                     mask=row_ok[:, None] & i_ok[None, :], other=0.0)
-        if SCALE_A:  # round w*dy to the input dtype, as autograd through the reference does
-            w = tl.load(scale_ptr + flat, mask=row_ok, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) * w[:, None]).to(a_ptr.dtype.element_ty)
         b = tl.load(b_ptr + b_rows.to(tl.int64)[:, None] * stride_bm + offs_j[None, :],
                     mask=row_ok[:, None] & j_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
@@ -71,7 +68,7 @@ def _grouped_weight_grad_kernel(
 
 def grouped_weight_grad(
     a: torch.Tensor, b: torch.Tensor, order_N: torch.Tensor, offsets_E: torch.Tensor, topk: int, *,
-    gather_a: bool, gather_b: bool, scale_flat: torch.Tensor | None = None, out_dtype: torch.dtype,
+    gather_a: bool, gather_b: bool, out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """[E, I, J] with out[e] = sum over the rows of e of A[row]^T B[row] (rows gathered as asked)."""
     if a.stride(-1) != 1 or b.stride(-1) != 1 or order_N.dtype != torch.int32:
@@ -87,9 +84,9 @@ def grouped_weight_grad(
         return (E * triton.cdiv(I, meta["BLOCK_M"]) * triton.cdiv(J, meta["BLOCK_N"]),)
 
     _grouped_weight_grad_kernel[grid](
-        a, b, out, order_N, scale_flat if scale_flat is not None else a, offsets_E,
+        a, b, out, order_N, offsets_E,
         I, J, E, topk, a.stride(0), b.stride(0), out.stride(0), out.stride(1),
         rows_hint(order_N.numel(), E),
-        GATHER_A=gather_a, SCALE_A=scale_flat is not None, GATHER_B=gather_b, PRECISION=dot_precision(a.dtype),
+        GATHER_A=gather_a, GATHER_B=gather_b, PRECISION=dot_precision(a.dtype),
     )
     return out
