@@ -19,6 +19,7 @@ from torch import nn
 
 from dsmoe.config import ModelConfig
 from dsmoe.kernels import ops
+from dsmoe.kernels.router_gemm import router_logits, router_logits_reference
 
 
 @dataclass
@@ -89,7 +90,8 @@ class Router(nn.Module):
         c = self.config
         if c.router_fp32:
             with torch.autocast(x_TD.device.type, enabled=False):  # autocast would route in bf16
-                logits = F.linear(x_TD.float(), self.weight.float())
+                # the fast paths take fp32 logits from bf16 tensor cores, exact up to summation order
+                logits = (router_logits_reference if impl == "reference" else router_logits)(x_TD, self.weight)
         else:
             logits = F.linear(x_TD, self.weight.to(x_TD.dtype))
         kw = dict(top_k=c.num_experts_per_tok, scoring_func=c.scoring_func, topk_method=c.topk_method,
