@@ -2,8 +2,11 @@
 
 Per layer shape and token count: the dense-GEMM ceiling of equal FLOPs, transformers' DeepseekV3MoE
 (eager and grouped_mm, sharing our parameters), and dsmoe reference / grouped / triton. Each row gives
-milliseconds (median over fresh random inputs, CUDA events after warm-up), model TFLOP/s, the ratio to
-the dense ceiling, the speedup over transformers grouped_mm, peak memory, and the largest relative error
+milliseconds (median over fresh random inputs, CUDA events after warm-up; with --cuda-graphs, of the step
+captured in a CUDA graph and replayed, which removes launch overhead for every variant that can be
+captured), model TFLOP/s, the ratio to the dense ceiling, the speedup over transformers grouped_mm, peak
+memory and activation memory (the peak minus the layer's weights and their gradients, which every
+implementation holds alike), and the largest relative error
 of the outputs and gradients against dsmoe grouped (or reference) in the same run. Then a Zipf-skewed
 routing row per shape and a host-sync check of the Triton layer. A variant that fails (compile error,
 out of memory) prints its error and the run goes on.
@@ -33,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (no timing claims)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="json_path", default=None, help="also write all results to this file")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="time each variant by replaying its forward+backward captured in a CUDA graph (GPU "
+                             "time without launch overhead); a variant that cannot be captured is timed eagerly")
     parser.add_argument("--profile", action="store_true",
                         help="at the largest T, print where the time of dsmoe grouped/triton goes, per GPU kernel")
 
@@ -60,14 +66,16 @@ def _fmt(v, spec):
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'shape':<8} {'T':>6} {'impl':<18} {'ms':>9} {'TFLOP/s':>8} {'x dense':>8} {'x HF-gmm':>8} "
-            f"{'peak GB':>8} {'max rel err':>12}  note")
+    head = (f"{'shape':<8} {'T':>6} {'impl':<26} {'ms':>9} {'TFLOP/s':>8} {'x dense':>8} {'x HF-gmm':>8} "
+            f"{'peak GB':>8} {'act GB':>7} {'max rel err':>12}  note")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['shape']:<8} {r['tokens']:>6} {r['impl']:<18} {_fmt(r.get('ms'), '9.3f')} "
+        impl = r["impl"] + (" [graph]" if r.get("mode") == "graph" else "")
+        print(f"{r['shape']:<8} {r['tokens']:>6} {impl:<26} {_fmt(r.get('ms'), '9.3f')} "
               f"{_fmt(r.get('tflops'), '8.1f')} {_fmt(r.get('x_dense'), '8.2f')} {_fmt(r.get('x_hf_grouped'), '8.2f')} "
-              f"{_fmt(r.get('peak_gb'), '8.2f')} {_fmt(r.get('max_rel_err'), '12.2e')}  {r.get('note', '')}")
+              f"{_fmt(r.get('peak_gb'), '8.2f')} {_fmt(r.get('act_gb'), '7.2f')} {_fmt(r.get('max_rel_err'), '12.2e')}  "
+              f"{r.get('note', '')}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,11 +207,12 @@ def _bench_shape(L, shape, token_counts, impls, args, device, dtype, rows, skew_
                     elif impl.startswith("hf"):
                         row["note"] = "routing differs (HF is sigmoid/V3): no error check"
                     del out
-                t = L.time_steps(step, inputs, device, args.seconds)
+                t = _time(L, step, inputs, device, args, row)
                 if args.profile and impl in ("grouped", "triton") and tokens == max(token_counts):
                     print(f"  kernel time of {shape.label} T={tokens} dsmoe {impl}, forward+backward:")
                     print(L.kernel_profile(step, inputs))
-                row.update(t, tflops=flops / t["ms"] / 1e9)
+                weights = sum(p.numel() * p.element_size() for p in module.parameters())
+                row.update(t, tflops=flops / t["ms"] / 1e9, act_gb=t["peak_gb"] - 2 * weights / 1e9)
                 results[impl] = t
                 if impl == "triton" and device.type == "cuda" and tokens == token_counts[0]:
                     sync_checks.append(dict(shape=shape.label, tokens=tokens, result=_sync_check(step, inputs[1])))
@@ -227,6 +236,24 @@ def _bench_shape(L, shape, token_counts, impls, args, device, dtype, rows, skew_
         if not args.no_skew and tokens == max(token_counts):
             _skew_rows(L, shape, layer, tokens, impls, results, make_step, inputs, args, device, skew_rows)
         del inputs
+
+
+def _time(L, step, inputs, device, args, row: dict) -> dict:
+    """Graph replay when asked for and possible, else eager; the row's note says which."""
+    import torch
+
+    if args.cuda_graphs and device.type == "cuda":
+        try:
+            t = L.time_graph(step, inputs, device, args.seconds)
+            row["mode"] = "graph"
+            return t
+        except Exception as e:  # e.g. a host sync inside the step: not capturable
+            torch.cuda.synchronize(device)
+            row["mode"] = "eager"
+            row["note"] = (row.get("note", "") + f" [no CUDA graph: {_short(e)[:60]}; eager]").strip()
+    else:
+        row["mode"] = "eager"
+    return L.time_steps(step, inputs, device, args.seconds)
 
 
 def _print_row(row: dict) -> None:
@@ -268,7 +295,7 @@ def _skew_rows(L, shape, layer, tokens, impls, results, make_step, inputs, args,
             layer.experts.impl = impl
             row = dict(shape=shape.label, tokens=tokens, impl=impl)
             try:
-                t = L.time_steps(make_step(layer), inputs, device, args.seconds)
+                t = _time(L, make_step(layer), inputs, device, args, row)
                 row.update(t, vs_balanced=results[impl]["ms"] / t["ms"],
                            peak_vs_balanced=t["peak_gb"] / results[impl]["peak_gb"],
                            max_over_mean=(counts.max() / counts.float().mean()).item(),

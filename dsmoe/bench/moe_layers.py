@@ -160,6 +160,46 @@ def time_steps(step, inputs, device: torch.device, max_seconds: float, warmup: i
     return dict(ms=statistics.median(times), iters=iters, peak_gb=float("nan"), extra_gb=float("nan"))
 
 
+def time_graph(step, inputs, device: torch.device, max_seconds: float, warmup: int = 2) -> dict:
+    """Like `time_steps`, but the step (forward + backward) is captured once in a CUDA graph and replayed:
+    the GPU time without Python and launch overhead. Fresh inputs are copied into the captured buffers
+    before each replay, outside the timed region. Raises if the step cannot be captured (host syncs)."""
+    x, dy = (t.detach().clone() for t in inputs[0])
+    x.requires_grad_(inputs[0][0].requires_grad)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up (autotuning, lazy init) happens outside the capture
+        for _ in range(warmup):
+            step(x, dy)
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(x, dy)
+    graph.replay()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    iters = max(3, min(50, int(max_seconds / max(time.perf_counter() - t0, 1e-6))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for i, (start, end) in enumerate(events):
+        src_x, src_dy = inputs[i % len(inputs)]
+        with torch.no_grad():
+            x.copy_(src_x)
+            dy.copy_(src_dy)
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del graph
+    return dict(ms=statistics.median(s.elapsed_time(e) for s, e in events), iters=iters, peak_gb=peak / 1e9,
+                extra_gb=(peak - before) / 1e9, cuda_graph=True)
+
+
 def kernel_profile(step, inputs, steps: int = 3, top: int = 14) -> str:
     """Per-kernel GPU time of a few steps (torch.profiler): where the layer's time goes."""
     from torch.profiler import ProfilerActivity, profile
