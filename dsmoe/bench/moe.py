@@ -23,6 +23,9 @@ import traceback
 
 IMPLS = ("dense", "grouped", "triton", "reference", "hf-grouped", "hf-eager")
 RUN_ORDER = ("dense", "grouped", "reference", "triton", "hf-grouped", "hf-eager")
+# per-expert loops that read expert counts on the host: a capture would fail (and a failed capture can
+# leave the CUDA context unusable), so --cuda-graphs times them eagerly
+NOT_CAPTURABLE = ("reference", "hf-eager")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -163,6 +166,10 @@ def _bench_shape(L, shape, token_counts, impls, args, device, dtype, rows, skew_
             return y
         return step
 
+    def release():
+        for p in params:
+            p.grad = None
+
     def outputs(step, x, dy):
         y = step(x, dy)
         out = {"y": y.detach().clone(), "dx": x.grad.clone(), "d router": layer.gate.weight.grad.clone(),
@@ -207,7 +214,7 @@ def _bench_shape(L, shape, token_counts, impls, args, device, dtype, rows, skew_
                     elif impl.startswith("hf"):
                         row["note"] = "routing differs (HF is sigmoid/V3): no error check"
                     del out
-                t = _time(L, step, inputs, device, args, row)
+                t = _time(L, step, inputs, device, args, row, release, capturable=impl not in NOT_CAPTURABLE)
                 if args.profile and impl in ("grouped", "triton") and tokens == max(token_counts):
                     print(f"  kernel time of {shape.label} T={tokens} dsmoe {impl}, forward+backward:")
                     print(L.kernel_profile(step, inputs))
@@ -234,17 +241,17 @@ def _bench_shape(L, shape, token_counts, impls, args, device, dtype, rows, skew_
                 if "hf-grouped" in results:
                     row["x_hf_grouped"] = results["hf-grouped"]["ms"] / row["ms"]
         if not args.no_skew and tokens == max(token_counts):
-            _skew_rows(L, shape, layer, tokens, impls, results, make_step, inputs, args, device, skew_rows)
+            _skew_rows(L, shape, layer, tokens, impls, results, make_step, inputs, args, device, skew_rows, release)
         del inputs
 
 
-def _time(L, step, inputs, device, args, row: dict) -> dict:
+def _time(L, step, inputs, device, args, row: dict, release, capturable: bool = True) -> dict:
     """Graph replay when asked for and possible, else eager; the row's note says which."""
     import torch
 
-    if args.cuda_graphs and device.type == "cuda":
+    if args.cuda_graphs and device.type == "cuda" and capturable:
         try:
-            t = L.time_graph(step, inputs, device, args.seconds)
+            t = L.time_graph(step, inputs, device, args.seconds, release)
             row["mode"] = "graph"
             return t
         except Exception as e:  # e.g. a host sync inside the step: not capturable
@@ -253,6 +260,7 @@ def _time(L, step, inputs, device, args, row: dict) -> dict:
             row["note"] = (row.get("note", "") + f" [no CUDA graph: {_short(e)[:60]}; eager]").strip()
     else:
         row["mode"] = "eager"
+    release()
     return L.time_steps(step, inputs, device, args.seconds)
 
 
@@ -277,7 +285,7 @@ def _sync_check(step, inputs) -> str:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def _skew_rows(L, shape, layer, tokens, impls, results, make_step, inputs, args, device, skew_rows):
+def _skew_rows(L, shape, layer, tokens, impls, results, make_step, inputs, args, device, skew_rows, release):
     import torch
 
     idx = L.zipf_routing(tokens, shape.k, shape.experts, args.seed, device)
@@ -295,7 +303,7 @@ def _skew_rows(L, shape, layer, tokens, impls, results, make_step, inputs, args,
             layer.experts.impl = impl
             row = dict(shape=shape.label, tokens=tokens, impl=impl)
             try:
-                t = _time(L, make_step(layer), inputs, device, args, row)
+                t = _time(L, make_step(layer), inputs, device, args, row, release)
                 row.update(t, vs_balanced=results[impl]["ms"] / t["ms"],
                            peak_vs_balanced=t["peak_gb"] / results[impl]["peak_gb"],
                            max_over_mean=(counts.max() / counts.float().mean()).item(),
