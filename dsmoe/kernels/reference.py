@@ -31,6 +31,11 @@ def moe_experts_reference(
     return y_TD.to(x_TD.dtype)
 
 
+def router_logits_reference(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
+    """DeepSeek's router logits: an fp32 GEMM (the spec of `dsmoe.kernels.router_gemm`)."""
+    return F.linear(x_TD.float(), weight_ED.float())
+
+
 # ---- the steps the fused kernels take, one plain function each (dsmoe.model.router.route is the spec of
 # ---- the fused routing kernel) ---------------------------------------------------------------------------
 

@@ -19,12 +19,9 @@ Each is one GEMM over the parts stacked along the reduced dimension. Used on CUD
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-
-def router_logits_reference(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
-    return F.linear(x_TD.float(), weight_ED.float())
+from dsmoe.kernels.reference import router_logits_reference
 
 
 def split_bf16(t: Tensor, parts: int) -> list[Tensor]:

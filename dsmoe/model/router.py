@@ -19,7 +19,8 @@ from torch import nn
 
 from dsmoe.config import ModelConfig
 from dsmoe.kernels import ops
-from dsmoe.kernels.router_gemm import router_logits, router_logits_reference
+from dsmoe.kernels.reference import router_logits_reference
+from dsmoe.kernels.router_gemm import router_logits
 
 
 @dataclass
