@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dsmoe.kernels.reference import swiglu
+from dsmoe.kernels.reference import combine_reference, swiglu
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -38,8 +38,8 @@ def dispatch_plan(topk_idx_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
 class _GatherRows(torch.autograd.Function):
     """out = src[index], where each src row r is read by exactly the `group` out rows inverse[r*group :
     (r+1)*group] (tokens repeated K times, or a permutation with group 1). The backward gathers those rows
-    and sums them in at least fp32: no atomics, so it is deterministic, and on CUDA it replaces index_select's
-    backward (index_add with bf16 atomics), which measured 27% of this layer's time on an H200."""
+    and sums them (`combine_reference`): no atomics, so it is deterministic, and on CUDA it replaces
+    index_select's backward (index_add with bf16 atomics), which measured 27% of this layer's time on an H200."""
 
     @staticmethod
     def forward(ctx, src, index, inverse, group):
@@ -50,9 +50,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        rows = grad.index_select(0, inverse).view(-1, ctx.group, grad.shape[-1])
-        total = rows.sum(1, dtype=torch.promote_types(grad.dtype, torch.float32))
-        return total.to(grad.dtype), None, None, None
+        return combine_reference(grad, inverse, ctx.group).to(grad.dtype), None, None, None
 
 
 def gather_rows(src: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, group: int) -> torch.Tensor:
@@ -60,19 +58,13 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, g
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """CUDA: bf16 on SM >= 9.0 (the fused CUTLASS kernel). CPU: any float dtype whose row strides are
-    multiples of 16 bytes (a constraint of the CPU build of torch 2.13)."""
-    if _grouped_mm is None:
+    """Rows of 16-byte multiples (both builds require it) and, on CUDA, bf16 on SM >= 9.0 (the fused
+    CUTLASS kernel); on the CPU any float dtype."""
+    if _grouped_mm is None or x.device.type not in ("cuda", "cpu"):
         return False
-    if x.is_cuda:
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
-    if x.device.type != "cpu":
+    if not all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x, *weights)):
         return False
-    return all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x, *weights))
-
-
-def grouped_mm_available() -> bool:
-    return _grouped_mm is not None
+    return not x.is_cuda or (x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,9 @@ def grouped_linear_reference(a_ND: torch.Tensor, offsets_E: torch.Tensor, w_EOI:
 
 def combine_reference(y_ND: torch.Tensor, inverse_N: torch.Tensor, top_k: int,
                       weight_TK: torch.Tensor | None = None) -> torch.Tensor:
-    """y_t = sum_k w_tk * y[inverse[t*K+k]] in fp32 (w = 1 when None)."""
-    y = y_ND[inverse_N.long()].view(-1, top_k, y_ND.shape[-1]).float()
-    return y.sum(1) if weight_TK is None else (y * weight_TK.float().unsqueeze(-1)).sum(1)
+    """y_t = sum_k w_tk * y[inverse[t*K+k]] in fp32, or float64 for float64 y (w = 1 when None)."""
+    y = y_ND.index_select(0, inverse_N.long()).view(-1, top_k, y_ND.shape[-1])
+    acc = torch.promote_types(y.dtype, torch.float32)
+    if weight_TK is None:  # summed without an fp32 copy of the gathered rows (the grouped path's backward)
+        return y.sum(1, dtype=acc)
+    return (y.to(acc) * weight_TK.to(acc).unsqueeze(-1)).sum(1)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from dsmoe.kernels.grouped import grouped_mm, grouped_mm_available
+from dsmoe.kernels.grouped import grouped_mm, grouped_mm_supported
 from dsmoe.kernels.triton_gemm_rows import PLAIN, SWIGLU, grouped_rows
 from dsmoe.kernels.triton_gemm_weights import grouped_weight_grad
 from dsmoe.kernels.triton_permute import combine_triton, permute_triton
@@ -75,10 +75,9 @@ def experts_forward(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF, sa
 def cutlass_backward(x_TD: torch.Tensor, down_EDF: torch.Tensor) -> bool:
     """Whether the gathered-operand backward GEMMs go to torch's grouped_mm: bf16 on compute capability
     9.0 only (on 10.x, grouped_mm's weight gradient of an expert without rows was reported non-zero:
-    pytorch/pytorch#172439), with the 16-byte aligned rows CUTLASS needs (D and F multiples of 8)."""
-    _, D, F = down_EDF.shape
-    return (x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and grouped_mm_available() and D % 8 == 0
-            and F % 8 == 0 and torch.cuda.get_device_capability(x_TD.device) == (9, 0))
+    pytorch/pytorch#172439), with the 16-byte aligned rows CUTLASS needs."""
+    return (x_TD.is_cuda and grouped_mm_supported(x_TD, down_EDF)
+            and torch.cuda.get_device_capability(x_TD.device) == (9, 0))
 
 
 def experts_backward(dy_TD, x_TD, topk_weight_TK, gate_up_EFD, down_EDF, gu_N2F, order_N, inverse_N, offsets_E,
