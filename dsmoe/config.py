@@ -75,7 +75,7 @@ class ModelConfig:
     eos_token_id: int | None = 1
     pad_token_id: int | None = None
     initializer_range: float = 0.006  # std of every weight at init, as in the DeepSeekMoE/V3 papers
-    num_nextn_predict_layers: int = 0  # V3's MTP modules; stored in checkpoints as extra layers, skipped here
+    num_nextn_predict_layers: int = 0  # V3's MTP modules (model/mtp.py), stored as layers num_hidden_layers..
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -116,6 +116,10 @@ class ModelConfig:
         return scale
 
     def is_moe_layer(self, i: int) -> bool:
+        """Layers from num_hidden_layers on are the MTP modules' blocks: MoE whenever the model has experts
+        (transformers' get_mtp_config sets first_k_dense_replace=0 for them)."""
+        if i >= self.num_hidden_layers:
+            return self.n_routed_experts is not None
         return (
             self.n_routed_experts is not None
             and i >= self.first_k_dense_replace
@@ -124,12 +128,15 @@ class ModelConfig:
 
     @property
     def moe_layer_ids(self) -> list[int]:
-        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+        """MoE layers, the MTP modules' (ids num_hidden_layers + k) included."""
+        layers = range(self.num_hidden_layers + self.num_nextn_predict_layers)
+        return [i for i in layers if self.is_moe_layer(i)]
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-    # ---- parameter counts (embedding and head included, as the papers count them)
+    # ---- parameter counts (embedding and head included, as the papers count them; the MTP modules are not,
+    # as V3's 671B does not count its 14B MTP module)
     def num_params(self, active: bool = False) -> int:
         d = self.hidden_size
         attn = self._attention_params()
@@ -244,6 +251,8 @@ def _validate(c: ModelConfig) -> None:
                  "intermediate_size", "max_position_embeddings"):
         if getattr(c, name) <= 0:
             fail(name, "must be positive")
+    if c.num_nextn_predict_layers < 0:
+        fail("num_nextn_predict_layers", "must be >= 0 (the number of MTP modules)")
     if c.scoring_func not in SCORING_FUNCS:
         fail("scoring_func", f"use one of {', '.join(SCORING_FUNCS)}")
     if c.topk_method not in TOPK_METHODS:

@@ -2,8 +2,10 @@
 
 Reads `config.json` plus `model.safetensors` or a sharded `model.safetensors.index.json`; accepts the hub's
 per-expert keys and transformers 5's fused `experts.gate_up_proj` / `experts.down_proj`; dequantises
-DeepSeek-V3 FP8 (e4m3) weights with their 128x128 `weight_scale_inv` blocks; skips V3's MTP layers
-(`model.layers.{num_hidden_layers}.*`). The model is built on the meta device and each tensor is streamed
+DeepSeek-V3 FP8 (e4m3) weights with their 128x128 `weight_scale_inv` blocks. V3's MTP modules are the layers
+`model.layers.{num_hidden_layers + k}.*` (dsmoe `mtp.{k}.*`); their copies of the embedding and the output head
+(`embed_tokens`, `shared_head.head`) are written on save and not read back (the model shares its own); a
+config.json that announces MTP layers the files do not hold (transformers saves none) loads without them. The model is built on the meta device and each tensor is streamed
 from the memory-mapped files into its place, so the weights are never held twice. Nothing is read with
 pickle. `save_pretrained` writes per-expert keys and a hub-spelling config.json, which transformers loads.
 """
@@ -42,7 +44,16 @@ KEY_MAP: dict[str, str] = {
     "layers.{}.mlp.shared_experts.{}.weight": "model.layers.{}.mlp.shared_experts.{}.weight",
     "layers.{}.mlp.experts.gate_up_proj": "model.layers.{}.mlp.experts.{e}.{gate,up}_proj.weight",
     "layers.{}.mlp.experts.down_proj": "model.layers.{}.mlp.experts.{e}.down_proj.weight",
+    # MTP modules (mtp.{k} in dsmoe = layers.{num_hidden_layers + k} here; see _mtp_name)
+    "layers.{}.enorm.weight": "model.layers.{}.enorm.weight",
+    "layers.{}.hnorm.weight": "model.layers.{}.hnorm.weight",
+    "layers.{}.eh_proj.weight": "model.layers.{}.eh_proj.weight",
+    "layers.{}.shared_head.norm.weight": "model.layers.{}.shared_head.norm.weight",
 }
+# The MTP layers' copies of the shared embedding and output head: written on save, skipped on load.
+MTP_SHARED_COPIES = {"embed_tokens.weight": "model.layers.{}.embed_tokens.weight",
+                     "lm_head.weight": "model.layers.{}.shared_head.head.weight"}
+_MTP_COPY = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$")
 # transformers 5 keeps the experts fused in memory; its files (and some converted checkpoints) may too.
 FUSED_EXPERT_KEYS = {
     "model.layers.{}.mlp.experts.gate_up_proj": "layers.{}.mlp.experts.gate_up_proj",
@@ -64,14 +75,27 @@ _HUB_TO_OURS = [(_pattern(hub), ours) for ours, hub in KEY_MAP.items()] + \
                [(_pattern(hub), ours) for hub, ours in FUSED_EXPERT_KEYS.items()]
 
 
-def hub_to_ours(key: str) -> tuple[str, int | None, str | None] | None:
+def _mtp_name(name: str, num_hidden_layers: int, to_ours: bool) -> str:
+    """layers.{L + k}.X <-> mtp.{k}.X (L = num_hidden_layers); other names unchanged."""
+    m = re.match(r"(layers|mtp)\.(\d+)\.(.*)", name)
+    if not m:
+        return name
+    kind, i, rest = m.group(1), int(m.group(2)), m.group(3)
+    if to_ours and kind == "layers" and i >= num_hidden_layers:
+        return f"mtp.{i - num_hidden_layers}.{rest}"
+    if not to_ours and kind == "mtp":
+        return f"layers.{num_hidden_layers + i}.{rest}"
+    return name
+
+
+def hub_to_ours(key: str, num_hidden_layers: int) -> tuple[str, int | None, str | None] | None:
     """Hub key -> (dsmoe parameter name, expert index or None, "gate"/"up"/"down" or None)."""
     for pattern, ours in _HUB_TO_OURS:
         m = pattern.match(key)
         if not m:
             continue
         groups = [g for i, g in enumerate(m.groups(), 1) if i not in _named_indices(pattern)]
-        name = ours.format(*groups)
+        name = _mtp_name(ours.format(*groups), num_hidden_layers, to_ours=True)
         e = m.groupdict().get("e")
         part = m.groupdict().get("part") or ("down" if e is not None else None)
         return name, (int(e) if e is not None else None), part
@@ -82,8 +106,16 @@ def _named_indices(pattern: re.Pattern) -> set[int]:
     return set(pattern.groupindex.values())
 
 
-def ours_to_hub(name: str, tensor: torch.Tensor):
-    """dsmoe parameter -> [(hub key, tensor)], splitting stacked experts into per-expert tensors."""
+def ours_to_hub(name: str, tensor: torch.Tensor, config: ModelConfig):
+    """dsmoe parameter -> [(hub key, tensor)], splitting stacked experts into per-expert tensors and adding the
+    MTP layers' copies of the embedding and head."""
+    L = config.num_hidden_layers
+    copies = [name] + (["lm_head.weight"] if name == "embed_tokens.weight" and config.tie_word_embeddings else [])
+    for shared in copies:
+        if shared in MTP_SHARED_COPIES:
+            for k in range(config.num_nextn_predict_layers):
+                yield MTP_SHARED_COPIES[shared].format(L + k), tensor
+    name = _mtp_name(name, L, to_ours=False)
     layer = name.split(".")[1] if name.startswith("layers.") else None
     if name.endswith("mlp.experts.gate_up_proj"):
         F = tensor.shape[1] // 2
@@ -159,6 +191,11 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     dtype = dtype or _default_dtype(hf)
     key_files = checkpoint_files(path)
     block = tuple((hf.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+    L, D = config.num_hidden_layers, config.num_nextn_predict_layers
+    if D and not any(re.match(rf"model\.layers\.{L}\.", key) for key in key_files):
+        log.info("config.json names %d MTP layer(s) but the checkpoint holds none (transformers saves none): "
+                 "loading the model without them", D)
+        config = config.replace(num_nextn_predict_layers=0)
 
     with torch.device("meta"):
         model = Transformer(config, moe_impl)
@@ -175,10 +212,12 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
             if key.endswith("weight_scale_inv"):
                 continue  # read together with its weight
             layer = re.match(r"model\.layers\.(\d+)\.", key)
-            if layer and int(layer.group(1)) >= config.num_hidden_layers:
+            if layer and int(layer.group(1)) >= L + config.num_nextn_predict_layers:
                 mtp_skipped += 1
                 continue
-            mapped = hub_to_ours(key)
+            if _MTP_COPY.match(key):
+                continue  # the MTP layer's copy of the embedding or head: the model shares its own
+            mapped = hub_to_ours(key, L)
             if mapped is None or mapped[0] not in targets:
                 raise CheckpointError(f"{file.name}: unexpected key {key}: the checkpoint does not match "
                                       "its config.json (wrong model_type or layer count?)")
@@ -193,8 +232,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
             filled[name] = filled.get(name, 0) + 1
 
     if mtp_skipped:
-        log.info("skipped %d tensors of the multi-token-prediction layer(s) (not used by this model)",
-                 mtp_skipped)
+        log.info("skipped %d tensors of multi-token-prediction layer(s) beyond num_nextn_predict_layers=%d in "
+                 "config.json", mtp_skipped, config.num_nextn_predict_layers)
     for name, tensor in targets.items():
         if name.endswith("e_score_correction_bias") and name not in filled:
             tensor.zero_()  # checkpoints converted from V2-style routing carry no bias: start unbiased
@@ -247,7 +286,7 @@ def hub_state(model: Transformer):
     for name, tensor in model.state_dict().items():
         if name.endswith(("expert_counts", "aux_loss")):
             continue
-        yield from ours_to_hub(name, tensor)
+        yield from ours_to_hub(name, tensor, model.config)
 
 
 def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size: int | str = "5GB",

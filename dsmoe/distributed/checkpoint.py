@@ -243,7 +243,7 @@ def export_hub(model: nn.Module, path: str | os.PathLike, max_shard_size: int | 
                 continue
             if dtype is not None and not _keeps_dtype(name) and full.is_floating_point():
                 full = full.to(dtype)
-            for key, t in ours_to_hub(name, full.cpu()):
+            for key, t in ours_to_hub(name, full.cpu(), model.config):
                 tensors[key] = t.contiguous().clone()  # per-expert views share storage; safetensors refuses that
         if _rank() == 0:
             weight_map.update(dict.fromkeys(tensors, file_name))

@@ -23,14 +23,14 @@ def apply_ac(model: nn.Module) -> None:
     same order, and routing is deterministic, so the splits match."""
     from torch.distributed._composable import checkpoint
 
-    for block in model.layers:
+    for block in model.blocks():
         checkpoint(block)
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     """torch.compile per block, in place (names unchanged). The MoE layer's expert-parallel dispatch reads
     split sizes on the host, so dynamo breaks the graph there and compiles the pieces around it."""
-    for block in model.layers:
+    for block in model.blocks():
         block.compile(backend=backend)
 
 
@@ -47,7 +47,7 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, param_dtype: torch.dtype | 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     keep_fp32 = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     world = mesh.dims.world_size
-    for block in model.layers:
+    for block in model.blocks():
         moe = block.mlp
         if isinstance(moe, MoE):
             fully_shard(moe.gate, mesh=mesh.fsdp_mesh, mp_policy=keep_fp32,

@@ -45,14 +45,18 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else \
             nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        from dsmoe.model.mtp import MTPModule  # here: mtp.py builds on Block, defined above
+
+        self.mtp = nn.ModuleList(MTPModule(config, k, moe_impl) for k in range(config.num_nextn_predict_layers))
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-        last_only: bool = False, return_hidden: bool = False,
-    ) -> torch.Tensor:
+        last_only: bool = False, return_hidden: bool = False, with_mtp: bool = False,
+    ):
         """input_ids (B, S) -> logits (B, S, V) (or (B, 1, V) with last_only; the final-normed hidden
         states (B, S, D) with return_hidden). positions default to 0..S-1; a cache (one entry per layer)
-        is given by the inference engine."""
+        is given by the inference engine. with_mtp (training): (logits, [logits of MTP depth k, (B, S, V)
+        for k = 1..D]); depth k's logits at position t predict token t+k+1 (see mtp.py)."""
         B, S = input_ids.shape
         if positions is None:
             positions = torch.arange(S, device=input_ids.device)
@@ -61,7 +65,25 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, None if cache is None else cache[i])
         h = self.norm(h[:, -1:] if last_only else h)
+        if with_mtp:
+            return self.logits(h), self.mtp_logits(h, input_ids, cos, sin)
         return h if return_hidden else self.logits(h)
+
+    def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> list[torch.Tensor]:
+        """The MTP modules over a whole sequence (training): h (B, S, D) the main model's final-normed
+        hidden states -> one (B, S, V) logits tensor per depth."""
+        from dsmoe.model.mtp import shifted_inputs
+
+        out = []
+        for k, module in enumerate(self.mtp, 1):
+            h = module(h, self.embed_tokens(shifted_inputs(input_ids, k)), cos, sin)
+            out.append(self.logits(module.shared_head.norm(h)))
+        return out
+
+    def blocks(self) -> list[Block]:
+        """Every decoder block, the MTP modules' included: what activation checkpointing, compile and FSDP wrap."""
+        return [*self.layers, *self.mtp]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -89,7 +111,8 @@ class Transformer(nn.Module):
 
     # ---- MoE statistics and the aux-loss-free bias update
     def moe_layers(self) -> list[MoE]:
-        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+        """The MoE layers, main model first, then the MTP modules' (config.moe_layer_ids in the same order)."""
+        return [block.mlp for block in self.blocks() if isinstance(block.mlp, MoE)]
 
     def routing_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(expert counts [L_moe, E] of the last forward, summed balance loss of the last forward)."""

@@ -70,6 +70,11 @@ class TrainConfig:
     aux_loss_scope: str | None = _f(None, "balance loss per sequence or over the micro-batch (default: preset's)",
                                     choices=BALANCE_SCOPES)
     bias_update_gamma: float = _f(1e-3, "aux-loss-free bias step per optimizer step (noaux_tc routing; 0 = off)")
+    # --- multi-token prediction (DeepSeek-V3)
+    mtp_layers: int | None = _f(None, "MTP modules (num_nextn_predict_layers; default: the preset's): module k "
+                                      "also predicts the token k+1 ahead, and later drafts for --speculative mtp")
+    mtp_loss_weight: float = _f(0.3, "lambda: the loss adds lambda x the mean MTP cross-entropy (V3: 0.3, "
+                                     "then 0.1)")
     # --- execution
     seed: int = _f(0, "seed of the weights and of the batch order")
     device: str = _f("auto", "cuda, cpu or auto")
@@ -117,6 +122,8 @@ class TrainConfig:
             changes["aux_loss_alpha"] = self.aux_loss_alpha
         if self.aux_loss_scope is not None:
             changes["seq_aux"] = self.aux_loss_scope == "sequence"
+        if self.mtp_layers is not None:
+            changes["num_nextn_predict_layers"] = self.mtp_layers
         config = base.replace(**changes)
         if self.seq_len > config.max_position_embeddings:
             raise UserError(f"--seq-len {self.seq_len} is beyond the model's max_position_embeddings "
@@ -147,9 +154,12 @@ class TrainConfig:
             fail("min_lr_ratio", "must be in [0, 1]")
         if not 0 <= self.decay_fraction <= 1:
             fail("decay_fraction", "must be in [0, 1]")
-        for name in ("warmup_steps", "keep_checkpoints", "grad_clip", "weight_decay", "bias_update_gamma"):
+        for name in ("warmup_steps", "keep_checkpoints", "grad_clip", "weight_decay", "bias_update_gamma",
+                     "mtp_loss_weight"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0")
+        if self.mtp_layers is not None and not 0 <= self.mtp_layers < self.seq_len:
+            fail("mtp_layers", f"must be in [0, --seq-len={self.seq_len})")
         if not 0 <= self.dropout < 1:
             fail("dropout", "must be in [0, 1)")
         if self.tokenizer is None and self.vocab_size < MIN_VOCAB:

@@ -4,7 +4,8 @@ Training FLOPs per token = 6 * N_matmul + attention, where
 - N_matmul counts the weights one token multiplies through: the attention projections (MLA: q or q_a/q_b,
   kv_a, kv_b, o), every dense MLP, in each MoE layer the router (D x E), the shared experts and the K routed
   experts it is sent to (3 * D * F each), and lm_head. Embedding lookups and norms are not matmuls;
-  experts a token is not routed to do no work for it. 6 = 2 (multiply-add) x 3 (forward, input gradient,
+  experts a token is not routed to do no work for it. Each MTP module adds one MoE block, its eh_proj
+  (2D x D) and one more pass through lm_head. 6 = 2 (multiply-add) x 3 (forward, input gradient,
   weight gradient).
 - attention = 3 (fwd + bwd) x 2 x L x H x (d_qk + d_v) x (S + 1) / 2: QK^T and PV over the causal half of
   the sequence (a query at position i sees i + 1 keys). PaLM's 12*L*H*d*S counts the full square; we count
@@ -26,8 +27,9 @@ H200_BF16_SPEC_TFLOPS = 989.0  # dense BF16 without sparsity, the H100/H200 SXM 
 def matmul_params_per_token(c: ModelConfig) -> int:
     d = c.hidden_size
     attention = c._attention_params() - (c.kv_lora_rank or 0) - (c.q_lora_rank or 0)  # minus MLA's two norms
-    total = c.vocab_size * d  # lm_head (the tied embedding when tie_word_embeddings)
-    for i in range(c.num_hidden_layers):
+    D = c.num_nextn_predict_layers
+    total = c.vocab_size * d * (1 + D) + 2 * d * d * D  # lm_head per prediction, the MTP eh_proj
+    for i in range(c.num_hidden_layers + D):
         total += attention
         if c.is_moe_layer(i):
             total += d * c.n_routed_experts + 3 * d * c.moe_intermediate_size * (c.num_experts_per_tok
@@ -39,7 +41,8 @@ def matmul_params_per_token(c: ModelConfig) -> int:
 
 def attention_flops_per_token(c: ModelConfig, seq_len: int) -> float:
     v_dim = c.v_head_dim if c.use_mla else c.head_dim
-    return 3 * 2 * c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + v_dim) * (seq_len + 1) / 2
+    layers = c.num_hidden_layers + c.num_nextn_predict_layers
+    return 3 * 2 * layers * c.num_attention_heads * (c.qk_head_dim + v_dim) * (seq_len + 1) / 2
 
 
 def train_flops_per_token(c: ModelConfig, seq_len: int) -> float:

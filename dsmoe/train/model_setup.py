@@ -47,7 +47,7 @@ def build_training_model(config: ModelConfig, cfg: TrainConfig, device: torch.de
 def checkpoint_blocks(model: Transformer) -> None:
     """Activation checkpointing: each block keeps only its input and recomputes the rest in backward.
     The routing statistics survive: recomputation routes identically and rewrites the same values."""
-    for block in model.layers:
+    for block in model.blocks():
         block.forward = lambda *args, _forward=block.forward, **kw: checkpoint(_forward, *args, use_reentrant=False,
                                                                               **kw)
 
@@ -59,6 +59,6 @@ def add_dropout(model: Transformer, p: float) -> None:
         return F.dropout(output, p, module.training)
 
     model.embed_tokens.register_forward_hook(hook)
-    for block in model.layers:
+    for block in model.blocks():
         block.self_attn.register_forward_hook(hook)
         block.mlp.register_forward_hook(hook)

@@ -36,6 +36,7 @@ from dsmoe.data.prepare import prepare_corpus, read_documents
 from dsmoe.data.shards import check_enough_tokens
 from dsmoe.errors import UserError
 from dsmoe.model.balance import max_violation
+from dsmoe.model.mtp import mtp_loss
 from dsmoe.tasks.perplexity import evaluate_loss, perplexity
 from dsmoe.train import checkpoints
 from dsmoe.train.config import TrainConfig
@@ -162,23 +163,32 @@ class Trainer:
                                dp_rank=self.reducer.rank, dp_size=self.reducer.world_size)
         lm_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
+        mtp_sum = torch.zeros((), device=self.device)
+        with_mtp = self.model_config.num_nextn_predict_layers > 0
         counts = None
         for batch in batches:
             ids = torch.from_numpy(batch).to(self.device, non_blocking=True)
+            targets = ids[:, 1:]
             with self._autocast():
-                logits = self.forward(ids[:, :-1])
-            lm = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+                out = self.forward(ids[:, :-1], with_mtp=with_mtp)
+            logits = out[0] if with_mtp else out
+            loss = lm = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            if with_mtp:
+                mtp = mtp_loss(out[1], targets)
+                loss = lm + cfg.mtp_loss_weight * mtp
+                mtp_sum += mtp.detach()
             step_counts, aux = model.routing_stats()  # this micro-batch's, before the next forward rewrites them
             counts = step_counts.clone() if counts is None else counts + step_counts
             aux_sum += aux.float().to(self.device)
             lm_sum += lm.detach()
-            (lm / self.grad_accum).backward()  # the balance loss joins in backward (AddAuxiliaryLoss)
+            (loss / self.grad_accum).backward()  # the balance loss joins in backward (AddAuxiliaryLoss)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = self._clip_grad_norm(model.parameters(), max_norm)
-        losses = self.reducer.mean(torch.stack([lm_sum, aux_sum]) / self.grad_accum)
+        losses = self.reducer.mean(torch.stack([lm_sum, aux_sum, mtp_sum]) / self.grad_accum)
         counts = self.reducer.sum(counts)
-        lm_loss, aux_loss, norm = torch.cat([losses, grad_norm.float().reshape(1).to(self.device)]).tolist()
-        ok = math.isfinite(lm_loss) and math.isfinite(aux_loss) and math.isfinite(norm)
+        lm_loss, aux_loss, mtp_loss_value, norm = \
+            torch.cat([losses, grad_norm.float().reshape(1).to(self.device)]).tolist()
+        ok = all(math.isfinite(x) for x in (lm_loss, aux_loss, mtp_loss_value, norm))
         if ok:
             self.optimizer.step()
             if cfg.bias_update_gamma > 0 and counts.numel():
@@ -197,7 +207,8 @@ class Trainer:
         counts_cpu = counts.cpu()
         if ok and counts_cpu.numel():
             self.load_counts += counts_cpu.numpy()
-        return {"lm_loss": lm_loss, "aux_loss": aux_loss, "grad_norm": norm, "lr": lr, "ok": ok,
+        return {"lm_loss": lm_loss, "aux_loss": aux_loss, "mtp_loss": mtp_loss_value if with_mtp else None,
+                "grad_norm": norm, "lr": lr, "ok": ok,
                 "maxvio": max_violation(counts_cpu).tolist() if counts_cpu.numel() else []}
 
     def _clip_grad_norm(self, parameters, max_norm: float) -> torch.Tensor:
@@ -282,6 +293,8 @@ class Trainer:
                   "grad_norm": mean("grad_norm"), "tokens_per_s": tokens_per_s, "maxvio": maxvio,
                   "maxvio_mean": float(np.mean(maxvio)) if maxvio else None, "skipped_steps": self.skipped,
                   "elapsed_s": round(self.elapsed_before + elapsed, 2)}
+        if good[0]["mtp_loss"] is not None:  # the mean MTP cross-entropy, before lambda; not part of "loss"
+            record["mtp_loss"] = mean("mtp_loss")
         if self.peak_tflops:
             per_gpu = tokens_per_s / self.reducer.world_size
             record["mfu"] = self.flops_per_token * per_gpu / (self.peak_tflops * 1e12)
