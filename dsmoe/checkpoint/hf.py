@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from dsmoe.atomic import atomic_write, atomic_write_text
 from dsmoe.config import ModelConfig
 from dsmoe.errors import UserError
+from dsmoe.model.classifier import SequenceClassifier, classifier_labels
 from dsmoe.model.transformer import Transformer, cast_model
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ KEY_MAP: dict[str, str] = {
     "embed_tokens.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
+    "score.weight": "score.weight",  # the head of a sequence classifier (dsmoe.model.classifier)
     "layers.{}.input_layernorm.weight": "model.layers.{}.input_layernorm.weight",
     "layers.{}.post_attention_layernorm.weight": "model.layers.{}.post_attention_layernorm.weight",
     "layers.{}.self_attn.{}.weight": "model.layers.{}.self_attn.{}.weight",
@@ -127,7 +129,7 @@ def ours_to_hub(name: str, tensor: torch.Tensor, config: ModelConfig):
         for e in range(tensor.shape[0]):
             yield f"model.layers.{layer}.mlp.experts.{e}.down_proj.weight", tensor[e]
         return
-    yield ("lm_head.weight" if name == "lm_head.weight" else f"model.{name}"), tensor
+    yield (name if name in ("lm_head.weight", "score.weight") else f"model.{name}"), tensor
 
 
 # ---------------------------------------------------------------- loading
@@ -180,7 +182,8 @@ def _default_dtype(hf: dict) -> torch.dtype:
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, moe_impl: str = "auto") -> Transformer:
-    """Load a DeepSeek (16B / V2 / V2-Lite / V3) checkpoint or a dsmoe run folder into a Transformer.
+    """Load a DeepSeek (16B / V2 / V2-Lite / V3) checkpoint or a dsmoe run folder into a Transformer (a
+    SequenceClassifier when config.json's architectures name a ...ForSequenceClassification).
 
     dtype defaults to the checkpoint's (bf16 for FP8 checkpoints); the router stays fp32 regardless.
     """
@@ -197,8 +200,9 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                  "loading the model without them", D)
         config = config.replace(num_nextn_predict_layers=0)
 
+    labels = classifier_labels(hf)
     with torch.device("meta"):
-        model = Transformer(config, moe_impl)
+        model = Transformer(config, moe_impl) if labels is None else SequenceClassifier(config, labels, moe_impl)
     cast_model(model, dtype)
     model.to_empty(device=device or "cpu")
     targets = dict(model.named_parameters())

@@ -1,5 +1,6 @@
 """`dsmoe eval RUN [--data FILE ...]`: validation loss and perplexity of a run, a training checkpoint
-(RUN/checkpoints/step_N) or a Hugging Face checkpoint folder.
+(RUN/checkpoints/step_N) or a Hugging Face checkpoint folder. With --task or --lm-eval it scores a task suite
+instead (eval_tasks.py).
 
 Without --data it re-creates the run's own validation split from RUN/train_config.json (from the token
 cache: instant) and scores the same windows as the trainer's evaluations, so the number matches the run's
@@ -12,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from dsmoe.errors import UserError
+from dsmoe.tasks.eval_tasks import add_task_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,14 +24,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="field of each .jsonl record that holds the text")
     parser.add_argument("--tokenizer", help="tokenizer.json or its folder (default: the one in RUN)")
     parser.add_argument("--seq-len", type=int, help="tokens per window (default: the run's, else 1024)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows (with --task: sequences or engine slots) "
+                        "per forward; 1 = one at a time")
     parser.add_argument("--max-tokens", type=int, help="score at most this many tokens (default: the run's "
                         "--eval-tokens for its validation split, all of --data)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--moe-impl", default="auto", help="MoE experts implementation")
+    add_task_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if args.task or args.lm_eval:
+        from dsmoe.tasks.eval_tasks import run_lm_eval, run_suite
+
+        if args.task and args.lm_eval:
+            raise UserError("pass --task or --lm-eval, not both")
+        return run_suite(args) if args.task else run_lm_eval(args)
     import numpy as np
     import torch
 

@@ -1,0 +1,102 @@
+"""lm-eval's `dsmoe` model (in process) against lm-eval's `hf` model (transformers loading the same folder),
+on local YAML tasks over the shared data: the same accuracy, bits-per-byte within 1e-3 relative, the same
+per-request loglikelihoods and the same greedy generations."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from infer_helpers import build_model_dir, single_thread  # noqa: F401 (autouse fixture)
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (pip install 'dsmoe[eval]')")
+pytest.importorskip("transformers")
+
+SHARED = Path(os.environ.get("DSMOE_SHARED_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+pytestmark = pytest.mark.skipif(not (SHARED / "rt_polarity_test.jsonl").is_file(),
+                                reason=f"the shared data folder {SHARED} is missing (set DSMOE_SHARED_DATA)")
+
+TASKS = {
+    "dsmoe_rt_polarity_mc": """
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}/rt_polarity_test.jsonl}}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Review: {{{{text}}}}\\nSentiment:"
+doc_to_choice: ["negative", "positive"]
+doc_to_target: "{{{{['negative', 'positive'].index(label)}}}}"
+metric_list:
+  - {{metric: acc, aggregation: mean, higher_is_better: true}}
+""",
+    "dsmoe_rt_polarity_bpb": """
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}/rt_polarity_test.jsonl}}}}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - {{metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}}
+""",
+    "dsmoe_sms_spam_gen": """
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}/sms_spam_test.jsonl}}}}
+test_split: test
+output_type: generate_until
+doc_to_text: "Message: {{{{text}}}}\\nSpam or ham:"
+doc_to_target: "{{{{label}}}}"
+generation_kwargs: {{until: ["\\n"], max_gen_toks: 6, do_sample: false}}
+metric_list:
+  - {{metric: exact_match, aggregation: mean, higher_is_better: true}}
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lmeval_tasks")
+    for name, body in TASKS.items():
+        (folder / f"{name}.yaml").write_text(f"task: {name}" + body.format(data=SHARED.resolve()))
+    return folder
+
+
+def _evaluate(model, model_args, task_dir, monkeypatch, tmp_path):
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    return simple_evaluate(model=model, model_args=model_args, tasks=list(TASKS), limit=6, log_samples=True,
+                           task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+                           random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+
+
+@pytest.mark.slow
+def test_dsmoe_model_scores_like_hf(tmp_path_factory, task_dir, monkeypatch):
+    import dsmoe.tasks.lm_eval_model  # noqa: F401 (registers "dsmoe")
+    from lm_eval.api.registry import get_model
+
+    assert get_model("dsmoe").__name__ == "DsmoeLM"
+    model_dir = build_model_dir(tmp_path_factory.getbasetemp())
+    tmp = tmp_path_factory.mktemp("lmeval_run")
+    ours = _evaluate("dsmoe", f"pretrained={model_dir},device=cpu,dtype=float32,batch_size=4", task_dir,
+                     monkeypatch, tmp)
+    hf = _evaluate("hf", f"pretrained={model_dir},device=cpu,dtype=float32,batch_size=4", task_dir, monkeypatch, tmp)
+
+    assert ours["results"]["dsmoe_rt_polarity_mc"]["acc,none"] == hf["results"]["dsmoe_rt_polarity_mc"]["acc,none"]
+    assert ours["results"]["dsmoe_rt_polarity_bpb"]["bits_per_byte,none"] == pytest.approx(
+        hf["results"]["dsmoe_rt_polarity_bpb"]["bits_per_byte,none"], rel=1e-3)
+    for task in ("dsmoe_rt_polarity_mc", "dsmoe_rt_polarity_bpb"):
+        for a, b in zip(ours["samples"][task], hf["samples"][task], strict=True):
+            assert a["arguments"] == b["arguments"]
+            ll_ours = torch.tensor([[float(x) for x in r[0]] if isinstance(r[0], (list, tuple)) else [float(r[0])]
+                                    for r in a["resps"]])
+            ll_hf = torch.tensor([[float(x) for x in r[0]] if isinstance(r[0], (list, tuple)) else [float(r[0])]
+                                  for r in b["resps"]])
+            torch.testing.assert_close(ll_ours, ll_hf, rtol=1e-4, atol=1e-3)
+    gen_ours = [s["resps"] for s in ours["samples"]["dsmoe_sms_spam_gen"]]
+    gen_hf = [s["resps"] for s in hf["samples"]["dsmoe_sms_spam_gen"]]
+    assert gen_ours == gen_hf
+    assert ours["results"]["dsmoe_sms_spam_gen"]["exact_match,none"] == \
+        hf["results"]["dsmoe_sms_spam_gen"]["exact_match,none"]
