@@ -176,23 +176,33 @@ def test_classifier_head_through_the_cli_and_label_mismatch_refused(classifier_d
 
 @needs_data
 @pytest.mark.parametrize("task,extra,keys", [
-    ("rt_polarity", ["--shots", "2", "--shots-from", "rt_polarity_train.jsonl"], ["accuracy", "macro_f1"]),
+    ("rt_polarity", ["--shots", "2", "--shots-from", "rt_polarity_train.jsonl", "--bench"], ["accuracy", "macro_f1"]),
     ("xquad_en", [], ["exact_match", "f1"]),
-    ("ntrex128", ["--bench"], ["en-de"]),
+    ("ntrex128", [], ["en-de"]),
     ("scitldr", [], ["rouge1", "rouge2", "rougeL"]),
     ("oasst1_en", [], ["loss", "perplexity"]),
 ])
 def test_each_task_kind_from_the_command_line(model_dir, tmp_path, capsys, task, extra, keys):
     extra = [str(SHARED / x) if x.endswith(".jsonl") else x for x in extra]
     out = tmp_path / task
-    assert main(["eval", str(model_dir), "--task", task, "--data", str(SHARED / f"{task}_test.jsonl"), "--limit", "3",
+    assert main(["eval", str(model_dir), "--task", task, "--data", str(SHARED / f"{task}_test.jsonl"), "--limit", "2",
                  "--out", str(out), "--batch-size", "2", *extra]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(keys) <= set(results["metrics"]) and results["examples"] == 3
-    assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
+    assert set(keys) <= set(results["metrics"]) and results["examples"] == 2
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
     printed = capsys.readouterr().out
     assert keys[0] in printed and "examples/s" in printed
     if task == "rt_polarity":
         assert (out / "confusion.png").is_file() and (out / "confusion.json").is_file()
     if "--bench" in extra:
         assert results["one_at_a_time"]["examples_per_second"] > 0
+
+
+@needs_data
+def test_bench_tasks_runs_the_suite_batched_and_one_at_a_time(model_dir, tmp_path, capsys):
+    assert main(["bench", "tasks", "--model", str(model_dir), "--data-dir", str(SHARED), "--tasks",
+                 "sms_spam,oasst1_en", "--limit", "2", "--batch-size", "2", "--json", str(tmp_path / "b.json")]) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["task"] for r in rows] == ["sms_spam", "oasst1_en"]
+    assert all(r["batched"] > 0 and r["one_at_a_time"] > 0 for r in rows)
+    assert "speed-up" in capsys.readouterr().out

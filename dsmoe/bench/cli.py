@@ -14,6 +14,7 @@ BENCHMARKS = {
     "train": "whole-model training step: tokens/s and MFU of dsmoe vs transformers",
     "decode": "decode tokens/s at batch 1 and 32 vs transformers generate and the bandwidth bound",
     "scale": "expert-parallel weak scaling and all-to-all bandwidth under torchrun",
+    "tasks": "dsmoe eval --task examples/s per task kind, batched vs one example at a time",
 }
 
 

@@ -10,15 +10,16 @@ from dsmoe.infer.text import TextStream
 
 def generate_texts(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, stop: list[str],
                    max_batch: int = 16, cuda_graphs: bool = True, temperature: float = 0.0,
-                   seed: int = 0) -> list[str]:
+                   seed: int = 0, engine: Engine | None = None) -> list[str]:
     """The generated text of each prompt (prompt excluded, stop string and what follows it dropped).
     max_batch engine slots run concurrently; 1 generates one prompt at a time. Greedy unless temperature > 0
-    (then seeded per prompt, so a rerun gives the same text)."""
+    (then seeded per prompt, so a rerun gives the same text). An idle `engine` passed in is reused (its
+    CUDA graphs are captured once for every call; see make_engine); else one is built for these prompts."""
     if not prompts:
         return []
-    longest = max(len(p) for p in prompts) + max_new_tokens
-    engine = Engine(model, max_batch=max_batch, max_model_len=longest, eos_token_ids=eos_ids(model, tokenizer),
-                    cuda_graphs=cuda_graphs)
+    if engine is None:
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        engine = make_engine(model, tokenizer, max_batch=max_batch, max_model_len=longest, cuda_graphs=cuda_graphs)
     streams, texts = {}, {}
     for i, prompt in enumerate(prompts):
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i)
@@ -31,3 +32,9 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
             if stream.stopped and out.finish_reason is None:
                 engine.cancel(out.request_id)
     return ["".join(texts[str(i)]) for i in range(len(prompts))]
+
+
+def make_engine(model, tokenizer, *, max_batch: int, max_model_len: int | None = None,
+                cuda_graphs: bool = True) -> Engine:
+    return Engine(model, max_batch=max_batch, max_model_len=max_model_len, eos_token_ids=eos_ids(model, tokenizer),
+                  cuda_graphs=cuda_graphs)

@@ -27,9 +27,19 @@ class TaskRun:
     cuda_graphs: bool = True
     autocast_dtype: torch.dtype | None = None
     max_len: int = field(init=False)
+    engines: dict = field(init=False, default_factory=dict)  # batch size -> Engine, kept across runs
 
     def __post_init__(self):
-        self.max_len = self.model.config.max_position_embeddings
+        self.max_len = min(self.model.config.max_position_embeddings, 4096)
+
+    def engine(self):
+        """One engine per batch size, sized for max_len: its CUDA graphs are captured once, not per task run."""
+        from dsmoe.tasks.generation import make_engine
+
+        if self.batch_size not in self.engines:
+            self.engines[self.batch_size] = make_engine(self.model, self.tokenizer, max_batch=self.batch_size,
+                                                        max_model_len=self.max_len, cuda_graphs=self.cuda_graphs)
+        return self.engines[self.batch_size]
 
 
 def run_task(spec: TaskSpec, examples: list[dict], run: TaskRun) -> tuple[dict, list[dict]]:
@@ -121,7 +131,7 @@ def run_generation(spec: TaskSpec, examples: list[dict], run: TaskRun) -> tuple[
     prompts = [_left_truncate(run.tokenizer.encode(run.prefix + spec.render(ex)), run.max_len - spec.max_new_tokens)
                for ex in examples]
     outputs = generate_texts(run.model, run.tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
-                             stop=list(spec.stop), max_batch=run.batch_size, cuda_graphs=run.cuda_graphs)
+                             stop=list(spec.stop), engine=run.engine())
     predictions = [text.strip() for text in outputs]
     references = [list(ex[spec.references]) if spec.references else [str(ex[spec.answer])] for ex in examples]
     groups: dict[str | None, list[int]] = defaultdict(list)
