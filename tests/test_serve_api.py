@@ -2,10 +2,12 @@
 
 import asyncio
 
+import httpx
 import openai
 import pytest
 import torch
 from infer_helpers import build_model_dir, running_server, single_thread  # noqa: F401 (autouse fixture)
+from prometheus_client.parser import text_string_to_metric_families
 
 from dsmoe.checkpoint.hf import load_pretrained
 from dsmoe.infer.chat_template import render_chat
@@ -172,3 +174,45 @@ def test_32_concurrent_streaming_clients(server, client):
 
     assert asyncio.run(all_at_once()) == expected
     server.wait_idle()
+
+
+def scrape(server) -> dict[str, float]:
+    """Every sample of GET /metrics by name (+ finished_reason), the model_name label checked and dropped."""
+    r = httpx.get(server.url + "/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            if not s.name.startswith("dsmoe:"):
+                continue
+            labels = dict(s.labels)
+            assert labels.pop("model_name") == "tiny"
+            out[s.name + "".join(f"{{{v}}}" for k, v in labels.items() if k == "finished_reason")] = s.value
+    return out
+
+
+def test_metrics_move_as_requests_run_and_complete(server, local):
+    prompt_tokens = len(local[1].encode("def "))
+    before = scrape(server)
+    assert before["dsmoe:num_requests_running"] == 0 and before["dsmoe:kv_cache_usage_perc"] == 0
+    request = {"model": "tiny", "prompt": "def ", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+               "stream": True}
+    with httpx.Client(base_url=server.url, timeout=60) as http, http.stream("POST", "/v1/completions",
+                                                                             json=request) as r:
+        lines = (line for line in r.iter_lines() if line.startswith("data: "))
+        next(lines)
+        during = scrape(server)
+        rest = list(lines)
+    assert rest[-1] == "data: [DONE]"
+    assert during["dsmoe:num_requests_running"] == 1 and during["dsmoe:kv_cache_usage_perc"] == 1 / 16
+    assert during["dsmoe:num_requests_admitted"] == 1
+    server.wait_idle()
+    after = scrape(server)
+    delta = {name: after[name] - before.get(name, 0.0) for name in after}
+    assert delta["dsmoe:generation_tokens_total"] == 200
+    assert delta["dsmoe:prompt_tokens_total"] == prompt_tokens
+    assert delta["dsmoe:time_to_first_token_seconds_count"] == 1
+    assert delta["dsmoe:e2e_request_latency_seconds_count"] == 1
+    assert 1 <= delta["dsmoe:time_per_output_token_seconds_count"] <= 199  # one per output after the first
+    assert delta["dsmoe:request_success_total{length}"] == 1
+    assert after["dsmoe:num_requests_running"] == 0 and after["dsmoe:num_requests_waiting"] == 0

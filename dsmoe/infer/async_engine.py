@@ -3,8 +3,10 @@
 One thread owns the Engine (and the GPU): it takes new requests and cancellations from a queue, runs
 steps while there is work, and hands each output to the asyncio loop of the request that asked. A
 consumer that stops iterating (a client that went away) cancels its request, which frees the slot at
-the next step. Admission control is here too: past `max_running + max_waiting` requests in flight,
-`generate` raises Overloaded (the server answers 429) instead of queueing without bound.
+the next step. Admission control is here too: `admit` reserves places before a request is answered at all
+(a server calls it before sending any header), and past `max_running + max_waiting` places it raises
+Overloaded (the server answers 429) instead of queueing without bound. It runs on the asyncio loop's thread
+with no await between the check and the count, so concurrent requests cannot both take the last place.
 """
 
 from __future__ import annotations
@@ -30,11 +32,24 @@ class EngineFailed(Exception):
     """The engine raised while running this request (a server-side failure, not the request's fault)."""
 
 
+class Admission:
+    """`places` requests counted in flight from admission until `release` (idempotent): a server holds it
+    until its response has ended, so the count covers requests whose headers are sent but whose generation
+    has not started yet."""
+
+    def __init__(self, engine: "AsyncEngine", places: int):
+        self._engine, self.places = engine, places
+
+    def release(self) -> None:
+        self._engine.in_flight -= self.places
+        self.places = 0
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine, max_waiting: int = 256):
         self.engine = engine
         self.max_in_flight = engine.max_batch + max_waiting
-        self.in_flight = 0  # touched only on the asyncio loop's thread
+        self.in_flight = 0  # admitted places; touched only on the asyncio loop's thread
         self.cancelled = 0  # requests whose consumer went away before the end (e.g. a client disconnect)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, object] = {}
@@ -55,12 +70,18 @@ class AsyncEngine:
         return {"running": self.engine.num_running(), "waiting": self.engine.num_waiting(),
                 "in_flight": self.in_flight, "cancelled": self.cancelled}
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
-        """Outputs of one request until it finishes. Raises UserError (bad request: checked before anything
-        is queued), Overloaded, or EngineFailed. Closing the iterator early cancels the request."""
-        self.engine.validate(prompt_ids, params)
-        if self.in_flight >= self.max_in_flight:
+    def admit(self, places: int = 1) -> Admission:
+        """Reserve `places` requests (call on the asyncio loop's thread); raises Overloaded past the limit."""
+        if self.in_flight + places > self.max_in_flight:
             raise Overloaded(f"{self.in_flight} requests are in flight, the limit is {self.max_in_flight}")
+        self.in_flight += places
+        return Admission(self, places)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
+        """Outputs of one request until it finishes (admission, if wanted, is the caller's: `admit`). Raises
+        UserError (bad request: checked before anything is queued) or EngineFailed. Closing the iterator
+        early cancels the request."""
+        self.engine.validate(prompt_ids, params)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         rid = uuid.uuid4().hex
@@ -68,7 +89,6 @@ class AsyncEngine:
         def sink(item) -> None:  # called on the engine thread
             loop.call_soon_threadsafe(outputs.put_nowait, item)
 
-        self.in_flight += 1
         finished = False
         self._submit(("add", rid, prompt_ids, params, sink))
         try:
@@ -82,7 +102,6 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            self.in_flight -= 1
             if not finished:
                 self.cancelled += 1
                 self._submit(("cancel", rid))

@@ -1,4 +1,4 @@
-"""The FastAPI app: routes, the OpenAI error shape for every failure, body limits, draining.
+"""The FastAPI app: routes, the OpenAI error shape for every failure, admission, metrics, draining.
 
 Every error a client can cause is an APIError with a 4xx status; anything else is a server bug and
 answers 500 without details (the log has them). While draining (after SIGTERM), new requests get 503.
@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dsmoe.infer.async_engine import AsyncEngine
+from dsmoe.infer.async_engine import Admission, AsyncEngine, Overloaded
 from dsmoe.infer.tokenizer import Tokenizer
-from dsmoe.serve.protocol import APIError, as_api_error
+from dsmoe.serve.metrics import ServerMetrics
+from dsmoe.serve.protocol import APIError, BodyLimits, as_api_error
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +30,21 @@ class ServerState:
     tokenizer: Tokenizer
     model_name: str
     eos_ids: tuple[int, ...]
-    max_body_bytes: int = 2 * 1024 * 1024
+    body_limits: BodyLimits = field(default_factory=BodyLimits)
     draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    metrics: ServerMetrics = field(init=False)
+
+    def __post_init__(self):
+        self.metrics = ServerMetrics(self.engine, self.model_name)
+
+    def admit(self, places: int) -> Admission:
+        """Places for a request's prompts, taken before any response header is sent (429 past the limit)."""
+        try:
+            return self.engine.admit(places)
+        except Overloaded as e:
+            self.metrics.rejected.inc()
+            raise as_api_error(e) from None
 
     @property
     def max_model_len(self) -> int:
@@ -55,7 +68,7 @@ class RefuseWhileDraining:
         self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.state.draining and scope["path"] != "/health":
+        if scope["type"] == "http" and self.state.draining and scope["path"] not in ("/health", "/metrics"):
             error = APIError(503, "the server is shutting down", code="shutting_down")
             await JSONResponse(error.body(), status_code=503)(scope, receive, send)
             return
@@ -75,7 +88,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.dsmoe = state
 
     def error_response(e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -103,6 +116,11 @@ def create_app(state: ServerState) -> FastAPI:
     def model_card() -> dict:
         return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "dsmoe",
                 "max_model_len": state.max_model_len}
+
+    @app.get("/metrics")
+    async def metrics():
+        body, content_type = state.metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models():

@@ -7,12 +7,12 @@ import uuid
 from contextlib import aclosing
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from dsmoe.infer.chat_template import render_chat, stop_strings_for
 from dsmoe.infer.sampling import TokenLogprobs
 from dsmoe.infer.tokenizer import Tokenizer
-from dsmoe.serve.generation import event_stream, run_choice, sse, until_disconnected
+from dsmoe.serve.generation import AdmittedStream, run_choice, sse, until_disconnected
 from dsmoe.serve.protocol import (APIError, ChatRequest, check_supported, parse_request, sampling_params,
                                   stop_strings)
 
@@ -39,7 +39,7 @@ def _logprobs(tokenizer: Tokenizer, entries: list[TokenLogprobs]) -> list[dict]:
 
 
 async def chat_completions(request: Request, state) -> Response:
-    req = await parse_request(request, ChatRequest, state.max_body_bytes)
+    req = await parse_request(request, ChatRequest, state.body_limits)
     state.check_model(req.model)
     check_supported(req)
     tokenizer = state.tokenizer
@@ -49,16 +49,17 @@ async def chat_completions(request: Request, state) -> Response:
     params = sampling_params(req, max_tokens=max_tokens, prompt_len=len(prompt_ids),
                              max_model_len=state.max_model_len, vocab_size=state.vocab_size,
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-    engine = state.engine
-    if engine.in_flight >= engine.max_in_flight:
-        raise APIError(429, "the server is busy; retry later", code="overloaded")
-    choice = run_choice(engine, tokenizer, prompt_ids, params, stops)
+    choice = run_choice(state.engine, tokenizer, prompt_ids, params, stops, state.metrics)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
+    admission = state.admit(1)  # nothing that can fail between here and the response taking it over
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = _stream(head, choice, tokenizer, req.logprobs, len(prompt_ids), include_usage)
-        return StreamingResponse(event_stream(body), media_type="text/event-stream")
-    result = await until_disconnected(request, _collect(choice))
+        return AdmittedStream(body, admission)
+    try:
+        result = await until_disconnected(request, _collect(choice))
+    finally:
+        admission.release()
     if result is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
     text, finish, entries, count = result

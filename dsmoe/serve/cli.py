@@ -2,6 +2,10 @@
 
 SIGTERM (or Ctrl-C) drains: the listening socket closes, requests that arrive on open connections get 503,
 requests in flight run to their end, then the engine stops and the process exits 0.
+
+Slow clients cannot hold the server (or a drain) open: a request's headers must arrive within
+--header-timeout seconds of the connection opening (or of the previous response on a kept-alive
+connection), its body within --body-timeout seconds of the headers; either answers 408 and closes.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 from pathlib import Path
 
 import uvicorn  # this module is imported only when `dsmoe serve` runs
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (faster decode; each batch/length bucket compiles once)")
     parser.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="request body limit (413 past it)")
+    parser.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds for a request's headers to arrive (408 and close past it)")
+    parser.add_argument("--body-timeout", type=float, default=30.0,
+                        help="seconds for a request's body to arrive after its headers (408 and close past it)")
     parser.add_argument("--model-name", default=None, help="name clients send as `model` (default: the folder name)")
     parser.add_argument("--drain-timeout", type=float, default=60.0,
                         help="seconds SIGTERM waits for requests in flight before closing them")
@@ -42,9 +51,10 @@ def run(args: argparse.Namespace) -> int:
     from dsmoe.infer.engine import Engine
     from dsmoe.infer.loading import eos_ids, load_for_inference
     from dsmoe.serve.app import ServerState, create_app
+    from dsmoe.serve.protocol import BodyLimits
 
-    for name in ("max_batch", "max_queue", "prefill_chunk", "max_body_bytes"):
-        if getattr(args, name) < 1:
+    for name in ("max_batch", "max_queue", "prefill_chunk", "max_body_bytes", "header_timeout", "body_timeout"):
+        if not getattr(args, name) >= 1:  # `not >=` also refuses nan
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     model, tokenizer, _ = load_for_inference(args)
     eos = eos_ids(model, tokenizer)
@@ -52,9 +62,11 @@ def run(args: argparse.Namespace) -> int:
                     prefill_chunk=args.prefill_chunk, eos_token_ids=eos, cuda_graphs=not args.no_cuda_graphs,
                     compile=args.compile)
     name = args.model_name or Path(args.path).resolve().name
+    limits = BodyLimits(max_bytes=args.max_body_bytes, timeout_s=args.body_timeout)
     state = ServerState(AsyncEngine(engine, max_waiting=args.max_queue).start(), tokenizer, name, eos,
-                        max_body_bytes=args.max_body_bytes)
-    config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level="info",
+                        body_limits=limits)
+    protocol = type("H11WithHeaderTimeout", (HeaderTimeoutProtocol,), {"header_timeout": args.header_timeout})
+    config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level="info", http=protocol,
                             timeout_graceful_shutdown=args.drain_timeout)
     server = DrainingServer(config, state)
     log.info("serving %s as '%s' on http://%s:%d/v1 (max batch %d, max model len %d)", args.path, name,
@@ -80,3 +92,40 @@ class DrainingServer(uvicorn.Server):
             yield
             # uvicorn re-raises the signal after shutting down; a drained shutdown is a clean exit (status 0)
             self._captured_signals.clear()
+
+
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on receiving a request's headers, which uvicorn lacks (its
+    keep-alive timer stops at the first byte, so a client sending a byte a second holds the connection)."""
+
+    header_timeout = 10.0
+    RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"content-length: %d\r\n\r\n%s")
+    BODY = (b'{"error": {"message": "the request headers did not arrive in time", "type": "invalid_request_error", '
+            b'"param": null, "code": "request_timeout"}}')
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def data_received(self, data: bytes) -> None:
+        if self._header_timer is None and self._awaiting_headers():  # the next request on a kept-alive connection
+            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+        super().data_received(data)
+        if self._header_timer is not None and not self._awaiting_headers():
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def connection_lost(self, exc) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _awaiting_headers(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self._awaiting_headers() and not self.transport.is_closing():
+            self.transport.write(self.RESPONSE % (len(self.BODY), self.BODY))
+            self.transport.close()

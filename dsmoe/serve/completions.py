@@ -12,12 +12,12 @@ import time
 import uuid
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from dsmoe.infer.sampling import TokenLogprobs
 from dsmoe.infer.text import IncrementalDecoder
 from dsmoe.infer.tokenizer import Tokenizer
-from dsmoe.serve.generation import Delta, event_stream, merge, run_choice, sse, until_disconnected
+from dsmoe.serve.generation import AdmittedStream, Delta, merge, run_choice, sse, until_disconnected
 from dsmoe.serve.protocol import (MAX_PROMPTS, APIError, CompletionRequest, check_supported, parse_request,
                                   sampling_params, stop_strings)
 
@@ -90,7 +90,7 @@ class LegacyLogprobs:
 
 
 async def completions(request: Request, state) -> Response:
-    req = await parse_request(request, CompletionRequest, state.max_body_bytes)
+    req = await parse_request(request, CompletionRequest, state.body_limits)
     state.check_model(req.model)
     check_supported(req)
     stops = stop_strings(req)
@@ -100,20 +100,22 @@ async def completions(request: Request, state) -> Response:
     params = [sampling_params(req, max_tokens=max_tokens, prompt_len=len(ids), max_model_len=state.max_model_len,
                               vocab_size=state.vocab_size, logprobs=req.logprobs, prompt_logprobs=echo_logprobs)
               for ids, _ in inputs]
-    engine = state.engine
-    if engine.in_flight + len(inputs) > engine.max_in_flight:
-        raise APIError(429, "the server is busy; retry later", code="overloaded")
     echo_texts = [(text if text is not None else state.tokenizer.decode(ids)) if req.echo else ""
                   for ids, text in inputs]
-    streams = [run_choice(engine, state.tokenizer, ids, p, stops) for (ids, _), p in zip(inputs, params)]
+    streams = [run_choice(state.engine, state.tokenizer, ids, p, stops, state.metrics)
+               for (ids, _), p in zip(inputs, params)]
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
     prompt_tokens = sum(len(ids) for ids, _ in inputs)
+    admission = state.admit(len(inputs))  # nothing that can fail between here and the response taking it over
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = _stream(head, streams, inputs, echo_texts, req, state.tokenizer, prompt_tokens, include_usage)
-        return StreamingResponse(event_stream(body), media_type="text/event-stream")
-    choices = await until_disconnected(request, _collect(streams, inputs, echo_texts, req, state.tokenizer))
+        return AdmittedStream(body, admission)
+    try:
+        choices = await until_disconnected(request, _collect(streams, inputs, echo_texts, req, state.tokenizer))
+    finally:
+        admission.release()
     if choices is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
     completion_tokens = sum(c.pop("_tokens") for c in choices)

@@ -1,5 +1,5 @@
-"""Running choices for the HTTP handlers: text deltas with stop strings, several prompts at once, SSE framing,
-and cancellation when the client goes away."""
+"""Running choices for the HTTP handlers: text deltas with stop strings, several prompts at once, SSE framing
+with the admission held until the stream ends, and cancellation when the client goes away."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
 
-from dsmoe.infer.async_engine import AsyncEngine
+from dsmoe.infer.async_engine import Admission, AsyncEngine
 from dsmoe.infer.sampling import SamplingParams, TokenLogprobs
 from dsmoe.infer.text import TextStream
 from dsmoe.infer.tokenizer import Tokenizer
+from dsmoe.serve.metrics import ServerMetrics
 from dsmoe.serve.protocol import as_api_error
 
 
@@ -29,17 +31,20 @@ class Delta:
 
 
 async def run_choice(engine: AsyncEngine, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
-                     stop: list[str]) -> AsyncIterator[Delta]:
+                     stop: list[str], metrics: ServerMetrics) -> AsyncIterator[Delta]:
     """One prompt's generation as text deltas; a stop string ends it with finish_reason "stop"."""
     stream = TextStream(tokenizer, prompt_ids, stop)
     emitted = 0
+    timer = metrics.start(len(prompt_ids))
     async with aclosing(engine.generate(prompt_ids, params)) as outputs:
         async for out in outputs:
+            timer.tokens(len(out.token_ids))
             text = stream.push(out.token_ids, final=out.finish_reason is not None)
             finish = out.finish_reason or ("stop" if stream.stopped else None)
             yield Delta(text, out.token_ids, out.logprobs or [], emitted, out.prompt_logprobs, finish)
             emitted += len(text)
             if finish:
+                timer.finished(finish)
                 return  # leaving `aclosing` cancels the engine request if it is still running (a stop string)
 
 
@@ -106,3 +111,18 @@ async def event_stream(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     except Exception as e:  # headers are sent already: report in-band, as vLLM does
         yield sse(as_api_error(e).body())
     yield sse("[DONE]")
+
+
+class AdmittedStream(StreamingResponse):
+    """An SSE response holding its requests' admission until the response has ended, however it ends (the
+    last byte sent, the client gone, or the body never started)."""
+
+    def __init__(self, chunks: AsyncIterator[str], admission: Admission):
+        super().__init__(event_stream(chunks), media_type="text/event-stream")
+        self.admission = admission
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.admission.release()

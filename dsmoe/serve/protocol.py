@@ -4,12 +4,16 @@ Requests are parsed strictly (a string is not a number, "yes" is not a boolean) 
 does not define are ignored, as vLLM does, so real clients that send extras keep working. OpenAI
 parameters dsmoe does not implement are refused with a 400 naming them rather than silently ignored.
 Error messages never quote the request body back (a huge input must not come back in the answer).
+Text that no tokenizer can take (a lone UTF-16 surrogate such as "\\ud800", which JSON can spell, or a NUL
+character) is refused with a 400 naming the field rather than replaced, so nothing is silently changed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -29,12 +33,14 @@ class APIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with this HTTP status."""
 
     TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-             413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
+             408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
              429: "rate_limit_error", 500: "server_error", 503: "server_unavailable"}
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, _clip(message, 600), param, code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
@@ -48,7 +54,8 @@ def as_api_error(e: Exception) -> APIError:
     if isinstance(e, UserError):
         return APIError(400, str(e))
     if isinstance(e, Overloaded):
-        return APIError(429, f"the server is busy ({e}); retry later", code="overloaded")
+        return APIError(429, f"the server is busy ({e}); retry later", code="overloaded",
+                        headers={"Retry-After": "1"})
     if isinstance(e, EngineFailed):
         return APIError(500, str(e))
     logging.getLogger(__name__).exception("unexpected error while handling a request", exc_info=e)
@@ -125,6 +132,27 @@ class ChatRequest(SamplingFields):
     response_format: dict[str, Any] | None = None
 
 
+def check_text(data: Any) -> None:
+    """400 naming the first string (value or key, anywhere in the body) that holds a lone surrogate or NUL."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            stack += [(key, path) for key in value] + [(v, f"{path}.{_clip(k, 40)}") for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, f"{path}.{i}") for i, v in enumerate(value)]
+        elif isinstance(value, str):
+            problem = "a NUL character" if "\x00" in value else None
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                problem = "a lone UTF-16 surrogate (such as \\ud800)"
+            if problem:
+                field = path.lstrip(".")
+                raise APIError(400, f"invalid '{field}': the text contains {problem}; send valid Unicode "
+                                    "without NUL characters", param=field.split(".")[0], code="invalid_text")
+
+
 def parse_body(raw: bytes, model: type[OpenAIModel]) -> OpenAIModel:
     try:
         data = json.loads(raw)
@@ -132,6 +160,7 @@ def parse_body(raw: bytes, model: type[OpenAIModel]) -> OpenAIModel:
         raise APIError(400, "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    check_text(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -140,29 +169,61 @@ def parse_body(raw: bytes, model: type[OpenAIModel]) -> OpenAIModel:
         raise APIError(400, "the request body is nested too deeply") from None
 
 
-async def read_json_body(request: Request, limit: int) -> bytes:
+@dataclass(frozen=True)
+class BodyLimits:
+    """How much of a request body the server reads, and for how long. Past `max_bytes` the answer is 413,
+    but only after reading (and dropping) up to `drain_bytes` more, so that clients which send the whole
+    body before reading the answer (urllib, requests, the openai client) read the 413 instead of a
+    connection reset; a client that sent `Expect: 100-continue` never sends the body and gets it at once."""
+    max_bytes: int = 2 * 1024 * 1024
+    timeout_s: float = 30.0  # the whole body, from the end of the headers (slow senders get 408)
+    drain_bytes: int = 64 * 1024 * 1024
+
+
+async def read_json_body(request: Request, limits: BodyLimits) -> bytes:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise APIError(415, "the request body must be JSON sent with Content-Type: application/json")
-    too_large = APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
-                         code="request_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks, size = [], 0
     try:
-        async for chunk in request.stream():  # counted as it arrives: a body without Content-Length too
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
+        async with asyncio.timeout(limits.timeout_s):
+            return await _read_capped(request, limits)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {limits.timeout_s:g} s",
+                       code="request_timeout", headers={"Connection": "close"}) from None
     except ClientDisconnect:
         raise APIError(400, "the client disconnected while sending the request") from None
+
+
+async def _read_capped(request: Request, limits: BodyLimits) -> bytes:
+    too_large = APIError(413, f"the request body is larger than the server's limit of {limits.max_bytes} bytes",
+                         code="request_too_large", headers={"Connection": "close"})
+    stream = request.stream()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_bytes:
+        if request.headers.get("expect", "").lower() != "100-continue":
+            await _drain(stream, limits.drain_bytes)
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in stream:  # counted as it arrives: a body without Content-Length too
+        size += len(chunk)
+        if size > limits.max_bytes:
+            await _drain(stream, limits.drain_bytes)
+            raise too_large
+        chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def parse_request(request: Request, model: type[OpenAIModel], limit: int) -> OpenAIModel:
-    return parse_body(await read_json_body(request, limit), model)
+async def _drain(stream, limit: int) -> None:
+    """Read and drop the rest of a refused body, up to `limit` bytes (then the connection is closed)."""
+    dropped = 0
+    async for chunk in stream:
+        dropped += len(chunk)
+        if dropped > limit:
+            return
+
+
+async def parse_request(request: Request, model: type[OpenAIModel], limits: BodyLimits) -> OpenAIModel:
+    return parse_body(await read_json_body(request, limits), model)
 
 
 def _loc(loc: tuple) -> str:
