@@ -187,3 +187,73 @@ def experts_fused(
         x_TD, gate_up_EFD, down_EDF = x_TD.to(dtype), gate_up_EFD.to(dtype), down_EDF.to(dtype)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, topk_weight_TK, gate_up_EFD, down_EDF))
     return torch.ops.dsmoe.experts_fwd(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF, save)[0]
+
+
+# ---- weight-only fp8 / int8 inference: dsmoe::wq_matmul / dsmoe::wq_moe_experts ---------------------------
+
+WQ_MAX_ROWS = 64  # past this many rows (prefill, large batches) the codes are dequantised and the usual path runs
+
+
+def _wq_kernel_fits(x: torch.Tensor, rows: int, scale_block_ok: bool) -> bool:
+    return (rows <= WQ_MAX_ROWS and scale_block_ok and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and triton_available(x.device))
+
+
+def _fp8_blocks_are_128(q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """The kernels assume DeepSeek's 128 x 128 blocks; a checkpoint with other blocks takes the dequantised path."""
+    if q.dtype != torch.float8_e4m3fn:
+        return True
+    return tuple(scale.shape[-2:]) == (-(-q.shape[-2] // 128), -(-q.shape[-1] // 128))
+
+
+@torch.library.custom_op("dsmoe::wq_matmul", mutates_args=())
+def _wq_matmul_op(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    from dsmoe.kernels.triton_quant import wq_matmul
+
+    return wq_matmul(x, q, scale)
+
+
+@_wq_matmul_op.register_fake
+def _(x, q, scale):
+    return x.new_empty(x.shape[0], q.shape[0])
+
+
+@torch.library.custom_op("dsmoe::wq_moe_experts", mutates_args=())
+def _wq_moe_op(x: Tensor, topk_idx: Tensor, topk_weight: Tensor, gate_up: Tensor, gate_up_scale: Tensor,
+               down: Tensor, down_scale: Tensor) -> Tensor:
+    from dsmoe.kernels.triton_quant import wq_moe_experts
+
+    return wq_moe_experts(x, topk_idx, topk_weight, gate_up, gate_up_scale, down, down_scale)
+
+
+@_wq_moe_op.register_fake
+def _(x, topk_idx, topk_weight, gate_up, gate_up_scale, down, down_scale):
+    return x.new_empty(x.shape)
+
+
+def quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ dequantize(q, scale)^T in x's dtype (see dsmoe.kernels.quant for the formats)."""
+    from dsmoe.kernels.quant import dequantize
+
+    x2 = x.reshape(-1, x.shape[-1])
+    if _wq_kernel_fits(x2, x2.shape[0], _fp8_blocks_are_128(q, scale)):
+        y = torch.ops.dsmoe.wq_matmul(x2, q, scale)
+    else:
+        y = torch.nn.functional.linear(x2, dequantize(q, scale, x2.dtype))
+    return y.view(*x.shape[:-1], q.shape[0])
+
+
+def quant_moe_experts(
+    x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor, gate_up_q: torch.Tensor,
+    gate_up_scale: torch.Tensor, down_q: torch.Tensor, down_scale: torch.Tensor, impl: str = "auto",
+) -> torch.Tensor:
+    """`moe_experts` on quantized expert stacks. Decode-sized batches read only the chosen experts' codes;
+    larger ones dequantise the stacks once and take `moe_experts(impl)`."""
+    from dsmoe.kernels.quant import dequantize
+
+    blocks_ok = _fp8_blocks_are_128(gate_up_q, gate_up_scale) and _fp8_blocks_are_128(down_q, down_scale)
+    if _wq_kernel_fits(x_TD, topk_idx_TK.numel(), blocks_ok):
+        return torch.ops.dsmoe.wq_moe_experts(x_TD, topk_idx_TK, topk_weight_TK, gate_up_q, gate_up_scale, down_q,
+                                              down_scale)
+    return moe_experts(x_TD, topk_idx_TK, topk_weight_TK, dequantize(gate_up_q, gate_up_scale, x_TD.dtype),
+                       dequantize(down_q, down_scale, x_TD.dtype), impl)

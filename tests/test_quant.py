@@ -1,0 +1,136 @@
+"""Weight-only fp8 / int8: the formats, the Triton decode kernels against `dequantize` + the plain path, and
+whole quantized models against their full-precision selves.
+
+Without a GPU the kernels run in Triton's interpreter in fp32 (tests/conftest.py selects it); the tests
+marked `gpu` add bf16 at DeepSeek-V2-Lite dims and CUDA-graph capture.
+"""
+
+import os
+
+import pytest
+import torch
+
+from dsmoe.config import get_preset
+from dsmoe.kernels.quant import (QuantExperts, QuantLinear, dequantize, quantize, quantize_fp8, quantize_model,
+                                 weight_bytes)
+from dsmoe.kernels.reference import moe_experts_reference
+from dsmoe.model.transformer import build_model
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+SCHEMES = ["fp8", "int8"]
+
+
+def _kernels():
+    if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    pytest.importorskip("triton")
+    from dsmoe.kernels import triton_quant
+
+    return triton_quant
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("scheme,bound", [("fp8", 0.05), ("int8", 0.01)])
+def test_quantization_error_is_that_of_the_format(scheme, bound):
+    w = torch.randn(3, 200, 300)  # partial 128-blocks on both axes, and a leading expert dim
+    q, s = quantize(w, scheme)
+    assert q.dtype == (torch.float8_e4m3fn if scheme == "fp8" else torch.int8) and q.shape == w.shape
+    assert s.shape == ((3, 2, 3) if scheme == "fp8" else (3, 200))
+    assert 1e-4 < rel(dequantize(q, s), w) < bound
+
+
+def test_fp8_codes_that_are_exact_survive_unchanged():
+    """A weight already on the fp8 grid of its block scale comes back bit for bit (DeepSeek's own codes)."""
+    codes = torch.randint(-100, 100, (256, 130)).float().to(torch.float8_e4m3fn)
+    codes[0, 0] = 448.0  # each block's largest code is the format's maximum, so amax/448 recovers the scale
+    codes[0, 128] = 448.0
+    codes[128, 0] = 448.0
+    codes[128, 128] = 448.0
+    scale = torch.tensor([[0.5, 2.0], [0.25, 4.0]])
+    w = dequantize(codes, scale)
+    q, s = quantize_fp8(w)
+    assert torch.equal(s, scale) and torch.equal(q.view(torch.uint8), codes.view(torch.uint8))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("M,N,K", [(1, 64, 128), (5, 200, 300), (17, 70, 129)])
+def test_wq_matmul_equals_dequantize_then_linear(scheme, M, N, K):
+    tq = _kernels()
+    g = torch.Generator().manual_seed(M * N + K)
+    x = torch.randn(M, K, generator=g).to(DEVICE)
+    q, s = quantize(torch.randn(N, K, generator=g) / K**0.5, scheme)
+    q, s = q.to(DEVICE), s.to(DEVICE)
+    out = tq.wq_matmul(x, q, s)
+    assert rel(out, x @ dequantize(q, s).T) < 1e-5
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("T,D,F,E,K,empty", [(1, 128, 64, 4, 2, ()), (3, 160, 136, 5, 2, (1,)), (4, 72, 40, 6, 3, (0, 5))])
+def test_wq_moe_experts_equals_the_reference_on_dequantized_weights(scheme, T, D, F, E, K, empty):
+    tq = _kernels()
+    g = torch.Generator().manual_seed(T + D + F)
+    allowed = torch.tensor([e for e in range(E) if e not in empty])
+    idx = torch.stack([allowed[torch.randperm(len(allowed), generator=g)[:K]] for _ in range(T)])
+    x, w = torch.randn(T, D, generator=g), torch.rand(T, K, generator=g)
+    gu, gs = quantize(torch.randn(E, 2 * F, D, generator=g) / D**0.5, scheme)
+    dn, ds = quantize(torch.randn(E, D, F, generator=g) / F**0.5, scheme)
+    ref = moe_experts_reference(x, idx, w, dequantize(gu, gs), dequantize(dn, ds))
+    to = [t.to(DEVICE) for t in (x, idx, w, gu, gs, dn, ds)]
+    assert rel(tq.wq_moe_experts(*to), ref.to(DEVICE)) < 1e-5
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_model_is_close_to_the_model_and_smaller(scheme):
+    torch.manual_seed(0)
+    config = get_preset("tiny")
+    model = build_model(config).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 24))
+    with torch.no_grad():
+        before = model(ids)
+        full_bytes = weight_bytes(model)
+        quantize_model(model, scheme)
+        after = model(ids)
+    assert any(isinstance(m, QuantExperts) for m in model.modules())
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ("q_proj", "o_proj", "gate_proj")
+                   for n, m in model.named_modules())
+    assert rel(after, before) < (0.05 if scheme == "fp8" else 0.01)
+    quantized = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("_proj"))
+    assert quantized > 0
+    assert weight_bytes(model) < 0.8 * full_bytes  # the tiny preset's embedding and lm_head stay full precision
+
+
+def test_unknown_scheme_is_one_clear_error():
+    from dsmoe.errors import UserError
+
+    with pytest.raises(UserError, match="fp8, int8"):
+        quantize(torch.randn(4, 4), "int4")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_bf16_kernels_at_v2_lite_dims_and_in_a_cuda_graph(scheme):
+    tq = _kernels()
+    c = get_preset("v2-lite")
+    D, F, E, K, T = c.hidden_size, c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok, 4
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(T, D, device="cuda", generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, device="cuda", generator=g)
+    gu, gs = quantize(torch.randn(E, 2 * F, D, device="cuda", generator=g) / D**0.5, scheme)
+    dn, ds = quantize(torch.randn(E, D, F, device="cuda", generator=g) / F**0.5, scheme)
+    ref = moe_experts_reference(x.double(), idx, w.double(), dequantize(gu, gs).double(), dequantize(dn, ds).double())
+    out = tq.wq_moe_experts(x, idx, w, gu, gs, dn, ds)
+    assert rel(out, ref) < 1e-2
+    lin = tq.wq_matmul(x, gu[0], gs[0])
+    assert rel(lin, x.double() @ dequantize(gu[0], gs[0]).double().T) < 1e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = tq.wq_moe_experts(x, idx, w, gu, gs, dn, ds)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, out)
