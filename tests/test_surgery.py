@@ -1,0 +1,159 @@
+"""Expert surgery: pruning with nothing pruned is an identity, pruning keeps the chosen experts' function,
+growing keeps the output (exactly with a selection bias), upcycling keeps the dense function (exactly with
+K = E), the results load in transformers with equal logits, and impossible requests get one clear error."""
+
+import pytest
+import torch
+
+from dsmoe import load_pretrained, save_pretrained
+from dsmoe.config import ModelConfig
+from dsmoe.model.transformer import build_model
+from dsmoe.surgery.experts import (SurgeryError, grow_experts, prune_experts, select_by_usage, select_random)
+from dsmoe.surgery.upcycle import upcycle
+
+BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=4, first_k_dense_replace=1, kv_lora_rank=32, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=128)
+V3 = dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
+          scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.0)
+V2 = dict(model_type="deepseek_v2", n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+          scoring_func="softmax", topk_method="greedy", norm_topk_prob=False)
+
+
+def make(extra, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(**{**BASE, **extra}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)  # decisive routing, O(1) logits
+        for moe in model.moe_layers():
+            if moe.gate.e_score_correction_bias is not None:
+                moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    return model.eval()
+
+
+IDS = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS)
+
+
+def usage(model):
+    with torch.no_grad():
+        model(IDS)
+    return model.routing_stats()[0].cpu()
+
+
+def test_pruning_nothing_is_an_identity():
+    model = make(V3)
+    E = model.config.n_routed_experts
+    same = prune_experts(model, [torch.arange(E)] * len(model.config.moe_layer_ids))
+    assert torch.equal(logits(same), logits(model))
+
+
+def test_pruning_keeps_the_most_used_experts_per_group_and_the_unpruned_tokens_agree():
+    model = make(V3)
+    counts = usage(model)
+    kept = select_by_usage(counts, 4, n_group=2)
+    for ids, c in zip(kept, counts):
+        assert (ids < 4).sum() == 2 and (ids >= 4).sum() == 2  # two per group
+        for g in range(2):
+            in_group = [i for i in range(g * 4, g * 4 + 4)]
+            top = sorted(in_group, key=lambda e: (-int(c[e]), e))[:2]
+            assert sorted(top) == [int(i) for i in ids if i // 4 == g]
+    pruned = prune_experts(model, kept)
+    assert pruned.config.n_routed_experts == 4
+    moe, old = pruned.moe_layers()[0], model.moe_layers()[0]
+    assert torch.equal(moe.experts.down_proj, old.experts.down_proj[kept[0]])
+    assert torch.equal(moe.gate.e_score_correction_bias, old.gate.e_score_correction_bias[kept[0]])
+    assert torch.isfinite(logits(pruned)).all()
+    random = prune_experts(model, select_random(2, 8, 4, 2))
+    assert random.config.n_routed_experts == 4
+
+
+@pytest.mark.parametrize("bad,match", [(9, "has 8"), (1, "num_experts_per_tok"), (3, "routing groups")])
+def test_impossible_prunes_are_refused(bad, match):
+    model = make(V3)
+    kept = [torch.arange(bad) for _ in model.config.moe_layer_ids]
+    with pytest.raises(SurgeryError, match=match):
+        prune_experts(model, kept)
+
+
+def test_growing_with_a_selection_bias_keeps_the_logits_exactly():
+    model = make(V3)
+    grown = grow_experts(model, 4, usage(model))
+    assert grown.config.n_routed_experts == 12
+    torch.testing.assert_close(logits(grown), logits(model), rtol=1e-6, atol=1e-6)  # same experts, same weights
+    children = torch.tensor([4, 5, 10, 11])
+    assert usage(grown)[:, children].sum() == 0 and usage(grown).sum() == usage(model).sum()
+    # children sit at the end of their group and copy a busy parent's weights up to the jitter
+    moe, old = grown.moe_layers()[0], model.moe_layers()[0]
+    child, parents = moe.experts.gate_up_proj[4], old.experts.gate_up_proj[:4]
+    nearest = (parents - child).flatten(1).norm(dim=1).min()
+    assert 0 < nearest < 0.01 * child.norm()
+
+
+def test_growing_a_softmax_router_moves_the_output_a_little():
+    model = make(V2)
+    grown = grow_experts(model, 2, usage(model))
+    gap = ((logits(grown) - logits(model)).norm() / logits(model).norm()).item()
+    assert 0 < gap < 0.5  # the copied router rows share their parents' probability mass
+
+
+def test_grow_refuses_uneven_groups():
+    model = make(V3)
+    with pytest.raises(SurgeryError, match="multiple"):
+        grow_experts(model, 3, usage(model))
+
+
+def dense_model():
+    return make(dict(n_routed_experts=None, intermediate_size=96))
+
+
+def test_upcycling_with_every_expert_active_is_the_dense_function():
+    dense = dense_model()
+    moe = upcycle(dense, experts=4, top_k=4, shared=2, keep_dense=1, router_init="zero")
+    assert moe.config.n_routed_experts == 4 and moe.config.moe_intermediate_size == 16
+    assert len(moe.moe_layers()) == 2
+    torch.testing.assert_close(logits(moe), logits(dense), rtol=1e-5, atol=1e-5)
+
+
+def test_upcycling_with_fewer_active_experts_has_a_measured_gap():
+    dense = dense_model()
+    moe = upcycle(dense, experts=6, top_k=2, shared=2, keep_dense=1)
+    gap = ((logits(moe) - logits(dense)).norm() / logits(dense).norm()).item()
+    assert 0 < gap < 1
+
+
+@pytest.mark.parametrize("kw,match", [(dict(experts=5, top_k=2, shared=2), "divisor"),
+                                      (dict(experts=4, top_k=5, shared=2), "top-k"),
+                                      (dict(experts=4, top_k=2, shared=2, keep_dense=3), "keeps all")])
+def test_impossible_upcycles_are_refused(kw, match):
+    with pytest.raises(SurgeryError, match=match):
+        upcycle(dense_model(), **kw)
+
+
+def test_upcycle_refuses_a_model_that_is_moe_already():
+    with pytest.raises(SurgeryError, match="MoE layers already"):
+        upcycle(make(V3), experts=4, top_k=2, shared=2, keep_dense=0)
+
+
+@pytest.mark.parametrize("op", ["prune", "grow", "upcycle"])
+def test_results_round_trip_and_load_in_transformers(tmp_path, op):
+    transformers = pytest.importorskip("transformers")
+    if op == "upcycle":
+        result = upcycle(dense_model(), experts=4, top_k=2, shared=2)
+    else:
+        model = make(V3)
+        result = prune_experts(model, select_by_usage(usage(model), 6, 2)) if op == "prune" \
+            else grow_experts(model, 2, usage(model))
+    save_pretrained(result, tmp_path)
+    again = load_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert torch.equal(logits(again), logits(result))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(IDS).logits
+    torch.testing.assert_close(ref, logits(result), rtol=1e-4, atol=1e-4)
