@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "chat": ("dsmoe.infer.chat_cli", "interactive chat with a model (REPL with history)"),
     "serve": ("dsmoe.serve.cli", "OpenAI-compatible HTTP server"),
     "convert": ("dsmoe.checkpoint.convert_cli", "re-save a checkpoint (dtype, shard size) in the hub layout"),
+    "experts": ("dsmoe.surgery.cli", "change a model's experts: prune | grow | upcycle"),
     "bench": ("dsmoe.bench.cli", "benchmarks: moe | train | decode | scale"),
 }
 

@@ -157,3 +157,27 @@ def test_results_round_trip_and_load_in_transformers(tmp_path, op):
     with torch.no_grad():
         ref = hf(IDS).logits
     torch.testing.assert_close(ref, logits(result), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_prune_writes_a_loadable_folder_with_provenance(tmp_path, capsys):
+    import json
+
+    from infer_helpers import build_model_dir
+
+    from dsmoe.cli import main
+
+    src = build_model_dir(tmp_path)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("def f(x):\n    return x + 1\n" * 200)
+    out = tmp_path / "pruned"
+    args = ["experts", "prune", str(src), "--data", str(calib), "--keep", "4", "--seq-len", "64", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "before" in printed and "random experts dropped instead" in printed
+    record = json.loads((out / "surgery.json").read_text())
+    assert record["kept_per_layer"] == 4 and record["loss_after"] > 0
+    assert load_pretrained(out).config.n_routed_experts == 4
+    assert (out / "tokenizer.json").is_file() and not list(tmp_path.glob(".pruned.tmp-*"))
+    assert main(args) == 2  # refuses to overwrite without --overwrite
+    assert main(args[:3] + ["--keep", "9", "--data", str(calib), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()

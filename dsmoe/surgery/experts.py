@@ -60,6 +60,11 @@ def select_by_usage(counts_LE: torch.Tensor, keep: int, n_group: int) -> list[to
     """Per MoE layer, the `keep` most-used experts (keep / n_group in each group), in ascending id order.
     Ties go to the lower id."""
     L, E = counts_LE.shape
+    if not 0 < keep <= E:
+        raise SurgeryError(f"cannot keep {keep} experts: the model has {E} per layer")
+    if keep % n_group:
+        raise SurgeryError(f"keeping {keep} experts does not split into the model's {n_group} routing groups; "
+                           f"use a multiple of {n_group}")
     size, per_group = E // n_group, keep // n_group
     kept = []
     for layer in range(L):

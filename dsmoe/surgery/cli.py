@@ -1,0 +1,184 @@
+"""`dsmoe experts prune | grow | upcycle`: change the experts of a model folder and write a new one.
+
+Each command loads MODEL (any folder `load_pretrained` reads), measures routing on calibration text where it
+needs to (`--data`), writes OUT atomically (a temporary sibling folder renamed into place) in the hub layout
+with the tokenizer files and a `surgery.json` provenance record, and prints the calibration loss before and
+after (for prune also after dropping as many random experts, the baseline usage-based pruning must beat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from dsmoe.errors import UserError
+
+log = logging.getLogger(__name__)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    prune = sub.add_parser("prune", help="remove the least-used routed experts of every MoE layer")
+    grow = sub.add_parser("grow", help="add routed experts split from the busiest ones")
+    up = sub.add_parser("upcycle", help="turn dense FFN layers into DeepSeekMoE layers (fine-grained segments)")
+    for p in (prune, grow, up):
+        p.add_argument("path", metavar="MODEL", help="model folder (dsmoe run folder or Hugging Face checkpoint)")
+        p.add_argument("--out", required=True, help="folder to write the new model to")
+        p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        p.add_argument("--data", nargs="+", metavar="PATH", help="calibration text (files, folders, globs, .jsonl)")
+        p.add_argument("--text-field", default="text", help="field of .jsonl records holding the text")
+        p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+        p.add_argument("--max-tokens", type=int, default=65536, help="calibration tokens to read at most")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+        p.add_argument("--seed", type=int, default=0)
+    amount = prune.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--keep", type=int, help="routed experts to keep per layer")
+    amount.add_argument("--drop-fraction", type=float, help="share of routed experts to remove per layer")
+    grow.add_argument("--add", type=int, required=True, help="routed experts to add per layer")
+    grow.add_argument("--noise", type=float, default=1e-3, help="jitter of the copies, relative to weight std")
+    up.add_argument("--experts", type=int, required=True, help="routed experts per MoE layer")
+    up.add_argument("--top-k", type=int, required=True, help="routed experts per token")
+    up.add_argument("--shared", type=int, default=1, help="shared experts per MoE layer")
+    up.add_argument("--keep-dense", type=int, default=1, help="the first N layers stay dense")
+    up.add_argument("--router-init", choices=["random", "zero"], default="random",
+                    help="zero: every expert weighs 1 at step 0 (exact when --top-k equals --experts)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsmoe.checkpoint.hf import load_pretrained
+
+    source, out = Path(args.path), Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"{out} exists and is not empty; pass --overwrite or another --out")
+    device = _device(args.device)
+    model = load_pretrained(source, dtype=torch.float32, device=device).eval()
+    windows = _calibration(args, source, model.config.vocab_size)
+    if args.action in ("prune", "grow") and not model.moe_layers():
+        raise UserError(f"{source} has no MoE layers to {args.action}; `dsmoe experts upcycle` makes some")
+    if args.action == "prune" and windows is None:
+        raise UserError("prune ranks experts by the tokens they receive: pass calibration text with --data")
+    result, record = _ACTIONS[args.action](args, model, windows)
+    record.update(action=args.action, source=str(source), calibration=args.data, seed=args.seed)
+    if windows is not None:
+        record["loss_before"], record["loss_after"] = _loss(model, windows), _loss(result, windows)
+        print(f"calibration loss: before {record['loss_before']:.4f} | after {record['loss_after']:.4f}"
+              + (f" | random experts dropped instead {record['loss_random']:.4f}" if "loss_random" in record else ""))
+    _write_folder(result, source, out, record, args.overwrite)
+    print(f"wrote {out} ({result.config.n_routed_experts} routed experts per MoE layer, "
+          f"{result.config.num_params() / 1e6:.1f}M parameters)")
+    return 0
+
+
+def _prune(args, model, windows):
+    from dsmoe.surgery.experts import SurgeryError, prune_experts, select_by_usage, select_random
+
+    c = model.config
+    keep = args.keep if args.keep is not None else round(c.n_routed_experts * (1 - args.drop_fraction))
+    if args.drop_fraction is not None and not 0 <= args.drop_fraction < 1:
+        raise SurgeryError("--drop-fraction is a share in [0, 1)")
+    counts = expert_usage(model, windows)
+    pruned = prune_experts(model, select_by_usage(counts, keep, c.n_group))
+    random = prune_experts(model, select_random(len(c.moe_layer_ids), c.n_routed_experts, keep, c.n_group, args.seed))
+    record = {"kept_per_layer": keep, "removed_per_layer": c.n_routed_experts - keep,
+              "loss_random": _loss(random, windows), "expert_tokens": counts.tolist()}
+    return pruned, record
+
+
+def _grow(args, model, windows):
+    from dsmoe.surgery.experts import grow_experts
+
+    if windows is None:  # no calibration text: the experts are split in id order
+        counts = torch.zeros(len(model.config.moe_layer_ids), model.config.n_routed_experts, dtype=torch.long)
+    else:
+        counts = expert_usage(model, windows)
+    grown = grow_experts(model, args.add, counts, noise=args.noise, seed=args.seed)
+    return grown, {"added_per_layer": args.add, "noise": args.noise}
+
+
+def _upcycle(args, model, windows):
+    from dsmoe.surgery.upcycle import upcycle
+
+    moe = upcycle(model, experts=args.experts, top_k=args.top_k, shared=args.shared, keep_dense=args.keep_dense,
+                  router_init=args.router_init, seed=args.seed)
+    return moe, {"experts": args.experts, "top_k": args.top_k, "shared": args.shared, "keep_dense": args.keep_dense,
+                 "router_init": args.router_init}
+
+
+_ACTIONS = {"prune": _prune, "grow": _grow, "upcycle": _upcycle}
+
+
+@torch.no_grad()
+def expert_usage(model, windows, batch_size: int = 8) -> torch.Tensor:
+    """Tokens each routed expert received over the calibration windows: [MoE layers, E] int64."""
+    total = None
+    for start in range(0, len(windows), batch_size):
+        ids = torch.stack([torch.as_tensor(w[:-1]) for w in windows[start:start + batch_size]])
+        model(ids.to(next(model.parameters()).device))
+        counts = model.routing_stats()[0].cpu()
+        total = counts if total is None else total + counts
+    return total
+
+
+def _loss(model, windows) -> float:
+    from dsmoe.tasks.perplexity import evaluate_loss
+
+    device = next(model.parameters()).device
+    return evaluate_loss(model, windows, batch_size=8, device=device,
+                         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)[0]
+
+
+def _calibration(args, source: Path, vocab_size: int):
+    import numpy as np
+
+    from dsmoe.data.batches import eval_windows
+    from dsmoe.data.prepare import read_documents
+    from dsmoe.data.tokenizer import load_tokenizer
+
+    if not args.data:
+        return None
+    tokenizer = load_tokenizer(source)
+    docs = read_documents(args.data, args.text_field)
+    tokens = np.asarray([t for ids in tokenizer.encode_documents([d.text for d in docs]) for t in ids])
+    windows = [w for w in eval_windows(tokens, args.seq_len, args.max_tokens) if len(w) == args.seq_len + 1]
+    if not windows:
+        raise UserError(f"the calibration text has fewer than {args.seq_len + 1} tokens; pass more or lower --seq-len")
+    if max(int(w.max()) for w in windows) >= vocab_size:
+        raise UserError(f"{source}'s tokenizer produces ids past the model's vocabulary: the folder is inconsistent")
+    return windows
+
+
+def _device(name: str) -> torch.device:
+    from dsmoe.infer.loading import resolve_device
+
+    return resolve_device(name)
+
+
+def _write_folder(model, source: Path, out: Path, record: dict, overwrite: bool) -> None:
+    from dsmoe.checkpoint.hf import save_pretrained
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_pretrained(model, tmp)
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
+        (tmp / "surgery.json").write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            if not overwrite:
+                raise UserError(f"{out} appeared while writing; pass --overwrite")
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
