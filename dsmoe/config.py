@@ -25,6 +25,10 @@ ARCHITECTURES = {
 }
 
 
+ADAPTIVE_ROUTING_FIELDS = ("routing_top_p", "routing_min_k", "routing_target_k", "routing_k_loss_alpha")
+ADAPTIVE_SUFFIX = "_dsmoe_adaptive"
+
+
 class ConfigError(UserError):
     """A model configuration that cannot describe a valid model; the message names the field."""
 
@@ -51,6 +55,13 @@ class ModelConfig:
     topk_group: int = 1  # groups a token may use
     norm_topk_prob: bool = True  # renormalise the K gate weights to sum to 1 (before the scaling factor)
     routed_scaling_factor: float = 1.0  # multiplies the routed gate weights
+    # Adaptive routing (dsmoe only, off by default): a token takes experts in order of affinity until their
+    # normalised scores reach routing_top_p, at least routing_min_k and at most num_experts_per_tok (k_max);
+    # routing_k_loss_alpha * (mean soft count - routing_target_k)^2 holds the mean count at the target.
+    routing_top_p: float | None = None
+    routing_min_k: int = 1
+    routing_target_k: float | None = None
+    routing_k_loss_alpha: float = 0.0
     router_fp32: bool = True  # V2/V3 route in fp32; the 16B hub code routes in the model dtype
     aux_loss_alpha: float = 0.0  # expert-level balance loss weight (training only)
     seq_aux: bool = True  # balance loss per sequence (True) or over the whole micro-batch (False)
@@ -167,6 +178,9 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
         model_type = hf.get("model_type")
+        if isinstance(model_type, str) and model_type.endswith(ADAPTIVE_SUFFIX):
+            model_type = model_type.removesuffix(ADAPTIVE_SUFFIX)
+            hf = {**hf, "model_type": model_type}
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"config.json has model_type {model_type!r}; dsmoe reads {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -213,10 +227,18 @@ class ModelConfig:
         if self.model_type == "deepseek_v3":
             out["rope_interleave"] = True
         out.pop("router_fp32")  # implied by model_type; no hub config carries it
+        if self.routing_top_p is None:
+            for name in ADAPTIVE_ROUTING_FIELDS:
+                out.pop(name)
+        else:  # transformers would silently route top-k_max: a model_type it does not know makes it refuse
+            out["model_type"] = self.model_type + ADAPTIVE_SUFFIX
+            out["dsmoe_note"] = ("adaptive (top-p) routing: only dsmoe runs this model; transformers routes a "
+                                 "fixed top-k and cannot reproduce it")
         return out
 
 
-_NULLABLE = {"n_routed_experts", "q_lora_rank", "kv_lora_rank", "rope_scaling", "bos_token_id",
+_NULLABLE = {"routing_top_p", "routing_target_k", "n_routed_experts", "q_lora_rank", "kv_lora_rank", "rope_scaling",
+             "bos_token_id",
              "eos_token_id", "pad_token_id", "num_key_value_heads"}
 
 
@@ -284,6 +306,15 @@ def _validate(c: ModelConfig) -> None:
             fail("n_group", "noaux_tc scores a group by its top-2 experts: each group needs at least 2")
         if c.topk_method == "noaux_tc" and c.scoring_func != "sigmoid":
             fail("topk_method", "noaux_tc (aux-loss-free V3 routing) needs scoring_func='sigmoid'")
+        if c.routing_top_p is not None:
+            if not 0 < c.routing_top_p <= 1:
+                fail("routing_top_p", "must be in (0, 1] (or null for fixed top-k routing)")
+            if not 1 <= c.routing_min_k <= c.num_experts_per_tok:
+                fail("routing_min_k", f"must be between 1 and num_experts_per_tok={c.num_experts_per_tok} (k_max)")
+            if c.routing_target_k is not None and not c.routing_min_k <= c.routing_target_k <= c.num_experts_per_tok:
+                fail("routing_target_k", "must lie between routing_min_k and num_experts_per_tok")
+            if c.routing_k_loss_alpha < 0 or (c.routing_k_loss_alpha > 0 and c.routing_target_k is None):
+                fail("routing_k_loss_alpha", "must be >= 0, and needs routing_target_k when > 0")
     if c.use_mla:
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if getattr(c, name) <= 0:

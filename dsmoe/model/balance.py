@@ -18,36 +18,45 @@ def affinity_probs(scores_TE: torch.Tensor, scoring_func: str) -> torch.Tensor:
     return scores_TE / scores_TE.sum(dim=-1, keepdim=True)
 
 
+def _slot_weights(topk_idx_TK: torch.Tensor, active_TK: torch.Tensor | None) -> torch.Tensor:
+    """1 for every routing decision that is used (all of them under fixed top-k), else 0; fp32."""
+    if active_TK is None:
+        return torch.ones(topk_idx_TK.shape, device=topk_idx_TK.device)
+    return active_TK.float()
+
+
 def expert_balance_loss(
-    probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, alpha: float, seq_len: int | None = None
+    probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, alpha: float, seq_len: int | None = None,
+    active_TK: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Expert-level loss. `seq_len` set: computed per sequence of that length and averaged (DeepSeek's
     `seq_aux`, V3's sequence-wise loss); None: over the whole batch of tokens.
 
-    f_i = E / (K * T) * #(tokens choosing i) uses the experts actually selected (after group limits).
+    f_i = E / (K * T) * #(tokens choosing i) uses the experts actually selected (after group limits); under
+    adaptive routing K * T is the number of decisions actually used (`active_TK`).
     """
     T, E = probs_TE.shape
     K = topk_idx_TK.shape[1]
     S = T if seq_len is None else seq_len
     B = T // S
+    used = _slot_weights(topk_idx_TK, active_TK).reshape(B, S * K)
     counts_BE = torch.zeros(B, E, device=probs_TE.device, dtype=torch.float32)
-    counts_BE.scatter_add_(1, topk_idx_TK.reshape(B, S * K), torch.ones(B, S * K, device=probs_TE.device))
-    f_BE = counts_BE * (E / (S * K))
+    counts_BE.scatter_add_(1, topk_idx_TK.reshape(B, S * K), used)
+    f_BE = counts_BE * (E / used.sum(dim=1, keepdim=True).clamp_min(1))
     P_BE = probs_TE.float().reshape(B, S, E).mean(dim=1)
     return alpha * (f_BE * P_BE).sum(dim=1).mean()
 
 
 def device_balance_loss(
     probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, expert_device_E: torch.Tensor, num_devices: int,
-    alpha: float,
+    alpha: float, active_TK: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Device-level loss (DeepSeekMoE eq. 15-17): f'_d = mean of f_j over d's experts, P'_d = sum of P_j.
     expert_device_E maps each expert to its device; num_devices is passed so nothing is read back from the GPU."""
     T, E = probs_TE.shape
-    K = topk_idx_TK.shape[1]
     D = num_devices
-    f_E = torch.zeros(E, device=probs_TE.device).scatter_add_(
-        0, topk_idx_TK.flatten(), torch.ones(T * K, device=probs_TE.device)) * (E / (T * K))
+    used = _slot_weights(topk_idx_TK, active_TK).flatten()
+    f_E = torch.zeros(E, device=probs_TE.device).scatter_add_(0, topk_idx_TK.flatten(), used) * (E / used.sum().clamp_min(1))
     P_E = probs_TE.float().mean(dim=0)
     experts_per_device = torch.zeros(D, device=probs_TE.device).scatter_add_(
         0, expert_device_E, torch.ones(E, device=probs_TE.device))
@@ -58,16 +67,33 @@ def device_balance_loss(
 
 def communication_balance_loss(
     probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, expert_device_E: torch.Tensor, num_devices: int,
-    max_devices: int, alpha: float,
+    max_devices: int, alpha: float, active_TK: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Communication loss (V2 eq. 29-31): f''_d = D / (M T) * #(tokens sent to device d), P''_d as above."""
     T, E = probs_TE.shape
     D = num_devices
     sent_TD = torch.zeros(T, D, device=probs_TE.device)
-    sent_TD.scatter_(1, expert_device_E[topk_idx_TK], 1.0)  # a token counts once per device it reaches
+    # a token counts once per device it reaches (amax: an unused slot never clears a used one)
+    sent_TD.scatter_reduce_(1, expert_device_E[topk_idx_TK], _slot_weights(topk_idx_TK, active_TK), "amax")
     f_D = sent_TD.sum(dim=0) * (D / (max_devices * T))
     P_D = torch.zeros(D, device=probs_TE.device).scatter_add_(0, expert_device_E, probs_TE.float().mean(dim=0))
     return alpha * (f_D * P_D).sum()
+
+
+def expert_count_loss(
+    scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, top_p: float, min_k: int, target: float, alpha: float,
+    temperature: float = 0.05,
+) -> torch.Tensor:
+    """Adaptive routing's regulariser: alpha * (mean soft expert count - target)^2. A slot's soft use is
+    sigmoid((top_p - mass before it) / temperature), the differentiable twin of the hard rule in
+    `route`, so the gradient makes the affinities peakier when tokens use too many experts and flatter when
+    they use too few."""
+    from dsmoe.model.router import adaptive_cumulative
+
+    soft = torch.sigmoid((top_p - adaptive_cumulative(scores_TE.float(), topk_idx_TK)) / temperature)
+    first = torch.arange(topk_idx_TK.shape[1], device=soft.device) < min_k
+    count = torch.where(first, torch.ones_like(soft), soft).sum(dim=-1)
+    return alpha * (count.mean() - target) ** 2
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from torch import nn
 from dsmoe.config import ModelConfig
 from dsmoe.kernels import ops
 from dsmoe.model.balance import (AddAuxiliaryLoss, affinity_probs, communication_balance_loss,
-                                 device_balance_loss, expert_balance_loss)
+                                 device_balance_loss, expert_balance_loss, expert_count_loss)
 from dsmoe.model.layers import MLP
 from dsmoe.model.router import Router, Routing
 
@@ -74,7 +74,7 @@ class MoE(nn.Module):
         with torch.no_grad():
             self.expert_counts.copy_(routing.counts_E)
         c = self.config
-        alphas = (c.aux_loss_alpha, c.device_aux_loss_alpha, c.comm_aux_loss_alpha)
+        alphas = (c.aux_loss_alpha, c.device_aux_loss_alpha, c.comm_aux_loss_alpha, c.routing_k_loss_alpha)
         if self.training and max(alphas) > 0 and torch.is_grad_enabled():
             aux = self.balance_loss(routing, S)
             y_TD = AddAuxiliaryLoss.apply(y_TD, aux * self.aux_loss_scale)
@@ -85,18 +85,21 @@ class MoE(nn.Module):
         """The sum of the enabled balance losses of one forward (spec sections 5.1, 5.2, 5.4)."""
         c = self.config
         probs = affinity_probs(routing.scores_TE, c.scoring_func)
-        idx = routing.topk_idx_TK
+        idx, active = routing.topk_idx_TK, routing.active_TK
         aux = probs.new_zeros((), dtype=torch.float32)
         if c.aux_loss_alpha > 0:
-            aux = aux + expert_balance_loss(probs, idx, c.aux_loss_alpha, seq_len if c.seq_aux else None)
+            aux = aux + expert_balance_loss(probs, idx, c.aux_loss_alpha, seq_len if c.seq_aux else None, active)
         if c.device_aux_loss_alpha > 0 or c.comm_aux_loss_alpha > 0:
             device_E = torch.arange(c.n_routed_experts, device=idx.device) // self.experts_per_device
             num_devices = c.n_routed_experts // self.experts_per_device
             if c.device_aux_loss_alpha > 0:
-                aux = aux + device_balance_loss(probs, idx, device_E, num_devices, c.device_aux_loss_alpha)
+                aux = aux + device_balance_loss(probs, idx, device_E, num_devices, c.device_aux_loss_alpha, active)
             if c.comm_aux_loss_alpha > 0:
                 aux = aux + communication_balance_loss(probs, idx, device_E, num_devices,
-                                                       self.max_devices_per_token(), c.comm_aux_loss_alpha)
+                                                       self.max_devices_per_token(), c.comm_aux_loss_alpha, active)
+        if c.routing_k_loss_alpha > 0:
+            aux = aux + expert_count_loss(routing.scores_TE, idx, c.routing_top_p, c.routing_min_k,
+                                          c.routing_target_k, c.routing_k_loss_alpha)
         return aux
 
     def max_devices_per_token(self) -> int:

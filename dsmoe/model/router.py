@@ -29,6 +29,9 @@ class Routing:
     topk_weight_TK: torch.Tensor  # fp32 gate weights
     scores_TE: torch.Tensor  # fp32 affinities (softmax probabilities or sigmoid scores), unbiased
     counts_E: torch.Tensor  # int64 tokens routed to each expert
+    # Adaptive routing: which of the K = k_max slots a token uses (inactive slots carry weight 0, so the
+    # expert paths need no change: static shapes, no host sync); None under fixed top-k.
+    active_TK: torch.Tensor | None = None
 
 
 # A pytree node, so hooks that walk a module's outputs (FSDP2's pre-backward unshard) see the tensors inside.
@@ -46,7 +49,11 @@ def route(
     norm_topk_prob: bool = False,
     routed_scaling_factor: float = 1.0,
     bias_E: torch.Tensor | None = None,
+    top_p: float | None = None,
+    min_k: int = 1,
 ) -> Routing:
+    """top_p set: adaptive routing; `top_k` is then k_max and each token keeps the leading experts (in order
+    of choice) whose normalised affinities sum to top_p, at least min_k of them."""
     T, E = logits_TE.shape
     if scoring_func == "softmax":
         scores = logits_TE.softmax(dim=-1, dtype=torch.float32)
@@ -64,13 +71,31 @@ def route(
         choice = choice.masked_fill(~keep_G.repeat_interleave(E // n_group, dim=1), float("-inf"))
     topk_idx = choice.topk(top_k, dim=-1).indices
     weight = scores.gather(1, topk_idx)
+    active = None
+    if top_p is not None:
+        active = adaptive_active(scores, topk_idx, top_p, min_k)
+        weight = weight * active
     if norm_topk_prob:
         weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
     weight = weight * routed_scaling_factor
     counts = torch.zeros(E, dtype=torch.int64, device=logits_TE.device)
     # scatter_add, not bincount: bincount reads the max back to the host on CUDA (a sync per layer)
-    counts.scatter_add_(0, topk_idx.flatten(), torch.ones_like(topk_idx.flatten()))
-    return Routing(topk_idx, weight, scores, counts)
+    counts.scatter_add_(0, topk_idx.flatten(),
+                        torch.ones_like(topk_idx.flatten()) if active is None else active.flatten().long())
+    return Routing(topk_idx, weight, scores, counts, active)
+
+
+def adaptive_cumulative(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> torch.Tensor:
+    """Normalised affinity mass of the slots before each slot, in choice order: [T, K] fp32."""
+    mass = scores_TE.gather(1, topk_idx_TK) / scores_TE.sum(dim=-1, keepdim=True)
+    return mass.cumsum(dim=-1) - mass
+
+
+def adaptive_active(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, top_p: float, min_k: int) -> torch.Tensor:
+    """Slot j is used while the mass before it is below top_p (so the used slots reach top_p), or j < min_k."""
+    before = adaptive_cumulative(scores_TE, topk_idx_TK)
+    first = torch.arange(topk_idx_TK.shape[1], device=topk_idx_TK.device) < min_k
+    return ((before < top_p) | first).to(scores_TE.dtype)
 
 
 class Router(nn.Module):
@@ -98,6 +123,9 @@ class Router(nn.Module):
         kw = dict(top_k=c.num_experts_per_tok, scoring_func=c.scoring_func, topk_method=c.topk_method,
                   n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
                   routed_scaling_factor=c.routed_scaling_factor)
+        if c.routing_top_p is not None:  # the fused kernel routes fixed top-k only
+            return route(logits, bias_E=self.e_score_correction_bias, top_p=c.routing_top_p,
+                         min_k=c.routing_min_k, **kw)
         if ops.fused_routing(impl, x_TD):
             return Routing(*ops.route_fused(logits, self.e_score_correction_bias, **kw))
         return route(logits, bias_E=self.e_score_correction_bias, **kw)

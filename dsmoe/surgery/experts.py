@@ -38,8 +38,14 @@ def _impl_of(model: Transformer) -> str:
     return moes[0].experts.impl if moes else "auto"
 
 
-def _expert_keys(layer: int) -> dict[str, str]:
-    prefix = f"layers.{layer}.mlp."
+def moe_prefixes(model: Transformer) -> list[str]:
+    """State-dict prefix of each MoE layer, in `model.moe_layers()` order (main model, then MTP modules)."""
+    from dsmoe.model.moe import MoE
+
+    return [name + "." for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def _expert_keys(prefix: str) -> dict[str, str]:
     return {"router": prefix + "gate.weight", "bias": prefix + "gate.e_score_correction_bias",
             "gate_up": prefix + "experts.gate_up_proj", "down": prefix + "experts.down_proj"}
 
@@ -87,21 +93,23 @@ def prune_experts(model: Transformer, kept: list[torch.Tensor]) -> Transformer:
     """Keep only `kept[i]` (expert ids) in the i-th MoE layer; every layer keeps the same number."""
     c = model.config
     sizes = {len(k) for k in kept}
-    if len(kept) != len(c.moe_layer_ids) or len(sizes) != 1:
+    prefixes = moe_prefixes(model)
+    if len(kept) != len(prefixes) or len(sizes) != 1:
         raise SurgeryError("pass one list of kept experts per MoE layer, all of the same length")
     new_e = sizes.pop()
     if new_e > c.n_routed_experts:
         raise SurgeryError(f"cannot keep {new_e} experts: the model has {c.n_routed_experts} per layer")
     _check_group_split(c, new_e, "pruning")
     state = dict(model.state_dict())
-    for layer, ids in zip(c.moe_layer_ids, kept):
+    for prefix, ids in zip(prefixes, kept):
+        layer = prefix.rstrip(".").removesuffix(".mlp")
         ids = ids.to(torch.long)
         if ids.unique().numel() != ids.numel() or ids.min() < 0 or ids.max() >= c.n_routed_experts:
             raise SurgeryError(f"layer {layer}: kept expert ids must be distinct and in [0, {c.n_routed_experts})")
         per_group = c.n_routed_experts // c.n_group
         if torch.bincount(ids // per_group, minlength=c.n_group).ne(new_e // c.n_group).any():
             raise SurgeryError(f"layer {layer}: keep {new_e // c.n_group} experts in each of the {c.n_group} groups")
-        for key in _expert_keys(layer).values():
+        for key in _expert_keys(prefix).values():
             if key in state:
                 state[key] = state[key].index_select(0, ids.to(state[key].device)).clone()
     return rebuild(c.replace(n_routed_experts=new_e), state, model)
@@ -129,8 +137,8 @@ def grow_experts(model: Transformer, add: int, counts_LE: torch.Tensor, noise: f
     size, add_per_group = c.n_routed_experts // c.n_group, add // c.n_group
     g = torch.Generator().manual_seed(seed)
     state = dict(model.state_dict())
-    for li, layer in enumerate(c.moe_layer_ids):
-        keys = _expert_keys(layer)
+    for li, prefix in enumerate(moe_prefixes(model)):
+        keys = _expert_keys(prefix)
         order = []  # new expert order: each group's old experts, then its children
         for grp in range(c.n_group):
             busiest = select_by_usage(counts_LE[li:li + 1, grp * size:(grp + 1) * size], size, 1)[0]

@@ -25,6 +25,9 @@ def upcycle(model: Transformer, *, experts: int, top_k: int, shared: int = 1, ke
     """Every dense layer from `keep_dense` on becomes a MoE layer of `experts` routed + `shared` shared
     experts cut from its FFN, `top_k` routed experts per token."""
     c = model.config
+    if c.num_nextn_predict_layers:
+        raise SurgeryError("upcycling a model with MTP modules is not supported; drop them first "
+                           "(num_nextn_predict_layers=0)")
     layers = list(range(keep_dense, c.num_hidden_layers))
     if not layers:
         raise SurgeryError(f"--keep-dense {keep_dense} keeps all {c.num_hidden_layers} layers dense; lower it")
