@@ -19,19 +19,23 @@ from dsmoe.model.attention import causal_attention
 
 def absorbed_decode(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
                     masked: torch.Tensor) -> torch.Tensor:
-    """q_nope (B,H,1,nope), q_pe (B,H,1,R), kv (B,L,C+R) cached [latent | k_pe], masked (B,L) True = hidden
-    -> (B, 1, H*v)."""
-    B, H = q_nope.shape[:2]
+    """q_nope (B,H,S,nope), q_pe (B,H,S,R): S new tokens per row (1 in plain decoding, 1 + drafts when
+    verifying speculative tokens), kv (B,L,C+R) cached [latent | k_pe], masked (B,S,L) True = hidden
+    -> (B, S, H*v)."""
+    B, H, S = q_nope.shape[:3]
     C = attn.kv_lora_rank
     w = attn.kv_b_proj.weight.view(H, attn.nope_dim + attn.v_dim, C)
     w_uk, w_uv = w[:, : attn.nope_dim], w[:, attn.nope_dim:]  # (H, nope, C), (H, v, C): views, no copies
-    q_lat = torch.matmul(q_nope[:, :, 0].transpose(0, 1), w_uk).transpose(0, 1)  # (B, H, C)
-    q = torch.cat([q_lat, q_pe[:, :, 0].to(q_lat.dtype)], dim=-1).to(kv.dtype)  # (B, H, C + R)
-    scores = torch.matmul(q, kv.transpose(1, 2)).float() * attn.softmax_scale  # (B, H, L)
-    probs = scores.masked_fill(masked[:, None, :], float("-inf")).softmax(dim=-1).to(kv.dtype)
-    o_lat = torch.matmul(probs, kv[..., :C])  # (B, H, C)
-    out = torch.matmul(o_lat.transpose(0, 1).to(w_uv.dtype), w_uv.transpose(1, 2))  # (H, B, v)
-    return out.transpose(0, 1).reshape(B, 1, H * attn.v_dim)
+    q_lat = torch.matmul(q_nope.transpose(0, 1).reshape(H, B * S, -1), w_uk)  # (H, B*S, C)
+    q_lat = q_lat.view(H, B, S, C).transpose(0, 1)  # (B, H, S, C)
+    q = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).to(kv.dtype).reshape(B, H * S, -1)  # (B, H*S, C + R)
+    scores = torch.matmul(q, kv.transpose(1, 2)).float().view(B, H, S, -1) * attn.softmax_scale
+    masked = masked.view(B, -1, masked.shape[-1])  # (B, L) is taken as (B, 1, L)
+    probs = scores.masked_fill(masked[:, None], float("-inf")).softmax(dim=-1).to(kv.dtype)
+    o_lat = torch.matmul(probs.view(B, H * S, -1), kv[..., :C])  # (B, H*S, C)
+    o_lat = o_lat.view(B, H, S, C).transpose(0, 1).reshape(H, B * S, C)
+    out = torch.matmul(o_lat.to(w_uv.dtype), w_uv.transpose(1, 2))  # (H, B*S, v)
+    return out.view(H, B, S, attn.v_dim).permute(1, 2, 0, 3).reshape(B, S, H * attn.v_dim)
 
 
 def expanded_prefill(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, start: int) -> torch.Tensor:
@@ -45,15 +49,17 @@ def expanded_prefill(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.T
 
 
 def mha_decode(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """q (B,H,1,hd), cached k and v (B,Hkv,L,hd), masked (B,L) -> (B, 1, H*hd). Query head h reads kv head
-    h // (H / Hkv), as the model's repeat_interleave does."""
-    B, H, _, hd = q.shape
+    """q (B,H,S,hd) (S new tokens per row), cached k and v (B,Hkv,L,hd), masked (B,S,L) -> (B, S, H*hd). Query
+    head h reads kv head h // (H / Hkv), as the model's repeat_interleave does."""
+    B, H, S, hd = q.shape
     kv_heads = k.shape[1]
-    qg = q[:, :, 0].reshape(B, kv_heads, H // kv_heads, hd).to(k.dtype)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * attn.softmax_scale  # (B, Hkv, rep, L)
-    probs = scores.masked_fill(masked[:, None, None, :], float("-inf")).softmax(dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v)  # (B, Hkv, rep, hd)
-    return out.reshape(B, 1, H * hd)
+    rep = H // kv_heads
+    qg = q.reshape(B, kv_heads, rep * S, hd).to(k.dtype)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float().view(B, kv_heads, rep, S, -1) * attn.softmax_scale
+    masked = masked.view(B, -1, masked.shape[-1])  # (B, L) is taken as (B, 1, L)
+    probs = scores.masked_fill(masked[:, None, None], float("-inf")).softmax(dim=-1).to(v.dtype)
+    out = torch.matmul(probs.view(B, kv_heads, rep * S, -1), v)  # (B, Hkv, rep*S, hd)
+    return out.view(B, H, S, hd).transpose(1, 2).reshape(B, S, H * hd)
 
 
 def mha_prefill(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:

@@ -7,8 +7,10 @@ and the roped shared key (qk_rope_head_dim values), side by side in one buffer r
 The model only sees the attend seam (`attend_mla` / `attend_mha`, dsmoe/model/attention.py); *where* the new
 tokens go is told by the engine before each forward: `cache.prefill(slot, start)` (one sequence, a chunk of
 prompt tokens at positions start..start+S-1, expanded attention over the slot's cached prefix) or
-`cache.decode(positions, length)` (rows 0..B-1 are slots 0..B-1, one token each at `positions[b]`,
-weight-absorbed attention over cache positions [0, length)).
+`cache.decode(positions, length)` (rows 0..B-1 are slots 0..B-1, one token each at `positions[b]`, or S tokens
+each at `positions[b, :]` when speculative decoding verifies drafts; weight-absorbed attention over cache
+positions [0, length)). Speculation rolls a sequence back by moving its position only: entries written past
+it are hidden from every later query (masked) until they are overwritten.
 
 Every buffer has one spare position, `trash` = max_len: rows of a decode batch that carry no live sequence
 (free slots, slots being prefilled, finished sequences still in flight) write there, outside any window a
@@ -33,14 +35,16 @@ class PrefillStep:
 
 @dataclass
 class DecodeStep:
-    positions: torch.Tensor  # (B,) int64 on the cache's device; row b is slot b
+    positions: torch.Tensor  # (B, S) int64 on the cache's device; row b is slot b
     length: int  # attend over cache positions [0, length)
-    masked: torch.Tensor  # (B, length) bool: cache positions past each row's own, hidden from it
+    masked: torch.Tensor  # (B, S, length) bool: cache positions past each token's own, hidden from it
 
 
 class KVCache:
     def __init__(self, config: ModelConfig, num_slots: int, max_len: int, device: torch.device | str,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, num_layers: int | None = None):
+        """num_layers: default the model's; speculative decoding keeps its MTP module's cache in a second
+        KVCache of one layer."""
         if num_slots < 1 or max_len < 1:
             raise ValueError(f"KVCache needs num_slots >= 1 and max_len >= 1, got {num_slots} and {max_len}")
         self.config, self.num_slots, self.max_len = config, num_slots, max_len
@@ -49,7 +53,8 @@ class KVCache:
         self.key_positions = torch.arange(max_len + 1, device=device)
         self.step: PrefillStep | DecodeStep | None = None
         layer_cls = MLALayerCache if config.use_mla else MHALayerCache
-        self.layers = [layer_cls(self, config, device, dtype) for _ in range(config.num_hidden_layers)]
+        num_layers = config.num_hidden_layers if num_layers is None else num_layers
+        self.layers = [layer_cls(self, config, device, dtype) for _ in range(num_layers)]
 
     def __getitem__(self, i: int) -> "MLALayerCache | MHALayerCache":
         return self.layers[i]
@@ -64,10 +69,12 @@ class KVCache:
         return self
 
     def decode(self, positions: torch.Tensor, length: int) -> "KVCache":
+        """positions (B,) (one token per row) or (B, S)."""
         if positions.shape[0] > self.num_slots or not 1 <= length <= self.max_len:
             raise ValueError(f"decode of {positions.shape[0]} rows over {length} positions does not fit "
                              f"{self.num_slots} slots of {self.max_len}")
-        masked = self.key_positions[:length][None, :] > positions[:, None]  # once per step, for every layer
+        positions = positions.reshape(positions.shape[0], -1)
+        masked = self.key_positions[:length] > positions[..., None]  # once per step, for every layer
         self.step = DecodeStep(positions, length, masked)
         return self
 
@@ -106,7 +113,7 @@ class MLALayerCache:
         step = self.owner.step
         if isinstance(step, DecodeStep):
             B = q_nope.shape[0]
-            self.kv.index_put_((self.owner.rows[:B], step.positions), new[:, 0])
+            self.kv.index_put_((self.owner.rows[:B, None], step.positions), new)
             return absorbed_decode(attn, q_nope, q_pe, self.kv[:B, : step.length], step.masked)
         slot, start, end = self.owner._prefill_range(new.shape[1])
         self.kv[slot, start:end] = new[0]
@@ -131,9 +138,9 @@ class MHALayerCache:
         step = self.owner.step
         if isinstance(step, DecodeStep):
             B = q.shape[0]
-            rows = self.owner.rows[:B]
-            self.k[rows, :, step.positions] = k[:, :, 0]
-            self.v[rows, :, step.positions] = v[:, :, 0]
+            rows = self.owner.rows[:B, None]
+            self.k[rows, :, step.positions] = k.transpose(1, 2)  # (B, S, Hkv, hd) at [b, :, positions[b, s]]
+            self.v[rows, :, step.positions] = v.transpose(1, 2)
             return mha_decode(attn, q, self.k[:B, :, : step.length], self.v[:B, :, : step.length], step.masked)
         slot, start, end = self.owner._prefill_range(k.shape[2])
         self.k[slot, :, start:end] = k[0]

@@ -10,6 +10,9 @@ Each running sequence owns a slot of a static KV cache. Every `step()`:
 3. reads back the tokens of the step *before* the one just launched (one step in flight): the host checks
    stop tokens and lengths while the device computes. A sequence that stops is dropped from the next
    launch; the one extra token the in-flight step computed for it is discarded.
+With `speculative="mtp"` step 2 is a speculative step instead (speculative.py): the MTP module's drafts are
+verified in one forward and each sequence advances by 1..N+1 tokens; the step is read back at once (no step in
+flight: the next launch depends on how many drafts were kept).
 Requests join and leave at any step; `cancel()` ends one at once. Stop *strings* need text, so they are
 checked by the caller (dsmoe.infer.text), which cancels the request when one appears.
 """
@@ -26,6 +29,7 @@ import torch
 from dsmoe.errors import UserError
 from dsmoe.infer.cache import KVCache
 from dsmoe.infer.runner import DecodeRunner
+from dsmoe.infer.speculative import Speculator
 from dsmoe.infer.sampling import (SamplingParams, TokenLogprobs, apply_repetition_penalty, sample,
                                   to_token_logprobs, token_logprobs)
 
@@ -33,7 +37,7 @@ from dsmoe.infer.sampling import (SamplingParams, TokenLogprobs, apply_repetitio
 @dataclass
 class StepOutput:
     request_id: str
-    token_ids: list[int]  # new tokens (zero or one per step)
+    token_ids: list[int]  # new tokens (zero or one per step; up to N+1 with speculative decoding)
     logprobs: list[TokenLogprobs] | None  # one per new token when the request asked for logprobs
     prompt_logprobs: list[TokenLogprobs | None] | None  # once, in the request's first output; [0] is None
     finish_reason: str | None  # None while running, then "stop" (a stop token) or "length"
@@ -62,6 +66,7 @@ class _Launched:
     tokens: torch.Tensor  # host copy
     logprobs: tuple[torch.Tensor, ...] | None
     event: torch.cuda.Event | None
+    counts: torch.Tensor | None = None  # speculative steps: tokens emitted per row (tokens is then (B, N+1))
 
 
 class SlotState:
@@ -84,10 +89,13 @@ class SlotState:
 class Engine:
     def __init__(self, model, *, max_batch: int = 8, max_model_len: int | None = None, prefill_chunk: int = 512,
                  eos_token_ids: tuple[int, ...] | list[int] = (), cuda_graphs: bool = True,
-                 overlap: bool | None = None, compile: bool = False):
+                 overlap: bool | None = None, compile: bool = False, speculative: str | None = None,
+                 num_speculative_tokens: int = 1):
         """overlap: keep one decode step in flight while the host reads the previous one (default: on CUDA,
         where host and device run concurrently; on the CPU it only exercises the same bookkeeping).
-        compile: run the decode step's blocks through torch.compile (see runner.py)."""
+        compile: run the decode step's blocks through torch.compile (see runner.py).
+        speculative: "mtp" = self-speculative decoding with num_speculative_tokens drafts of the model's MTP
+        module per step (speculative.py); overlap does not apply."""
         config = model.config
         self.model = model.eval()
         self.device = next(model.parameters()).device
@@ -100,13 +108,15 @@ class Engine:
         if prefill_chunk < 1 or max_batch < 1:
             raise UserError("max_batch and prefill_chunk must be >= 1")
         self.prefill_chunk = prefill_chunk
-        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self.overlap = (self.device.type == "cuda" if overlap is None else overlap) and speculative is None
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids if t is not None)
-        dtype = model.embed_tokens.weight.dtype
-        self.cache = KVCache(config, max_batch, self.max_model_len, self.device, dtype)
+        self.cache_dtype = dtype = model.embed_tokens.weight.dtype
+        drafts = num_speculative_tokens if speculative else 0  # a verify may write that far past the last token
+        self.cache = KVCache(config, max_batch, self.max_model_len + drafts, self.device, dtype)
         self.slots = SlotState(max_batch, self.cache.trash, self.device)
         self.runner = DecodeRunner(model, self.cache, self.slots,
                                    cuda_graphs=cuda_graphs and self.device.type == "cuda", compile=compile)
+        self.spec = Speculator(self, speculative, num_speculative_tokens) if speculative else None
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request, prefilled and decoding
         self.prefilling: Request | None = None
@@ -139,11 +149,31 @@ class Engine:
         bad = next((t for t in prompt_ids if not 0 <= int(t) < self.vocab_size), None)
         if bad is not None:
             raise UserError(f"prompt token id {int(bad)} is outside the vocabulary (0..{self.vocab_size - 1})")
+        self._validate_speculative(params)
         total = len(prompt_ids) + params.max_new_tokens
         if total > self.max_model_len:
             raise UserError(f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
                             f"({params.max_new_tokens}) is {total}, more than max_model_len "
                             f"({self.max_model_len}); shorten the prompt or ask for fewer tokens")
+
+    def _validate_speculative(self, params: SamplingParams) -> None:
+        if self.spec is None:
+            if params.speculative:
+                raise UserError("this request asks for speculative decoding but the engine runs without it: "
+                                "start it with --speculative mtp")
+            return
+        if params.speculative is False:
+            return
+        if params.num_speculative_tokens is not None and params.num_speculative_tokens > self.spec.N:
+            raise UserError(f"num_speculative_tokens={params.num_speculative_tokens} is more than the engine's "
+                            f"{self.spec.N} (--num-speculative-tokens)")
+        if params.logprobs is not None or params.repetition_penalty != 1:
+            raise UserError("logprobs and repetition_penalty are not available with speculative decoding: "
+                            "drop them, or set speculative=false for this request")
+
+    def speculation_stats(self) -> dict | None:
+        """Drafts verified and kept per draft position since the engine started (None without speculation)."""
+        return None if self.spec is None else self.spec.stats()
 
     def cancel(self, request_id: str) -> None:
         """End a request now (no further output is produced for it); unknown or finished ids are ignored."""
@@ -203,6 +233,8 @@ class Engine:
         s.top_p[slot] = p.top_p
         s.penalty[slot] = p.repetition_penalty
         s.seed[slot] = req.seed
+        if self.spec is not None:
+            self.spec.admit(slot, p)
         if p.repetition_penalty != 1 and s.seen is None:
             s.seen = torch.zeros(self.max_batch, self.vocab_size, dtype=torch.bool, device=self.device)
         if s.seen is not None:
@@ -216,7 +248,13 @@ class Engine:
         ids = torch.tensor(req.prompt[start:end], device=self.device)[None]
         positions = torch.arange(start, end, device=self.device)
         want_prompt = req.params.prompt_logprobs is not None
-        logits = self.model(ids, positions, cache=self.cache.prefill(req.slot, start), last_only=not want_prompt)[0]
+        if self.spec is None:
+            logits = self.model(ids, positions, cache=self.cache.prefill(req.slot, start), last_only=not want_prompt)[0]
+        else:  # the MTP module reads the hidden state of every prompt position
+            hidden = self.model(ids, positions, cache=self.cache.prefill(req.slot, start), return_hidden=True)
+            logits = self.model.logits(hidden if want_prompt else hidden[:, -1:])[0]
+            if end < P:
+                self.spec.prefill(req, start, end, hidden, None, self._flags([req]))
         if want_prompt:
             targets = req.prompt[start + 1: min(end + 1, P)]
             if targets:
@@ -235,6 +273,8 @@ class Engine:
         slot = req.slot
         position = torch.full((1,), P, device=self.device)
         tokens, lp = self._sample(logits[-1:], slot, slot + 1, [req], position)
+        if self.spec is not None:
+            self.spec.prefill(req, start, end, hidden, tokens[0], self._flags([req]))
         self.slots.input_ids[slot] = tokens[0]
         self.slots.positions[slot] = P
         req.launched, req.next_pos = 1, P
@@ -253,6 +293,11 @@ class Engine:
         if not live:
             return False
         B = self.runner.batch_bucket(max(r.slot for r in live) + 1)
+        if self.spec is not None:
+            L = self.runner.length_bucket(max(r.next_pos for r in live) + self.spec.width)
+            tokens, counts = self.spec.step(B, L, self._flags(live))
+            self.pending.append(self._launched([(r.slot, r) for r in live], tokens, None, counts))
+            return True
         L = self.runner.length_bucket(max(r.next_pos for r in live) + 1)
         logits = self.runner(B, L)
         s = self.slots
@@ -273,43 +318,62 @@ class Engine:
         if s.seen is not None and any(r.params.repetition_penalty != 1 for r in reqs):
             logits = apply_repetition_penalty(raw, s.seen[lo:hi], s.penalty[lo:hi])
         tokens = sample(logits, s.temperature[lo:hi], s.top_k[lo:hi], s.top_p[lo:hi], s.seed[lo:hi], positions,
-                        any_random=any(not r.params.greedy for r in reqs),
-                        any_filtered=any(r.params.filtered for r in reqs))
+                        **self._flags(reqs))
         if s.seen is not None:
             s.seen[torch.arange(lo, hi, device=self.device), tokens] = True
         wanted = [r.params.logprobs for r in reqs if r.params.logprobs is not None]
         lp = token_logprobs(raw, tokens, max(wanted)) if wanted else None
         return tokens, lp
 
-    def _launched(self, rows, tokens: torch.Tensor, lp) -> _Launched:
+    @staticmethod
+    def _flags(reqs: list[Request]) -> dict:
+        """Host-side switches that let the sampler skip work no row needs."""
+        return {"any_random": any(not r.params.greedy for r in reqs),
+                "any_filtered": any(r.params.filtered for r in reqs)}
+
+    def _launched(self, rows, tokens: torch.Tensor, lp, counts: torch.Tensor | None = None) -> _Launched:
         if self.device.type != "cuda":
-            return _Launched(rows, tokens, lp, None)
+            return _Launched(rows, tokens, lp, None, counts)
+        extra = (counts,) if counts is not None else ()
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                for t in (tokens, *(lp or ()))]
+                for t in (tokens, *(lp or ()), *extra)]
         event = torch.cuda.Event()
         event.record()
-        return _Launched(rows, host[0], tuple(host[1:]) if lp else None, event)
+        n_lp = len(lp or ())
+        return _Launched(rows, host[0], tuple(host[1:1 + n_lp]) if lp else None, event,
+                         host[-1] if counts is not None else None)
 
     def _process(self, launched: _Launched) -> list[StepOutput]:
         if launched.event is not None:
             launched.event.synchronize()
         tokens = launched.tokens.tolist()
         lp = [x.tolist() for x in launched.logprobs] if launched.logprobs else None
+        counts = launched.counts.tolist() if launched.counts is not None else None
+        if counts is not None:
+            self.spec.record([(counts[row] - 1, req.slot) for row, req in launched.rows if not req.finished])
         outputs = []
         for row, req in launched.rows:
             if req.finished:
                 continue  # stopped or cancelled while this step was in flight
-            token = tokens[row]
-            req.output.append(token)
+            new = tokens[row][: counts[row]] if counts is not None else [tokens[row]]
+            emitted, reason = [], None
+            for token in new:
+                emitted.append(token)
+                req.output.append(token)
+                reason = "stop" if token in req.stop_ids else \
+                    "length" if len(req.output) >= req.params.max_new_tokens else None
+                if reason:
+                    break
             logprobs = None
             if req.params.logprobs is not None:
                 n = req.params.logprobs
-                logprobs = [TokenLogprobs(token, lp[0][row], list(zip(lp[1][row][:n], lp[2][row][:n])))]
-            reason = "stop" if token in req.stop_ids else \
-                "length" if len(req.output) >= req.params.max_new_tokens else None
+                logprobs = [TokenLogprobs(emitted[0], lp[0][row], list(zip(lp[1][row][:n], lp[2][row][:n])))]
+            if counts is not None:  # speculative: the host learns here how far the sequence advanced
+                req.launched = len(req.output)
+                req.next_pos = len(req.prompt) + len(req.output) - 1
             prompt_lp = None if req.reported_prompt else req.prompt_logprobs
             req.reported_prompt = True
-            outputs.append(StepOutput(req.id, [token], logprobs, prompt_lp, reason))
+            outputs.append(StepOutput(req.id, emitted, logprobs, prompt_lp, reason))
             if reason:
                 self._finish(req, reason)
         return outputs

@@ -36,6 +36,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # per generated token: its logprob and the top-n (None = nothing)
     prompt_logprobs: int | None = None  # the same over the prompt tokens (for echo / scoring)
+    # speculative decoding (an engine built with speculative="mtp"): None = as the engine is set up, False = no
+    # drafts for this request, True = require them; num_speculative_tokens caps this request's drafts per step
+    speculative: bool | None = None
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -51,6 +55,8 @@ class SamplingParams:
             bad("top_p", "must be in (0, 1]")
         if not 0 < self.repetition_penalty <= 100:
             bad("repetition_penalty", "must be > 0 (1 turns it off)")
+        if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:
+            bad("num_speculative_tokens", "must be >= 0")
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(self, name)
             if n is not None and not 0 <= n <= MAX_LOGPROBS:
@@ -101,14 +107,10 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty_B
     return torch.where(seen, penalised, logits)
 
 
-def sample(logits: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor,
-           seed_B: torch.Tensor, position_B: torch.Tensor, *, any_random: bool, any_filtered: bool) -> torch.Tensor:
-    """logits (B, V) float -> token ids (B,). Rows with temperature 0 take the argmax. `position_B` is the
-    position of the token being generated (it keys the noise). `any_random` / `any_filtered` are host-side
-    flags that skip work no row needs."""
-    greedy = logits.argmax(dim=-1)
-    if not any_random:
-        return greedy
+def processed_logits(logits: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor,
+                     top_p_B: torch.Tensor, *, any_filtered: bool) -> torch.Tensor:
+    """Temperature, then top-k and top-p as -inf: softmax of the result is the distribution a sampled row
+    draws from (speculative decoding compares these distributions of the main and the draft model)."""
     V = logits.shape[-1]
     scaled = logits / temperature_B.clamp_min(1e-6)[:, None]
     if any_filtered:
@@ -121,7 +123,19 @@ def sample(logits: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Ten
         drop = (probs.cumsum(dim=-1) - probs) >= top_p_B[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         scaled = torch.empty_like(scaled).scatter_(-1, order, sorted_logits)
-    drawn = (scaled + gumbel_noise(seed_B, position_B, V)).argmax(dim=-1)
+    return scaled
+
+
+def sample(logits: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor,
+           seed_B: torch.Tensor, position_B: torch.Tensor, *, any_random: bool, any_filtered: bool) -> torch.Tensor:
+    """logits (B, V) float -> token ids (B,). Rows with temperature 0 take the argmax. `position_B` is the
+    position of the token being generated (it keys the noise). `any_random` / `any_filtered` are host-side
+    flags that skip work no row needs."""
+    greedy = logits.argmax(dim=-1)
+    if not any_random:
+        return greedy
+    scaled = processed_logits(logits, temperature_B, top_k_B, top_p_B, any_filtered=any_filtered)
+    drawn = (scaled + gumbel_noise(seed_B, position_B, logits.shape[-1])).argmax(dim=-1)
     return torch.where(temperature_B == 0, greedy, drawn)
 
 

@@ -1,0 +1,168 @@
+"""Self-speculative decoding with the MTP module: greedy output equals plain greedy token for token (batched,
+chunked prefill, requests joining mid-way, 1-3 drafts), sampled output follows the main model's distribution
+(chi-square on a 32-token vocabulary), and rolling back leaves the KV cache as plain decoding builds it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from infer_helpers import single_thread  # noqa: F401 (autouse fixture)
+
+from dsmoe.config import PRESETS
+from dsmoe.errors import UserError
+from dsmoe.infer.engine import Engine
+from dsmoe.infer.generate import generate
+from dsmoe.infer.sampling import SamplingParams
+from dsmoe.model.mtp import mtp_loss
+from dsmoe.model.transformer import build_model
+
+V = 32
+CFG = PRESETS["tiny"].replace(vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=2, n_routed_experts=4, num_experts_per_tok=2,
+                              n_group=2, topk_group=1, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                              v_head_dim=16, num_nextn_predict_layers=1, initializer_range=0.02,
+                              bos_token_id=None, eos_token_id=None)
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
+
+
+def markov_batch(g, succ, B, S):
+    """A low-entropy Markov chain: each token's first successor 70%, its second 20%, anything 10%."""
+    x = torch.empty(B, S, dtype=torch.long)
+    x[:, 0] = torch.randint(0, V, (B,), generator=g)
+    for t in range(1, S):
+        r = torch.rand(B, generator=g)
+        x[:, t] = torch.where(r < 0.7, succ[x[:, t - 1], 0],
+                              torch.where(r < 0.9, succ[x[:, t - 1], 1], torch.randint(0, V, (B,), generator=g)))
+    return x
+
+
+@pytest.fixture(scope="module")
+def model_and_data():
+    """Trained for a few seconds (main + MTP loss), so drafts are often right; then the MTP projection is
+    perturbed so that they are also often wrong: both acceptance paths run."""
+    g = torch.Generator().manual_seed(0)
+    succ = torch.stack([torch.randperm(V, generator=g)[:2] for _ in range(V)])
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(15):
+        ids = markov_batch(g, succ, 16, 33)
+        logits, mtp_logits = model(ids[:, :-1], with_mtp=True)
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()) + mtp_loss(mtp_logits, ids[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        w = model.mtp[0].eh_proj.weight
+        w.add_(torch.randn(w.shape, generator=g) * w.std() * 0.7)
+    prompts = [markov_batch(g, succ, 1, n)[0].tolist() for n in (3, 11, 5, 1, 17, 8)]
+    return model.eval(), prompts
+
+
+def run(engine, prompts, params, join_after=None):
+    """All prompts at once, or the last ones joining after `join_after` steps."""
+    ids, first = [], prompts if join_after is None else prompts[:-2]
+    ids = [engine.add_request(p, params) for p in first]
+    out, steps = {}, 0
+    while engine.has_work() or len(ids) < len(prompts):
+        if len(ids) < len(prompts) and steps == join_after:
+            ids += [engine.add_request(p, params) for p in prompts[len(first):]]
+        for s in engine.step():
+            out.setdefault(s.request_id, []).extend(s.token_ids)
+        steps += 1
+    return [out[i] for i in ids]
+
+
+@pytest.mark.parametrize("drafts", [1, 3])
+def test_greedy_speculative_equals_plain_greedy(model_and_data, drafts):
+    model, prompts = model_and_data
+    plain = generate(model, prompts, GREEDY, max_batch=3, prefill_chunk=4)
+    engine = Engine(model, max_batch=3, max_model_len=64, prefill_chunk=4, speculative="mtp",
+                    num_speculative_tokens=drafts)
+    assert run(engine, prompts, GREEDY, join_after=2) == plain
+    stats = engine.speculation_stats()
+    assert 0 < stats["accepted"][0] < stats["proposed"][0]  # drafts were both kept and rejected
+    assert len(stats["acceptance_rate"]) == drafts
+
+
+def test_requests_without_drafts_and_stop_tokens_mid_step(model_and_data):
+    model, prompts = model_and_data
+    plain = generate(model, prompts, GREEDY, max_batch=3)
+    stop = plain[0][5]
+    with_stop = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=(stop,))
+    engine = Engine(model, max_batch=3, max_model_len=64, speculative="mtp", num_speculative_tokens=2)
+    rids = [engine.add_request(prompts[0], with_stop),
+            engine.add_request(prompts[1], SamplingParams(max_new_tokens=12, temperature=0, speculative=False)),
+            engine.add_request(prompts[2], SamplingParams(max_new_tokens=5, temperature=0,
+                                                          num_speculative_tokens=1))]
+    out = {r: [] for r in rids}
+    while engine.has_work():
+        for s in engine.step():
+            out[s.request_id] += s.token_ids
+    assert out[rids[0]] == plain[0][: plain[0].index(stop) + 1]
+    assert out[rids[1]] == plain[1]
+    assert out[rids[2]] == plain[2][:5]
+
+
+def test_cache_after_rollback_equals_plain_decoding(model_and_data):
+    model, prompts = model_and_data
+    params = SamplingParams(max_new_tokens=9, temperature=0)
+    plain = Engine(model, max_batch=2, max_model_len=48)
+    spec = Engine(model, max_batch=2, max_model_len=48, speculative="mtp", num_speculative_tokens=3)
+    for engine in (plain, spec):
+        outs = run(engine, prompts[1:3], params)
+    for slot, (prompt, out) in enumerate(zip(prompts[1:3], outs)):
+        n = len(prompt) + len(out) - 1  # the last token is never fed back
+        for a, b in zip(plain.cache.layers, spec.cache.layers):
+            torch.testing.assert_close(b.kv[slot, :n], a.kv[slot, :n], rtol=1e-5, atol=1e-5)
+
+
+def exact_marginals(model, prompt, steps):
+    """P(token k of the continuation), k = 1..steps, by enumerating every continuation (V^(steps-1) rows)."""
+    seqs, logp = torch.tensor([prompt]), torch.zeros(1)
+    marginals = []
+    with torch.no_grad():
+        for _ in range(steps):
+            lp = model(seqs)[:, -1].double().log_softmax(-1)  # (n, V)
+            joint = logp[:, None] + lp
+            marginals.append(joint.exp().sum(0))
+            seqs = torch.cat([seqs.repeat_interleave(V, 0), torch.arange(V).repeat(len(seqs))[:, None]], 1)
+            logp = joint.flatten()
+    return marginals
+
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's test, cells with expected count < 5 merged into one."""
+    expected = probs * counts.sum()
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]]).double()
+    exp = torch.cat([expected[~small], expected[small].sum()[None]]).double()
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    df = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0), stat / 2))  # the chi2 survival function
+
+
+def test_sampled_speculative_follows_the_main_models_distribution(model_and_data):
+    model, prompts = model_and_data
+    prompt, n = prompts[2], 400
+    marginals = exact_marginals(model, prompt, 3)
+    engine = Engine(model, max_batch=64, max_model_len=16, speculative="mtp", num_speculative_tokens=2)
+    out = run(engine, [prompt] * n, SamplingParams(max_new_tokens=3, temperature=1.0, top_p=1.0, seed=None))
+    stats = engine.speculation_stats()
+    assert 0 < stats["accepted"][0] < stats["proposed"][0]
+    for k in range(3):  # token 1 is the prefill's; 2 and 3 come from kept drafts, residual draws and new tokens
+        counts = torch.bincount(torch.tensor([o[k] for o in out]), minlength=V)
+        assert chi_square_p(counts, marginals[k]) > 1e-3, f"token {k + 1}: {counts.tolist()}"
+
+
+def test_bad_speculative_requests_get_one_clear_error(model_and_data):
+    model, prompts = model_and_data
+    with pytest.raises(UserError, match="MTP modules"):
+        Engine(build_model(CFG.replace(num_nextn_predict_layers=0)), speculative="mtp")
+    with pytest.raises(UserError, match="engine runs without it"):
+        Engine(model, max_model_len=32).add_request(prompts[0], SamplingParams(speculative=True))
+    engine = Engine(model, max_model_len=32, speculative="mtp")
+    with pytest.raises(UserError, match="not available with speculative"):
+        engine.add_request(prompts[0], SamplingParams(logprobs=2))
+    with pytest.raises(UserError, match="more than the engine"):
+        engine.add_request(prompts[0], SamplingParams(num_speculative_tokens=2))
