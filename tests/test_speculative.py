@@ -162,7 +162,30 @@ def test_bad_speculative_requests_get_one_clear_error(model_and_data):
     with pytest.raises(UserError, match="engine runs without it"):
         Engine(model, max_model_len=32).add_request(prompts[0], SamplingParams(speculative=True))
     engine = Engine(model, max_model_len=32, speculative="mtp")
-    with pytest.raises(UserError, match="not available with speculative"):
+    with pytest.raises(UserError, match="not available from an engine running speculative"):
         engine.add_request(prompts[0], SamplingParams(logprobs=2))
     with pytest.raises(UserError, match="more than the engine"):
         engine.add_request(prompts[0], SamplingParams(num_speculative_tokens=2))
+
+
+def test_generate_cli_with_speculative_mtp_prints_the_same_text(tmp_path, capsys):
+    (tmp_path / "plain").mkdir()
+    import shutil
+
+    from infer_helpers import build_model_dir, tiny_config
+
+    from dsmoe.checkpoint.hf import save_pretrained
+    from dsmoe.cli import main
+
+    plain_dir = build_model_dir(tmp_path / "plain")
+    path = tmp_path / "mtp"
+    torch.manual_seed(0)
+    save_pretrained(build_model(tiny_config(320).replace(num_nextn_predict_layers=1)), path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(plain_dir / name, path / name)
+    args = ["generate", str(path), "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main(args) == 0
+    plain = capsys.readouterr()
+    assert main(args + ["--speculative", "mtp", "--num-speculative-tokens", "2"]) == 0
+    spec = capsys.readouterr()
+    assert spec.out == plain.out and "drafts kept per position" in spec.err

@@ -7,7 +7,8 @@ import sys
 import time
 
 from dsmoe.errors import UserError
-from dsmoe.infer.loading import add_model_arguments, add_sampling_arguments, eos_ids, load_for_inference
+from dsmoe.infer.loading import (add_model_arguments, add_sampling_arguments, eos_ids, load_for_inference,
+                                 speculative_options)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     max_len = args.max_model_len or len(prompt_ids) + args.max_new_tokens
     engine = Engine(model, max_batch=1, max_model_len=max_len, eos_token_ids=eos_ids(model, tokenizer),
-                    cuda_graphs=not args.no_cuda_graphs)
+                    cuda_graphs=not args.no_cuda_graphs, **speculative_options(args))
     start = time.perf_counter()
     pieces, count = [], 0
     out = sys.stdout
@@ -50,4 +51,8 @@ def run(args: argparse.Namespace) -> int:
     out.write("\n")
     seconds = time.perf_counter() - start
     print(f"[{count} tokens in {seconds:.2f} s, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    stats = engine.speculation_stats()
+    if stats:
+        rates = ", ".join("-" if r is None else f"{r:.0%}" for r in stats["acceptance_rate"])
+        print(f"[speculative ({stats['method']}): drafts kept per position {rates}]", file=sys.stderr)
     return 0

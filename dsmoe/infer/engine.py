@@ -162,14 +162,12 @@ class Engine:
                 raise UserError("this request asks for speculative decoding but the engine runs without it: "
                                 "start it with --speculative mtp")
             return
-        if params.speculative is False:
-            return
         if params.num_speculative_tokens is not None and params.num_speculative_tokens > self.spec.N:
             raise UserError(f"num_speculative_tokens={params.num_speculative_tokens} is more than the engine's "
                             f"{self.spec.N} (--num-speculative-tokens)")
         if params.logprobs is not None or params.repetition_penalty != 1:
-            raise UserError("logprobs and repetition_penalty are not available with speculative decoding: "
-                            "drop them, or set speculative=false for this request")
+            raise UserError("logprobs and repetition_penalty are not available from an engine running speculative "
+                            "decoding: drop them, or use an engine (server) started without --speculative")
 
     def speculation_stats(self) -> dict | None:
         """Drafts verified and kept per draft position since the engine started (None without speculation)."""

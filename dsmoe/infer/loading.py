@@ -22,6 +22,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moe-impl", default="auto", choices=["auto", "reference", "grouped", "triton"],
                         help="routed-expert implementation")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on a GPU")
+    parser.add_argument("--speculative", choices=["mtp"], default=None,
+                        help="self-speculative decoding: the model's MTP module drafts, the model verifies "
+                             "(needs num_nextn_predict_layers >= 1; no logprobs or repetition penalty)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=1, help="drafts per step with --speculative")
+
+
+def speculative_options(args: argparse.Namespace) -> dict:
+    """The Engine keyword arguments of the --speculative flags."""
+    return {"speculative": args.speculative, "num_speculative_tokens": args.num_speculative_tokens}
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, temperature: float, max_new_tokens: int) -> None:

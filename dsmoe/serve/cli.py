@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from dsmoe.errors import UserError
     from dsmoe.infer.async_engine import AsyncEngine
     from dsmoe.infer.engine import Engine
-    from dsmoe.infer.loading import eos_ids, load_for_inference
+    from dsmoe.infer.loading import eos_ids, load_for_inference, speculative_options
     from dsmoe.serve.app import ServerState, create_app
     from dsmoe.serve.protocol import BodyLimits
 
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     eos = eos_ids(model, tokenizer)
     engine = Engine(model, max_batch=args.max_batch, max_model_len=args.max_model_len,
                     prefill_chunk=args.prefill_chunk, eos_token_ids=eos, cuda_graphs=not args.no_cuda_graphs,
-                    compile=args.compile)
+                    compile=args.compile, **speculative_options(args))
     name = args.model_name or Path(args.path).resolve().name
     limits = BodyLimits(max_bytes=args.max_body_bytes, timeout_s=args.body_timeout)
     state = ServerState(AsyncEngine(engine, max_waiting=args.max_queue).start(), tokenizer, name, eos,
