@@ -40,7 +40,7 @@ def test_bad_lines_are_named_with_their_number(tmp_path):
     spec = BUILTIN["sms_spam"]
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "hi", "label": "ham"}\n\n{"text": "x", "label": "ham"\n')
-    with pytest.raises(UserError, match=r"d.jsonl:3: not valid JSON"):
+    with pytest.raises(UserError, match=r"d.jsonl:3 is not valid JSON"):
         read_examples(path, spec)
     path.write_text('{"text": "hi", "label": "ham"}\n{"label": "spam"}\n')
     with pytest.raises(UserError, match=r"d.jsonl:2: missing field\(s\) text"):

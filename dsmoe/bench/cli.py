@@ -15,6 +15,7 @@ BENCHMARKS = {
     "decode": "decode tokens/s at batch 1 and 32 vs transformers generate and the bandwidth bound",
     "scale": "expert-parallel weak scaling and all-to-all bandwidth under torchrun",
     "tasks": "dsmoe eval --task examples/s per task kind, batched vs one example at a time",
+    "lmeval": "lm-eval requests/s of the in-process dsmoe model vs lm-eval's hf model on the same requests",
     "serve": "the OpenAI server under concurrent streaming clients: output tok/s, TTFT and ITL p50/p99",
 }
 

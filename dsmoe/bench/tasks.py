@@ -1,6 +1,7 @@
 """`dsmoe bench tasks`: examples/s of `dsmoe eval --task` for each task kind, batched (likelihoods sorted by
 length and batched, generation through the continuous-batching engine) against the same requests run one
-example at a time (--batch-size 1), on the code `dsmoe eval` runs (dsmoe.tasks.suite.run_task).
+example at a time (--batch-size 1), on the code `dsmoe eval` runs (dsmoe.tasks.suite.predict: the model's
+part; the metrics are left out, so sacrebleu and rouge-score need not be installed).
 
 The model is a run folder (--model) or a random one of --preset with a byte-level BPE tokenizer trained on a
 little of the built-in corpus, written to a temporary folder. The examples are the first --limit of each
@@ -61,9 +62,9 @@ def random_model_folder(preset: str, folder: Path, vocab_size: int = 4096) -> Pa
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsmoe.tasks.eval_tasks import _timed
+    from dsmoe.tasks.eval_tasks import timed
     from dsmoe.tasks.specs import get_task, read_examples
-    from dsmoe.tasks.suite import TaskRun, run_task
+    from dsmoe.tasks.suite import TaskRun, predict
 
     data = Path(args.data_dir)
     tasks = [t for t in args.tasks.split(",") if t]
@@ -85,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
             speeds = {}
             for batch_size in (args.batch_size, 1):
                 run_.batch_size = batch_size
-                run_task(spec, examples[: max(2, batch_size // 4)], run_)  # warm-up: graphs, autotuning
-                seconds, _ = _timed(device, lambda: run_task(spec, examples, run_))
+                predict(spec, examples[: max(2, batch_size // 4)], run_)  # warm-up: graphs, autotuning
+                seconds, _ = timed(device, lambda: predict(spec, examples, run_))
                 speeds[batch_size] = len(examples) / seconds
             rows.append({"task": name, "kind": spec.kind, "metric": spec.metric, "examples": len(examples),
                          "batched": speeds[args.batch_size], "one_at_a_time": speeds[1],

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import sysconfig
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +113,18 @@ def _expand(spec: str) -> list[Path]:
     raise UserError(f"--data {spec}: no such file or folder; check the path")
 
 
+def jsonl_records(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file; a line that is not JSON is named
+    with its number."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix the line or remove it") from None
+
+
 def _read_file(path: Path, text_field: str) -> list[Document]:
     try:
         raw = path.read_bytes()
@@ -123,13 +136,7 @@ def _read_file(path: Path, text_field: str) -> list[Document]:
     if path.suffix.lower() != ".jsonl":
         return [Document(str(path), text)]
     docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix the line or remove it") from None
+    for lineno, record in jsonl_records(path, text.splitlines()):
         value = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(value, str):
             keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__

@@ -42,7 +42,7 @@ def _load(args: argparse.Namespace):
 
 def run_suite(args: argparse.Namespace) -> int:
     from dsmoe.tasks.specs import draw_shots, few_shot_prefix, get_task, read_examples
-    from dsmoe.tasks.suite import TaskRun, run_task
+    from dsmoe.tasks.suite import TaskRun, predict, score
 
     spec = get_task(args.task)
     if not args.data or len(args.data) != 1:
@@ -63,22 +63,23 @@ def run_suite(args: argparse.Namespace) -> int:
         check_head_labels(spec, model.labels)  # before any compute
     run = TaskRun(model, tokenizer, batch_size=args.batch_size, prefix=prefix, cuda_graphs=not args.no_cuda_graphs)
 
-    seconds, (result, rows) = _timed(device, lambda: run_task(spec, examples, run))
+    seconds, predicted = timed(device, lambda: predict(spec, examples, run))
+    result, rows = score(spec, examples, predicted)
     summary = {"task": spec.name, "kind": spec.kind, "metric": spec.metric, "model": str(args.path),
                "data": str(args.data[0]), "examples": len(examples), "shots": args.shots,
-               "batch_size": args.batch_size, "seconds": seconds, "examples_per_second": len(examples) / seconds,
+               "batch_size": args.batch_size, "model_seconds": seconds, "examples_per_second": len(examples) / seconds,
                "metrics": result}
     if args.bench:
         run.batch_size = 1
-        one_seconds, _ = _timed(device, lambda: run_task(spec, examples, run))
-        summary["one_at_a_time"] = {"seconds": one_seconds, "examples_per_second": len(examples) / one_seconds,
+        one_seconds, _ = timed(device, lambda: predict(spec, examples, run))
+        summary["one_at_a_time"] = {"model_seconds": one_seconds, "examples_per_second": len(examples) / one_seconds,
                                     "speedup": one_seconds / seconds}
     write_results(out, spec, summary, rows)
     print_table(summary, out)
     return 0
 
 
-def _timed(device, fn):
+def timed(device, fn):
     import torch
 
     if device.type == "cuda":

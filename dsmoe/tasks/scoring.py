@@ -8,7 +8,6 @@ and MoE routing is per token) and its log-softmax is taken in fp32. Results come
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +45,8 @@ def token_budget_batches(order: list[int], lengths: list[int], batch_size: int, 
 
 
 @torch.no_grad()
-def score_requests(model, requests: list[ScoreRequest], *, batch_size: int = 16, max_tokens: int | None = 16384,
-                   autocast_dtype: torch.dtype | None = None, progress=None) -> list[Score]:
+def score_requests(model, requests: list[ScoreRequest], *, batch_size: int = 16,
+                   max_tokens: int | None = 16384) -> list[Score]:
     """Scores of every request, in request order. batch_size 1 scores them one at a time (the baseline the
     bench compares against); max_tokens bounds the padded tokens of one forward."""
     for r in requests:
@@ -57,7 +56,6 @@ def score_requests(model, requests: list[ScoreRequest], *, batch_size: int = 16,
     lengths = [len(r.ids) for r in requests]
     order = sorted(range(len(requests)), key=lambda i: -lengths[i])
     results: list[Score | None] = [None] * len(requests)
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     for batch in token_budget_batches(order, lengths, batch_size, max_tokens):
         width = max(lengths[i] for i in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
@@ -66,9 +64,7 @@ def score_requests(model, requests: list[ScoreRequest], *, batch_size: int = 16,
         ids = ids.to(device)
         # logits of the last token predict nothing; the first scored position is min(first) - 1
         start = min(requests[i].first for i in batch) - 1
-        with autocast:
-            hidden = model(ids[:, :-1], return_hidden=True)[:, start:]
-            logits = model.logits(hidden)
+        logits = model.logits(model(ids[:, :-1], return_hidden=True)[:, start:])
         logp = torch.log_softmax(logits.float(), dim=-1)
         targets = ids[:, start + 1:]
         chosen = logp.gather(-1, targets[..., None])[..., 0]
@@ -80,6 +76,4 @@ def score_requests(model, requests: list[ScoreRequest], *, batch_size: int = 16,
             keep = torch.ones(hi - lo, dtype=torch.bool) if r.mask is None else torch.tensor(r.mask, dtype=torch.bool)
             results[i] = Score(float(chosen[row, lo:hi][keep].double().sum()), int(keep.sum()),
                                bool(greedy[row, lo:hi][keep].all()))
-        if progress is not None:
-            progress.update(len(batch))
     return results

@@ -16,6 +16,7 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsmoe.data.sources import jsonl_records
 from dsmoe.errors import UserError
 
 KINDS = ("classification", "generation", "chat")
@@ -131,14 +132,8 @@ def read_examples(path: str | Path, spec: TaskSpec, limit: int | None = None) ->
         raise UserError(f"{path} is not a file: pass a .jsonl file with one example per line")
     needed = spec.fields()
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    with path.open(encoding="utf-8", errors="replace") as f:  # undecodable bytes show as U+FFFD, not a crash
+        for number, example in jsonl_records(path, f):
             if not isinstance(example, dict):
                 raise UserError(f"{path}:{number}: expected a JSON object with fields {', '.join(needed)}")
             missing = [name for name in needed if name not in example]

@@ -25,7 +25,6 @@ class TaskRun:
     batch_size: int = 16  # sequences per forward / engine slots; 1 = one example at a time
     prefix: str = ""  # few-shot examples, rendered
     cuda_graphs: bool = True
-    autocast_dtype: torch.dtype | None = None
     max_len: int = field(init=False)
     engines: dict = field(init=False, default_factory=dict)  # batch size -> Engine, kept across runs
 
@@ -44,6 +43,12 @@ class TaskRun:
 
 def run_task(spec: TaskSpec, examples: list[dict], run: TaskRun) -> tuple[dict, list[dict]]:
     """-> (metrics, per-example prediction rows)."""
+    return score(spec, examples, predict(spec, examples, run))
+
+
+def predict(spec: TaskSpec, examples: list[dict], run: TaskRun):
+    """The model's part of a task (what `dsmoe bench tasks` times): classification -> (labels, per-example
+    label scores), generation -> texts, chat -> per-conversation Scores."""
     if spec.kind == "classification":
         if isinstance(run.model, SequenceClassifier):
             return classify_with_head(spec, examples, run)
@@ -52,8 +57,17 @@ def run_task(spec: TaskSpec, examples: list[dict], run: TaskRun) -> tuple[dict, 
         raise UserError(f"task {spec.name} is a {spec.kind} task but the model folder is a sequence classifier; "
                         "pass a language model folder")
     if spec.kind == "generation":
-        return run_generation(spec, examples, run)
-    return run_chat(spec, examples, run)
+        return generate_answers(spec, examples, run)
+    return score_chats(spec, examples, run)
+
+
+def score(spec: TaskSpec, examples: list[dict], predicted) -> tuple[dict, list[dict]]:
+    """The metrics of a task from what `predict` returned."""
+    if spec.kind == "classification":
+        return _classification_result(spec, examples, *predicted)
+    if spec.kind == "generation":
+        return _generation_result(spec, examples, predicted)
+    return _chat_result(predicted)
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -71,7 +85,8 @@ def _left_truncate(ids: list[int], room: int) -> list[int]:
     return ids[-room:] if len(ids) > room else ids
 
 
-def _classification_result(spec: TaskSpec, labels: list[str], examples, predicted, scores) -> tuple[dict, list]:
+def _classification_result(spec: TaskSpec, examples, labels: list[str], scores) -> tuple[dict, list]:
+    predicted = [labels[max(range(len(labels)), key=row.__getitem__)] for row in scores]
     gold = [ex[spec.answer] for ex in examples]
     result = metrics.classification_metrics(gold, predicted, labels)
     rows = [{"index": i, "gold": g, "predicted": p, "correct": g == p, "scores": dict(zip(labels, s))}
@@ -79,7 +94,7 @@ def _classification_result(spec: TaskSpec, labels: list[str], examples, predicte
     return result, rows
 
 
-def classify_by_likelihood(spec: TaskSpec, examples: list[dict], run: TaskRun) -> tuple[dict, list[dict]]:
+def classify_by_likelihood(spec: TaskSpec, examples: list[dict], run: TaskRun) -> tuple[list[str], list[list[float]]]:
     """Each label's verbaliser is scored as the continuation of the prompt; the most likely label wins."""
     labels = list(spec.labels)
     requests = []
@@ -88,10 +103,8 @@ def classify_by_likelihood(spec: TaskSpec, examples: list[dict], run: TaskRun) -
         for label in labels:
             ctx, cont = encode_pair(run.tokenizer, context, spec.verbalizers[label])
             requests.append(continuation_request(_left_truncate(ctx, run.max_len - len(cont)), cont))
-    scores = score_requests(run.model, requests, batch_size=run.batch_size, autocast_dtype=run.autocast_dtype)
-    per_example = [[s.logprob for s in scores[i: i + len(labels)]] for i in range(0, len(scores), len(labels))]
-    predicted = [labels[max(range(len(labels)), key=row.__getitem__)] for row in per_example]
-    return _classification_result(spec, labels, examples, predicted, per_example)
+    scores = score_requests(run.model, requests, batch_size=run.batch_size)
+    return labels, [[s.logprob for s in scores[i: i + len(labels)]] for i in range(0, len(scores), len(labels))]
 
 
 def check_head_labels(spec: TaskSpec, head_labels: list[str]) -> None:
@@ -102,7 +115,7 @@ def check_head_labels(spec: TaskSpec, head_labels: list[str]) -> None:
 
 
 @torch.no_grad()
-def classify_with_head(spec: TaskSpec, examples: list[dict], run: TaskRun) -> tuple[dict, list[dict]]:
+def classify_with_head(spec: TaskSpec, examples: list[dict], run: TaskRun) -> tuple[list[str], list[list[float]]]:
     """The fine-tuned head's argmax over its labels, batched by length like the likelihood requests."""
     model: SequenceClassifier = run.model
     check_head_labels(spec, model.labels)
@@ -116,23 +129,23 @@ def classify_with_head(spec: TaskSpec, examples: list[dict], run: TaskRun) -> tu
         ids = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long)
         for row, i in enumerate(batch):
             ids[row, : lengths[row]] = torch.tensor(encoded[i])
-        with torch.autocast(device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
-            out = model.classify(ids.to(device), lengths.to(device)).log_softmax(-1).cpu()
+        out = model.classify(ids.to(device), lengths.to(device)).log_softmax(-1).cpu()
         for row, i in enumerate(batch):
             logits[i] = out[row].tolist()
-    labels = model.labels
-    predicted = [labels[max(range(len(row)), key=row.__getitem__)] for row in logits]
-    return _classification_result(spec, labels, examples, predicted, logits)
+    return model.labels, logits
 
 
-def run_generation(spec: TaskSpec, examples: list[dict], run: TaskRun) -> tuple[dict, list[dict]]:
+def generate_answers(spec: TaskSpec, examples: list[dict], run: TaskRun) -> list[str]:
     from dsmoe.tasks.generation import generate_texts
 
     prompts = [_left_truncate(run.tokenizer.encode(run.prefix + spec.render(ex)), run.max_len - spec.max_new_tokens)
                for ex in examples]
     outputs = generate_texts(run.model, run.tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
                              stop=list(spec.stop), engine=run.engine())
-    predictions = [text.strip() for text in outputs]
+    return [text.strip() for text in outputs]
+
+
+def _generation_result(spec: TaskSpec, examples: list[dict], predictions: list[str]) -> tuple[dict, list[dict]]:
     references = [list(ex[spec.references]) if spec.references else [str(ex[spec.answer])] for ex in examples]
     groups: dict[str | None, list[int]] = defaultdict(list)
     for i, ex in enumerate(examples):
@@ -158,14 +171,16 @@ def _generation_metrics(spec: TaskSpec, predictions: list[str], references: list
     return metrics.rouge_metrics(predictions, references)
 
 
-def run_chat(spec: TaskSpec, examples: list[dict], run: TaskRun) -> tuple[dict, list[dict]]:
+def score_chats(spec: TaskSpec, examples: list[dict], run: TaskRun) -> list:
     from dsmoe.tasks.chat_loss import assistant_request
 
     requests = [assistant_request(run.tokenizer, ex[spec.answer], run.max_len) for ex in examples]
-    scores = score_requests(run.model, [r for r in requests if r is not None], batch_size=run.batch_size,
-                            autocast_dtype=run.autocast_dtype)
+    scores = score_requests(run.model, [r for r in requests if r is not None], batch_size=run.batch_size)
     it = iter(scores)
-    per_example = [next(it) if r is not None else None for r in requests]
+    return [next(it) if r is not None else None for r in requests]
+
+
+def _chat_result(per_example: list) -> tuple[dict, list[dict]]:
     total = sum(s.logprob for s in per_example if s)
     count = sum(s.tokens for s in per_example if s)
     result = metrics.chat_metrics(total, count)
