@@ -158,6 +158,23 @@ def test_classifier_head_equals_transformers(classifier_dir, loaded):
         ours(padded)  # no LM head: generation and likelihood tasks are refused
 
 
+def test_classifier_saved_by_dsmoe_loads_in_transformers_and_back(classifier_dir, tmp_path):
+    import transformers
+
+    from dsmoe.checkpoint.hf import load_pretrained, save_pretrained
+
+    path, hf = classifier_dir
+    ours = load_pretrained(path, dtype=torch.float32).eval()
+    save_pretrained(ours, tmp_path / "saved")
+    again = load_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    assert again.labels == ["ham", "spam"] and theirs.config.id2label == {0: "ham", 1: "spam"}
+    ids = torch.tensor([[0, 5, 17, 42, 99]])
+    with torch.no_grad():
+        torch.testing.assert_close(again.classify(ids), hf(ids).logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(theirs.eval()(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-5)
+
+
 @needs_data
 def test_classifier_head_through_the_cli_and_label_mismatch_refused(classifier_dir, tmp_path, capsys):
     path, _ = classifier_dir

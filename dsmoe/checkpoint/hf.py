@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from dsmoe.atomic import atomic_write, atomic_write_text
 from dsmoe.config import ModelConfig
 from dsmoe.errors import UserError
-from dsmoe.model.classifier import SequenceClassifier, classifier_labels
+from dsmoe.model.classifier import SequenceClassifier, classifier_hub_fields, classifier_labels
 from dsmoe.model.transformer import Transformer, cast_model
 
 log = logging.getLogger(__name__)
@@ -323,11 +323,12 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
             {k: v.contiguous().cpu().clone() for k, v in s.items()}, tmp, metadata={"format": "pt"}))
     weights_dtype = dtype or next(p.dtype for n, p in model.named_parameters() if not n.endswith("gate.weight"))
     finish_hub_save(path, model.config, {k: n for n, s in zip(names, shards) for k in s},
-                    sum(t.numel() * t.element_size() for s in shards for t in s.values()), weights_dtype)
+                    sum(t.numel() * t.element_size() for s in shards for t in s.values()), weights_dtype,
+                    classifier_hub_fields(model) if isinstance(model, SequenceClassifier) else None)
 
 
 def finish_hub_save(path: Path, config: ModelConfig, weight_map: dict[str, str], total_bytes: int,
-                    weights_dtype: torch.dtype) -> None:
+                    weights_dtype: torch.dtype, extra_config: dict | None = None) -> None:
     """After the safetensors files are in place: the index (when sharded), stale shards of an earlier save
     removed, and config.json (hub spelling) written last."""
     names = set(weight_map.values())
@@ -342,6 +343,7 @@ def finish_hub_save(path: Path, config: ModelConfig, weight_map: dict[str, str],
             stale.unlink()
     hf = config.to_hf_dict()
     hf["dtype"] = str(weights_dtype).replace("torch.", "")
+    hf.update(extra_config or {})  # a classifier's architectures and labels
     atomic_write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
 
 

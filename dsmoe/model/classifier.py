@@ -48,3 +48,13 @@ def classifier_labels(hf_config: dict) -> list[str] | None:
         raise UserError(f"config.json's id2label ({id2label}) does not name every one of its {num_labels} "
                         "labels 0..num_labels-1; fix id2label") from None
     return labels
+
+
+def classifier_hub_fields(model: SequenceClassifier) -> dict:
+    """config.json fields that make a saved folder a classifier for transformers and for load_pretrained."""
+    from dsmoe.config import ARCHITECTURES
+
+    arch = ARCHITECTURES[model.config.model_type].replace("ForCausalLM", "ForSequenceClassification")
+    return {"architectures": [arch], "num_labels": len(model.labels),
+            "id2label": {str(i): label for i, label in enumerate(model.labels)},
+            "label2id": {label: i for i, label in enumerate(model.labels)}}
