@@ -17,7 +17,7 @@ from dsmoe.bench.scale_timing import kernels_from_trace, step_time_split
 from dsmoe.checkpoint.hf import CheckpointError
 from dsmoe.distributed.checkpoint import load_checkpoint, save_checkpoint
 from dsmoe.distributed.mesh import ParallelDims
-from dsmoe.distributed.parallelize import apply_ac, apply_compile
+from dsmoe.distributed.parallelize import parallelize
 from dsmoe.distributed.runtime import clip_grad_norm_, init_from_env
 from dsmoe.distributed.testing import run_distributed
 from dsmoe.errors import UserError
@@ -98,17 +98,19 @@ def test_device_losses_use_the_expert_layout():
         torch.testing.assert_close(moe.aux_loss, expected.detach())
 
 
-@pytest.mark.parametrize("wrap", ["ac", "compile"])
-def test_ac_and_compile_keep_results_and_names(wrap):
+@pytest.mark.parametrize("ac,compile_scope", [(True, None), (False, "blocks"), (False, "model"), (True, "blocks")])
+def test_one_process_parallelize_keeps_results_and_names(ac, compile_scope):
+    """What the trainer runs in one process: parallelize(mesh=None) with AC and compile per block or whole."""
     model, ref = make_model(), make_model()
     names = [n for n, _ in model.named_parameters()]
-    if wrap == "ac":
-        apply_ac(model)
-    else:  # dynamo's eager backend: checks the wiring without the cost of inductor on a CPU
+    if compile_scope:  # dynamo's eager backend: checks the wiring without the cost of inductor on a CPU
         model.set_moe_impl("reference")  # fp32 grouped_mm has no meta kernel on the CPU
         ref.set_moe_impl("reference")
-        apply_compile(model, backend="eager")
+    parallelize(model, None, ac=ac, compile=compile_scope is not None, compile_backend="eager",
+                compile_scope=compile_scope or "blocks")
     assert [n for n, _ in model.named_parameters()] == names
+    compiled = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled == ([] if not compile_scope else [model] if compile_scope == "model" else model.blocks())
     ids = micro_batch(0, 0)
     lm_loss(model, ids)[0].backward()
     lm_loss(ref, ids)[0].backward()

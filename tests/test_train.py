@@ -103,7 +103,7 @@ def test_resume_is_bit_exact(tmp_path):
         assert torch.equal(x, y), name
 
 
-def test_non_finite_steps_are_skipped_and_never_reach_the_weights(tmp_path):
+def test_non_finite_steps_are_skipped_on_the_device_and_never_reach_the_weights(tmp_path):
     trainer = Trainer(micro_config(max_skipped_steps=3), tmp_path / "run", cache_dir=tmp_path / "cache",
                       progress=False)
     model = trainer.model
@@ -111,23 +111,43 @@ def test_non_finite_steps_are_skipped_and_never_reach_the_weights(tmp_path):
     model.embed_tokens.register_forward_hook(lambda m, i, out: out * math.nan if poison["loss"] else None)
     model.norm.weight.register_hook(lambda g: g * math.inf if poison["grad"] else g)
     snapshot = lambda: {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer_state = lambda: {k: v.clone() for p in trainer.optimizer.state.values() for k, v in p.items()}
 
-    assert trainer.train_step()["ok"]
+    def step() -> dict:
+        trainer.train_step()
+        (record,) = trainer.read_steps()
+        return record
+
+    assert step()["ok"]
     for kind in ("loss", "grad"):
-        before = snapshot()
+        before, moments = snapshot(), optimizer_state()
+        load = trainer.load_counts.clone()
         poison[kind] = True
-        result = trainer.train_step()
+        result = step()
         poison[kind] = False
         assert not result["ok"]
         after = snapshot()
         assert all(torch.equal(before[k], after[k]) for k in before), kind  # weights and router biases untouched
-        assert trainer.train_step()["ok"]  # training continues
+        assert all(torch.equal(moments[k], v) for k, v in optimizer_state().items()), kind  # moments, step count
+        assert torch.equal(load, trainer.load_counts)  # the skipped step's routing is not in the load plot
+        assert step()["ok"]  # training continues
     assert trainer.skipped == 2 and trainer.consecutive_skips == 0 and trainer.step == 5
 
     poison["loss"] = True
-    with pytest.raises(TrainingDiverged, match="3 steps in a row"):
+    with pytest.raises(TrainingDiverged, match="3 steps in a row") as failure:
         trainer.train()
-    assert isinstance(TrainingDiverged("x"), UserError)
+    assert trainer.step == 8 and trainer.skipped == 5  # log_interval 1: it stops at the third bad step
+    assert "--resume" in str(failure.value)  # the message names the way out
+
+
+def test_abort_waits_for_the_log_interval_and_a_recovered_streak_still_aborts(tmp_path):
+    trainer = Trainer(micro_config(max_skipped_steps=2, log_interval=4, grad_accum=1), tmp_path / "run",
+                      cache_dir=tmp_path / "cache", progress=False)
+    bad = iter([False, True, True, False, False, False, False, False])
+    trainer.model.embed_tokens.register_forward_hook(lambda m, i, out: out * math.nan if next(bad) else None)
+    with pytest.raises(TrainingDiverged, match=r"2 steps in a row \(up to step 3\)"):
+        trainer.train()
+    assert trainer.step == 4  # read back at the log interval: step 4 (finite) ran before the abort
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])
@@ -175,7 +195,9 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path):
                           cache_dir=tmp_path / "cache", progress=False)
         calls = []
         trainer.model.layers[0].self_attn.register_forward_hook(lambda *args, calls=calls: calls.append(1))
-        results.append([(r["lm_loss"], r["grad_norm"]) for r in (trainer.train_step() for _ in range(3))])
+        for _ in range(3):
+            trainer.train_step()
+        results.append([(r["lm_loss"], r["grad_norm"]) for r in trainer.read_steps()])
         attention_calls.append(len(calls))
     assert attention_calls[1] == 2 * attention_calls[0]  # checkpointed: every block ran again in backward
     assert results[0] == results[1]  # and replayed the same dropout masks and routing
@@ -186,3 +208,21 @@ def test_moe_impl_choices_follow_the_kernels():
     from dsmoe.train.config import MOE_IMPLS
 
     assert set(MOE_IMPLS) == set(IMPLS)
+
+
+def test_bf16_weights_padded_vocabulary_and_no_checkpoints(tmp_path):
+    """The memory levers of a model that only just fits (DeepSeek-V2-Lite on one H200): bf16 weights, gradients and
+    AdamW moments (router fp32), a vocabulary padded to the preset's, no resumable checkpoints."""
+    cfg = micro_config(steps=3, param_dtype="bf16", checkpoint_interval=0, model={**MICRO_MODEL, "vocab_size": 320})
+    trainer = Trainer(cfg, tmp_path / "run", cache_dir=tmp_path / "cache", progress=False)
+    summary = trainer.train()
+    assert summary["steps"] == 3 and summary["skipped_steps"] == 0 and math.isfinite(summary["val_loss"])
+    dtypes = {name: p.dtype for name, p in trainer.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if not n.endswith("mlp.gate.weight")} == {torch.bfloat16}
+    assert dtypes["layers.1.mlp.gate.weight"] == torch.float32
+    moments = [s["exp_avg"] for s in trainer.optimizer.state.values()]
+    assert len(moments) == len(dtypes) and {m.dtype for m in moments} == {torch.bfloat16, torch.float32}
+    assert trainer.model.config.vocab_size == 320 and not (tmp_path / "run" / "checkpoints").exists()
+    assert load_pretrained(tmp_path / "run").config.vocab_size == 320
+    with pytest.raises(UserError, match="below the tokenizer's vocabulary"):
+        micro_config(model={**MICRO_MODEL, "vocab_size": 100}).model_config(300, 0, 1)

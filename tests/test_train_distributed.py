@@ -48,6 +48,12 @@ def cli_flags(config: dict) -> list[str]:
     return flags
 
 
+def run_steps(trainer: Trainer, n: int) -> list[dict]:
+    for _ in range(n):
+        trainer.train_step()
+    return trainer.read_steps()
+
+
 def records(run: Path, key: str) -> dict[int, float]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
@@ -71,7 +77,7 @@ def test_torchrun_training_equals_one_process_resumes_in_one_and_exports(corpus,
     assert done.stdout.count("stopped at step 3 of 6") == 1  # rank 0 alone reports
     assert "on 2 ranks (cpu, expert parallel 2 x data parallel 1, 1 micro-batches of 2 per rank)" in done.stdout
 
-    steps = [reference.train_step() for _ in range(3)]
+    steps = run_steps(reference, 3)
     for key in ("lm_loss", "aux_loss", "grad_norm", "lr"):
         expected = [s[key] for s in steps]
         assert [records(run, key)[i] for i in (1, 2, 3)] == pytest.approx(expected, rel=1e-5, abs=1e-7), key
@@ -90,7 +96,7 @@ def test_torchrun_training_equals_one_process_resumes_in_one_and_exports(corpus,
 
     # world size 2 -> 1: the sharded checkpoint reshards into one process, which accumulates 2 micro-batches
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
-    steps = [reference.train_step() for _ in range(3)]
+    steps = run_steps(reference, 3)
     for key in ("lm_loss", "grad_norm"):
         assert [records(run, key)[i] for i in (4, 5, 6)] == pytest.approx([s[key] for s in steps], rel=1e-5), key
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_3", "step_6"]
@@ -127,7 +133,7 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(corpus, tmp_path):
     # the same config on 2 ranks: 1 micro-batch each keeps the global batch; each rank reads its own slices
     run_distributed(_train_two_ranks, 2, config, str(run), str(cache), None, True)
     reference = Trainer(TrainConfig(**config), tmp_path / "reference", cache_dir=cache, progress=False)
-    steps = [reference.train_step() for _ in range(6)][3:]
+    steps = run_steps(reference, 6)[3:]
     for key in ("lm_loss", "grad_norm"):
         assert [records(run, key)[i] for i in (4, 5, 6)] == pytest.approx([s[key] for s in steps], rel=1e-5), key
 
@@ -158,7 +164,7 @@ def test_two_gpus_equal_one_and_sharded_init_draws_distinct_shards(corpus, tmp_p
                         progress=False)
     done = _torchrun_train(tmp_path / "run", data, *cli_flags(config))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    steps = [reference.train_step() for _ in range(3)]
+    steps = run_steps(reference, 3)
     for key in ("lm_loss", "grad_norm"):
         assert [records(tmp_path / "run", key)[i] for i in (1, 2, 3)] == pytest.approx(
             [s[key] for s in steps], rel=1e-4), key

@@ -1,19 +1,20 @@
-"""`dsmoe bench train`: whole-model training-step throughput (tokens/s) and MFU of dsmoe and of transformers'
-DeepseekV3ForCausalLM, on the same config, the same weights and the same batch, measured in one run.
+"""`dsmoe bench train`: tokens/s and MFU of `dsmoe train`'s own step, next to transformers' DeepseekV3ForCausalLM on
+the same config, the same initial weights and the same batches, measured in one run.
 
-Variants (all: forward, fp32 cross-entropy, backward, AdamW step, fused on CUDA):
-  dsmoe              bf16 weights (router fp32), eager
-  dsmoe+compile      the same under torch.compile
-  dsmoe-amp          what `dsmoe train` runs: fp32 master weights, bf16 autocast, aux-free bias update
-  dsmoe-amp+compile  the same under torch.compile (`dsmoe train --compile`)
-  hf-grouped_mm      transformers, bf16 weights, experts_implementation="grouped_mm"
-  hf-eager           transformers, bf16 weights, experts_implementation="eager"
+Variants:
+  trainer                 dsmoe.train.Trainer as `dsmoe train` runs it (fp32 master weights, bf16 autocast on CUDA,
+                          chunked cross-entropy, gradient clipping, LR schedule, aux-free bias update, on-device
+                          skip of non-finite steps, metrics every --steps steps), eager
+  trainer+compile         the same with --compile (each block compiled on its own, as under torchrun)
+  trainer+compile-model   the same with --compile --compile-scope model (the whole forward in one graph)
+  hf-grouped_mm           transformers, bf16 weights, experts_implementation="grouped_mm", fused AdamW + clipping
+  hf-eager                transformers, bf16 weights, experts_implementation="eager"
 
-Correctness first: every variant starts from the same weights and batch, and the first-step losses are
-compared (dsmoe vs transformers). MFU = model FLOPs/s / the dense bf16 GEMM rate measured in this run
-(8192^3 torch.mm); it is also given against the H100/H200 spec (989 TFLOP/s). Model FLOPs per token
-= 6 x matmul parameters a token uses + causal attention (dsmoe/train/flops.py). The table prints last;
---json writes every number.
+The trainer rows are the Trainer's own throughput record (what `dsmoe train` logs to metrics.jsonl): the window of
+--steps steps after --warmup steps (compilation happens there). --set KEY=VALUE changes the training config of
+every trainer variant (e.g. --set activation_checkpointing=true param_dtype=bf16). MFU = model FLOPs/s over the
+dense bf16 GEMM rate measured once in this process (dsmoe/train/flops.py), the same number the Trainer uses. The
+first-step losses of the trainer variants are checked against transformers'. The table prints last.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("dsmoe", "dsmoe+compile", "dsmoe-amp", "dsmoe-amp+compile", "hf-grouped_mm", "hf-eager")
+VARIANTS = ("trainer", "trainer+compile", "trainer+compile-model", "hf-grouped_mm", "hf-eager")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dsmoe.train.cli import key_value
+
     parser.add_argument("--preset", default="small", help="model preset")
     parser.add_argument("--micro-batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
@@ -36,9 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="NAME",
                         help=f"which to run: {' '.join(VARIANTS)}")
-    parser.add_argument("--moe-impl", nargs="+", default=["grouped"], metavar="IMPL",
+    parser.add_argument("--moe-impl", nargs="+", default=["auto"], metavar="IMPL",
                         choices=("auto", "grouped", "triton", "reference"),
-                        help="dsmoe expert implementation(s); each dsmoe variant runs once per implementation")
+                        help="dsmoe expert implementation(s); each trainer variant runs once per implementation")
+    parser.add_argument("--set", nargs="+", default=[], type=key_value, metavar="KEY=VALUE",
+                        help="training config overrides for the trainer variants (TrainConfig field names)")
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to smoke-test the script, with --preset tiny)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
@@ -48,11 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dsmoe.config import get_preset
     from dsmoe.errors import UserError
-    from dsmoe.train.flops import (
-        H200_BF16_SPEC_TFLOPS,
-        measure_dense_tflops,
-        train_flops_per_token,
-    )
+    from dsmoe.train.flops import H200_BF16_SPEC_TFLOPS, dense_tflops, train_flops_per_token
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -60,35 +61,38 @@ def run(args: argparse.Namespace) -> int:
     config = get_preset(args.preset)
     if args.seq_len > config.max_position_embeddings:
         raise UserError(f"--seq-len {args.seq_len} is beyond the preset's max_position_embeddings")
-    tokens = args.micro_batch * args.seq_len
     flops_per_token = train_flops_per_token(config, args.seq_len)
-    dense = measure_dense_tflops(device) if device.type == "cuda" else None
-    gen = torch.Generator().manual_seed(0)
-    batch = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen).to(device)
+    dense = dense_tflops(device) if device.type == "cuda" else None
     print(f"config: {args.preset} ({config.num_params() / 1e9:.2f}B total, {config.num_params(active=True) / 1e9:.3f}B "
           f"active), batch {args.micro_batch} x {args.seq_len}, {flops_per_token / 1e9:.2f} GFLOP/token (train)")
     if dense:
         print(f"dense bf16 GEMM (8192^3, measured): {dense:.0f} TFLOP/s")
 
-    runs = [(name, impl) for name in args.variants for impl in (args.moe_impl if name.startswith("dsmoe") else [None])]
+    runs = [(name, impl) for name in args.variants
+            for impl in (args.moe_impl if name.startswith("trainer") else [None])]
     results = []
     report = {"preset": args.preset, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
               "flops_per_token": flops_per_token, "dense_bf16_tflops": dense, "device": _device_name(device),
-              "versions": _versions(), "results": results}
+              "versions": _versions(), "overrides": dict(args.set), "results": results}
     with tempfile.TemporaryDirectory(prefix="dsmoe-bench-") as tmp:
-        _write_weights(config, device, Path(tmp))
         for name, impl in runs:
             label = f"{name} [{impl}]" if impl else name
-            try:
-                result = _measure(name, impl, Path(tmp), device, batch, args.warmup, args.steps)
-            except Exception as e:  # one failing variant (an old transformers, an OOM) must not hide the others
-                result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-            gc.collect()  # the variant's model and optimizer are gone with _measure's frame
             if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                if name.startswith("hf-"):
+                    result = _measure_transformers(name[3:], args, config, device, Path(tmp))
+                else:
+                    result = _measure_trainer(name, impl, args, device, Path(tmp) / label.replace(" ", "_"))
+            except Exception as e:  # one failing variant (an old transformers, an OOM) must not hide the others
+                result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+            torch._dynamo.reset()  # each compiled variant compiles from scratch, inside its own warm-up
+            gc.collect()  # the variant's model and optimizer are gone with its frame
+            if device.type == "cuda":
+                result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
                 torch.cuda.empty_cache()
             result.update(variant=label, moe_impl=impl)
-            if "seconds_per_step" in result:
-                result["tokens_per_s"] = tokens / result["seconds_per_step"]
+            if "tokens_per_s" in result:
                 result["model_tflops"] = result["tokens_per_s"] * flops_per_token / 1e12
                 if dense:
                     result["mfu"] = result["model_tflops"] / dense
@@ -104,58 +108,91 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_weights(config, device, folder: Path) -> None:
-    """One random initialisation, saved in bf16 in the hub layout: every variant loads exactly these weights."""
+def _train_config(args, device, **changes):
+    from dsmoe.train.config import TrainConfig
+
+    never = 10**9  # no evaluation or checkpoint inside the timed steps
+    values = dict(preset=args.preset, seq_len=args.seq_len, micro_batch=args.micro_batch, grad_accum=1,
+                  steps=args.warmup + args.steps + 1, device=str(device), eval_interval=never,
+                  checkpoint_interval=never, log_interval=never, **changes)
+    return TrainConfig.from_dict({**values, **dict(args.set)}, "--set")
+
+
+def _measure_trainer(name: str, moe_impl: str, args, device, out: Path) -> dict:
+    """The Trainer's own step and loop (Trainer.run: what `dsmoe train` runs between its final evaluation and
+    export): one step (its loss is the correctness check), the rest of the warm-up, then the timed window."""
+    from dsmoe.config import get_preset
+    from dsmoe.train.data import random_data
+    from dsmoe.train.trainer import Trainer
+
+    compile_scope = {"trainer": None, "trainer+compile": "blocks", "trainer+compile-model": "model"}[name]
+    cfg = _train_config(args, device, moe_impl=moe_impl, compile=compile_scope is not None,
+                        compile_scope=compile_scope or "blocks")
+    trainer = Trainer(cfg, out, data=random_data(get_preset(args.preset).vocab_size, args.seq_len), progress=False)
+    trainer.run(stop_after=1)
+    first_loss = trainer.last_record["lm_loss"]
+    if args.warmup > 1:
+        trainer.run(stop_after=args.warmup - 1)
+    trainer.run(stop_after=args.steps)
+    record = trainer.last_record
+    return {"tokens_per_s": record["tokens_per_s"], "first_loss": first_loss,
+            "last_loss": record["lm_loss"], "skipped_steps": record["skipped_steps"],
+            "seconds_per_step": args.micro_batch * args.seq_len / record["tokens_per_s"]}
+
+
+def _measure_transformers(experts: str, args, config, device, tmp: Path) -> dict:
+    """transformers' model from the trainer's initial weights (bf16), trained on the same batches with the same
+    fused AdamW and clipping."""
+    import torch
+    import torch.nn.functional as F
+
+    from dsmoe.train.data import RandomTokens
+    from dsmoe.train.optim import build_optimizer
+
+    model = _load_transformers(_initial_weights(args, config, device, tmp), experts, device)
+    cfg = _train_config(args, device)
+    optimizer = build_optimizer(model, cfg)
+    source = RandomTokens(config.vocab_size, args.seq_len)
+
+    def step(i: int) -> torch.Tensor:
+        (batch,) = source.batches(i, micro_batch=args.micro_batch, grad_accum=1, dp_rank=0, dp_size=1)
+        batch = batch.to(device)
+        logits = model(input_ids=batch.input_ids).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    first_loss = step(0).item()
+    for i in range(1, args.warmup):
+        step(i)
+    sync()
+    start = time.perf_counter()
+    for i in range(args.warmup, args.warmup + args.steps):
+        loss = step(i)
+    sync()
+    seconds = (time.perf_counter() - start) / args.steps
+    return {"tokens_per_s": args.micro_batch * args.seq_len / seconds, "seconds_per_step": seconds,
+            "first_loss": first_loss, "last_loss": loss.item()}
+
+
+def _initial_weights(args, config, device, tmp: Path) -> Path:
+    """The weights every trainer variant starts from (build_training_model: the seed, then the model), saved once
+    in bf16 in the hub layout."""
     import torch
 
     from dsmoe.checkpoint.hf import save_pretrained
     from dsmoe.model.transformer import build_model
 
-    torch.manual_seed(0)
-    model = build_model(config, device)
-    save_pretrained(model, folder, dtype=torch.bfloat16)
-    del model
-
-
-def _measure(name: str, moe_impl: str | None, folder: Path, device, batch, warmup: int, steps: int) -> dict:
-    """Build one variant from the saved weights and time its training step."""
-    import torch
-    import torch.nn.functional as F
-
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    if name.startswith("hf-"):
-        model = _load_transformers(folder, name[3:], device)
-        forward = lambda: model(input_ids=inputs).logits
-        bias_update = None
-    else:
-        from dsmoe.checkpoint.hf import load_pretrained
-
-        amp = name.startswith("dsmoe-amp")
-        model = load_pretrained(folder, dtype=torch.float32 if amp else torch.bfloat16, device=device,
-                                moe_impl=moe_impl).train()
-        compiled = torch.compile(model) if name.endswith("+compile") else model
-
-        def forward():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                return compiled(inputs)
-
-        def bias_update():  # what the trainer does after each step (reads the counts the forward left)
-            model.update_expert_bias(model.routing_stats()[0], 1e-3)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                  fused=device.type == "cuda")
-
-    def step():
-        logits = forward()
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        loss.backward()
-        if bias_update is not None:
-            bias_update()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return _time(step, warmup, steps, device)
+    folder = tmp / "initial"
+    if not (folder / "config.json").is_file():
+        cfg = _train_config(args, device)
+        torch.manual_seed(cfg.seed)
+        save_pretrained(build_model(config, device), folder, dtype=torch.bfloat16)
+    return folder
 
 
 def _load_transformers(folder: Path, experts: str, device):
@@ -170,27 +207,6 @@ def _load_transformers(folder: Path, experts: str, device):
         raise RuntimeError(f"transformers {transformers.__version__} ran experts_implementation={got!r}, "
                            f"not {experts!r}")
     return model.to(device).train()
-
-
-def _time(step, warmup: int, steps: int, device) -> dict:
-    import torch
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    first_loss = step().item()
-    for _ in range(max(warmup - 1, 0)):
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    sync()
-    seconds = (time.perf_counter() - start) / steps
-    result = {"seconds_per_step": seconds, "first_loss": first_loss, "last_loss": loss.item()}
-    if device.type == "cuda":
-        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-    return result
 
 
 def _print_checks(results: list[dict]) -> None:
@@ -208,7 +224,7 @@ def _print_checks(results: list[dict]) -> None:
 
 def _print_table(results: list[dict], has_mfu: bool) -> None:
     baseline = next((r.get("tokens_per_s") for r in results if r["variant"] == "hf-grouped_mm"), None)
-    header = f"{'variant':<28}{'tokens/s':>12}{'vs hf-grouped_mm':>18}{'step ms':>10}"
+    header = f"{'variant':<32}{'tokens/s':>12}{'vs hf-grouped_mm':>18}{'step ms':>10}"
     header += f"{'MFU':>8}{'MFU(989)':>10}{'TFLOP/s':>9}" if has_mfu else ""
     header += f"{'peak GB':>9}{'loss@1':>9}"
     print()
@@ -216,10 +232,10 @@ def _print_table(results: list[dict], has_mfu: bool) -> None:
     print("-" * len(header))
     for r in results:
         if "error" in r:
-            print(f"{r['variant']:<28}failed: {r['error']}")
+            print(f"{r['variant']:<32}failed: {r['error']}")
             continue
         ratio = f"{r['tokens_per_s'] / baseline:.2f}x" if baseline else "-"
-        line = f"{r['variant']:<28}{r['tokens_per_s']:>12,.0f}{ratio:>18}{r['seconds_per_step'] * 1e3:>10.1f}"
+        line = f"{r['variant']:<32}{r['tokens_per_s']:>12,.0f}{ratio:>18}{r['seconds_per_step'] * 1e3:>10.1f}"
         if has_mfu:
             line += f"{r['mfu']:>8.1%}{r['mfu_spec']:>10.1%}{r['model_tflops']:>9.0f}"
         line += f"{r.get('peak_memory_gb', float('nan')):>9.1f}{r['first_loss']:>9.4f}"

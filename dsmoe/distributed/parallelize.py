@@ -14,6 +14,7 @@ from torch.distributed.tensor import Shard
 
 from dsmoe.distributed.expert_parallel import ExpertParallelExperts, apply_ep
 from dsmoe.distributed.mesh import ParallelMesh
+from dsmoe.errors import UserError
 from dsmoe.model.moe import MoE
 
 
@@ -27,9 +28,17 @@ def apply_ac(model: nn.Module) -> None:
         checkpoint(block)
 
 
-def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
-    """torch.compile per block, in place (names unchanged). The MoE layer's expert-parallel dispatch reads
-    split sizes on the host, so dynamo breaks the graph there and compiles the pieces around it."""
+COMPILE_SCOPES = ("blocks", "model")
+
+
+def apply_compile(model: nn.Module, backend: str = "inductor", scope: str = "blocks") -> None:
+    """torch.compile in place (names unchanged). scope "blocks": each block on its own, as torchtitan does (every
+    block has the same code, so one compilation serves them all; the MoE layer's expert-parallel dispatch reads
+    split sizes on the host, so dynamo breaks the graph there and compiles the pieces around it). scope "model":
+    the whole forward in one graph, one process only (kept to measure it against "blocks")."""
+    if scope == "model":
+        model.compile(backend=backend)
+        return
     for block in model.blocks():
         block.compile(backend=backend)
 
@@ -68,10 +77,14 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, param_dtype: torch.dtype | 
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh | None, *, ac: bool = False, compile: bool = False,
-                param_dtype: torch.dtype | None = None, compile_backend: str = "inductor") -> nn.Module:
+                param_dtype: torch.dtype | None = None, compile_backend: str = "inductor",
+                compile_scope: str = "blocks") -> nn.Module:
     """Apply everything, in the fixed order. mesh None (or one rank): only AC and compile. Returns the
     model, changed in place."""
     distributed = mesh is not None and mesh.dims.world_size > 1
+    if compile and distributed and compile_scope != "blocks":
+        raise UserError(f"--compile-scope {compile_scope} is for one process; under torchrun each block is "
+                        "compiled on its own (--compile-scope blocks)")
     if distributed:
         mesh.dims.check_experts(model.config.n_routed_experts)
         if mesh.dims.ep > 1:
@@ -79,7 +92,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh | None, *, ac: bool = False
     if ac:
         apply_ac(model)
     if compile:
-        apply_compile(model, compile_backend)
+        apply_compile(model, compile_backend, compile_scope)
     if distributed:
         apply_fsdp(model, mesh, param_dtype=param_dtype)
     return model

@@ -65,13 +65,13 @@ def _add_field(group, f: dataclasses.Field, default: Any) -> None:
     elif kind.startswith("list"):
         kw["nargs"] = "+"
     elif kind.startswith("dict"):
-        kw.update(nargs="+", type=_key_value)
+        kw.update(nargs="+", type=key_value)
     else:
         kw["type"] = _TYPES[kind.split(" | ")[0]]
     group.add_argument(flag, **kw)
 
 
-def _key_value(text: str) -> tuple[str, Any]:
+def key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
@@ -157,6 +157,6 @@ def _print_summary(summary: dict, out: Path) -> None:
     print(f"{status}: {summary['tokens']:,} tokens in {summary['elapsed_s']:.0f}s{speed}, "
           f"{summary['skipped_steps']} skipped steps")
     if "val_loss" in summary:
-        print(f"final val loss {summary['val_loss']:.4f} | perplexity {summary['val_ppl']:.2f} | "
-              f"{summary['val_nats_per_byte']:.4f} nats/byte")
+        per_byte = f" | {summary['val_nats_per_byte']:.4f} nats/byte" if "val_nats_per_byte" in summary else ""
+        print(f"final val loss {summary['val_loss']:.4f} | perplexity {summary['val_ppl']:.2f}{per_byte}")
     print(f"run folder: {out} (model, tokenizer, metrics.jsonl, plots/loss.png, plots/expert_load.png)")

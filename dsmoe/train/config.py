@@ -22,6 +22,8 @@ SCHEDULES = ("cosine", "wsd")
 DTYPES = ("auto", "fp32", "bf16")
 BALANCE_SCOPES = ("sequence", "batch")
 MOE_IMPLS = ("auto", "grouped", "reference", "triton")  # dsmoe.kernels.ops.IMPLS
+COMPILE_SCOPES = ("blocks", "model")  # dsmoe.distributed.parallelize.COMPILE_SCOPES
+PARAM_DTYPES = ("fp32", "bf16")
 
 
 def _f(default: Any, help: str, **kw: Any):
@@ -81,13 +83,20 @@ class TrainConfig:
     dtype: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16 (autocast; weights stay fp32)",
                     choices=DTYPES)
     compile: bool = _f(False, "torch.compile the model")
+    compile_scope: str = _f("blocks", "with --compile: compile each block on its own (as under torchrun), or the "
+                                      "whole model in one graph (one process only)", choices=COMPILE_SCOPES)
+    param_dtype: str = _f("fp32", "fp32: fp32 weights, gradients and AdamW states (16 bytes per parameter; bf16 "
+                                  "autocast on CUDA); bf16: all three in bf16 (8 bytes per parameter, no fp32 master "
+                                  "copy; the router stays fp32), for models that do not fit otherwise",
+                          choices=PARAM_DTYPES)
     activation_checkpointing: bool = _f(False, "recompute each block in backward (less memory, ~30%% more compute)")
     moe_impl: str = _f("auto", "MoE experts implementation", choices=MOE_IMPLS)
     max_skipped_steps: int = _f(5, "abort after this many consecutive steps with a non-finite loss or gradient")
     # --- evaluation, checkpoints, logs
     eval_interval: int = _f(100, "evaluate every N steps (and at the end)")
     eval_tokens: int = _f(16384, "validation tokens per evaluation (the whole split if smaller)")
-    checkpoint_interval: int = _f(200, "save a resumable checkpoint every N steps (and at the end)")
+    checkpoint_interval: int = _f(200, "save a resumable checkpoint every N steps and at the end (0 = never: the "
+                                       "final model is still exported)")
     keep_checkpoints: int = _f(2, "keep the last K checkpoints (0 = keep all)")
     log_interval: int = _f(10, "write a metrics.jsonl record every N steps")
     tensorboard: bool = _f(False, "also log to RUN/tensorboard (needs the tensorboard package)")
@@ -110,14 +119,20 @@ class TrainConfig:
         return None if mb is None else int(mb * 1e6)
 
     def model_config(self, vocab_size: int, bos_token_id: int, eos_token_id: int) -> ModelConfig:
-        """The preset with the overrides and the tokenizer's vocabulary and special tokens."""
+        """The preset with the overrides and the tokenizer's vocabulary and special tokens. --model vocab_size may
+        pad the vocabulary beyond the tokenizer's (the extra rows are never a target)."""
         base = get_preset(self.preset)
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(self.model) - known)
         if unknown:
             raise UserError(f"--model {unknown[0]}=...: not a ModelConfig field; use Hugging Face config names "
                             "such as hidden_size, num_hidden_layers, n_routed_experts")
-        changes = dict(self.model, vocab_size=vocab_size, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+        padded = self.model.get("vocab_size")
+        if padded is not None and (not isinstance(padded, int) or padded < vocab_size):
+            raise UserError(f"--model vocab_size={padded} is below the tokenizer's vocabulary ({vocab_size}): raise it "
+                            "or drop it (the tokenizer sets the vocabulary; a larger one pads the embedding)")
+        changes = dict(self.model, vocab_size=padded or vocab_size, bos_token_id=bos_token_id,
+                       eos_token_id=eos_token_id)
         if self.aux_loss_alpha is not None:
             changes["aux_loss_alpha"] = self.aux_loss_alpha
         if self.aux_loss_scope is not None:
@@ -137,7 +152,7 @@ class TrainConfig:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} {getattr(self, name)!r}: {why}")
 
-        for name in ("seq_len", "micro_batch", "grad_accum", "eval_interval", "checkpoint_interval", "log_interval",
+        for name in ("seq_len", "micro_batch", "grad_accum", "eval_interval", "log_interval",
                      "eval_tokens", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 fail(name, "must be at least 1")
@@ -154,8 +169,8 @@ class TrainConfig:
             fail("min_lr_ratio", "must be in [0, 1]")
         if not 0 <= self.decay_fraction <= 1:
             fail("decay_fraction", "must be in [0, 1]")
-        for name in ("warmup_steps", "keep_checkpoints", "grad_clip", "weight_decay", "bias_update_gamma",
-                     "mtp_loss_weight"):
+        for name in ("warmup_steps", "checkpoint_interval", "keep_checkpoints", "grad_clip", "weight_decay",
+                     "bias_update_gamma", "mtp_loss_weight"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0")
         if self.mtp_layers is not None and not 0 <= self.mtp_layers < self.seq_len:
@@ -166,7 +181,8 @@ class TrainConfig:
             fail("vocab_size", f"a byte-level tokenizer needs at least {MIN_VOCAB} (256 bytes + bos/eos)")
         if self.corpus_limit_mb is not None and self.corpus_limit_mb <= 0:
             fail("corpus_limit_mb", "must be positive")
-        for name, choices in (("schedule", SCHEDULES), ("dtype", DTYPES), ("moe_impl", MOE_IMPLS)):
+        for name, choices in (("schedule", SCHEDULES), ("dtype", DTYPES), ("moe_impl", MOE_IMPLS),
+                              ("compile_scope", COMPILE_SCOPES), ("param_dtype", PARAM_DTYPES)):
             if getattr(self, name) not in choices:
                 fail(name, f"choose one of {', '.join(choices)}")
         if self.aux_loss_scope is not None and self.aux_loss_scope not in BALANCE_SCOPES:

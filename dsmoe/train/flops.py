@@ -15,6 +15,7 @@ Recomputation (activation checkpointing) and padding are not counted: these are 
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -62,3 +63,14 @@ def measure_dense_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat
         a @ b
     torch.cuda.synchronize(device)
     return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
+
+
+@functools.cache
+def _dense_tflops(device: str) -> float:
+    return measure_dense_tflops(torch.device(device))
+
+
+def dense_tflops(device: torch.device) -> float:
+    """The dense bf16 GEMM rate of this CUDA device, measured the first time it is asked for in this process
+    (about a second) and remembered: every MFU in the process is relative to the same number."""
+    return _dense_tflops(str(device))

@@ -1,5 +1,6 @@
-"""The model as the trainer runs it: built from the seed, with dropout hooks, activation checkpointing and
-compile in one process; under torchrun sharded by dsmoe.distributed.parallelize (EP, FSDP2, AC, compile).
+"""The model as the trainer runs it: built from the seed, with dropout hooks, then handed to
+dsmoe.distributed.parallelize, which applies activation checkpointing and compile (and, under torchrun, EP and
+FSDP2) the same way for one process and for N.
 """
 
 from __future__ import annotations
@@ -7,49 +8,41 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from dsmoe.config import ModelConfig
-from dsmoe.model.transformer import Transformer, build_model
+from dsmoe.distributed.parallelize import parallelize
+from dsmoe.model.transformer import Transformer, build_model, cast_model
 from dsmoe.train.config import TrainConfig
+
+PARAM_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def build_training_model(config: ModelConfig, cfg: TrainConfig, device: torch.device, reducer, grad_accum: int,
-                         sharded_init: bool = False) -> tuple[Transformer, torch.nn.Module]:
-    """-> (model, the callable that runs its forward). With several ranks every rank builds the same weights
-    from the seed, so a sharded run starts where one process would; sharded_init instead builds on the meta
-    device and initialises each rank's shards after sharding (models that do not fit whole on one GPU)."""
+                         sharded_init: bool = False) -> Transformer:
+    """With several ranks every rank builds the same weights from the seed, so a sharded run starts where one
+    process would; sharded_init instead builds on the meta device and initialises each rank's shards after
+    sharding (models that do not fit whole on one GPU)."""
     distributed = reducer.world_size > 1
+    param_dtype = PARAM_DTYPES[cfg.param_dtype]
     torch.manual_seed(cfg.seed)
     if distributed and sharded_init:
         with torch.device("meta"):
             model = Transformer(config, cfg.moe_impl)
+        if param_dtype is not None:
+            cast_model(model, param_dtype)
     else:
-        model = build_model(config, device, moe_impl=cfg.moe_impl)
+        model = build_model(config, device, dtype=param_dtype, moe_impl=cfg.moe_impl)
     model.set_aux_loss_scale(1.0 / grad_accum)
     if cfg.dropout > 0:
         add_dropout(model, cfg.dropout)
-    if not distributed:
-        if cfg.activation_checkpointing:
-            checkpoint_blocks(model)
-        return model, torch.compile(model) if cfg.compile else model
-    from dsmoe.distributed.parallelize import parallelize
-
-    parallelize(model, reducer.mesh, ac=cfg.activation_checkpointing, compile=cfg.compile)
-    if sharded_init:
+    parallelize(model, reducer.mesh if distributed else None, ac=cfg.activation_checkpointing, compile=cfg.compile,
+                compile_scope=cfg.compile_scope)
+    if distributed and sharded_init:
         model.to_empty(device=device)
         model.init_weights()
-    # the ranks drew the same weights; from here on each rank draws its own dropout masks
-    torch.manual_seed(int(np.random.SeedSequence([cfg.seed, reducer.rank]).generate_state(1)[0]))
-    return model, model
-
-
-def checkpoint_blocks(model: Transformer) -> None:
-    """Activation checkpointing: each block keeps only its input and recomputes the rest in backward.
-    The routing statistics survive: recomputation routes identically and rewrites the same values."""
-    for block in model.blocks():
-        block.forward = lambda *args, _forward=block.forward, **kw: checkpoint(_forward, *args, use_reentrant=False,
-                                                                              **kw)
+    if distributed:  # the ranks drew the same weights; from here on each rank draws its own dropout masks
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, reducer.rank]).generate_state(1)[0]))
+    return model
 
 
 def add_dropout(model: Transformer, p: float) -> None:

@@ -1,0 +1,66 @@
+"""The trainer's two seams: what a micro-batch is, and the loss computed from it.
+
+Every training mode plugs into the one loop (trainer.py) through these: pretraining uses `Batch` and
+`next_token_loss`; fine-tuning and multi-token prediction bring their own batch type (anything with
+`.to(device)`) and loss function. A loss function returns the scalar to differentiate (a mean over the
+micro-batch) and a dict of detached scalars to log; the trainer averages both over micro-batches and ranks,
+adds the MoE balance loss (it joins in backward, see model/balance.py), and keeps everything on the device
+until the log interval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from dsmoe.model.mtp import mtp_loss
+from dsmoe.train.cross_entropy import IGNORE_INDEX, linear_cross_entropy
+
+
+@dataclass
+class Batch:
+    """One micro-batch of token ids: input_ids (B, S) and labels (B, S), where labels[b, s] is the token to
+    predict after input_ids[b, s], or IGNORE_INDEX (-100) where no loss is taken (prompts, padding)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def from_windows(cls, windows: torch.Tensor) -> Batch:
+        """(B, S + 1) consecutive tokens -> inputs are the first S, labels the last S."""
+        return cls(windows[:, :-1], windows[:, 1:])
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.input_ids.to(device, non_blocking=True), self.labels.to(device, non_blocking=True))
+
+
+class BatchSource(Protocol):
+    def batches(self, step: int, dp_rank: int, dp_size: int) -> list:
+        """This rank's micro-batches of optimizer step `step` (host tensors), a pure function of its arguments:
+        resume is exact, and data parallelism picks a rank's slice of the same global batch."""
+
+
+LossFn = Callable[[torch.nn.Module, object], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+def next_token_loss(model: torch.nn.Module, batch: Batch, mtp_weight: float = 0.0,
+                    chunk_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean next-token cross-entropy of the labelled positions; the logits are never materialised whole: the
+    output projection and the loss run chunk by chunk (cross_entropy.py). A model with MTP modules adds
+    mtp_weight x their mean cross-entropy (DeepSeek-V3's lambda; model/mtp.py), from their full logits."""
+    if not model.config.num_nextn_predict_layers:
+        hidden = model(batch.input_ids, return_hidden=True)
+        # read after the forward: under FSDP the root's forward has gathered the whole head (kept until backward)
+        head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        loss = linear_cross_entropy(hidden.flatten(0, 1), head, batch.labels.flatten(), chunk_tokens=chunk_tokens)
+        return loss, {"lm_loss": loss.detach()}
+    logits, mtp_logits = model(batch.input_ids, with_mtp=True)
+    lm = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE_INDEX)
+    mtp = mtp_loss(mtp_logits, batch.labels, ignore_index=IGNORE_INDEX)
+    return lm + mtp_weight * mtp, {"lm_loss": lm.detach(), "mtp_loss": mtp.detach()}
+
+
+__all__ = ["Batch", "BatchSource", "IGNORE_INDEX", "LossFn", "next_token_loss"]
