@@ -134,3 +134,95 @@ def test_bf16_kernels_at_v2_lite_dims_and_in_a_cuda_graph(scheme):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, out)
+
+
+def _saved_model(tmp_path, **changes):
+    from dsmoe import save_pretrained
+    from dsmoe.config import ModelConfig
+
+    config = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                         n_shared_experts=1, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                         v_head_dim=16, max_position_embeddings=128, **changes)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+    save_pretrained(model, tmp_path)
+    return model
+
+
+IDS = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_load_pretrained_quantizes_a_full_precision_checkpoint_like_quantize_model(tmp_path, scheme):
+    import copy
+
+    from dsmoe import load_pretrained
+
+    model = _saved_model(tmp_path)
+    loaded = load_pretrained(tmp_path, dtype=torch.float32, quantize=scheme).eval()
+    direct = quantize_model(copy.deepcopy(model), scheme)
+    for (name, a), (_, b) in zip(loaded.named_buffers(), direct.named_buffers()):
+        if name.endswith(("_proj", ".weight", "_scale")):
+            assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                               b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b), name
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS), direct.eval()(IDS))
+
+
+def test_a_v3_fp8_checkpoint_keeps_its_own_codes_and_scales(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from dsmoe import load_pretrained
+
+    _saved_model(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    fp8 = {}
+    for key, t in tensors.items():
+        if key.endswith(("proj.weight", "proj_with_mqa.weight")):  # what V3's release stores in FP8
+            fp8[key], fp8[key + "_scale_inv"] = quantize_fp8(t)
+        else:
+            fp8[key] = t
+    save_file(fp8, tmp_path / "model.safetensors")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    quant = load_pretrained(tmp_path, dtype=torch.float32, quantize="fp8").eval()
+    experts = quant.layers[1].mlp.experts
+    up_key = "model.layers.1.mlp.experts.2.up_proj.weight"
+    assert torch.equal(experts.gate_up_proj[2, 128:].view(torch.uint8), fp8[up_key].view(torch.uint8))
+    assert torch.equal(experts.gate_up_proj_scale[2, 1:], fp8[up_key + "_scale_inv"])
+    q_proj = quant.layers[0].self_attn.q_proj
+    assert torch.equal(q_proj.weight.view(torch.uint8), fp8["model.layers.0.self_attn.q_proj.weight"].view(torch.uint8))
+    dequantized = load_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(quant(IDS), dequantized(IDS), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_quantize_flag_on_the_cli(tmp_path, command, capsys):
+    from infer_helpers import build_model_dir
+
+    from dsmoe.cli import main
+
+    folder = build_model_dir(tmp_path)
+    if command == "generate":
+        args = ["generate", str(folder), "--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0"]
+    else:
+        (tmp_path / "t.txt").write_text("import os\nprint(os.getcwd())\n" * 40)
+        args = ["eval", str(folder), "--data", str(tmp_path / "t.txt"), "--seq-len", "32"]
+    outputs = []
+    for extra in ([], ["--quantize", "int8"]):
+        assert main(args + extra) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[1].strip()
+    if command == "eval":  # int8 moves the loss by well under a percent on this model
+        losses = [float(o.split("loss ")[1].split()[0]) for o in outputs]
+        assert losses[0] != losses[1] and abs(losses[1] - losses[0]) < 0.01 * losses[0]

@@ -24,8 +24,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsmoe.atomic import atomic_write, atomic_write_text
+from dsmoe.checkpoint.quantized import QuantizedTargets
 from dsmoe.config import ModelConfig
 from dsmoe.errors import UserError
+from dsmoe.kernels.quant import dequantize, quantize_model
 from dsmoe.model.classifier import SequenceClassifier, classifier_hub_fields, classifier_labels
 from dsmoe.model.transformer import Transformer, cast_model
 
@@ -166,13 +168,6 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
         return {key: single for key in f.keys()}
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """W[i, j] = W_fp8[i, j] * scale_inv[i // 128, j // 128] (edge blocks are partial)."""
-    rows, cols = weight.shape
-    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return weight.float() * scale
-
-
 def _default_dtype(hf: dict) -> torch.dtype:
     if hf.get("quantization_config"):
         return torch.bfloat16  # FP8 checkpoints are dequantised to bf16, as DeepSeek's fp8_cast_bf16 does
@@ -181,11 +176,14 @@ def _default_dtype(hf: dict) -> torch.dtype:
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None, moe_impl: str = "auto") -> Transformer:
+                    device: torch.device | str | None = None, moe_impl: str = "auto",
+                    quantize: str | None = None) -> Transformer:
     """Load a DeepSeek (16B / V2 / V2-Lite / V3) checkpoint or a dsmoe run folder into a Transformer (a
     SequenceClassifier when config.json's architectures name a ...ForSequenceClassification).
 
     dtype defaults to the checkpoint's (bf16 for FP8 checkpoints); the router stays fp32 regardless.
+    quantize "fp8" | "int8": weight-only low precision for inference (dsmoe.kernels.quant); a V3 FP8
+    checkpoint loaded with "fp8" keeps its own codes and scales.
     """
     path = Path(path)
     if not path.is_dir():
@@ -204,8 +202,12 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     with torch.device("meta"):
         model = Transformer(config, moe_impl) if labels is None else SequenceClassifier(config, labels, moe_impl)
     cast_model(model, dtype)
+    if quantize:
+        quantize_model(model, quantize)  # on the meta device: no full-precision copy is ever made
     model.to_empty(device=device or "cpu")
+    quantized = QuantizedTargets(model, quantize, block) if quantize else None
     targets = dict(model.named_parameters())
+    targets.update((n, b) for n, b in model.named_buffers() if quantized and n in quantized)
     targets.update((n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
     filled: dict[str, int] = {}  # name -> number of pieces written (experts arrive in E or 2E pieces)
     mtp_skipped = 0
@@ -226,13 +228,19 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                 raise CheckpointError(f"{file.name}: unexpected key {key}: the checkpoint does not match "
                                       "its config.json (wrong model_type or layer count?)")
             name, expert, part = mapped
-            tensor = handles[file].get_tensor(key)
+            tensor, scale_inv = handles[file].get_tensor(key), None
             if tensor.dtype == torch.float8_e4m3fn:
                 scale_key = key + "_scale_inv"
                 if scale_key not in key_files:
                     raise CheckpointError(f"{file.name}: FP8 tensor {key} has no {scale_key}")
-                tensor = dequantize_fp8(tensor, handles[key_files[scale_key]].get_tensor(scale_key), block)
-            _copy_into(targets[name], tensor, expert, part, file.name, key)
+                scale_inv = handles[key_files[scale_key]].get_tensor(scale_key)
+            if quantized and name in quantized:
+                quantized.take(name, tensor, scale_inv, expert, part,
+                               lambda dest, t, e, p, f=file.name, k=key: _copy_into(dest, t, e, p, f, k))
+            else:
+                if scale_inv is not None:
+                    tensor = dequantize(tensor, scale_inv, torch.float32, block)
+                _copy_into(targets[name], tensor, expert, part, file.name, key)
             filled[name] = filled.get(name, 0) + 1
 
     if mtp_skipped:
@@ -242,6 +250,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         if name.endswith("e_score_correction_bias") and name not in filled:
             tensor.zero_()  # checkpoints converted from V2-style routing carry no bias: start unbiased
     missing = [n for n in targets if n not in filled and not n.endswith("e_score_correction_bias")]
+    missing += quantized.incomplete() if quantized else []
     for name in (n for n in filled if n.endswith(("experts.gate_up_proj", "experts.down_proj"))):
         E = targets[name].shape[0]
         expected = 2 * E if name.endswith("gate_up_proj") else E

@@ -22,6 +22,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moe-impl", default="auto", choices=["auto", "reference", "grouped", "triton"],
                         help="routed-expert implementation")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on a GPU")
+    add_quantize_argument(parser)
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=["fp8", "int8"], default=None,
+                        help="weight-only low precision: fp8 (e4m3, 128x128 block scales; a V3 FP8 checkpoint keeps "
+                             "its own) or int8 (per output channel); activations stay in --dtype")
     parser.add_argument("--speculative", choices=["mtp"], default=None,
                         help="self-speculative decoding: the model's MTP module drafts, the model verifies "
                              "(needs num_nextn_predict_layers >= 1; no logprobs or repetition penalty)")
@@ -62,7 +69,8 @@ def load_for_inference(args: argparse.Namespace):
     device = resolve_device(args.device)
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = Tokenizer.load(args.path)  # first: a missing tokenizer fails before a long weight load
-    model = load_pretrained(args.path, dtype=dtype, device=device, moe_impl=args.moe_impl).eval()
+    model = load_pretrained(args.path, dtype=dtype, device=device, moe_impl=args.moe_impl,
+                            quantize=args.quantize).eval()
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"{args.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{model.config.vocab_size}; the tokenizer belongs to another model")

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from dsmoe.errors import UserError
+from dsmoe.infer.loading import add_quantize_argument
 from dsmoe.tasks.eval_tasks import add_task_arguments
 
 
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "--eval-tokens for its validation split, all of --data)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--moe-impl", default="auto", help="MoE experts implementation")
+    add_quantize_argument(parser)
     add_task_arguments(parser)
 
 
@@ -67,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     if is_training_checkpoint:
         model = native.load_model(path, device, args.moe_impl)
     else:
-        model = load_pretrained(path, dtype=torch.float32, device=device, moe_impl=args.moe_impl)
+        # quantized weights run with bf16 activations on a GPU (their kernels' format), fp32 elsewhere
+        dtype = torch.bfloat16 if args.quantize and device.type == "cuda" else torch.float32
+        model = load_pretrained(path, dtype=dtype, device=device, moe_impl=args.moe_impl, quantize=args.quantize)
     tokenizer = load_tokenizer(args.tokenizer or run_dir)
     seq_len = args.seq_len or (train_cfg.seq_len if train_cfg else min(1024, model.config.max_position_embeddings))
     if seq_len > model.config.max_position_embeddings:

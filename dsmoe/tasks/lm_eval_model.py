@@ -27,14 +27,15 @@ from dsmoe.tasks.scoring import ScoreRequest, score_requests
 class DsmoeLM(TemplateLM):
     def __init__(self, pretrained: str, device: str = "auto", dtype: str = "auto", batch_size: int | str = 16,
                  max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | None = None,
-                 moe_impl: str = "auto", cuda_graphs: bool = True, **_ignored):
+                 moe_impl: str = "auto", cuda_graphs: bool = True, quantize: str | None = None, **_ignored):
         """_ignored: arguments lm-eval passes to every model (max_batch_size, ...) that have no meaning here."""
         super().__init__()
         import argparse
 
         from dsmoe.infer.loading import load_for_inference
 
-        args = argparse.Namespace(path=str(pretrained), device=device, dtype=dtype, moe_impl=moe_impl)
+        args = argparse.Namespace(path=str(pretrained), device=device, dtype=dtype, moe_impl=moe_impl,
+                                  quantize=quantize)
         self.model, self.tokenizer, self._device = load_for_inference(args)
         self._batch_size = 16 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
         self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
