@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     requests = build_requests(Path(args.data_dir), args.limit, args.max_gen_toks)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.model) if args.model else random_model_folder(args.preset, Path(tmp) / args.preset)
+        folder = Path(args.model) if args.model else random_model_folder(args.preset, Path(tmp), device)
         makers = {
             "dsmoe": lambda: DsmoeLM(str(folder), device=str(device), dtype=dtype, batch_size=args.batch_size),
             "hf": lambda: HFLM(pretrained=str(folder), device=str(device), dtype=dtype, batch_size=args.batch_size),

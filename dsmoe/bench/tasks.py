@@ -3,8 +3,8 @@ length and batched, generation through the continuous-batching engine) against t
 example at a time (--batch-size 1), on the code `dsmoe eval` runs (dsmoe.tasks.suite.predict: the model's
 part; the metrics are left out, so sacrebleu and rouge-score need not be installed).
 
-The model is a run folder (--model) or a random one of --preset with a byte-level BPE tokenizer trained on a
-little of the built-in corpus, written to a temporary folder. The examples are the first --limit of each
+The model is a run folder (--model) or a random one of --preset built in memory, with a byte-level BPE
+tokenizer trained on a little of the built-in corpus. The examples are the first --limit of each
 built-in task's test file in --data-dir (../shared/data; copy the *_test.jsonl files along to a GPU machine).
 Each configuration runs once untimed first (CUDA graph capture, kernel autotuning), then timed.
 """
@@ -35,29 +35,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="write the table's numbers to this JSON file")
 
 
-def random_model_folder(preset: str, folder: Path, vocab_size: int = 4096) -> Path:
-    """A model folder with random weights of `preset` (vocabulary cut to the tokenizer's) and a BPE tokenizer
-    trained on a little of the built-in corpus."""
+def random_model(preset: str, folder: Path, device, vocab_size: int = 4096):
+    """-> (a model of `preset` with random weights built on `device`, bf16 on a GPU; a byte-level BPE tokenizer
+    trained on 1 MB of the built-in corpus and saved in `folder`). The vocabulary is cut to the tokenizer's."""
     import torch
 
-    from dsmoe.checkpoint.hf import save_pretrained
     from dsmoe.config import get_preset
     from dsmoe.data.sources import builtin_corpus
     from dsmoe.data.tokenizer import train_tokenizer
+    from dsmoe.infer.tokenizer import Tokenizer
     from dsmoe.model.transformer import build_model
 
     texts, size = [], 0
     for doc in builtin_corpus():
         texts.append(doc.text)
         size += len(doc.text)
-        if size > 2_000_000:
+        if size > 1_000_000:
             break
-    tokenizer = train_tokenizer(texts, vocab_size)
-    config = get_preset(preset).replace(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
-                                        eos_token_id=tokenizer.eos_id)
+    trained = train_tokenizer(texts, vocab_size)
+    config = get_preset(preset).replace(vocab_size=trained.vocab_size, bos_token_id=trained.bos_id,
+                                        eos_token_id=trained.eos_id)
+    trained.save(folder, config.max_position_embeddings)
     torch.manual_seed(0)
-    save_pretrained(build_model(config, dtype=torch.bfloat16), folder)
-    tokenizer.save(folder, config.max_position_embeddings)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return build_model(config, device=device, dtype=dtype).eval(), Tokenizer.load(folder)
+
+
+def random_model_folder(preset: str, folder: Path, device) -> Path:
+    """random_model written as a model folder (for loaders that need files, such as lm-eval's hf model)."""
+    from dsmoe.checkpoint.hf import save_pretrained
+
+    model, _ = random_model(preset, folder, device)
+    save_pretrained(model, folder)
     return folder
 
 
@@ -73,11 +82,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"no {', '.join(t + '_test.jsonl' for t in missing)} in {data}: pass --data-dir (the "
                         "shared data folder) or set DSMOE_SHARED_DATA")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.model) if args.model else random_model_folder(args.preset, Path(tmp) / args.preset)
-        from dsmoe.infer.loading import load_for_inference
+        if args.model:
+            from dsmoe.infer.loading import load_for_inference
 
-        model, tokenizer, device = load_for_inference(argparse.Namespace(
-            path=str(folder), device=args.device, dtype="auto", moe_impl="auto"))
+            model, tokenizer, device = load_for_inference(argparse.Namespace(
+                path=args.model, device=args.device, dtype="auto", moe_impl="auto"))
+        else:
+            from dsmoe.infer.loading import resolve_device
+
+            device = resolve_device(args.device)
+            model, tokenizer = random_model(args.preset, Path(tmp), device)
         rows = []
         for name in tasks:
             spec = get_task(name)
