@@ -42,7 +42,8 @@ def _load(args: argparse.Namespace):
 
 def run_suite(args: argparse.Namespace) -> int:
     from dsmoe.tasks.specs import draw_shots, few_shot_prefix, get_task, read_examples
-    from dsmoe.tasks.suite import TaskRun, predict, score
+    from dsmoe.model.classifier import SequenceClassifier
+    from dsmoe.tasks.suite import TaskRun, check_head_labels, predict, score
 
     spec = get_task(args.task)
     if not args.data or len(args.data) != 1:
@@ -57,9 +58,7 @@ def run_suite(args: argparse.Namespace) -> int:
     prefix = few_shot_prefix(spec, draw_shots(read_examples(args.shots_from, spec), args.shots)) if args.shots else ""
     out = Path(args.out or Path("eval") / spec.name)
     model, tokenizer, device = _load(args)
-    if spec.kind == "classification" and hasattr(model, "labels"):
-        from dsmoe.tasks.suite import check_head_labels
-
+    if spec.kind == "classification" and isinstance(model, SequenceClassifier):
         check_head_labels(spec, model.labels)  # before any compute
     run = TaskRun(model, tokenizer, batch_size=args.batch_size, prefix=prefix, cuda_graphs=not args.no_cuda_graphs)
 
