@@ -60,6 +60,7 @@ CASES = [
     ("five stop strings", C, body({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), 400, "stop"),
     ("empty stop string", C, body({"prompt": "x", "stop": [""]}), 400, "stop"),
     ("seed out of range", C, body({"prompt": "x", "seed": 10**30}), 400, "seed"),
+    ("top_k past int64", C, body({"prompt": "x", "top_k": 10**20}), 400, "top_k"),  # was an engine failure
     ("stream as text", C, body({"prompt": "x", "stream": "yes"}), 400, "stream"),
     ("stop token id past the vocabulary", C, body({"prompt": "x", "stop_token_ids": [10**6]}), 400, "stop_token_ids"),
     ("huge logit_bias key", C, body({"prompt": "x", "logit_bias": {"9" * 100_000: 5}}), 400, "logit_bias"),

@@ -88,7 +88,7 @@ class SamplingFields(OpenAIModel):
     logit_bias: dict[str, Any] | None = None
     user: str | None = None
     # extensions with vLLM's names (the openai client sends them through extra_body)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, lt=INT64)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     stop_token_ids: list[int] | None = Field(None, max_length=64)
     ignore_eos: bool = False
