@@ -59,3 +59,21 @@ def test_bf16_weights_without_autocast():
     for r, g in zip(ref, got):
         assert g.dtype == r.dtype
         torch.testing.assert_close(g.float(), r.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_chunked_equals_reference_on_the_gpu_at_a_real_vocabulary():
+    """bf16 autocast on CUDA at the `small` preset's vocabulary, several chunks (CHUNK_ELEMENTS / 32000 tokens)."""
+    hidden, weight, labels = _inputs(5000, 256, 32000, 0.05)
+    hidden, weight, labels = hidden.cuda(), weight.cuda() * 0.1, labels.cuda()
+
+    def run(fn):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(h, w, labels)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    for name, r, g in zip(("loss", "grad hidden", "grad weight"), run(linear_cross_entropy_reference),
+                          run(linear_cross_entropy)):
+        torch.testing.assert_close(g, r, atol=2e-2, rtol=2e-2, msg=name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 
 import pytest
 import torch
@@ -135,7 +136,7 @@ def test_kernels_from_a_chrome_trace(tmp_path):
 
 
 BENCH_ARGS = ["--preset", "tiny", "--layers", "2", "--batch", "1", "--seq", "16", "--steps", "1",
-              "--warmup", "1", "--dtype", "float32"]
+              "--warmup", "1", "--dtype", "fp32"]
 
 
 def _bench(argv: list[str]) -> int:
@@ -149,7 +150,8 @@ def test_bench_scale_one_process(monkeypatch, capsys):
         monkeypatch.delenv(var, raising=False)
     assert _bench(BENCH_ARGS) == 0
     out = capsys.readouterr().out
-    assert "| weak scaling" in out and "ok" in out
+    assert "| weak scaling" in out and "MISMATCH" not in out
+    assert re.search(r"\| loss, global batch: N GPUs vs 1 GPU +\| [0-9.]+ vs [0-9.]+ \(rel [-+.e0-9]+\) ok ", out)
 
 
 def _bench_worker(rank: int, world: int, out_file: str) -> None:

@@ -226,3 +226,24 @@ def test_bf16_weights_padded_vocabulary_and_no_checkpoints(tmp_path):
     assert load_pretrained(tmp_path / "run").config.vocab_size == 320
     with pytest.raises(UserError, match="below the tokenizer's vocabulary"):
         micro_config(model={**MICRO_MODEL, "vocab_size": 100}).model_config(300, 0, 1)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_per_block_and_whole_model_compile_train_like_eager(tmp_path):
+    """bf16 autocast on CUDA: the three ways `dsmoe bench train` compares give the same steps (to bf16 precision),
+    report MFU, and skip a poisoned step on the device."""
+    losses = {}
+    for scope in (None, "blocks", "model"):
+        cfg = micro_config(steps=3, device="cuda", compile=scope is not None, compile_scope=scope or "blocks",
+                           moe_impl="grouped")
+        trainer = Trainer(cfg, tmp_path / str(scope), cache_dir=tmp_path / "cache", progress=False)
+        trainer.run(stop_after=2)
+        losses[scope] = list(records(tmp_path / str(scope)).values())
+        assert 0 < trainer.last_record["mfu"] < 1
+    assert losses["blocks"] == pytest.approx(losses[None], rel=1e-2)
+    assert losses["model"] == pytest.approx(losses[None], rel=1e-2)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.model.embed_tokens.register_forward_hook(lambda m, i, out: out * math.nan)
+    trainer.train_step()
+    assert not trainer.read_steps()[0]["ok"]
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())

@@ -1,18 +1,20 @@
-"""`dsmoe bench scale`: expert-parallel weak scaling and all-to-all bandwidth, under torchrun.
+"""`dsmoe bench scale`: expert-parallel weak scaling and all-to-all bandwidth of `dsmoe train`'s Trainer, under
+torchrun.
 
     NCCL_NVLS_ENABLE=0 torchrun --standalone --nproc-per-node N -m dsmoe bench scale --preset small
 
-One run, everything measured in it:
-  1. one GPU (rank 0 alone, the others wait): the model at EP = 1 trains on the per-GPU micro-batch;
+One run, everything measured in it, every step the Trainer's own (dsmoe.train.Trainer.run on random tokens: clipping,
+schedule, aux-free update, on-device skip, its metrics record):
+  1. one GPU (rank 0 alone, the others wait): a one-process Trainer (EP = 1) trains on the per-GPU micro-batch;
      before training it computes the loss of the whole global batch (the correctness reference);
-  2. all N GPUs: the same model (same seed) with EP = N (default) and FSDP2 trains on the same per-GPU
+  2. all N GPUs: the Trainer under torchrun (same seed, EP = N by default, FSDP2) trains on the same per-GPU
      micro-batch; its loss on the same global batch must match the one-GPU loss;
   3. every EP dispatch all-to-all of those steps is timed and replayed by a bare NCCL all_to_all_single
      with the same split sizes (same bytes); then two profiled steps give the share of step time where only
      communication kernels run (exposed communication).
-  4. on both, a few more steps timed phase by phase (forward, backward, clip + optimizer), each phase with a
-     device sync after it: the host time to enqueue a phase next to its wall time shows whether the host
-     (Python, launches, host syncs) or the device bounds it.
+  4. on both, a few more steps split into the trainer's phases (loss forward, backward, clip + optimizer), each
+     phase with a device sync after it: the host time to enqueue a phase next to its wall time shows whether the
+     host (Python, launches, host syncs) or the device bounds it.
 The table comes last. Weak scaling = tokens/s per GPU at EP = N over tokens/s on one GPU (goal >= 0.85);
 dispatch bandwidth over the replay's (goal >= 0.9).
 
@@ -30,7 +32,6 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 from dsmoe.config import PRESETS, get_preset
 from dsmoe.distributed import flags
@@ -47,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=int, default=2048, help="sequence length")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="the trainer's --param-dtype (fp32: fp32 master weights with bf16 autocast on CUDA)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="the trainer's --dtype")
     parser.add_argument("--moe-impl", default="auto", choices=["auto", "reference", "grouped", "triton"])
     parser.add_argument("--baseline", default="full", choices=["full", "local"],
                         help="one-GPU model: the full model, or E/N experts (a model that only fits sharded)")
@@ -57,66 +60,80 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(ep=-1)  # -1: EP over every rank
 
 
-def _config(args):
+def _model_overrides(args, ep: int | None = None) -> dict:
+    """--layers / --experts; with ep, E / ep experts on one GPU: the expert FLOPs per token of one EP rank
+    (routing groups dropped)."""
     changes = {}
     if args.layers:
         changes["num_hidden_layers"] = args.layers
     if args.experts:
         changes["n_routed_experts"] = args.experts
-    return get_preset(args.preset).replace(**changes)
+    if ep is not None:
+        config = get_preset(args.preset).replace(**changes)
+        experts = config.n_routed_experts // ep
+        changes.update(n_routed_experts=experts, n_group=1, topk_group=1,
+                       num_experts_per_tok=min(config.num_experts_per_tok, experts))
+    return changes
 
 
-def _one_rank_config(config, ep: int):
-    """E / ep experts on one GPU: the expert FLOPs per token of one EP rank (routing groups dropped)."""
-    return config.replace(n_routed_experts=config.n_routed_experts // ep, n_group=1, topk_group=1,
-                          num_experts_per_tok=min(config.num_experts_per_tok, config.n_routed_experts // ep))
+def _trainer(args, rt, model: dict, distributed: bool, sharded_init: bool = False):
+    """The Trainer `dsmoe train` runs, on random tokens of the preset's vocabulary, nothing saved."""
+    from dsmoe.train.config import TrainConfig
+    from dsmoe.train.data import random_data
+    from dsmoe.train.trainer import Trainer
+
+    never = 10**9
+    cfg = TrainConfig(preset=args.preset, model=model, seq_len=args.seq, micro_batch=args.batch, steps=never,
+                      dtype=args.dtype, param_dtype=args.param_dtype, moe_impl=args.moe_impl,
+                      activation_checkpointing=args.ac, compile=args.compile, seed=args.seed, device=rt.device.type,
+                      eval_interval=never, log_interval=never, checkpoint_interval=0)
+    data = random_data(get_preset(args.preset).vocab_size, args.seq, args.seed)
+    return Trainer(cfg, tempfile.mkdtemp(prefix="dsmoe-scale-"), reducer=rt if distributed else None, data=data,
+                   progress=False, sharded_init=sharded_init)
 
 
-def _batch(args, vocab: int, step: int, rank: int, device):
-    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
-    return torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device)
+def _batch(trainer, step: int, rank: int, world: int):
+    (batch,) = trainer.data.train.batches(step, micro_batch=trainer.cfg.micro_batch, grad_accum=1, dp_rank=rank,
+                                          dp_size=world)
+    return batch.to(trainer.device)
 
 
-def _loss(model, ids):
-    logits = model(ids)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+@torch.no_grad()
+def _loss(trainer, batch) -> torch.Tensor:
+    with trainer._autocast():
+        return trainer.loss_fn(trainer.model, batch)[0].float()
 
 
-def _train(model, opt, args, rt, rank: int, steps: int, first_step: int = 0) -> float:
-    """Seconds for `steps` training steps (after the device has finished all earlier work)."""
-    from dsmoe.distributed.runtime import clip_grad_norm_
-
-    _sync(rt.device)
-    start = time.perf_counter()
-    for step in range(first_step, first_step + steps):
-        ids = _batch(args, model.config.vocab_size, step, rank, rt.device)
-        _loss(model, ids).backward()
-        clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    _sync(rt.device)
-    return time.perf_counter() - start
+def _run(trainer, steps: int) -> float:
+    """Seconds of `steps` steps of the Trainer's loop, from its own throughput record."""
+    trainer.run(stop_after=steps)
+    record = trainer.last_record
+    return steps * trainer.sequences_per_step * trainer.cfg.seq_len / record["tokens_per_s"]
 
 
 PHASES = ("forward", "backward", "clip + optimizer")
 
 
-def _phases(model, opt, args, rt, rank: int, first_step: int, align: bool, steps: int = 3) -> dict:
-    """{phase: [host ms to enqueue it, wall ms until the device finished it]}, means over `steps` steps, each
-    phase started after a device sync (and, with align, a barrier so that every rank starts it together)."""
-    from dsmoe.distributed.runtime import clip_grad_norm_
-
+def _phases(trainer, rt, first_step: int, align: bool, steps: int = 3) -> dict:
+    """{phase: [host ms to enqueue it, wall ms until the device finished it]}, means over `steps` steps of the
+    trainer's pieces (its loss function, backward, its clipping and optimizer), each phase started after a
+    device sync (and, with align, a barrier so that every rank starts it together)."""
     state: dict = {}
+    model, optimizer = trainer.model, trainer.optimizer
 
-    def update():
-        clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def forward(step: int) -> None:
+        batch = _batch(trainer, step, rt.rank, rt.world_size if trainer.distributed else 1)
+        with trainer._autocast():
+            state["loss"] = trainer.loss_fn(model, batch)[0]
+
+    def update() -> None:
+        trainer._clip_grad_norm(model.parameters(), trainer.cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     totals = {name: [0.0, 0.0] for name in PHASES}
     for step in range(first_step, first_step + steps):
-        ids = _batch(args, model.config.vocab_size, step, rank, rt.device)
-        work = (lambda ids=ids: state.update(loss=_loss(model, ids)), lambda: state["loss"].backward(), update)
+        work = (lambda step=step: forward(step), lambda: state["loss"].backward(), update)
         for name, fn in zip(PHASES, work):
             _sync(rt.device)
             if align:
@@ -135,44 +152,31 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _build(config, args, device, dtype, meta: bool = False):
-    from dsmoe.model.transformer import Transformer, build_model, cast_model
-
-    torch.manual_seed(args.seed)
-    if meta:
-        with torch.device("meta"):
-            model = Transformer(config, args.moe_impl)
-        return cast_model(model, dtype)
-    return build_model(config, device, dtype, args.moe_impl)
-
-
 def _peak_gib(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
-def _one_gpu(args, rt, config, dtype) -> dict:
+def _one_gpu(args, rt) -> dict:
     """Rank 0 alone: reference loss of the global batch, then tokens/s at EP = 1."""
     full = args.baseline == "full"
-    model = _build(config if full else _one_rank_config(config, rt.world_size), args, rt.device, dtype)
+    trainer = _trainer(args, rt, _model_overrides(args, None if full else rt.world_size), distributed=False)
     out = {}
     if full:
-        with torch.no_grad():
-            losses = [_loss(model, _batch(args, config.vocab_size, CHECK_STEP, r, rt.device)).item()
-                      for r in range(rt.world_size)]
+        losses = [_loss(trainer, _batch(trainer, CHECK_STEP, r, rt.world_size)).item() for r in range(rt.world_size)]
         out["loss"] = sum(losses) / len(losses)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    _train(model, opt, args, rt, 0, args.warmup)
-    out["seconds"] = _train(model, opt, args, rt, 0, args.steps, first_step=args.warmup)
-    out["phases"] = _phases(model, opt, args, rt, 0, args.warmup + args.steps, align=False)
+    _run(trainer, args.warmup)
+    out["seconds"] = _run(trainer, args.steps)
+    out["mfu"] = trainer.last_record.get("mfu")
+    out["phases"] = _phases(trainer, rt, trainer.step, align=False)
     out["peak_gib"] = _peak_gib(rt.device)
-    del model, opt
+    del trainer
     if rt.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(rt.device)
     return out
 
 
-def _profile_split(model, opt, args, rt) -> dict:
+def _profile_split(trainer, args, rt) -> dict:
     """Compute / exposed communication / idle shares of two profiled steps (CUDA only)."""
     from dsmoe.bench.scale_timing import kernels_from_trace, step_time_split
 
@@ -180,7 +184,7 @@ def _profile_split(model, opt, args, rt) -> dict:
         return {}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
-        _train(model, opt, args, rt, rt.rank, 2, first_step=args.warmup + args.steps)
+        trainer.run(stop_after=2)
     folder = args.trace_dir if (args.trace_dir and rt.is_main) else tempfile.mkdtemp()
     os.makedirs(folder, exist_ok=True)
     trace = os.path.join(folder, f"scale_trace_rank{rt.rank}.json")
@@ -191,30 +195,24 @@ def _profile_split(model, opt, args, rt) -> dict:
     return split
 
 
-def _many_gpus(args, rt, config, dtype) -> dict:
+def _many_gpus(args, rt) -> dict:
     from dsmoe.bench.scale_timing import DispatchRecorder, replay_all_to_all
     from dsmoe.distributed.expert_parallel import ExpertParallelExperts
-    from dsmoe.distributed.parallelize import parallelize
 
-    meta = args.baseline == "local"
-    model = _build(config, args, rt.device, dtype, meta=meta)
-    parallelize(model, rt.mesh, ac=args.ac, compile=args.compile)
-    if meta:
-        model.to_empty(device=rt.device)
-        model.init_weights()
+    local = args.baseline == "local"
+    trainer = _trainer(args, rt, _model_overrides(args), distributed=True, sharded_init=local)
     out = {}
-    if not meta:
-        with torch.no_grad():
-            local = _loss(model, _batch(args, config.vocab_size, CHECK_STEP, rt.rank, rt.device))
-        out["loss"] = rt.reduce(local, "mean").item()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if not local:
+        loss = _loss(trainer, _batch(trainer, CHECK_STEP, rt.rank, rt.world_size))
+        out["loss"] = rt.reduce(loss, "mean").item()
     recorder = DispatchRecorder(rt.device)
-    recorder.attach(m for m in model.modules() if isinstance(m, ExpertParallelExperts))
-    _train(model, opt, args, rt, rt.rank, args.warmup)
+    recorder.attach(m for m in trainer.model.modules() if isinstance(m, ExpertParallelExperts))
+    _run(trainer, args.warmup)
     recorder.enabled = True
-    seconds = _train(model, opt, args, rt, rt.rank, args.steps, first_step=args.warmup)
+    seconds = _run(trainer, args.steps)
     recorder.enabled = False
     out["seconds"] = rt.reduce(torch.tensor(seconds), "max").item()
+    out["mfu"] = trainer.last_record.get("mfu")
     calls = recorder.calls()
     if calls:
         sent = sum(c[3] for c in calls)
@@ -223,10 +221,10 @@ def _many_gpus(args, rt, config, dtype) -> dict:
         totals = rt.reduce(torch.tensor([sent, dispatch_s, replay_s], dtype=torch.float64), "sum")
         out["dispatch_gbps"] = totals[0].item() / totals[1].item() / BYTES_GB
         out["replay_gbps"] = totals[0].item() / totals[2].item() / BYTES_GB
-    phases = _phases(model, opt, args, rt, rt.rank, args.warmup + args.steps, align=True)
+    phases = _phases(trainer, rt, trainer.step, align=True)
     worst = rt.reduce(torch.tensor([v for name in PHASES for v in phases[name]]), "max").tolist()
     out["phases"] = {name: worst[2 * i:2 * i + 2] for i, name in enumerate(PHASES)}
-    split = _profile_split(model, opt, args, rt)
+    split = _profile_split(trainer, args, rt)
     if split:
         shares = rt.reduce(torch.tensor([split["compute"], split["exposed_comm"], split["idle"]]), "mean")
         out["split"] = dict(zip(("compute", "exposed_comm", "idle"), shares.tolist()))
@@ -239,14 +237,18 @@ def _table(args, rt, config, one: dict, many: dict) -> tuple[str, bool]:
     tps_one = tokens * args.steps / one["seconds"]
     tps_many = tokens * args.steps / many["seconds"]
     ep = rt.mesh.dims.ep if rt.mesh else 1
+    bf16 = args.param_dtype == "bf16" or args.dtype == "bf16" or (args.dtype == "auto" and rt.device.type == "cuda")
+    precision = f"{args.param_dtype} weights" + (", bf16 compute" if bf16 else "")
     described = f"{args.preset}: {config.num_params() / 1e9:.2f}B params, {config.n_routed_experts} experts"
     rows = [("metric", "value", "goal"),
             ("model", f"{described}, {config.num_hidden_layers} layers", ""),
             ("GPUs / EP / dp_shard", f"{rt.world_size} / {ep} / {rt.world_size // ep}", ""),
-            ("per-GPU micro-batch", f"{args.batch} x {args.seq} = {tokens} tokens, {args.dtype}", ""),
+            ("per-GPU micro-batch", f"{args.batch} x {args.seq} = {tokens} tokens, {precision}", ""),
             ("1 GPU tokens/s" + (" (E/N experts)" if args.baseline == "local" else ""), f"{tps_one:,.0f}", ""),
             (f"{rt.world_size} GPUs tokens/s per GPU", f"{tps_many:,.0f}", ""),
             ("weak scaling", f"{tps_many / tps_one:.3f}", ">= 0.85")]
+    if many.get("mfu") is not None:
+        rows.append(("MFU (vs measured dense): 1 GPU / per GPU", f"{one['mfu']:.1%} / {many['mfu']:.1%}", ""))
     if "dispatch_gbps" in many:
         rows += [("dispatch all-to-all GB/s per rank", f"{many['dispatch_gbps']:.3g}", ""),
                  ("bare all_to_all_single, same bytes, GB/s", f"{many['replay_gbps']:.3g}", ""),
@@ -257,7 +259,7 @@ def _table(args, rt, config, one: dict, many: dict) -> tuple[str, bool]:
                  ("step time: compute / idle", f"{s['compute']:.1%} / {s['idle']:.1%}", "")]
     ok = True
     if "loss" in one and "loss" in many:
-        tol = 2e-2 if args.dtype == "bfloat16" else 1e-4
+        tol = 2e-2 if bf16 else 1e-4
         diff = abs(one["loss"] - many["loss"]) / max(1e-9, abs(one["loss"]))
         ok = diff <= tol and math.isfinite(many["loss"])
         rows.append(("loss, global batch: N GPUs vs 1 GPU",
@@ -280,14 +282,13 @@ def run(args: argparse.Namespace) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rt = init_from_env(ep=world if args.ep == -1 else args.ep, dp_shard=args.dp_shard, timeout_s=args.dist_timeout)
     try:
-        config = _config(args)
-        dtype = getattr(torch, args.dtype)
+        config = get_preset(args.preset).replace(**_model_overrides(args))
         if rt.is_main:
             backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
             print(f"dsmoe bench scale: {rt.world_size} rank(s), backend {backend}, device {rt.device}", flush=True)
-        one = _one_gpu(args, rt, config, dtype) if rt.is_main else {}
+        one = _one_gpu(args, rt) if rt.is_main else {}
         rt.barrier()
-        many = _many_gpus(args, rt, config, dtype)
+        many = _many_gpus(args, rt)
         if not rt.is_main:
             return 0
         table, ok = _table(args, rt, config, one, many)
