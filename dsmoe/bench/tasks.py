@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             from dsmoe.infer.loading import load_for_inference
 
             model, tokenizer, device = load_for_inference(argparse.Namespace(
-                path=args.model, device=args.device, dtype="auto", moe_impl="auto"))
+                path=args.model, device=args.device, dtype="auto", moe_impl="auto", quantize=None))
         else:
             from dsmoe.infer.loading import resolve_device
 

@@ -142,7 +142,7 @@ def run_lm_eval(args: argparse.Namespace) -> int:
         raise UserError(f"unknown lm-eval task(s) {', '.join(unknown)}; `lm-eval ls tasks` lists the known ones "
                         "(add your own YAML folder with --include-path)")
     lm = DsmoeLM(str(args.path), device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                 moe_impl=args.moe_impl, cuda_graphs=not args.no_cuda_graphs)
+                 moe_impl=args.moe_impl, cuda_graphs=not args.no_cuda_graphs, quantize=args.quantize)
     results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=args.limit,
                               num_fewshot=args.shots or None)
     from lm_eval.utils import make_table
