@@ -337,7 +337,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
 
 
 def finish_hub_save(path: Path, config: ModelConfig, weight_map: dict[str, str], total_bytes: int,
-                    weights_dtype: torch.dtype, extra_config: dict | None = None) -> None:
+                    weights_dtype: torch.dtype, config_fields: dict | None = None) -> None:
     """After the safetensors files are in place: the index (when sharded), stale shards of an earlier save
     removed, and config.json (hub spelling) written last."""
     names = set(weight_map.values())
@@ -352,7 +352,7 @@ def finish_hub_save(path: Path, config: ModelConfig, weight_map: dict[str, str],
             stale.unlink()
     hf = config.to_hf_dict()
     hf["dtype"] = str(weights_dtype).replace("torch.", "")
-    hf.update(extra_config or {})  # a classifier's architectures and labels
+    hf.update(config_fields or {})  # a classifier's architectures and labels
     atomic_write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
 
 

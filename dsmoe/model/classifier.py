@@ -54,7 +54,10 @@ def classifier_hub_fields(model: SequenceClassifier) -> dict:
     """config.json fields that make a saved folder a classifier for transformers and for load_pretrained."""
     from dsmoe.config import ARCHITECTURES
 
-    arch = ARCHITECTURES[model.config.model_type].replace("ForCausalLM", "ForSequenceClassification")
-    return {"architectures": [arch], "num_labels": len(model.labels),
+    config = model.config
+    arch = ARCHITECTURES[config.model_type].replace("ForCausalLM", "ForSequenceClassification")
+    # transformers pools at the rightmost token that is not pad_token_id: a batch must be padded with it
+    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    return {"architectures": [arch], "num_labels": len(model.labels), "pad_token_id": pad,
             "id2label": {str(i): label for i, label in enumerate(model.labels)},
             "label2id": {label: i for i, label in enumerate(model.labels)}}
