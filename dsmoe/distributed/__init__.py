@@ -16,7 +16,7 @@ _EXPORTS = {
     "parallelize": "parallelize",
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "export_hub": "checkpoint",
     "load_native_checkpoint": "checkpoint", "load_rank_tensors": "checkpoint",
-    "Runtime": "runtime", "init_from_env": "runtime", "prepare_model": "runtime", "add_arguments": "flags",
+    "Runtime": "runtime", "init_from_env": "runtime", "add_arguments": "flags",
     "clip_grad_norm_": "runtime",
 }
 __all__ = list(_EXPORTS)

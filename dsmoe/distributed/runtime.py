@@ -1,7 +1,7 @@
 """What a training or benchmark script calls to run under torchrun (and, unchanged, in one plain process).
 
     rt = init_from_env(ep=args.ep, dp_shard=args.dp_shard, timeout_s=args.dist_timeout)
-    model = parallelize(model, rt.mesh, ac=..., compile=...)     # or prepare_model(model, rt, args)
+    model = parallelize(model, rt.mesh, ac=..., compile=...)     # mesh None in one process: AC and compile only
     ... batch = sample(seed, step, rt.data_rank, rt.data_size) ...
     counts = rt.sum(counts_LE)            # identity in one process (rt is the trainer's reducer)
     clip_grad_norm_(model.parameters(), 1.0)
@@ -14,7 +14,6 @@ timeout (NCCL's watchdog then ends the process with a message instead of hanging
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from dsmoe.distributed.flags import DEFAULT_TIMEOUT_S
 from dsmoe.distributed.mesh import ParallelDims, ParallelMesh, build_mesh
-from dsmoe.distributed.parallelize import parallelize
 from dsmoe.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -134,12 +132,6 @@ def quiet_other_ranks(rt: Runtime) -> None:
     """Log from rank 0 only: the other ranks keep warnings and errors."""
     if not rt.is_main:
         logging.getLogger("dsmoe").setLevel(logging.WARNING)
-
-
-def prepare_model(model: torch.nn.Module, rt: Runtime, args: argparse.Namespace,
-                  param_dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """parallelize() with the flags of dsmoe.distributed.flags.add_arguments."""
-    return parallelize(model, rt.mesh, ac=args.ac, compile=args.compile, param_dtype=param_dtype)
 
 
 @torch.no_grad()

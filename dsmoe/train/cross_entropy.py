@@ -59,15 +59,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 loss_sum += torch.where(valid, lse - picked, 0.0).sum()
                 if not (want_h or want_w):
                     continue
-                # d(sum of losses)/d logits = softmax - one_hot(target), zero on ignored rows
-                grad_logits = logits.sub_(lse[:, None]).exp_()
+                # d(sum of losses)/d logits = softmax - one_hot(target). Ignored rows are zeroed in the (chunk, D)
+                # operands and results instead of the (chunk, V) gradient: two passes over the logits fewer.
+                grad_logits = torch.softmax(logits, dim=-1)
                 grad_logits.scatter_add_(1, target[:, None], torch.full_like(picked[:, None], -1.0))
-                grad_logits.mul_(valid[:, None])
                 grad_logits = grad_logits.to(dtype)
+                keep = valid[:, None].to(dtype)
                 if want_h:
-                    torch.mm(grad_logits, w_VD, out=grad_h[start:start + chunk])
+                    torch.mm(grad_logits, w_VD, out=grad_h[start:start + chunk]).mul_(keep)
                 if want_w:
-                    grad_w += (grad_logits.t() @ h).float()
+                    grad_w += (grad_logits.t() @ (h * keep)).float()
             scale = 1.0 / (labels_T != IGNORE_INDEX).sum().clamp_min(1).float()
         ctx.save_for_backward(grad_h, grad_w, scale)
         ctx.dtypes = hidden_TD.dtype, weight_VD.dtype
