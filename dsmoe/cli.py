@@ -22,7 +22,7 @@ SUBCOMMANDS = {
     "serve": ("dsmoe.serve.cli", "OpenAI-compatible HTTP server"),
     "convert": ("dsmoe.checkpoint.convert_cli", "re-save a checkpoint (dtype, shard size) in the hub layout"),
     "experts": ("dsmoe.surgery.cli", "change a model's experts: prune | grow | upcycle"),
-    "bench": ("dsmoe.bench.cli", "benchmarks: moe | train | decode | scale"),
+    "bench": ("dsmoe.bench.cli", "benchmarks: moe | train | decode | speculative | scale"),
 }
 
 

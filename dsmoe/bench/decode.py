@@ -108,7 +108,9 @@ def check_cached_decode(model, prompt_len: int, steps: int = 4, cuda_graphs: boo
 
 
 def time_dsmoe(model, batch: int, prompt_len: int, new_tokens: int, cuda_graphs: bool, compile: bool,
-               repeats: int = 2) -> dict:
+               repeats: int = 2, prompts: list[list[int]] | None = None, **engine_options) -> dict:
+    """prompts: `batch` prompts of prompt_len tokens (default random ids); engine_options go to the Engine
+    (e.g. speculative="mtp"; the result then has the drafts' acceptance)."""
     import torch
 
     from dsmoe.infer.engine import Engine
@@ -116,8 +118,9 @@ def time_dsmoe(model, batch: int, prompt_len: int, new_tokens: int, cuda_graphs:
 
     device = next(model.parameters()).device
     engine = Engine(model, max_batch=batch, max_model_len=prompt_len + new_tokens,
-                    prefill_chunk=batch * prompt_len, cuda_graphs=cuda_graphs, compile=compile)
-    prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len)).tolist()
+                    prefill_chunk=batch * prompt_len, cuda_graphs=cuda_graphs, compile=compile, **engine_options)
+    if prompts is None:
+        prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len)).tolist()
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     clock = Clock(device)
 
@@ -140,7 +143,8 @@ def time_dsmoe(model, batch: int, prompt_len: int, new_tokens: int, cuda_graphs:
     context = prompt_len + new_tokens / 2
     return {"tokens_per_s": tokens_per_s, "ms_per_step": 1e3 * batch / tokens_per_s, "warmup_s": warmup_s,
             "step_bytes": step_bytes(model, engine.cache, batch, context),
-            "graphs": sorted(engine.runner.graphs), "graph_failures": dict(engine.runner.failed)}
+            "graphs": sorted(engine.runner.graphs), "graph_failures": dict(engine.runner.failed),
+            "speculation": engine.speculation_stats()}
 
 
 def time_variants(model, batch: int, variants: list[str], args, bandwidth: float, cuda_graphs: bool) -> dict:
