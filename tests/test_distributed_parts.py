@@ -99,7 +99,8 @@ def test_device_losses_use_the_expert_layout():
         torch.testing.assert_close(moe.aux_loss, expected.detach())
 
 
-@pytest.mark.parametrize("ac,compile_scope", [(True, None), (False, "blocks"), (False, "model"), (True, "blocks")])
+@pytest.mark.parametrize("ac,compile_scope", [(True, None), (False, "blocks"), (False, "model"), (True, "blocks"),
+                                            (True, "model")])
 def test_one_process_parallelize_keeps_results_and_names(ac, compile_scope):
     """What the trainer runs in one process: parallelize(mesh=None) with AC and compile per block or whole."""
     model, ref = make_model(), make_model()
