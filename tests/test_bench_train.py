@@ -31,3 +31,19 @@ def test_bench_times_the_trainer_and_checks_against_transformers(tmp_path, capsy
     assert [r["variant"] for r in report["results"]] == ["trainer [grouped]", "hf-grouped_mm"]
     assert all(r["tokens_per_s"] > 0 for r in report["results"])
     assert report["overrides"] == {"bias_update_gamma": 0.01}
+
+
+def test_bench_on_real_text(tmp_path, capsys):
+    """--data: the text tokenized as `dsmoe train` does; the model keeps the preset's vocabulary (padded), so
+    transformers gets the same shapes; both see the same windows."""
+    pytest.importorskip("transformers")
+    text = tmp_path / "text.txt"
+    text.write_text(open(bench.__file__).read())  # real text that is always there
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--preset", "tiny", "--micro-batch", "1", "--seq-len", "16",
+                              "--steps", "1", "--warmup", "1", "--variants", "trainer", "hf-grouped_mm",
+                              "--moe-impl", "grouped", "--data", str(text), "--set", "vocab_size=300"])
+    assert bench.run(args) == 0
+    out = capsys.readouterr().out
+    assert out.count(": ok") == 1 and "MISMATCH" not in out

@@ -10,7 +10,8 @@ Variants:
   hf-grouped_mm           transformers, bf16 weights, experts_implementation="grouped_mm", fused AdamW + clipping
   hf-eager                transformers, bf16 weights, experts_implementation="eager"
 
-The trainer rows are the Trainer's own throughput record (what `dsmoe train` logs to metrics.jsonl): the window of
+Random tokens by default, or --data (text, tokenized as `dsmoe train` does). The trainer rows are the Trainer's
+own throughput record (what `dsmoe train` logs to metrics.jsonl): the window of
 --steps steps after --warmup steps (compilation happens there). --set KEY=VALUE changes the training config of
 every trainer variant (e.g. --set activation_checkpointing=true param_dtype=bf16). MFU = model FLOPs/s over the
 dense bf16 GEMM rate measured once in this process (dsmoe/train/flops.py), the same number the Trainer uses. The
@@ -42,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moe-impl", nargs="+", default=["auto"], metavar="IMPL",
                         choices=("auto", "grouped", "triton", "reference"),
                         help="dsmoe expert implementation(s); each trainer variant runs once per implementation")
+    parser.add_argument("--data", nargs="+", metavar="PATH",
+                        help="train on this text (as `dsmoe train --data`; a tokenizer of the preset's vocabulary is "
+                             "trained on it) instead of random tokens")
     parser.add_argument("--set", nargs="+", default=[], type=key_value, metavar="KEY=VALUE",
                         help="training config overrides for the trainer variants (TrainConfig field names)")
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to smoke-test the script, with --preset tiny)")
@@ -68,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if dense:
         print(f"dense bf16 GEMM (8192^3, measured): {dense:.0f} TFLOP/s")
 
+    data = _training_data(args, config, device)
     runs = [(name, impl) for name in args.variants
             for impl in (args.moe_impl if name.startswith("trainer") else [None])]
     results = []
@@ -81,9 +86,10 @@ def run(args: argparse.Namespace) -> int:
                 torch.cuda.reset_peak_memory_stats(device)
             try:
                 if name.startswith("hf-"):
-                    result = _measure_transformers(name[3:], args, config, device, Path(tmp))
+                    result = _measure_transformers(name[3:], args, config, data, device, Path(tmp))
                 else:
-                    result = _measure_trainer(name, impl, args, device, Path(tmp) / label.replace(" ", "_"))
+                    result = _measure_trainer(name, impl, args, data, device,
+                                              Path(tmp) / label.replace(" ", "_"))
             except Exception as e:  # one failing variant (an old transformers, an OOM) must not hide the others
                 result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
             torch._dynamo.reset()  # each compiled variant compiles from scratch, inside its own warm-up
@@ -109,26 +115,39 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train_config(args, device, **changes):
+    from dsmoe.config import get_preset
     from dsmoe.train.config import TrainConfig
 
     never = 10**9  # no evaluation or checkpoint inside the timed steps
-    values = dict(preset=args.preset, seq_len=args.seq_len, micro_batch=args.micro_batch, grad_accum=1,
+    vocab = {"vocab_size": get_preset(args.preset).vocab_size}  # padded past a smaller trained tokenizer's
+    values = dict(preset=args.preset, model=vocab, seq_len=args.seq_len, micro_batch=args.micro_batch, grad_accum=1,
                   steps=args.warmup + args.steps + 1, device=str(device), eval_interval=never,
                   checkpoint_interval=never, log_interval=never, **changes)
     return TrainConfig.from_dict({**values, **dict(args.set)}, "--set")
 
 
-def _measure_trainer(name: str, moe_impl: str, args, device, out: Path) -> dict:
+def _training_data(args, config, device):
+    """Random tokens, or the text of --data tokenized as `dsmoe train` does it; one copy for every variant."""
+    from dsmoe.data.prepare import read_documents
+    from dsmoe.train.data import pretraining_data, random_data
+    from dsmoe.train.reduce import SingleProcess
+
+    if not args.data:
+        return random_data(config.vocab_size, args.seq_len)
+    cfg = _train_config(args, device, data=args.data, vocab_size=config.vocab_size)
+    docs = read_documents(cfg.data, cfg.text_field, cfg.corpus_limit_bytes())
+    return pretraining_data(cfg, docs, SingleProcess(), cfg.tokenizer, None, None)
+
+
+def _measure_trainer(name: str, moe_impl: str, args, data, device, out: Path) -> dict:
     """The Trainer's own step and loop (Trainer.run: what `dsmoe train` runs between its final evaluation and
     export): one step (its loss is the correctness check), the rest of the warm-up, then the timed window."""
-    from dsmoe.config import get_preset
-    from dsmoe.train.data import random_data
     from dsmoe.train.trainer import Trainer
 
     compile_scope = {"trainer": None, "trainer+compile": "blocks", "trainer+compile-model": "model"}[name]
     cfg = _train_config(args, device, moe_impl=moe_impl, compile=compile_scope is not None,
                         compile_scope=compile_scope or "blocks")
-    trainer = Trainer(cfg, out, data=random_data(get_preset(args.preset).vocab_size, args.seq_len), progress=False)
+    trainer = Trainer(cfg, out, data=data, progress=False)
     trainer.run(stop_after=1)
     first_loss = trainer.last_record["lm_loss"]
     if args.warmup > 1:
@@ -140,22 +159,20 @@ def _measure_trainer(name: str, moe_impl: str, args, device, out: Path) -> dict:
             "seconds_per_step": args.micro_batch * args.seq_len / record["tokens_per_s"]}
 
 
-def _measure_transformers(experts: str, args, config, device, tmp: Path) -> dict:
+def _measure_transformers(experts: str, args, config, data, device, tmp: Path) -> dict:
     """transformers' model from the trainer's initial weights (bf16), trained on the same batches with the same
     fused AdamW and clipping."""
     import torch
     import torch.nn.functional as F
 
-    from dsmoe.train.data import RandomTokens
     from dsmoe.train.optim import build_optimizer
 
     model = _load_transformers(_initial_weights(args, config, device, tmp), experts, device)
     cfg = _train_config(args, device)
     optimizer = build_optimizer(model, cfg)
-    source = RandomTokens(config.vocab_size, args.seq_len)
 
     def step(i: int) -> torch.Tensor:
-        (batch,) = source.batches(i, micro_batch=args.micro_batch, grad_accum=1, dp_rank=0, dp_size=1)
+        (batch,) = data.train.batches(i, micro_batch=args.micro_batch, grad_accum=1, dp_rank=0, dp_size=1)
         batch = batch.to(device)
         logits = model(input_ids=batch.input_ids).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten())
