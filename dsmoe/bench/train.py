@@ -4,7 +4,7 @@ the same config, the same initial weights and the same batches, measured in one 
 Variants:
   trainer                 dsmoe.train.Trainer as `dsmoe train` runs it (fp32 master weights, bf16 autocast on CUDA,
                           chunked cross-entropy, gradient clipping, LR schedule, aux-free bias update, on-device
-                          skip of non-finite steps, metrics every --steps steps), eager
+                          skip of non-finite steps, its metrics record), eager
   trainer+compile         the same with --compile (each block compiled on its own, as under torchrun)
   trainer+compile-model   the same with --compile --compile-scope model (the whole forward in one graph)
   hf-grouped_mm           transformers, bf16 weights, experts_implementation="grouped_mm", fused AdamW + clipping
