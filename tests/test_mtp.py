@@ -145,3 +145,25 @@ def test_transformers_loads_a_folder_with_mtp_layers_with_equal_logits(tmp_path)
     assert len(again.mtp) == 0
     with torch.no_grad():
         torch.testing.assert_close(again(ids), model(ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_ranks_expert_parallel_train_mtp_as_one_process(tmp_path):
+    """torchrun's path (FSDP2 + EP 2 on gloo) with an MTP module: the same lm and MTP losses as one process."""
+    from test_train_distributed import CONFIG, SHAKESPEARE, _train_two_ranks, records
+
+    from dsmoe.distributed.testing import run_distributed
+    from dsmoe.train.config import TrainConfig
+    from dsmoe.train.trainer import Trainer
+
+    data = tmp_path / "data.txt"
+    data.write_text(open(SHAKESPEARE).read()[:30_000])
+    config = {**CONFIG, "data": [str(data)], "steps": 2, "eval_interval": 2, "checkpoint_interval": 2,
+              "mtp_layers": 1}
+    run_distributed(_train_two_ranks, 2, config, str(tmp_path / "run"), str(tmp_path / "cache"), None, False)
+    reference = Trainer(TrainConfig(**{**config, "grad_accum": 2}), tmp_path / "reference",
+                        cache_dir=tmp_path / "cache", progress=False)
+    reference.train()
+    for key in ("lm_loss", "mtp_loss"):
+        assert records(tmp_path / "run", key) == pytest.approx(records(tmp_path / "reference", key), rel=1e-5), key
+    assert len(load_pretrained(tmp_path / "run").mtp) == 1

@@ -72,6 +72,9 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, param_dtype: torch.dtype | 
                 if mesh.dp_mesh.device_type == "cpu" and dp > 1:
                     # gloo has no PREMUL_SUM. (Not with dp == 1: torch 2.13 then divides twice.)
                     moe.experts.set_force_sum_reduction_for_comms(True)
+        if hasattr(block, "shared_head"):  # an MTP module's output norm runs after its forward: its own group
+            fully_shard(block.shared_head.norm, mesh=mesh.fsdp_mesh, mp_policy=mp,
+                        reshard_after_forward=reshard_after_forward)
         fully_shard(block, mesh=mesh.fsdp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh.fsdp_mesh, mp_policy=mp, reshard_after_forward=False)
 
