@@ -2,6 +2,7 @@
 on local YAML tasks over the shared data: the same accuracy, bits-per-byte within 1e-3 relative, the same
 per-request loglikelihoods and the same greedy generations."""
 
+import json
 import os
 from pathlib import Path
 
@@ -100,3 +101,20 @@ def test_dsmoe_model_scores_like_hf(tmp_path_factory, task_dir, monkeypatch):
     assert gen_ours == gen_hf
     assert ours["results"]["dsmoe_sms_spam_gen"]["exact_match,none"] == \
         hf["results"]["dsmoe_sms_spam_gen"]["exact_match,none"]
+
+
+@pytest.mark.slow
+def test_dsmoe_eval_lm_eval_from_the_command_line(tmp_path_factory, task_dir, monkeypatch, capsys):
+    from dsmoe.cli import main
+
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets_cli")))
+    model_dir = build_model_dir(tmp_path_factory.getbasetemp())
+    out = tmp_path_factory.mktemp("lmeval_cli")
+    assert main(["eval", str(model_dir), "--lm-eval", "dsmoe_rt_polarity_mc", "--include-path", str(task_dir),
+                 "--limit", "2", "--out", str(out)]) == 0
+    assert "acc,none" in json.loads((out / "results.json").read_text())["results"]["dsmoe_rt_polarity_mc"]
+    assert "dsmoe_rt_polarity_mc" in capsys.readouterr().out
+    assert main(["eval", str(model_dir), "--lm-eval", "no_such_task", "--include-path", str(task_dir)]) == 2
+    assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
