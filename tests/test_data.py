@@ -121,13 +121,28 @@ def test_split_by_document_and_by_tail():
     assert split_documents(docs, 0.0) == ([d.text for d in docs], [])
 
 
+def test_split_holds_its_fraction_of_tokens_with_a_few_large_documents():
+    """The defect of whole-document splits: three large files among small ones put a third of the tokens in
+    validation. Now the split holds 10% of the tokens, whichever documents the hash order picks."""
+    vocabulary = np.array(["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "naïve", "café"])
+    words = list(vocabulary[np.random.default_rng(0).integers(0, len(vocabulary), 130_000)])
+    small = [Document(f"s{i}", " ".join(words[i * 50:(i + 1) * 50])) for i in range(40)]
+    large = [Document(f"l{i}", " ".join(words[i * 40_000:(i + 1) * 40_000])) for i in range(3)]
+    tokenizer = train_tokenizer([" ".join(words[:20_000])], vocab_size=400)
+    for docs in (small + large, large + small[:9]):
+        train, val = split_documents(docs, 0.1)
+        n_train, n_val = (sum(len(ids) for ids in tokenizer.encode_documents(texts)) for texts in (train, val))
+        assert n_val / (n_train + n_val) == pytest.approx(0.1, abs=0.01)
+        assert sorted("".join(train + val)) == sorted("".join(d.text for d in docs))  # each character once
+
+
 def test_shards_are_cached_by_content(tmp_path, monkeypatch):
     docs = read_documents([str(write_docs(tmp_path / "docs"))])
     first = prepare_corpus(docs, val_fraction=0.2, vocab_size=300, cache_dir=tmp_path / "cache")
-    assert first.shards.meta["val_documents"] == 2 and first.shards.meta["train_documents"] == 10
+    # two whole documents and the tail of a third make up 20% of the text
+    assert first.shards.meta["val_documents"] == 3 and first.shards.meta["train_documents"] == 10
     assert first.shards.train.dtype == np.uint16
-    expected = [t for ids in first.tokenizer.encode_documents([d.text for d in docs
-                                                               if d.text not in _val_texts(docs)]) for t in ids]
+    expected = [t for ids in first.tokenizer.encode_documents(split_documents(docs, 0.2)[0]) for t in ids]
     assert first.shards.train.tolist() == expected
 
     def fail(*args, **kwargs):
@@ -142,10 +157,6 @@ def test_shards_are_cached_by_content(tmp_path, monkeypatch):
     third = prepare_corpus(changed, val_fraction=0.2, vocab_size=300, cache_dir=tmp_path / "cache")
     assert third.shards.path != first.shards.path
     assert not list((tmp_path / "cache" / "tokens").glob(".*"))  # no temporary folders left
-
-
-def _val_texts(docs):
-    return set(split_documents(docs, 0.2)[1])
 
 
 def test_batches_are_a_function_of_seed_and_step():

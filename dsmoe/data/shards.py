@@ -21,8 +21,9 @@ from dsmoe.data.sources import Document
 from dsmoe.data.tokenizer import TextTokenizer
 from dsmoe.errors import UserError
 
-SPLIT_VERSION = 1  # bump when the split or the document encoding changes: old cache entries are then unused
+SPLIT_VERSION = 2  # bump when the split or the document encoding changes: old cache entries are then unused
 MIN_DOCS_FOR_DOCUMENT_SPLIT = 10
+SPLIT_TOLERANCE = 0.05  # the held-out text may fall short of its target by this share of it
 _ENCODE_CHUNK = 256  # documents per encode_batch call: bounds memory on large corpora
 
 
@@ -40,19 +41,33 @@ class TokenShards:
 
 
 def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[str], list[str]]:
-    """Hold out whole documents (chosen by content hash, a stable choice) when there are at least
-    MIN_DOCS_FOR_DOCUMENT_SPLIT of them; a corpus of a few long texts gives instead the last val_fraction
-    of each text (nanoGPT's tinyshakespeare split: the last 10% of the file)."""
+    """Hold out val_fraction of the corpus's text (characters, a stand-in for tokens), within SPLIT_TOLERANCE of
+    it. A corpus of a few long texts (< MIN_DOCS_FOR_DOCUMENT_SPLIT) gives the last val_fraction of each text
+    (nanoGPT's tinyshakespeare split). Otherwise whole documents are held out, taken in content-hash order (a
+    stable choice) when they still fit the target; if that falls short (large documents), the tail of the next
+    document in that order makes up the rest, so a few large files can no longer take a third of the corpus."""
     texts = [d.text for d in docs]
     if val_fraction <= 0:
         return texts, []
-    if len(docs) >= MIN_DOCS_FOR_DOCUMENT_SPLIT:
-        n_val = max(1, round(len(docs) * val_fraction))
-        ranked = sorted(range(len(docs)), key=lambda i: hashlib.sha1(texts[i].encode()).hexdigest())
-        held = set(ranked[:n_val])
-        return [t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held]
-    cuts = [int(len(t) * (1 - val_fraction)) for t in texts]
-    return [t[:c] for t, c in zip(texts, cuts)], [t[c:] for t, c in zip(texts, cuts) if t[c:]]
+    if len(docs) < MIN_DOCS_FOR_DOCUMENT_SPLIT:
+        cuts = [int(len(t) * (1 - val_fraction)) for t in texts]
+        return [t[:c] for t, c in zip(texts, cuts)], [t[c:] for t, c in zip(texts, cuts) if t[c:]]
+    target = val_fraction * sum(len(t) for t in texts)
+    ranked = sorted(range(len(docs)), key=lambda i: hashlib.sha1(texts[i].encode()).hexdigest())
+    held, size = set(), 0
+    for i in ranked:
+        if size + len(texts[i]) <= target:
+            held.add(i)
+            size += len(texts[i])
+    train = [t for i, t in enumerate(texts) if i not in held]
+    val = [t for i, t in enumerate(texts) if i in held]
+    missing = round(target - size)
+    if missing > SPLIT_TOLERANCE * target:
+        cut = next(i for i in ranked if i not in held)  # longer than `missing`, or it would have been taken
+        head, tail = texts[cut][:-missing], texts[cut][-missing:]
+        train = [head if i == cut else t for i, t in enumerate(texts) if i not in held]
+        val.append(tail)
+    return train, val
 
 
 def shards_key(corpus_hash: str, val_fraction: float, tokenizer: TextTokenizer) -> str:

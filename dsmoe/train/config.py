@@ -44,8 +44,9 @@ class TrainConfig:
     text_field: str = _f("text", "field of each .jsonl record that holds the text")
     corpus_limit_mb: float | None = _f(None, "use at most this many MB of text (a deterministic spread of the "
                                              "corpus); none = 4 for the built-in corpus, all of --data")
-    val_fraction: float = _f(0.1, "share of the corpus held out for validation (whole documents; the tail of each "
-                                  "text when there are fewer than 10)")
+    val_fraction: float = _f(0.1, "share of the corpus's text held out for validation (whole documents, "
+                                  "and the tail of one where they fall short; the tail of each text when there are "
+                                  "fewer than 10)")
     tokenizer: str | None = _f(None, "existing tokenizer.json (or a folder with one) instead of training one")
     vocab_size: int = _f(4096, "vocabulary of the trained byte-level BPE (258 = one token per byte)")
     # --- batch and budget
