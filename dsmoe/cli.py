@@ -17,6 +17,8 @@ from dsmoe.errors import UserError
 SUBCOMMANDS = {
     "train": ("dsmoe.train.cli", "train a model (built-in corpus by default), or resume a run"),
     "eval": ("dsmoe.tasks.eval_cli", "validation loss and perplexity of a run or checkpoint on a corpus"),
+    "analyze": ("dsmoe.analysis.analyze", "expert statistics of a model on text: load, specialisation, redundancy"),
+    "experiment": ("dsmoe.analysis.experiment_cli", "reproduce a DeepSeekMoE claim: train paired configs, table + plot"),
     "generate": ("dsmoe.infer.cli", "generate text from a prompt"),
     "chat": ("dsmoe.infer.chat_cli", "interactive chat with a model (REPL with history)"),
     "serve": ("dsmoe.serve.cli", "OpenAI-compatible HTTP server"),

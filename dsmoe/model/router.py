@@ -98,6 +98,13 @@ def adaptive_active(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, top_p: f
     return ((before < top_p) | first).to(scores_TE.dtype)
 
 
+def route_options(c: ModelConfig) -> dict:
+    """The keyword arguments of `route` that a model config fixes (all but the logits and the bias)."""
+    return dict(top_k=c.num_experts_per_tok, scoring_func=c.scoring_func, topk_method=c.topk_method,
+                n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
+                routed_scaling_factor=c.routed_scaling_factor)
+
+
 class Router(nn.Module):
     """`mlp.gate` in checkpoints: weight [E, D], and for noaux_tc the selection bias [E] (fp32 buffer)."""
 
@@ -120,9 +127,7 @@ class Router(nn.Module):
                 logits = (router_logits_reference if impl == "reference" else router_logits)(x_TD, self.weight)
         else:
             logits = F.linear(x_TD, self.weight.to(x_TD.dtype))
-        kw = dict(top_k=c.num_experts_per_tok, scoring_func=c.scoring_func, topk_method=c.topk_method,
-                  n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
-                  routed_scaling_factor=c.routed_scaling_factor)
+        kw = route_options(c)
         if c.routing_top_p is not None:  # the fused kernel routes fixed top-k only
             return route(logits, bias_E=self.e_score_correction_bias, top_p=c.routing_top_p,
                          min_k=c.routing_min_k, **kw)
