@@ -1,4 +1,5 @@
-"""Corpus sources: text files, folders, globs, JSONL, and the built-in corpus (the Python standard library).
+"""Corpus sources: text files, folders, globs, JSONL (any of them xz-compressed: NAME.jsonl.xz), and the built-in
+corpus (the Python standard library).
 
 A corpus is a list of `Document`s in a stable order, so its content hash (and everything cached under
 it) does not depend on the order the file system lists files in. The whole corpus is held in memory:
@@ -10,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import lzma
 import os
 import sysconfig
 from collections.abc import Iterable, Iterator
@@ -126,14 +128,17 @@ def jsonl_records(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, objec
 
 
 def _read_file(path: Path, text_field: str) -> list[Document]:
+    compressed = path.suffix.lower() == ".xz"
     try:
-        raw = path.read_bytes()
+        raw = lzma.decompress(path.read_bytes()) if compressed else path.read_bytes()
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+    except lzma.LZMAError as e:
+        raise UserError(f"{path} is not a valid xz file ({e}); pass it uncompressed or recompress it") from None
     if b"\0" in raw[:8192]:
         raise UserError(f"{path} looks binary (NUL bytes); pass text files only")
     text = raw.decode("utf-8", errors="replace")
-    if path.suffix.lower() != ".jsonl":
+    if Path(path.stem if compressed else path.name).suffix.lower() != ".jsonl":
         return [Document(str(path), text)]
     docs = []
     for lineno, record in jsonl_records(path, text.splitlines()):
