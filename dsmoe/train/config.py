@@ -80,6 +80,9 @@ class TrainConfig:
                                      "then 0.1)")
     # --- execution
     seed: int = _f(0, "seed of the weights and of the batch order")
+    paired_init: bool = _f(False, "draw each weight outside the MLP/MoE blocks (embeddings, attention, head) from "
+                                  "(seed, its name): runs of different FFN architectures with one seed then start "
+                                  "from the same such weights (dsmoe experiment's pairing)")
     device: str = _f("auto", "cuda, cpu or auto")
     dtype: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16 (autocast; weights stay fp32)",
                     choices=DTYPES)

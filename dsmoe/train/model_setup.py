@@ -32,6 +32,8 @@ def build_training_model(config: ModelConfig, cfg: TrainConfig, device: torch.de
             cast_model(model, param_dtype)
     else:
         model = build_model(config, device, dtype=param_dtype, moe_impl=cfg.moe_impl)
+        if cfg.paired_init:
+            seed_weights_by_name(model, cfg.seed)
     model.set_aux_loss_scale(1.0 / grad_accum)
     if cfg.dropout > 0:
         add_dropout(model, cfg.dropout)
@@ -43,6 +45,20 @@ def build_training_model(config: ModelConfig, cfg: TrainConfig, device: torch.de
     if distributed:  # the ranks drew the same weights; from here on each rank draws its own dropout masks
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, reducer.rank]).generate_state(1)[0]))
     return model
+
+
+@torch.no_grad()
+def seed_weights_by_name(model: Transformer, seed: int) -> None:
+    """Redraw every matrix outside the MLP/MoE blocks from a generator seeded by (seed, parameter name), with the
+    init's distribution N(0, initializer_range): the draw no longer depends on what was built before it, so two
+    models that differ only in their FFNs get the same embeddings, attention and head."""
+    std = model.config.initializer_range
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or ".mlp." in name:
+            continue
+        state = np.random.SeedSequence([seed, *name.encode()]).generate_state(2, dtype=np.uint64)
+        generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+        p.copy_(torch.randn(p.shape, generator=generator).mul_(std))
 
 
 def add_dropout(model: Transformer, p: float) -> None:
