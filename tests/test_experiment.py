@@ -63,7 +63,8 @@ def test_cpu_experiment_end_to_end_and_a_row_reruns_alone(tmp_path, capsys):
     (tmp_path / "corpus.txt").write_text(TEXT)
     out, cache = tmp_path / "exp", str(tmp_path / "cache")
     args = ["experiment", "architectures", "--scale", "cpu", "--data", str(tmp_path / "corpus.txt"), "--steps", "3",
-            "--arms", "dense", "deepseekmoe", "--seeds", "0", "1", "--out", str(out), "--cache-dir", cache]
+            "--arms", "dense", "deepseekmoe", "--seeds", "0", "1", "--out", str(out), "--cache-dir", cache,
+            "--parallel", "2"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert (out / "loss.png").stat().st_size > 0 and "| deepseekmoe |" in (out / "table.md").read_text()
@@ -81,3 +82,5 @@ def test_cpu_experiment_end_to_end_and_a_row_reruns_alone(tmp_path, capsys):
                  "--cache-dir", cache, "--no-progress"]) == 0
     again = [json.loads(line) for line in (rerun / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_loss"] for r in again if "val_loss" in r][-1] == losses["deepseekmoe", 1]
+    capsys.readouterr()
+    assert main(args) == 0 and "trained" not in capsys.readouterr().out  # finished rows are not trained again

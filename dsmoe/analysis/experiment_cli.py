@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arms", nargs="+", help="run only these arms (default: all)")
     parser.add_argument("--steps", type=int, help="override the scale's optimizer steps (a quick look)")
     parser.add_argument("--out", help="output folder (default: runs/experiment-NAME-SCALE)")
-    parser.add_argument("--parallel", type=int, default=1, help="rows trained at once, each a `dsmoe train` "
-                        "process (small models leave a GPU mostly idle)")
+    parser.add_argument("--parallel", type=int, default=1, help="rows trained at once (small models leave a GPU "
+                        "mostly idle)")
     parser.add_argument("--analyze", nargs="+", metavar="PATH", help="afterwards analyze the MoE models of the "
                         "first seed on these files (one domain each)")
     parser.add_argument("--analyze-tokens", type=int, default=65536, help="tokens the analysis scores")
@@ -54,16 +54,15 @@ def train_command(config_file: Path, run_dir: Path, cache_dir: str | None) -> li
 
 
 def train_rows(rows, out: Path, parallel: int, cache_dir: str | None) -> None:
-    """In this process one after another, or as `dsmoe train` processes `parallel` at a time."""
-    from dsmoe.train.trainer import Trainer
+    """Each row is exactly its printed command, `dsmoe train --config ...`, run as its own process, `parallel` at
+    a time; a row whose run folder already holds the final model is not trained again."""
+    from dsmoe.train.config import TrainConfig
 
-    pending = [r for r in rows if not (out / "runs" / r.name / "model.safetensors").is_file()]
-    if parallel <= 1:
-        for row in pending:
-            print(f"== {row.name}", flush=True)
-            Trainer(row.config, out / "runs" / row.name, overwrite=True, progress=False,
-                    cache_dir=Path(cache_dir) if cache_dir else None).train()
-        return
+    def done(row) -> bool:
+        run = out / "runs" / row.name
+        return (run / "model.safetensors").is_file() and TrainConfig.load(run) == row.config
+
+    pending = [r for r in rows if not done(r)]
 
     def launch(row) -> tuple[str, int]:
         command = [sys.executable, "-m", *train_command(out / "configs" / f"{row.name}.json", out / "runs" / row.name,
@@ -74,10 +73,10 @@ def train_rows(rows, out: Path, parallel: int, cache_dir: str | None) -> None:
     (out / "logs").mkdir(exist_ok=True)
     with ThreadPoolExecutor(parallel) as pool:
         for name, code in pool.map(launch, pending):
-            print(f"== {name}: {'done' if code == 0 else f'FAILED (exit {code}), see {out}/logs/{name}.log'}",
-                  flush=True)
+            print(f"== {name}: {'trained' if code == 0 else f'FAILED (exit {code})'}", flush=True)
             if code != 0:
-                raise UserError(f"row {name} failed; its log: {out}/logs/{name}.log")
+                tail = "\n".join((out / "logs" / f"{name}.log").read_text().splitlines()[-15:])
+                raise UserError(f"row {name} failed; the end of its log ({out}/logs/{name}.log):\n{tail}")
 
 
 def run(args: argparse.Namespace) -> int:
