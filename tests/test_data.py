@@ -40,12 +40,13 @@ def test_sources_files_folders_globs_and_jsonl(tmp_path):
 def test_xz_compressed_files_read_like_the_plain_ones(tmp_path):
     import lzma
 
-    lines = json.dumps({"text": "first café"}) + "\n" + json.dumps({"text": "second"}) + "\n"
+    # raw line and paragraph separators inside a string (Wikipedia has them) do not end a JSONL line
+    lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in ("first café\u2028\x85", "second"))
     (tmp_path / "d.jsonl").write_text(lines)
     (tmp_path / "d.jsonl.xz").write_bytes(lzma.compress(lines.encode()))
     (tmp_path / "t.txt.xz").write_bytes(lzma.compress("plain text".encode()))
     plain, packed = read_corpus([str(tmp_path / "d.jsonl")]), read_corpus([str(tmp_path / "d.jsonl.xz")])
-    assert [d.text for d in packed] == [d.text for d in plain] == ["first café", "second"]
+    assert [d.text for d in packed] == [d.text for d in plain] == ["first café\u2028\x85", "second"]
     assert [d.text for d in read_corpus([str(tmp_path / "t.txt.xz")])] == ["plain text"]
     (tmp_path / "bad.xz").write_bytes(b"not xz")
     with pytest.raises(UserError, match="not a valid xz"):

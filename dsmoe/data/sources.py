@@ -141,7 +141,7 @@ def _read_file(path: Path, text_field: str) -> list[Document]:
     if Path(path.stem if compressed else path.name).suffix.lower() != ".jsonl":
         return [Document(str(path), text)]
     docs = []
-    for lineno, record in jsonl_records(path, text.splitlines()):
+    for lineno, record in jsonl_records(path, text.split("\n")):  # not splitlines(): U+2028 occurs in strings
         value = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(value, str):
             keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
