@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from dsmoe.kernels.grouped import dispatch_plan, moe_experts_grouped
+from dsmoe.config import PRESETS
+from dsmoe.kernels.grouped import moe_experts_grouped
 from dsmoe.kernels.ops import moe_experts, resolve_impl
-from dsmoe.kernels.reference import moe_experts_reference
+from dsmoe.kernels.reference import moe_experts_reference, permute_reference
 
 
 def make_inputs(T, D, F, E, K, dtype, empty_experts=(), seed=0):
@@ -60,24 +61,29 @@ def test_grouped_matches_reference_forward_and_grads(shape, dtype):
 def test_odd_sizes_fall_back_and_stay_correct():
     x, idx, w, gate_up, down = make_inputs(9, 17, 11, 5, 2, torch.float32)
     assert resolve_impl("grouped", x, gate_up, down) == "reference"  # 68-byte rows: grouped_mm can't
-    torch.testing.assert_close(moe_experts(x, idx, w, gate_up, down, impl="grouped"),
-                               moe_experts_reference(x, idx, w, gate_up, down))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # ... but it can once autocast computes them in bf16
+        assert resolve_impl("grouped", x[:, :16], gate_up[..., :16], down[..., :8]) == "grouped"
 
 
-def test_dispatch_plan_sorts_rows_by_expert():
+def test_permutation_sorts_rows_by_expert():
     idx = torch.tensor([[2, 0], [1, 2], [2, 1]])
-    plan = dispatch_plan(idx, num_experts=4)
-    assert plan.offsets_E.tolist() == [1, 3, 6, 6]  # expert 3 is empty
-    experts_of_rows = idx.flatten()[torch.argsort(idx.flatten(), stable=True)]
-    assert torch.equal(experts_of_rows, torch.tensor([0, 1, 1, 2, 2, 2]))
-    assert plan.token_N.tolist() == [0, 1, 2, 0, 1, 2]
-    assert torch.equal(idx.flatten()[plan.inverse_N.argsort()], experts_of_rows)
+    order, inverse, offsets = permute_reference(idx, num_experts=4)
+    assert offsets.tolist() == [1, 3, 6, 6]  # expert 3 is empty
+    assert order.tolist() == [1, 2, 5, 0, 3, 4]  # rows sorted by expert, ties in (token, k) order
+    assert (order // 2).tolist() == [0, 1, 2, 0, 1, 2]  # their tokens
+    assert inverse[order.long()].tolist() == list(range(6))
 
 
 def test_unknown_impl_is_refused():
+    from dsmoe.model.moe import MoE
+
     x, idx, w, gate_up, down = make_inputs(2, 16, 8, 2, 1, torch.float32)
     with pytest.raises(ValueError, match="reference, grouped"):
-        moe_experts(x, idx, w, gate_up, down, impl="fast")
+        resolve_impl("fast", x, gate_up, down)
+    with pytest.raises(ValueError, match="resolved"):
+        moe_experts(x, idx, w, gate_up, down, impl="auto")  # the layer resolves; the op runs what it is told
+    with pytest.raises(ValueError, match="reference, grouped"):
+        MoE(PRESETS["tiny"], impl="fast")
 
 
 GPU_SHAPES = SHAPES + [(4096, 2048, 1408, 64, 6, (3,))]  # + a V2-Lite layer with an empty expert
@@ -100,7 +106,6 @@ def test_grouped_matches_reference_bf16_on_cuda(shape):
 
 @pytest.mark.gpu
 def test_grouped_moe_layer_never_syncs_with_the_host():
-    from dsmoe.config import PRESETS
     from dsmoe.model.moe import MoE
 
     cfg = PRESETS["small"]
@@ -121,7 +126,6 @@ def test_grouped_moe_layer_never_syncs_with_the_host():
 def test_autocast_runs_the_experts_in_the_autocast_dtype():
     """Training keeps fp32 weights under bf16 autocast: the expert GEMMs must run in bf16 (the fast
     grouped path), as F.linear does, while the router stays fp32."""
-    from dsmoe.config import PRESETS
     from dsmoe.model.moe import MoE
 
     cfg = PRESETS["tiny"]
@@ -150,13 +154,14 @@ def test_gather_rows_backward_sums_each_source_rows_readers(K):
 
     T, E, D = 13, 4, 6
     _, idx, *_ = make_inputs(T, D, 4, E, K, torch.float32)
-    plan = dispatch_plan(idx, num_experts=E)
+    order, inverse, _ = permute_reference(idx, num_experts=E)
+    token = order // K
     g = torch.Generator().manual_seed(K)
     src = torch.randn(T, D, dtype=torch.float64, generator=g, requires_grad=True)
     grad = torch.randn(T * K, D, dtype=torch.float64, generator=g)
-    gather_rows(src, plan.token_N, plan.inverse_N, K).backward(grad)
-    expected = torch.zeros(T, D, dtype=torch.float64).index_add_(0, plan.token_N, grad)
+    gather_rows(src, token, inverse, K).backward(grad)
+    expected = torch.zeros(T, D, dtype=torch.float64).index_add_(0, token, grad)
     torch.testing.assert_close(src.grad, expected, rtol=1e-12, atol=1e-12)  # summed in the grad's precision
     rows = torch.randn(T * K, D, dtype=torch.float64, generator=g, requires_grad=True)  # back to (t, k) order
-    gather_rows(rows, plan.inverse_N, plan.order_N, 1).backward(grad)
-    torch.testing.assert_close(rows.grad, torch.zeros_like(grad).index_add_(0, plan.inverse_N, grad), rtol=0, atol=0)
+    gather_rows(rows, inverse, order, 1).backward(grad)
+    torch.testing.assert_close(rows.grad, torch.zeros_like(grad).index_add_(0, inverse, grad), rtol=0, atol=0)

@@ -40,6 +40,11 @@ from dsmoe.kernels import ops, reference  # noqa: E402
 from dsmoe.model.router import route  # noqa: E402
 
 
+def triton_experts(x, idx, w, gate_up, down):
+    """The routed experts on the Triton kernels, through the one door the model uses."""
+    return ops.moe_experts(x, idx, w, gate_up, down, impl="triton")
+
+
 def make_inputs(T, D, F, E, K, dtype=torch.float32, empty=(), seed=0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
     allowed = torch.tensor([e for e in range(E) if e not in empty])
@@ -73,7 +78,7 @@ def test_experts_forward_and_every_gradient_match_reference(shape):
     T, D, F, E, K, empty = shape
     x, idx, w, gate_up, down = make_inputs(T, D, F, E, K, empty=empty)
     grad_out = torch.randn(T, D, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    ours = forward_and_grads(moe_mod.moe_experts_triton, x, idx, w, gate_up, down, grad_out)
+    ours = forward_and_grads(triton_experts, x, idx, w, gate_up, down, grad_out)
     ref = forward_and_grads(reference.moe_experts_reference, x, idx, w, gate_up, down, grad_out)
     for name, a, b in zip(NAMES, ours, ref):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
@@ -142,7 +147,7 @@ def test_no_grad_forward_skips_saving_and_weight_grad_is_optional():
     torch.testing.assert_close(y, reference.moe_experts_reference(x, idx, w, gate_up, down), atol=2e-5, rtol=1e-4)
     # topk weights that do not require grad: no atomics, the other gradients unchanged
     xg = x.clone().requires_grad_()
-    moe_mod.moe_experts_triton(xg, idx, w, gate_up, down).sum().backward()  # expanded grad_out
+    triton_experts(xg, idx, w, gate_up, down).sum().backward()  # expanded grad_out
     xr = x.clone().requires_grad_()
     reference.moe_experts_reference(xr, idx, w, gate_up, down).sum().backward()
     torch.testing.assert_close(xg.grad, xr.grad, atol=2e-5, rtol=1e-4)
@@ -153,11 +158,11 @@ def test_ops_dispatches_triton_and_rejects_bad_shapes():
     y = ops.moe_experts(x, idx, w, gate_up, down, impl="triton")
     torch.testing.assert_close(y, reference.moe_experts_reference(x, idx, w, gate_up, down), atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="do not fit"):
-        moe_mod.moe_experts_triton(x, idx, w, gate_up[:, :, :8], down)
+        triton_experts(x, idx, w, gate_up[:, :, :8], down)
     with pytest.raises(ValueError, match="\\[T=5, K\\]"):
-        moe_mod.moe_experts_triton(x, idx[:3], w[:3], gate_up, down)
+        triton_experts(x, idx[:3], w[:3], gate_up, down)
     with pytest.raises(ValueError, match="integer"):
-        moe_mod.moe_experts_triton(x, idx.float(), w, gate_up, down)
+        triton_experts(x, idx.float(), w, gate_up, down)
 
 
 # ---- the single kernels ------------------------------------------------------------------------------
@@ -260,7 +265,7 @@ def test_tiny_model_on_triton_matches_reference_forward_and_grads(monkeypatch):
         return wrapper
 
     monkeypatch.setattr(ops, "route_fused", counted("route", ops.route_fused))
-    monkeypatch.setattr(moe_mod, "moe_experts_triton", counted("experts", moe_mod.moe_experts_triton))
+    monkeypatch.setattr(ops, "experts_fused", counted("experts", ops.experts_fused))
 
     config = get_preset("tiny").replace(num_hidden_layers=2, vocab_size=64, hidden_size=32, moe_intermediate_size=16,
                                         n_routed_experts=6, num_experts_per_tok=2, n_group=2, topk_group=1)
@@ -287,7 +292,7 @@ def test_custom_ops_trace_under_torch_compile():
     x, idx, w, gate_up, down = make_inputs(7, 16, 8, 4, 2)
     grad_out = torch.randn(7, 16, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     backend = "inductor" if ON_GPU else "aot_eager"  # no C++ toolchain needed for the CPU check
-    compiled = torch.compile(moe_mod.moe_experts_triton, backend=backend, fullgraph=True)
+    compiled = torch.compile(triton_experts, backend=backend, fullgraph=True)
     ours = forward_and_grads(compiled, x, idx, w, gate_up, down, grad_out)
     ref = forward_and_grads(reference.moe_experts_reference, x, idx, w, gate_up, down, grad_out)
     for name, a, b in zip(NAMES, ours, ref):
@@ -318,7 +323,7 @@ def test_gpu_bf16_as_close_to_float64_as_the_reference(shape):
     T, D, F, E, K, empty = shape
     x, idx, w, gate_up, down = make_inputs(T, D, F, E, K, torch.bfloat16, empty)
     grad_out = torch.randn(T, D, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
-    ours = forward_and_grads(moe_mod.moe_experts_triton, x, idx, w, gate_up, down, grad_out)
+    ours = forward_and_grads(triton_experts, x, idx, w, gate_up, down, grad_out)
     ref = forward_and_grads(reference.moe_experts_reference, x, idx, w, gate_up, down, grad_out)
     exact = forward_and_grads(reference.moe_experts_reference, x.double(), idx, w.double(), gate_up.double(),
                               down.double(), grad_out.double())
@@ -341,7 +346,7 @@ def test_gpu_v3_expert_weights_beyond_int32_offsets():
     grad_out = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=g)
     assert idx.max() >= 200
     leaves = (x, w, gate_up, down)
-    y = moe_mod.moe_experts_triton(x, idx, w, gate_up, down)
+    y = triton_experts(x, idx, w, gate_up, down)
     ours = [y.detach(), *torch.autograd.grad(y, leaves, grad_out)]
     y = reference.moe_experts_reference(x, idx, w, gate_up, down)
     ref = [y.detach(), *torch.autograd.grad(y, leaves, grad_out)]
@@ -356,9 +361,9 @@ def test_gpu_v3_expert_weights_beyond_int32_offsets():
 def test_gpu_inductor_compiles_the_layer_without_graph_breaks():
     x, idx, w, gate_up, down = make_inputs(96, 64, 32, 8, 2, torch.bfloat16)
     grad_out = torch.randn(96, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
-    compiled = torch.compile(moe_mod.moe_experts_triton, fullgraph=True)
+    compiled = torch.compile(triton_experts, fullgraph=True)
     ours = forward_and_grads(compiled, x, idx, w, gate_up, down, grad_out)
-    plain = forward_and_grads(moe_mod.moe_experts_triton, x, idx, w, gate_up, down, grad_out)
+    plain = forward_and_grads(triton_experts, x, idx, w, gate_up, down, grad_out)
     for name, a, b in zip(NAMES, ours, plain):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
 

@@ -6,6 +6,7 @@ the cuBLAS call itself is covered by the GPU tests (marked `gpu`)."""
 import pytest
 import torch
 
+from dsmoe.kernels import ops
 from dsmoe.kernels import router_gemm as rg
 from dsmoe.kernels.reference import router_logits_reference
 
@@ -42,9 +43,15 @@ def test_split_forward_and_gradients_match_the_fp32_gemm(weight_dtype):
     assert ((d_x.float() - xr.grad.float()).abs() <= ulp).all()
 
 
-def test_router_uses_the_reference_off_cuda():
-    x, w = _inputs()
-    assert torch.equal(rg.router_logits(x, w), router_logits_reference(x, w))
+@pytest.mark.gpu
+def test_gpu_router_takes_the_split_gemm_for_bf16_fast_paths_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ops, "split_router_logits", lambda x, w: calls.append(x.dtype) or rg.split_router_logits(x, w))
+    x, w = _inputs(device="cuda")
+    for impl in ("grouped", "triton", "reference"):
+        ops.router_logits(x, w, impl)
+    ops.router_logits(x.float(), w, "triton")
+    assert calls == [torch.bfloat16, torch.bfloat16]  # not for the reference impl, not for fp32 activations
 
 
 @pytest.mark.gpu
@@ -62,7 +69,7 @@ def test_gpu_split_logits_match_fp32_and_compile():
     def rel(a, b):
         return ((a.double() - b).norm() / b.norm()).item()
 
-    for fn in (rg.router_logits, torch.compile(rg.router_logits, fullgraph=True)):
+    for fn in (rg.split_router_logits, torch.compile(rg.split_router_logits, fullgraph=True)):
         out = fn(x, w)
         out.backward(d_logits)
         # fp32 accumulation over D=2048 terms is ~sqrt(D) * 2^-24 = 3e-6 from float64, either way

@@ -21,6 +21,8 @@ import json
 import platform
 import time
 
+from dsmoe.kernels.ops import IMPLS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presets", default="small,deepseek-v2-lite", help="comma-separated model presets")
@@ -33,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="transformers experts implementations to time ('' = skip transformers)")
     parser.add_argument("--hf-skip", default="", help="presets on which transformers is not run")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--moe-impl", default="auto", choices=["auto", "reference", "grouped", "triton"])
+    parser.add_argument("--moe-impl", default="auto", choices=IMPLS)
     parser.add_argument("--variants", default="graphs,compiled,graphs-grouped",
                         help="dsmoe decode steps to time: graphs (CUDA graphs of the eager kernels) or compiled "
                              "(torch.compile, then CUDA graphs), optionally -IMPL to force the MoE implementation "
@@ -176,9 +178,9 @@ def resolved_impl(model, impl: str | None = None) -> str:
     """The MoE implementation `impl` (default: the model's) resolves to for this model's weights."""
     from dsmoe.kernels.ops import resolve_impl
 
-    experts = model.moe_layers()[0].experts
-    x = experts.gate_up_proj.new_empty(1, experts.gate_up_proj.shape[-1])
-    return resolve_impl(impl or experts.impl, x, experts.gate_up_proj, experts.down_proj)
+    moe = model.moe_layers()[0]
+    x = moe.experts.gate_up_proj.new_empty(1, moe.experts.gate_up_proj.shape[-1])
+    return resolve_impl(impl or moe.impl, x, moe.experts.gate_up_proj, moe.experts.down_proj)
 
 
 def build_transformers(model):

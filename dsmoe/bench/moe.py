@@ -199,7 +199,7 @@ def _bench_shape(L, shape, token_counts, impls, args, device, dtype, rows, skew_
             elif impl.startswith("hf"):
                 module = hf[impl]
             else:
-                layer.experts.impl = impl
+                layer.impl = impl
                 module = layer
             step = make_step(module)
             try:
@@ -300,7 +300,7 @@ def _skew_rows(L, shape, layer, tokens, impls, results, make_step, inputs, args,
         for impl in ("grouped", "triton"):
             if impl not in impls or impl not in results:
                 continue
-            layer.experts.impl = impl
+            layer.impl = impl
             row = dict(shape=shape.label, tokens=tokens, impl=impl)
             try:
                 t = _time(L, make_step(layer), inputs, device, args, row, release)

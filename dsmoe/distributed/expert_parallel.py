@@ -75,7 +75,6 @@ class ExpertParallelExperts(nn.Module):
 
     def __init__(self, experts: Experts, ep_mesh: DeviceMesh):
         super().__init__()
-        self.impl = experts.impl
         self.ep_mesh = ep_mesh
         self.num_experts = experts.gate_up_proj.shape[0]
         self.ep = ep_mesh.size()
@@ -102,7 +101,8 @@ class ExpertParallelExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=std)
         nn.init.normal_(self.down_proj, std=std)
 
-    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                impl: str) -> torch.Tensor:
         T, K = topk_idx_TK.shape
         D = x_TD.shape[1]
         R, L = self.ep, self.local_experts
@@ -136,14 +136,15 @@ class ExpertParallelExperts(nn.Module):
         meta_recv = all_to_all(torch.cat([weight_PK, local_idx_PK], dim=1), recv_pairs, send_pairs, group)
 
         # 3. this rank's experts on every (received pair, own expert) row, weighted in fp32
-        y_pair = self._local_experts(x_recv, meta_recv, K, recv_rows)
+        y_pair = self._local_experts(x_recv, meta_recv, K, recv_rows, impl)
 
         # 4. combine: back to the source ranks, then the sum over ranks per token
         y_back = all_to_all(y_pair, send_pairs, recv_pairs, group)
         y_TD = torch.zeros(T, D, dtype=torch.float32, device=x_TD.device)
         return y_TD.index_add(0, pair_token_P, y_back.float()).to(x_TD.dtype)
 
-    def _local_experts(self, x_recv: torch.Tensor, meta_recv: torch.Tensor, K: int, n_rows: int) -> torch.Tensor:
+    def _local_experts(self, x_recv: torch.Tensor, meta_recv: torch.Tensor, K: int, n_rows: int,
+                       impl: str) -> torch.Tensor:
         P, D = x_recv.shape
         weight_flat = meta_recv[:, :K].flatten()
         idx_flat = meta_recv[:, K:].detach().flatten().long()
@@ -157,7 +158,7 @@ class ExpertParallelExperts(nn.Module):
             # gradient, which keeps FSDP's reduce-scatter identical across ranks.
             tie = x_rows.sum() + w_rows.sum() + gate_up.sum() + down.sum()
             return x_recv.new_zeros(P, D) + (tie * 0).to(x_recv.dtype)
-        y_rows = ops.moe_experts(x_rows, idx_flat[row_N][:, None], w_rows[:, None], gate_up, down, self.impl)
+        y_rows = ops.moe_experts(x_rows, idx_flat[row_N][:, None], w_rows[:, None], gate_up, down, impl)
         y_pair = torch.zeros(P, D, dtype=torch.float32, device=x_recv.device)
         return y_pair.index_add(0, pair_N, y_rows.float()).to(x_recv.dtype)
 

@@ -8,6 +8,7 @@ import logging
 import torch
 
 from dsmoe.errors import UserError
+from dsmoe.kernels.ops import IMPLS
 from dsmoe.infer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="auto = bfloat16 on a GPU, float32 on the CPU")
-    parser.add_argument("--moe-impl", default="auto", choices=["auto", "reference", "grouped", "triton"],
+    parser.add_argument("--moe-impl", default="auto", choices=IMPLS,
                         help="routed-expert implementation")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on a GPU")
     add_quantize_argument(parser)

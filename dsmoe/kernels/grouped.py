@@ -1,38 +1,19 @@
 """The torch grouped path: rows sorted by expert, one grouped GEMM per projection, fp32 combine.
 
-Everything stays on the device: the plan is built with argsort/cumsum (no .item()/.tolist()), so the
+Everything stays on the device: the plan (`permute_reference`, the one permutation spec) is built with
+argsort/cumsum (no .item()/.tolist()), so the
 layer can be captured in a CUDA graph. `torch.nn.functional.grouped_mm` does the expert GEMMs where the
 device and dtype support it (see `grouped_mm_supported`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from dsmoe.kernels.reference import combine_reference, swiglu
+from dsmoe.kernels.reference import combine_reference, permute_reference, swiglu
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-@dataclass
-class DispatchPlan:
-    order_N: torch.Tensor  # routing decision t*K+k of each expert-sorted row
-    token_N: torch.Tensor  # source token of each expert-sorted row
-    inverse_N: torch.Tensor  # position in the sorted order of routing decision (t, k) flattened
-    offsets_E: torch.Tensor  # int32 cumulative row ends per expert, what grouped_mm takes
-
-
-def dispatch_plan(topk_idx_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
-    flat = topk_idx_TK.flatten()
-    order = torch.argsort(flat, stable=True)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    return DispatchPlan(order, order // topk_idx_TK.shape[1], inverse, torch.cumsum(counts, 0, dtype=torch.int32))
 
 
 class _GatherRows(torch.autograd.Function):
@@ -57,14 +38,16 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, g
     return _GatherRows.apply(src, index, inverse, group)
 
 
-def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Rows of 16-byte multiples (both builds require it) and, on CUDA, bf16 on SM >= 9.0 (the fused
-    CUTLASS kernel); on the CPU any float dtype."""
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether grouped_mm takes these tensors computed in `dtype` (default x's): rows of 16-byte multiples
+    (both builds require it) and, on CUDA, bf16 on SM >= 9.0 (the fused CUTLASS kernel); on the CPU any
+    float dtype."""
+    dtype = dtype or x.dtype
     if _grouped_mm is None or x.device.type not in ("cuda", "cpu"):
         return False
-    if not all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x, *weights)):
+    if not all(t.shape[-1] * dtype.itemsize % 16 == 0 for t in (x, *weights)):
         return False
-    return not x.is_cuda or (x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9)
+    return not x.is_cuda or (dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -85,11 +68,11 @@ def moe_experts_grouped(
     T, K = topk_idx_TK.shape
     if T == 0:  # an empty batch (e.g. a rank that received no tokens): grouped_mm rejects empty inputs
         return torch.zeros_like(x_TD)
-    plan = dispatch_plan(topk_idx_TK, gate_up_EFD.shape[0])
-    x_ND = gather_rows(x_TD, plan.token_N, plan.inverse_N, K)
-    h_NF = swiglu(grouped_linear(x_ND, gate_up_EFD, plan.offsets_E))
-    y_ND = grouped_linear(h_NF, down_EDF, plan.offsets_E)
+    order_N, inverse_N, offsets_E = permute_reference(topk_idx_TK, gate_up_EFD.shape[0])
+    x_ND = gather_rows(x_TD, order_N // K, inverse_N, K)
+    h_NF = swiglu(grouped_linear(x_ND, gate_up_EFD, offsets_E))
+    y_ND = grouped_linear(h_NF, down_EDF, offsets_E)
     # Back to (token, k) order with a gather (deterministic), then the weighted sum in fp32.
-    y_TKD = gather_rows(y_ND, plan.inverse_N, plan.order_N, 1).view(T, K, -1)
+    y_TKD = gather_rows(y_ND, inverse_N, order_N, 1).view(T, K, -1)
     y_TD = (y_TKD.float() * topk_weight_TK.float().unsqueeze(-1)).sum(dim=1)
     return y_TD.to(x_TD.dtype)

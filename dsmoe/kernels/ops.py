@@ -1,8 +1,9 @@
-"""The one door from the model to the MoE kernels: `moe_experts(..., impl=...)` and `route_fused(...)`.
+"""The one door from the model to the kernels: `resolve_impl`, `moe_experts`, `router_logits`, `route_fused`.
 
 impl: "reference" (per-expert loop, the spec), "grouped" (torch grouped_mm), "triton" (fused kernels, when
-Triton and a GPU are there), or "auto" (the fastest available for these tensors). Chosen per call by the
-caller (the model keeps it as a constructor argument), never by a global.
+Triton and a GPU are there), or "auto" (the fastest available for these tensors). The model keeps the asked-for
+impl as a constructor argument (never a global) and resolves it once per MoE forward with `resolve_impl`; the
+router and the experts then both receive the resolved name.
 
 The Triton kernels run inside `torch.library` custom ops (`dsmoe::experts_fwd` / `dsmoe::experts_bwd`,
 `dsmoe::route`) with fake (meta) implementations and registered autograd, so torch.compile treats them as
@@ -17,9 +18,10 @@ import torch
 from torch import Tensor
 
 from dsmoe.kernels.grouped import grouped_mm_supported, moe_experts_grouped
-from dsmoe.kernels.reference import moe_experts_reference
+from dsmoe.kernels.reference import moe_experts_reference, router_logits_reference
+from dsmoe.kernels.router_gemm import split_router_logits
 
-IMPLS = ("auto", "reference", "grouped", "triton")
+IMPLS = ("auto", "reference", "grouped", "triton")  # what users may ask for; the last three are what runs
 
 
 def triton_available(device: torch.device) -> bool:
@@ -32,40 +34,52 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in: autocast's when it is on (like F.linear), else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def resolve_impl(impl: str, x: torch.Tensor, *weights: torch.Tensor) -> str:
+    """The implementation that runs for these tensors: "reference", "grouped" or "triton"."""
     if impl not in IMPLS:
         raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {', '.join(IMPLS)}")
+    dtype = compute_dtype(x)
     if impl == "auto":
         if triton_available(x.device):
             return "triton"
-        return "grouped" if grouped_mm_supported(x, *weights) else "reference"
-    if impl == "grouped" and not grouped_mm_supported(x, *weights):
+        return "grouped" if grouped_mm_supported(x, *weights, dtype=dtype) else "reference"
+    if impl == "grouped" and not grouped_mm_supported(x, *weights, dtype=dtype):
         return "reference"  # same maths; grouped_mm cannot take these tensors (dtype, device, strides)
     return impl
 
 
 def moe_experts(
     x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-    gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor, impl: str = "auto",
+    gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor, impl: str,
 ) -> torch.Tensor:
     """y_t = sum_k w_tk * SwiGLU-expert_{idx_tk}(x_t) for the routed experts; fp32 combine, x's dtype out
-    (the autocast dtype under autocast: like F.linear, the expert GEMMs then run in bf16 on fp32 weights)."""
-    if torch.is_autocast_enabled(x_TD.device.type):
-        dtype = torch.get_autocast_dtype(x_TD.device.type)
-        x_TD, gate_up_EFD, down_EDF = x_TD.to(dtype), gate_up_EFD.to(dtype), down_EDF.to(dtype)
-    impl = resolve_impl(impl, x_TD, gate_up_EFD, down_EDF)
+    (the autocast dtype under autocast: like F.linear, the expert GEMMs then run in bf16 on fp32 weights).
+    impl is a resolved name (see `resolve_impl`)."""
+    dtype = compute_dtype(x_TD)
+    x_TD, gate_up_EFD, down_EDF = x_TD.to(dtype), gate_up_EFD.to(dtype), down_EDF.to(dtype)
     if impl == "triton":
-        from dsmoe.kernels.triton_moe import moe_experts_triton
-
-        return moe_experts_triton(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF)
+        return experts_fused(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF)
     if impl == "grouped":
         return moe_experts_grouped(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF)
-    return moe_experts_reference(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF)
+    if impl == "reference":
+        return moe_experts_reference(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF)
+    raise ValueError(f"moe_experts takes a resolved implementation (reference, grouped or triton), not {impl!r}")
 
 
-def fused_routing(impl: str, x: torch.Tensor) -> bool:
-    """Whether the router should use the fused routing kernel: exactly when the experts run on Triton."""
-    return resolve_impl(impl, x) == "triton"
+def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, impl: str) -> torch.Tensor:
+    """DeepSeek's fp32 router logits [T, E]: the exact split-bf16 tensor-core GEMMs (router_gemm.py) for bf16 x
+    on CUDA when the experts run a fast path; the fp32 GEMM (`router_logits_reference`) everywhere else."""
+    if (impl != "reference" and x_TD.is_cuda and x_TD.dtype == torch.bfloat16
+            and weight_ED.dtype in (torch.float32, torch.bfloat16)):
+        return split_router_logits(x_TD, weight_ED)
+    return router_logits_reference(x_TD, weight_ED)
 
 
 # ---- routing: dsmoe::route ------------------------------------------------------------------------------
@@ -181,10 +195,7 @@ def experts_fused(
     gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor,
 ) -> torch.Tensor:
     """The Triton routed experts as one differentiable op; keeps gu_N2F for backward only when needed.
-    Under autocast the GEMMs run in the autocast dtype (custom ops are not autocast by torch itself)."""
-    if torch.is_autocast_enabled(x_TD.device.type):
-        dtype = torch.get_autocast_dtype(x_TD.device.type)
-        x_TD, gate_up_EFD, down_EDF = x_TD.to(dtype), gate_up_EFD.to(dtype), down_EDF.to(dtype)
+    Custom ops are not autocast by torch itself: `moe_experts` casts to the compute dtype first."""
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, topk_weight_TK, gate_up_EFD, down_EDF))
     return torch.ops.dsmoe.experts_fwd(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF, save)[0]
 
@@ -245,7 +256,7 @@ def quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
 
 def quant_moe_experts(
     x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor, gate_up_q: torch.Tensor,
-    gate_up_scale: torch.Tensor, down_q: torch.Tensor, down_scale: torch.Tensor, impl: str = "auto",
+    gate_up_scale: torch.Tensor, down_q: torch.Tensor, down_scale: torch.Tensor, impl: str,
 ) -> torch.Tensor:
     """`moe_experts` on quantized expert stacks. Decode-sized batches read only the chosen experts' codes;
     larger ones dequantise the stacks once and take `moe_experts(impl)`."""

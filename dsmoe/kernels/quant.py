@@ -98,25 +98,24 @@ class QuantLinear(nn.Module):
 class QuantExperts(nn.Module):
     """The routed experts of one MoE layer with quantized stacks: gate_up [E, 2F, D], down [E, D, F]."""
 
-    def __init__(self, gate_up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor],
-                 impl: str):
+    def __init__(self, gate_up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor]):
         super().__init__()
         self.register_buffer("gate_up_proj", gate_up[0])
         self.register_buffer("gate_up_proj_scale", gate_up[1])
         self.register_buffer("down_proj", down[0])
         self.register_buffer("down_proj_scale", down[1])
-        self.impl = impl  # for the dequantised (prefill) path
 
     @classmethod
     def from_experts(cls, experts: nn.Module, scheme: str) -> QuantExperts:
-        return cls(quantize(experts.gate_up_proj.detach(), scheme), quantize(experts.down_proj.detach(), scheme),
-                   experts.impl)
+        return cls(quantize(experts.gate_up_proj.detach(), scheme), quantize(experts.down_proj.detach(), scheme))
 
-    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                impl: str) -> torch.Tensor:
+        """impl: the layer's resolved implementation, for the dequantised (prefill) path."""
         from dsmoe.kernels import ops
 
         return ops.quant_moe_experts(x_TD, topk_idx_TK, topk_weight_TK, self.gate_up_proj, self.gate_up_proj_scale,
-                                     self.down_proj, self.down_proj_scale, self.impl)
+                                     self.down_proj, self.down_proj_scale, impl)
 
 
 @torch.no_grad()

@@ -40,14 +40,17 @@ def router_logits_reference(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torc
 # ---- the fused routing kernel) ---------------------------------------------------------------------------
 
 def permute_reference(topk_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows sorted by expert, ties in (token, k) order: (order_N = flat index t*K+k of each sorted row,
-    inverse_N = sorted row of each flat index, offsets_E = inclusive row ends per expert), int32."""
+    """The one permutation spec (the grouped path runs it, the Triton permute kernel is tested against it):
+    rows sorted by expert, ties in (token, k) order. (order_N = flat index t*K+k of each sorted row, inverse_N
+    = sorted row of each flat index, offsets_E = inclusive row ends per expert, as grouped_mm takes them), int32.
+    On the device throughout (argsort, scatter_add, cumsum): no host sync, so it can be captured."""
     flat = topk_idx_TK.reshape(-1)
     order = torch.argsort(flat, stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
-    return order.int(), inverse.int(), counts.cumsum(0).int()
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return order.int(), inverse.int(), counts.cumsum(0, dtype=torch.int32)
 
 
 def expert_rows(offsets_E: torch.Tensor) -> list[tuple[int, int]]:

@@ -12,16 +12,14 @@ at 5-6x its speed; the GPU test holds both within 1e-5 of float64). The backward
 - d W = d logits^T @ x: d logits (fp32) in three bf16 parts, exact as above.
 - d x = d logits @ W: the six part products L_i W_j with i + j <= 4 (the rest are below fp32's
   precision), so d x is the fp32 result before its rounding to x's bf16.
-Each is one GEMM over the parts stacked along the reduced dimension. Used on CUDA for bf16 x;
-`router_logits_reference` (F.linear in fp32) is the spec and the path everywhere else.
+Each is one GEMM over the parts stacked along the reduced dimension. `ops.router_logits` picks it on CUDA
+for bf16 x; `router_logits_reference` (F.linear in fp32) is the spec and the path everywhere else.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-from dsmoe.kernels.reference import router_logits_reference
 
 
 def split_bf16(t: Tensor, parts: int) -> list[Tensor]:
@@ -98,8 +96,6 @@ def _backward(ctx, d_logits):
 _router_logits_op.register_autograd(_backward, setup_context=_setup)
 
 
-def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
-    """fp32 logits [T, E]: the split bf16 GEMMs for bf16 x on CUDA, else the fp32 reference."""
-    if x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and weight_ED.dtype in (torch.float32, torch.bfloat16):
-        return torch.ops.dsmoe.router_logits(x_TD.contiguous(), weight_ED)
-    return router_logits_reference(x_TD, weight_ED)
+def split_router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
+    """fp32 logits [T, E] from the split bf16 GEMMs, differentiable in x and W (bf16 x; fp32 or bf16 W)."""
+    return torch.ops.dsmoe.router_logits(x_TD.contiguous(), weight_ED)

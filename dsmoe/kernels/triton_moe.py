@@ -18,8 +18,8 @@ gathered copy of dy and of x (N*D each, freed at once): measured on an H200, CUT
 TFLOP/s on them where our Triton kernels reach 260-370, which more than pays for the copies. Elsewhere
 (other GPUs, fp32/fp16, the CPU interpreter) the Triton kernels gather while loading.
 
-`moe_experts_triton` is the autograd-aware entry (through the `dsmoe::experts_fwd` custom op in
-`ops`); `experts_forward` / `experts_backward` are the raw launchers the custom ops call.
+`experts_forward` / `experts_backward` are the raw launchers that the `dsmoe::experts_fwd` / `_bwd` custom
+ops in `ops` call; `ops.moe_experts(..., impl="triton")` is the autograd-aware entry.
 """
 
 from __future__ import annotations
@@ -120,12 +120,3 @@ def experts_backward(dy_TD, x_TD, topk_weight_TK, gate_up_EFD, down_EDF, gu_N2F,
     dw = dw_flat.view(T, K).to(topk_weight_TK.dtype) if need_dw else None
     return dx_TD, dw, d_gate_up, d_down
 
-
-def moe_experts_triton(
-    x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-    gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor,
-) -> torch.Tensor:
-    """y_t = sum_k w_tk * SwiGLU-expert_{idx_tk}(x_t), differentiable in x, w, gate_up and down."""
-    from dsmoe.kernels.ops import experts_fused
-
-    return experts_fused(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF)

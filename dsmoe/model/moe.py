@@ -31,14 +31,15 @@ class Experts(nn.Module):
     all-to-all around the same call, so `MoE.forward` reads the same on one device and on many.
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, impl: str = "auto"):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.impl = impl
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
-        return ops.moe_experts(x_TD, topk_idx_TK, topk_weight_TK, self.gate_up_proj, self.down_proj, self.impl)
+    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                impl: str) -> torch.Tensor:
+        """impl: the resolved implementation (`ops.resolve_impl`), chosen once per layer forward by `MoE`."""
+        return ops.moe_experts(x_TD, topk_idx_TK, topk_weight_TK, self.gate_up_proj, self.down_proj, impl)
 
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.gate_up_proj, std=std)
@@ -47,10 +48,15 @@ class Experts(nn.Module):
 
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig, impl: str = "auto"):
+        """impl: the routed experts' implementation asked for (one of `ops.IMPLS`), resolved once per forward
+        for the tensors at hand and handed to both the router and the experts."""
         super().__init__()
+        if impl not in ops.IMPLS:
+            raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {', '.join(ops.IMPLS)}")
         self.config = config
+        self.impl = impl
         self.gate = Router(config)
-        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, impl)
+        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts = (
             MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
             if config.n_shared_experts > 0 else None
@@ -67,8 +73,9 @@ class MoE(nn.Module):
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        routing = self.gate(x_TD, self.experts.impl)
-        y_TD = self.experts(x_TD, routing.topk_idx_TK, routing.topk_weight_TK)
+        impl = ops.resolve_impl(self.impl, x_TD, self.experts.gate_up_proj, self.experts.down_proj)
+        routing = self.gate(x_TD, impl)
+        y_TD = self.experts(x_TD, routing.topk_idx_TK, routing.topk_weight_TK, impl)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         with torch.no_grad():

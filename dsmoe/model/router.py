@@ -19,8 +19,6 @@ from torch import nn
 
 from dsmoe.config import ModelConfig
 from dsmoe.kernels import ops
-from dsmoe.kernels.reference import router_logits_reference
-from dsmoe.kernels.router_gemm import router_logits
 
 
 @dataclass
@@ -118,20 +116,19 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x_TD: torch.Tensor, impl: str = "reference") -> Routing:
-        """`impl` is the experts' implementation: when that is Triton, the fused routing kernel replaces
-        `route` (same contract, one launch)."""
+        """`impl` is the experts' resolved implementation (`ops.resolve_impl`): when that is Triton, the fused
+        routing kernel replaces `route` (same contract, one launch)."""
         c = self.config
         if c.router_fp32:
             with torch.autocast(x_TD.device.type, enabled=False):  # autocast would route in bf16
-                # the fast paths take fp32 logits from bf16 tensor cores, exact up to summation order
-                logits = (router_logits_reference if impl == "reference" else router_logits)(x_TD, self.weight)
+                logits = ops.router_logits(x_TD, self.weight, impl)
         else:
             logits = F.linear(x_TD, self.weight.to(x_TD.dtype))
         kw = route_options(c)
         if c.routing_top_p is not None:  # the fused kernel routes fixed top-k only
             return route(logits, bias_E=self.e_score_correction_bias, top_p=c.routing_top_p,
                          min_k=c.routing_min_k, **kw)
-        if ops.fused_routing(impl, x_TD):
+        if impl == "triton":
             return Routing(*ops.route_fused(logits, self.e_score_correction_bias, **kw))
         return route(logits, bias_E=self.e_score_correction_bias, **kw)
 

@@ -127,7 +127,7 @@ class Transformer(nn.Module):
 
     def set_moe_impl(self, impl: str) -> None:
         for moe in self.moe_layers():
-            moe.experts.impl = impl
+            moe.impl = impl
 
     @torch.no_grad()
     def update_expert_bias(self, counts_LE: torch.Tensor, gamma: float) -> None:

@@ -35,7 +35,7 @@ def rebuild(config: ModelConfig, state: dict[str, torch.Tensor], like: Transform
 
 def _impl_of(model: Transformer) -> str:
     moes = model.moe_layers()
-    return moes[0].experts.impl if moes else "auto"
+    return moes[0].impl if moes else "auto"
 
 
 def moe_prefixes(model: Transformer) -> list[str]:

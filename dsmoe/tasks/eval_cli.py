@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dsmoe.errors import UserError
 from dsmoe.infer.loading import add_quantize_argument
+from dsmoe.kernels.ops import IMPLS
 from dsmoe.tasks.eval_tasks import add_task_arguments
 
 
@@ -30,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, help="score at most this many tokens (default: the run's "
                         "--eval-tokens for its validation split, all of --data)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--moe-impl", default="auto", help="MoE experts implementation")
+    parser.add_argument("--moe-impl", default="auto", choices=IMPLS, help="MoE experts implementation")
     add_quantize_argument(parser)
     add_task_arguments(parser)
 

@@ -17,11 +17,11 @@ from typing import Any
 from dsmoe.config import PRESETS, ModelConfig, get_preset
 from dsmoe.data.tokenizer import MIN_VOCAB
 from dsmoe.errors import UserError
+from dsmoe.kernels.ops import IMPLS as MOE_IMPLS
 
 SCHEDULES = ("cosine", "wsd")
 DTYPES = ("auto", "fp32", "bf16")
 BALANCE_SCOPES = ("sequence", "batch")
-MOE_IMPLS = ("auto", "grouped", "reference", "triton")  # dsmoe.kernels.ops.IMPLS
 COMPILE_SCOPES = ("blocks", "model")  # dsmoe.distributed.parallelize.COMPILE_SCOPES
 PARAM_DTYPES = ("fp32", "bf16")
 
