@@ -4,13 +4,11 @@ import argparse
 import json
 
 import pytest
-from infer_helpers import build_model_dir
 
 from dsmoe.bench import serve as bench
 
 
-def test_bench_serve_reports_throughput_and_latency(tmp_path, tmp_path_factory, capsys):
-    model_dir = build_model_dir(tmp_path_factory.getbasetemp())
+def test_bench_serve_reports_throughput_and_latency(tmp_path, model_dir, capsys):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     out = tmp_path / "serve.json"

@@ -106,13 +106,15 @@ def test_tokenizer_round_trip_and_special_tokens(tmp_path):
     assert (config["bos_token"], config["eos_token"]) == (BOS, EOS)
     again = load_tokenizer(tmp_path)
     assert again.encode(TRICKY[1]) == tok.encode(TRICKY[1])
+    # the same wrapper serves the run: prompts start with bos like the training documents, eos stops
+    assert again.encode("hello") == ids[:-1] and again.eos_ids == (tok.eos_id,)
 
 
 def test_byte_level_vocabulary_is_one_token_per_byte():
     tok = train_tokenizer(["abc abc"], vocab_size=258)
     assert tok.vocab_size == 258
     sample = "naïve 🙂"
-    assert len(tok.encode(sample)) == len(sample.encode())
+    assert len(tok.encode(sample, add_special_tokens=False)) == len(sample.encode())
     assert tok.decode(tok.encode(sample)) == sample
     with pytest.raises(UserError, match="at least 258"):
         train_tokenizer(["abc"], vocab_size=100)

@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
-from infer_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 from dsmoe.bench import decode
 from dsmoe.config import get_preset
 from dsmoe.infer.generate import generate
 from dsmoe.infer.sampling import SamplingParams
 from dsmoe.model.transformer import build_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 pytest.importorskip("transformers")
 SHRINK = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
@@ -35,7 +36,7 @@ def test_step_bytes_counts_touched_experts_and_cache():
     generate(model, [[3, 4, 5]], SamplingParams(max_new_tokens=2, temperature=0))  # last forward: 1 token
     from dsmoe.infer.cache import KVCache
 
-    cache = KVCache(cfg, 1, 8, "cpu", torch.float32)
+    cache = KVCache(model, 1, 8, "cpu", torch.float32)
     got = decode.step_bytes(model, cache, batch=1, context=10)
     expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
     dense = sum(p.numel() * 4 for n, p in model.named_parameters() if ".mlp.experts." not in n)
@@ -56,3 +57,17 @@ def test_benchmark_runs_end_to_end(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["models"]["tiny"]["check_rel_err"] < 1e-4
     assert 0 < report["models"]["tiny"]["batches"]["2"]["dsmoe"]["graphs"]["fraction_of_bound"]
+
+
+def test_kernels_per_step_counts_each_layers_work():
+    """The count comes from profiling the engine's own decode step: each extra MoE block adds the same work."""
+    from dsmoe.infer.engine import Engine
+
+    counts = []
+    for layers in (2, 3, 4):
+        torch.manual_seed(0)
+        model = build_model(get_preset("small").replace(**{**SHRINK, "num_hidden_layers": layers}),
+                            dtype=torch.float32).eval()
+        engine = Engine(model, max_batch=2, max_model_len=16, cuda_graphs=False)
+        counts.append(decode.kernels_per_step(engine, 2, 16))
+    assert counts[1] - counts[0] == counts[2] - counts[1] > 10

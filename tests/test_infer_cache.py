@@ -3,12 +3,12 @@ DeepSeekMoE 16B (MHA, here with GQA too), V2-Lite, V2 and V3 architectures, in f
 
 import pytest
 import torch
-from infer_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 from dsmoe.config import get_preset
-from dsmoe.infer.attend import absorbed_decode
 from dsmoe.infer.cache import KVCache
 from dsmoe.model.transformer import build_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SHRINK = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
               num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2, max_position_embeddings=128,
@@ -35,12 +35,12 @@ def test_cached_logits_equal_full_forward(name):
     prompt_lens, slots, chunks = [7, 4], [2, 0], [[3, 4], [4]]
     with torch.no_grad():
         full = model(ids)
-        cache = KVCache(cfg, num_slots=3, max_len=24, device="cpu", dtype=torch.float32)
+        cache = KVCache(model, num_slots=3, max_len=24, device="cpu", dtype=torch.float32)
         for b in range(2):
             start = 0
             for n in chunks[b]:
                 out = model(ids[b: b + 1, start: start + n], torch.arange(start, start + n),
-                            cache=cache.prefill(slots[b], start))
+                            cache=cache.prefill(slots[b], start, n))
                 torch.testing.assert_close(out[0], full[b, start: start + n], atol=2e-5, rtol=1e-4)
                 start += n
         positions = torch.tensor([prompt_lens[1], cache.trash, prompt_lens[0]])
@@ -69,28 +69,38 @@ def test_absorbed_decode_equals_expanded_attention():
     rows = torch.arange(B)
     qn, qp = q_nope[rows, :, positions][:, :, None], q_pe[rows, :, positions][:, :, None]
     kv = torch.cat([latent, k_pe[:, 0]], dim=-1)
-    out = absorbed_decode(attn, qn, qp, kv, masked)
+    out = attn.absorbed_decode(qn, qp, kv, masked)
     q = torch.cat([qn, qp], dim=-1)
     scores = (q @ k.transpose(-1, -2)) * attn.softmax_scale
     expected = (scores.masked_fill(masked[:, None, None], float("-inf")).softmax(-1) @ v).transpose(1, 2)
     torch.testing.assert_close(out, expected.reshape(B, 1, H * cfg.v_head_dim), atol=1e-5, rtol=1e-5)
 
 
-def test_mla_cache_stores_latent_plus_rope_key_per_token():
-    cfg = get_preset("deepseek-v2-lite")  # 27 layers of 512 + 64 values: spec section 6.2
-    cache = KVCache(cfg, num_slots=1, max_len=2, device="meta", dtype=torch.bfloat16)
-    assert cache.bytes_per_token() == 27 * 576 * 2
-    v3 = KVCache(get_preset("deepseek-v3"), num_slots=1, max_len=2, device="meta", dtype=torch.bfloat16)
+def meta_model(preset: str):
+    from dsmoe.model.transformer import Transformer
+
+    with torch.device("meta"):
+        return Transformer(get_preset(preset))
+
+
+def test_cache_stores_what_each_attention_asks_for_per_token():
+    cache = KVCache(meta_model("deepseek-v2-lite"), num_slots=1, max_len=2, device="meta", dtype=torch.bfloat16)
+    assert cache.bytes_per_token() == 27 * 576 * 2  # 27 layers of latent 512 + rope key 64: spec section 6.2
+    v3 = KVCache(meta_model("deepseek-v3"), num_slots=1, max_len=2, device="meta", dtype=torch.bfloat16)
     assert v3.bytes_per_token() == 61 * 576 * 2
+    mha = KVCache(meta_model("deepseek-moe-16b"), num_slots=1, max_len=2, device="meta", dtype=torch.bfloat16)
+    assert mha.bytes_per_token() == 28 * 2 * 2048 * 2  # K and V, 16 heads x 128, per layer
 
 
 def test_cache_refuses_tokens_it_cannot_place():
     cfg = CONFIGS["v2-lite"]
     model = build_model(cfg, dtype=torch.float32).eval()
-    cache = KVCache(cfg, num_slots=1, max_len=4, device="cpu", dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="call cache.prefill"):
-        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+    cache = KVCache(model, num_slots=1, max_len=4, device="cpu", dtype=torch.float32)
     with pytest.raises(ValueError, match="exceeds the cache length"):
-        model(torch.zeros(1, 5, dtype=torch.long), cache=cache.prefill(0, 0))
+        cache.prefill(0, 0, 5)
     with pytest.raises(ValueError, match="slot"):
-        cache.prefill(1, 0)
+        cache.prefill(1, 0, 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        cache.decode(torch.zeros(2, dtype=torch.long), 4)
+    with pytest.raises(RuntimeError):  # a view for 2 tokens cannot take 3
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache.prefill(0, 0, 2))

@@ -4,24 +4,15 @@ import io
 import sys
 
 import pytest
-from infer_helpers import build_model_dir, single_thread  # noqa: F401 (autouse fixture)
 
 from dsmoe.checkpoint.hf import load_pretrained
 from dsmoe.cli import main
+from dsmoe.data.tokenizer import Tokenizer
 from dsmoe.infer.chat_template import render_chat
 from dsmoe.infer.generate import generate
 from dsmoe.infer.sampling import SamplingParams
-from dsmoe.infer.tokenizer import Tokenizer
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_dir(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def plain_dir(tmp_path_factory):
-    return build_model_dir(tmp_path_factory.getbasetemp(), chat_template=None)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def expected_text(path, prompt_ids, max_new_tokens):
@@ -62,8 +53,8 @@ def test_generate_user_errors(tmp_path, model_dir, capsys):
 
 
 @pytest.mark.parametrize("which", ["template", "fallback"])
-def test_chat_repl_keeps_history(which, model_dir, plain_dir, capsys, monkeypatch):
-    path = model_dir if which == "template" else plain_dir
+def test_chat_repl_keeps_history(which, model_dir, plain_model_dir, capsys, monkeypatch):
+    path = model_dir if which == "template" else plain_model_dir
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nand more\n/reset\n/bogus\nhello\n/exit\nignored\n"))
     assert main(["chat", str(path), "--max-new-tokens", "6", "--temperature", "0", "--system", "Be brief."]) == 0
     out = capsys.readouterr().out

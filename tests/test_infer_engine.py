@@ -3,7 +3,6 @@
 
 import pytest
 import torch
-from infer_helpers import single_thread, tiny_config  # noqa: F401 (autouse fixture)
 
 from dsmoe.errors import UserError
 from dsmoe.infer.engine import Engine
@@ -11,12 +10,14 @@ from dsmoe.infer.generate import generate
 from dsmoe.infer.sampling import SamplingParams
 from dsmoe.model.transformer import build_model
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0)
 SAMPLED = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.3, seed=11)
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(tiny_config):
     torch.manual_seed(0)
     return build_model(tiny_config(128), dtype=torch.float32).eval()
 
@@ -163,7 +164,7 @@ def test_bad_requests_are_user_errors(model):
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_equals_eager():
+def test_compiled_decode_step_equals_eager(tiny_config):
     """torch.compile of the decode blocks (bf16: the dtype grouped_mm traces in) gives the eager step's logits,
     and one compiled function serves every MoE block."""
     import torch._dynamo

@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
-from infer_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 from dsmoe.errors import UserError
 from dsmoe.infer.sampling import SamplingParams, apply_repetition_penalty, gumbel_noise, sample, token_logprobs
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 V = 12
 

@@ -3,19 +3,16 @@
 import json
 
 import pytest
-from infer_helpers import CHAT_TEMPLATE, build_model_dir, single_thread  # noqa: F401 (autouse fixture)
 
 from dsmoe.checkpoint.hf import load_pretrained
+from dsmoe.data.tokenizer import Tokenizer
+from dsmoe.errors import UserError
 from dsmoe.infer.chat_template import FALLBACK_STOP, ChatTemplateError, render_chat, stop_strings_for
 from dsmoe.infer.engine import Engine
 from dsmoe.infer.sampling import SamplingParams
 from dsmoe.infer.text import IncrementalDecoder, StopStrings, TextStream, stream_text
-from dsmoe.infer.tokenizer import Tokenizer
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_dir(tmp_path_factory.getbasetemp())
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +20,10 @@ def tokenizer(model_dir):
     return Tokenizer.load(model_dir)
 
 
-def test_tokenizer_files(model_dir, tokenizer):
+def test_tokenizer_files(model_dir, tokenizer, chat_template):
     ids = tokenizer.encode("def f(x):")
     assert ids[0] == tokenizer.bos_id == 0 and tokenizer.decode(ids) == "def f(x):"  # add_bos_token: true
-    assert tokenizer.eos_ids == (1,) and tokenizer.chat_template == CHAT_TEMPLATE
+    assert tokenizer.eos_ids == (1,) and tokenizer.chat_template == chat_template
     from transformers import AutoTokenizer  # lm-eval loads the folder this way
 
     hf = AutoTokenizer.from_pretrained(str(model_dir))
@@ -77,9 +74,9 @@ def test_stream_text_stops_at_a_stop_string(model_dir, tokenizer):
     assert engine.free_slots == [0]
 
 
-def test_chat_template_renders_in_a_sandbox():
+def test_chat_template_renders_in_a_sandbox(chat_template):
     messages = [{"role": "user", "content": "hi"}]
-    assert render_chat(messages, CHAT_TEMPLATE, bos_token="<s>") == "<s><|user|>hi\n<|assistant|>"
+    assert render_chat(messages, chat_template, bos_token="<s>") == "<s><|user|>hi\n<|assistant|>"
     with pytest.raises(ChatTemplateError, match="roles must alternate"):
         render_chat(messages, "{{ raise_exception('roles must alternate') }}")
     for hostile in ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "{{ messages.append(1) }}",
@@ -103,8 +100,8 @@ def test_chat_template_variants(tmp_path, model_dir):
     (tmp_path / "chat_template.jinja").write_text("J")
     assert Tokenizer.load(tmp_path).chat_template == "J"
     (tmp_path / "tokenizer_config.json").write_text("{broken")
-    with pytest.raises(Exception, match="not valid JSON"):
+    with pytest.raises(UserError, match="not valid JSON"):
         Tokenizer.load(tmp_path)
     (tmp_path / "tokenizer.json").unlink()
-    with pytest.raises(Exception, match="no tokenizer.json"):
+    with pytest.raises(UserError, match="no tokenizer.json"):
         Tokenizer.load(tmp_path)

@@ -6,24 +6,20 @@ import httpx
 import openai
 import pytest
 import torch
-from infer_helpers import build_model_dir, running_server, single_thread  # noqa: F401 (autouse fixture)
 from prometheus_client.parser import text_string_to_metric_families
 
 from dsmoe.checkpoint.hf import load_pretrained
+from dsmoe.data.tokenizer import Tokenizer
 from dsmoe.infer.chat_template import render_chat
 from dsmoe.infer.generate import generate
 from dsmoe.infer.sampling import SamplingParams
-from dsmoe.infer.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_dir(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    with running_server(model_dir, tmp_path_factory.mktemp("log") / "serve.log", "--max-batch", "16") as s:
+def server(model_dir, serve, tmp_path_factory):
+    with serve(model_dir, tmp_path_factory.mktemp("log") / "serve.log", "--max-batch", "16") as s:
         yield s
 
 

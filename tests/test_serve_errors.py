@@ -5,7 +5,6 @@ import json
 
 import httpx
 import pytest
-from infer_helpers import build_model_dir, running_server
 
 BIG = "A" * 10_000_000
 JSON = {"content-type": "application/json"}
@@ -82,9 +81,8 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model_dir = build_model_dir(tmp_path_factory.getbasetemp())
-    with running_server(model_dir, tmp_path_factory.mktemp("log") / "serve.log") as s:
+def server(model_dir, serve, tmp_path_factory):
+    with serve(model_dir, tmp_path_factory.mktemp("log") / "serve.log") as s:
         yield s
 
 

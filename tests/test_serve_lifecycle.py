@@ -8,17 +8,15 @@ from contextlib import ExitStack
 
 import httpx
 import pytest
-from infer_helpers import build_model_dir, running_server
 
 # 500 decode steps of the tiny model take about a second or more on a CPU: long enough to act mid-way
 LONG = {"model": "tiny", "prompt": "def ", "max_tokens": 500, "temperature": 0, "ignore_eos": True, "stream": True}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model_dir = build_model_dir(tmp_path_factory.getbasetemp())
+def server(model_dir, serve, tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "serve.log"
-    with running_server(model_dir, log, "--max-batch", "2", "--max-queue", "1", "--max-model-len", "512") as s:
+    with serve(model_dir, log, "--max-batch", "2", "--max-queue", "1", "--max-model-len", "512") as s:
         yield s
 
 

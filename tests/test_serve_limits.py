@@ -13,7 +13,6 @@ import urllib.request
 import httpx
 import openai
 import pytest
-from infer_helpers import build_model_dir, running_server
 
 MAX_BATCH, MAX_QUEUE, TIMEOUT = 2, 2, 1.0
 LONG = {"model": "tiny", "prompt": "def ", "max_tokens": 120, "temperature": 0, "ignore_eos": True, "stream": True}
@@ -21,10 +20,9 @@ BIG = json.dumps({"model": "tiny", "prompt": "A" * 12_000_000}).encode()  # 12 M
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model_dir = build_model_dir(tmp_path_factory.getbasetemp())
+def server(model_dir, serve, tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "serve.log"
-    with running_server(model_dir, log, "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE),
+    with serve(model_dir, log, "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE),
                         "--max-model-len", "512", "--header-timeout", str(TIMEOUT),
                         "--body-timeout", str(TIMEOUT)) as s:
         yield s

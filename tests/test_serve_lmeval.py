@@ -7,9 +7,10 @@ import json
 
 import pytest
 import torch
-from infer_helpers import build_model_dir, running_server, single_thread  # noqa: F401 (autouse fixture)
 
 from dsmoe.checkpoint.hf import load_pretrained
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (pip install 'dsmoe[eval]')")
 
@@ -37,9 +38,7 @@ metric_list:
 
 
 @pytest.mark.slow
-def test_lm_eval_local_completions_scores_like_the_model(tmp_path_factory, monkeypatch):
-    root = tmp_path_factory.getbasetemp()
-    model_dir = build_model_dir(root)
+def test_lm_eval_local_completions_scores_like_the_model(model_dir, serve, tmp_path_factory, monkeypatch):
     tasks = tmp_path_factory.mktemp("lmeval_tasks")
     (tasks / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     (tasks / "dsmoe_tiny_choice.yaml").write_text(TASK.format(data=tasks / "data.jsonl"))
@@ -50,7 +49,7 @@ def test_lm_eval_local_completions_scores_like_the_model(tmp_path_factory, monke
     from lm_eval.models.openai_completions import LocalCompletionsAPI
     from lm_eval.tasks import TaskManager
 
-    with running_server(model_dir, tmp_path_factory.mktemp("log") / "serve.log") as server:
+    with serve(model_dir, tmp_path_factory.mktemp("log") / "serve.log") as server:
         lm = LocalCompletionsAPI(model="tiny", base_url=server.url + "/v1/completions", tokenizer_backend="huggingface",
                                  tokenizer=str(model_dir), tokenized_requests=True, max_length=256, max_retries=1,
                                  num_concurrent=1)

@@ -5,7 +5,6 @@ chunked prefill, requests joining mid-way, 1-3 drafts), sampled output follows t
 import pytest
 import torch
 import torch.nn.functional as F
-from infer_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 from dsmoe.config import PRESETS
 from dsmoe.errors import UserError
@@ -14,6 +13,8 @@ from dsmoe.infer.generate import generate
 from dsmoe.infer.sampling import SamplingParams
 from dsmoe.model.mtp import mtp_loss
 from dsmoe.model.transformer import build_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 V = 32
 CFG = PRESETS["tiny"].replace(vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
@@ -112,8 +113,8 @@ def test_cache_after_rollback_equals_plain_decoding(model_and_data):
         outs = run(engine, prompts[1:3], params)
     for slot, (prompt, out) in enumerate(zip(prompts[1:3], outs)):
         n = len(prompt) + len(out) - 1  # the last token is never fed back
-        for a, b in zip(plain.cache.layers, spec.cache.layers):
-            torch.testing.assert_close(b.kv[slot, :n], a.kv[slot, :n], rtol=1e-5, atol=1e-5)
+        for (a,), (b,) in zip(plain.cache.layers, spec.cache.layers):  # MLA: one buffer per layer
+            torch.testing.assert_close(b[slot, :n], a[slot, :n], rtol=1e-5, atol=1e-5)
 
 
 def exact_marginals(model, prompt, steps):
@@ -168,16 +169,13 @@ def test_bad_speculative_requests_get_one_clear_error(model_and_data):
         engine.add_request(prompts[0], SamplingParams(num_speculative_tokens=2))
 
 
-def test_generate_cli_with_speculative_mtp_prints_the_same_text(tmp_path, capsys):
-    (tmp_path / "plain").mkdir()
+def test_generate_cli_with_speculative_mtp_prints_the_same_text(tmp_path, model_dir, tiny_config, capsys):
     import shutil
-
-    from infer_helpers import build_model_dir, tiny_config
 
     from dsmoe.checkpoint.hf import save_pretrained
     from dsmoe.cli import main
 
-    plain_dir = build_model_dir(tmp_path / "plain")
+    plain_dir = model_dir
     path = tmp_path / "mtp"
     torch.manual_seed(0)
     save_pretrained(build_model(tiny_config(320).replace(num_nextn_predict_layers=1)), path)

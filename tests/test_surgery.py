@@ -159,14 +159,12 @@ def test_results_round_trip_and_load_in_transformers(tmp_path, op):
     torch.testing.assert_close(ref, logits(result), rtol=1e-4, atol=1e-4)
 
 
-def test_cli_prune_writes_a_loadable_folder_with_provenance(tmp_path, capsys):
+def test_cli_prune_writes_a_loadable_folder_with_provenance(tmp_path, model_dir, capsys):
     import json
-
-    from infer_helpers import build_model_dir
 
     from dsmoe.cli import main
 
-    src = build_model_dir(tmp_path)
+    src = model_dir
     calib = tmp_path / "calib.txt"
     calib.write_text("def f(x):\n    return x + 1\n" * 200)
     out = tmp_path / "pruned"

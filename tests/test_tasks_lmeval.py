@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from infer_helpers import build_model_dir, single_thread  # noqa: F401 (autouse fixture)
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (pip install 'dsmoe[eval]')")
 pytest.importorskip("transformers")
 
 SHARED = Path(os.environ.get("DSMOE_SHARED_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
-pytestmark = pytest.mark.skipif(not (SHARED / "rt_polarity_test.jsonl").is_file(),
-                                reason=f"the shared data folder {SHARED} is missing (set DSMOE_SHARED_DATA)")
+pytestmark = [pytest.mark.usefixtures("single_thread"),
+              pytest.mark.skipif(not (SHARED / "rt_polarity_test.jsonl").is_file(),
+                                reason=f"the shared data folder {SHARED} is missing (set DSMOE_SHARED_DATA)")]
 
 TASKS = {
     "dsmoe_rt_polarity_mc": """
@@ -74,12 +74,11 @@ def _evaluate(model, model_args, task_dir, monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_dsmoe_model_scores_like_hf(tmp_path_factory, task_dir, monkeypatch):
+def test_dsmoe_model_scores_like_hf(tmp_path_factory, model_dir, task_dir, monkeypatch):
     import dsmoe.tasks.lm_eval_model  # noqa: F401 (registers "dsmoe")
     from lm_eval.api.registry import get_model
 
     assert get_model("dsmoe").__name__ == "DsmoeLM"
-    model_dir = build_model_dir(tmp_path_factory.getbasetemp())
     tmp = tmp_path_factory.mktemp("lmeval_run")
     ours = _evaluate("dsmoe", f"pretrained={model_dir},device=cpu,dtype=float32,batch_size=4", task_dir,
                      monkeypatch, tmp)

@@ -9,22 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from infer_helpers import build_model_dir, single_thread  # noqa: F401 (autouse fixture)
 
 from dsmoe.cli import main
+from dsmoe.data.tokenizer import Tokenizer
 from dsmoe.errors import UserError
-from dsmoe.infer.tokenizer import Tokenizer
 from dsmoe.tasks.scoring import ScoreRequest, score_requests
 from dsmoe.tasks.specs import BUILTIN, get_task, read_examples
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 SHARED = Path(os.environ.get("DSMOE_SHARED_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
 needs_data = pytest.mark.skipif(not (SHARED / "rt_polarity_test.jsonl").is_file(),
                                 reason=f"the shared data folder {SHARED} is missing (set DSMOE_SHARED_DATA)")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_dir(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +110,7 @@ def test_chat_scores_assistant_tokens_only(loaded):
                 {"role": "user", "content": "again"}, {"role": "assistant", "content": "hello"}]
     request = assistant_request(tok, messages, max_len=512)
     scored = [t for t, keep in zip(request.ids[1:], request.mask) if keep]
-    # the template (infer_helpers.CHAT_TEMPLATE) ends each turn with "\n": the model must learn to write it
+    # the template (conftest.CHAT_TEMPLATE) ends each turn with "\n": the model must learn to write it
     assert tok.decode(scored) == "hi there\nhello\n"
     assert assistant_request(tok, messages[:1], max_len=512) is None
 

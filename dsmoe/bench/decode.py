@@ -3,9 +3,11 @@
 For each preset (default: `small` and the DeepSeek-V2-Lite shape, random weights built on the device, never
 written to disk) and each batch size (default 1 and 32):
 - check: the engine's decode step (CUDA graph, weight-absorbed MLA) reproduces a full forward's logits;
-- dsmoe: steady-state decode tokens/s of the continuous-batching engine, greedy, after a warm-up run that
-  captures its CUDA graphs, with the step's kernels as written ("graphs") and through torch.compile
-  ("compiled");
+- dsmoe: steady-state decode tokens/s of the continuous-batching engine (the `Engine` that generate, chat and
+  serve drive, through its public add_request/step), greedy, after a warm-up run that captures its CUDA
+  graphs, with the step's kernels as written ("graphs") and through torch.compile ("compiled", what
+  `--compile` gives); and the kernels one decode step launches (torch.profiler over one step run uncaptured:
+  CUDA kernels, memsets and copies; on the CPU, top-level aten ops);
 - transformers: DeepseekV2/V3ForCausalLM built from the same config with the same weights copied in memory,
   `generate` with each experts implementation asked for; decode tokens/s = tokens after the first / (time
   of generate(N) - time of generate(1));
@@ -101,7 +103,7 @@ def check_cached_decode(model, prompt_len: int, steps: int = 4, cuda_graphs: boo
     worst = 0.0
     with torch.no_grad():
         full = model(ids).float()
-        model(ids[:, :prompt_len], torch.arange(prompt_len, device=device), cache=engine.cache.prefill(0, 0))
+        engine.runner.prefill(ids[:, :prompt_len], 0, 0, last_only=True)
         for t in range(prompt_len, prompt_len + steps):
             engine.slots.input_ids[0], engine.slots.positions[0] = ids[0, t], t
             out = engine.runner(1, engine.runner.length_bucket(t + 1)).float()[0]
@@ -143,10 +145,28 @@ def time_dsmoe(model, batch: int, prompt_len: int, new_tokens: int, cuda_graphs:
     assert all(n == batch * new_tokens for _, n in runs), f"expected {batch * new_tokens} tokens, got {runs}"
     tokens_per_s = max(t for t, _ in runs)
     context = prompt_len + new_tokens / 2
+    B, L = engine.runner.batch_bucket(batch), engine.runner.length_bucket(prompt_len + new_tokens)
     return {"tokens_per_s": tokens_per_s, "ms_per_step": 1e3 * batch / tokens_per_s, "warmup_s": warmup_s,
+            "kernels_per_step": kernels_per_step(engine, B, L),
             "step_bytes": step_bytes(model, engine.cache, batch, context),
             "graphs": sorted(engine.runner.graphs), "graph_failures": dict(engine.runner.failed),
             "speculation": engine.speculation_stats()}
+
+
+def kernels_per_step(engine, B: int, L: int) -> int:
+    """Device work items one decode step of the engine launches (the graph replays exactly these)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.device.type == "cuda"
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        engine.runner.forward(B, L)
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        return sum(e.device_type == DeviceType.CUDA for e in prof.events())
+    return sum(e.cpu_parent is None and e.name.startswith("aten::") for e in prof.events())
 
 
 def time_variants(model, batch: int, variants: list[str], args, bandwidth: float, cuda_graphs: bool) -> dict:
@@ -170,7 +190,8 @@ def time_variants(model, batch: int, variants: list[str], args, bandwidth: float
         result["fraction_of_bound"] = result["tokens_per_s"] / result["bound_tokens_per_s"]
         results[variant] = result
         print(f"  dsmoe {variant} ({result['moe_impl']}) batch {batch}: {result['tokens_per_s']:.1f} tokens/s "
-              f"({result['fraction_of_bound']:.2f} of the bound; warm-up {result['warmup_s']:.0f} s)", flush=True)
+              f"({result['fraction_of_bound']:.2f} of the bound; {result['kernels_per_step']} kernels per step; "
+              f"warm-up {result['warmup_s']:.0f} s)", flush=True)
     return results
 
 
@@ -220,7 +241,9 @@ def logits_gap(model, hf, prompt_len: int) -> float:
 
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
-    with torch.no_grad():
+    from dsmoe.infer.runner import eager
+
+    with torch.no_grad(), eager():  # an engine may have compiled the blocks for its decode shapes
         ours, theirs = model(ids).float(), hf(ids).logits.float()
     return ((ours - theirs).abs().max() / theirs.abs().max()).item()
 
@@ -310,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_table(report: dict, hf_impls: list[str]) -> None:
-    heads = ["model", "batch", "dsmoe", "tok/s", "ms/step", "bound tok/s", "of bound",
+    heads = ["model", "batch", "dsmoe", "tok/s", "ms/step", "kernels/step", "bound tok/s", "of bound",
              *[f"HF {i} tok/s" for i in hf_impls], *[f"x HF {i}" for i in hf_impls], "graphs"]
     rows = []
     for name, entry in report["models"].items():
@@ -321,6 +344,7 @@ def print_table(report: dict, hf_impls: list[str]) -> None:
                     rows.append([name, str(batch), variant, "failed", *["-"] * (len(heads) - 4)])
                     continue
                 rows.append([name, str(batch), variant, f"{d['tokens_per_s']:.1f}", f"{d['ms_per_step']:.2f}",
+                             str(d["kernels_per_step"]),
                              f"{d['bound_tokens_per_s']:.1f}", f"{d['fraction_of_bound']:.2f}",
                              *[f"{hf[i]:.1f}" if i in hf else "-" for i in hf_impls],
                              *[f"{d['tokens_per_s'] / hf[i]:.1f}x" if i in hf else "-" for i in hf_impls],

@@ -20,14 +20,14 @@ from dsmoe.data.shards import (
     split_documents,
 )
 from dsmoe.data.sources import Document, corpus_hash, limit_corpus, read_corpus
-from dsmoe.data.tokenizer import TextTokenizer, load_tokenizer, train_tokenizer
+from dsmoe.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class PreparedCorpus:
-    tokenizer: TextTokenizer
+    tokenizer: Tokenizer
     shards: TokenShards
     corpus_hash: str
 
@@ -57,7 +57,7 @@ def prepare_corpus(docs: list[Document], *, val_fraction: float = 0.1, tokenizer
 
 
 def _cached_trained_tokenizer(train_texts: list[str], vocab_size: int, cache_dir: Path, chash: str,
-                              val_fraction: float) -> TextTokenizer:
+                              val_fraction: float) -> Tokenizer:
     key = hashlib.sha256(f"{chash}|{vocab_size}|{val_fraction!r}|bpe-bytelevel-v1".encode()).hexdigest()[:24]
     file = cache_dir / "tokenizers" / f"{key}.json"
     if file.is_file():

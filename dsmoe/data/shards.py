@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dsmoe.data.sources import Document
-from dsmoe.data.tokenizer import TextTokenizer
+from dsmoe.data.tokenizer import Tokenizer
 from dsmoe.errors import UserError
 
 SPLIT_VERSION = 2  # bump when the split or the document encoding changes: old cache entries are then unused
@@ -70,7 +70,7 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[str
     return train, val
 
 
-def shards_key(corpus_hash: str, val_fraction: float, tokenizer: TextTokenizer) -> str:
+def shards_key(corpus_hash: str, val_fraction: float, tokenizer: Tokenizer) -> str:
     h = hashlib.sha256()
     for part in (f"v{SPLIT_VERSION}", corpus_hash, repr(float(val_fraction)), tokenizer.bos_token,
                  tokenizer.eos_token, tokenizer.to_json()):
@@ -79,7 +79,7 @@ def shards_key(corpus_hash: str, val_fraction: float, tokenizer: TextTokenizer) 
     return h.hexdigest()[:24]
 
 
-def load_or_build_shards(train_texts: list[str], val_texts: list[str], tokenizer: TextTokenizer, key: str,
+def load_or_build_shards(train_texts: list[str], val_texts: list[str], tokenizer: Tokenizer, key: str,
                          cache_dir: Path) -> TokenShards:
     folder = cache_dir / "tokens" / key
     if not (folder / "meta.json").is_file():
@@ -100,7 +100,7 @@ def open_shards(folder: Path) -> TokenShards:
     return TokenShards(open_split("train"), open_split("val"), meta, folder)
 
 
-def _build(folder: Path, train_texts: list[str], val_texts: list[str], tokenizer: TextTokenizer) -> None:
+def _build(folder: Path, train_texts: list[str], val_texts: list[str], tokenizer: Tokenizer) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -122,7 +122,7 @@ def _build(folder: Path, train_texts: list[str], val_texts: list[str], tokenizer
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_tokens(path: Path, texts: list[str], tokenizer: TextTokenizer, dtype) -> int:
+def _write_tokens(path: Path, texts: list[str], tokenizer: Tokenizer, dtype) -> int:
     count = 0
     with open(path, "wb") as f:
         for start in range(0, len(texts), _ENCODE_CHUNK):

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     model, tokenizer, _ = load_for_inference(args)
     engine = Engine(model, max_batch=1, max_model_len=args.max_model_len, eos_token_ids=eos_ids(model, tokenizer),
-                    cuda_graphs=not args.no_cuda_graphs, **speculative_options(args))
+                    cuda_graphs=not args.no_cuda_graphs, compile=args.compile, **speculative_options(args))
     chat = Chat(engine, tokenizer, args)
     interactive = sys.stdin.isatty()
     template = "the model's chat template" if tokenizer.chat_template else "a plain 'Role: text' template"

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     max_len = args.max_model_len or len(prompt_ids) + args.max_new_tokens
     engine = Engine(model, max_batch=1, max_model_len=max_len, eos_token_ids=eos_ids(model, tokenizer),
-                    cuda_graphs=not args.no_cuda_graphs, **speculative_options(args))
+                    cuda_graphs=not args.no_cuda_graphs, compile=args.compile, **speculative_options(args))
     start = time.perf_counter()
     pieces, count = [], 0
     out = sys.stdout

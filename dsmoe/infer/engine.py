@@ -112,7 +112,7 @@ class Engine:
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids if t is not None)
         self.cache_dtype = dtype = model.embed_tokens.weight.dtype
         drafts = num_speculative_tokens if speculative else 0  # a verify may write that far past the last token
-        self.cache = KVCache(config, max_batch, self.max_model_len + drafts, self.device, dtype)
+        self.cache = KVCache(model.layers, max_batch, self.max_model_len + drafts, self.device, dtype)
         self.slots = SlotState(max_batch, self.cache.trash, self.device)
         self.runner = DecodeRunner(model, self.cache, self.slots,
                                    cuda_graphs=cuda_graphs and self.device.type == "cuda", compile=compile)
@@ -244,12 +244,11 @@ class Engine:
     def _prefill_chunk(self, req: Request, n: int) -> None:
         start, end, P = req.prefilled, req.prefilled + n, len(req.prompt)
         ids = torch.tensor(req.prompt[start:end], device=self.device)[None]
-        positions = torch.arange(start, end, device=self.device)
         want_prompt = req.params.prompt_logprobs is not None
         if self.spec is None:
-            logits = self.model(ids, positions, cache=self.cache.prefill(req.slot, start), last_only=not want_prompt)[0]
+            logits = self.runner.prefill(ids, req.slot, start, last_only=not want_prompt)[0]
         else:  # the MTP module reads the hidden state of every prompt position
-            hidden = self.model(ids, positions, cache=self.cache.prefill(req.slot, start), return_hidden=True)
+            hidden = self.runner.prefill(ids, req.slot, start, return_hidden=True)
             logits = self.model.logits(hidden if want_prompt else hidden[:, -1:])[0]
             if end < P:
                 self.spec.prefill(req, start, end, hidden, None, self._flags([req]))

@@ -7,9 +7,9 @@ import logging
 
 import torch
 
+from dsmoe.data.tokenizer import Tokenizer
 from dsmoe.errors import UserError
 from dsmoe.kernels.ops import IMPLS
-from dsmoe.infer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,17 +23,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moe-impl", default="auto", choices=IMPLS,
                         help="routed-expert implementation")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on a GPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step (faster decode; each batch/length bucket compiles once)")
     add_quantize_argument(parser)
+    parser.add_argument("--speculative", choices=["mtp"], default=None,
+                        help="self-speculative decoding: the model's MTP module drafts, the model verifies "
+                             "(needs num_nextn_predict_layers >= 1; no logprobs or repetition penalty)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=1, help="drafts per step with --speculative")
 
 
 def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["fp8", "int8"], default=None,
                         help="weight-only low precision: fp8 (e4m3, 128x128 block scales; a V3 FP8 checkpoint keeps "
                              "its own) or int8 (per output channel); activations stay in --dtype")
-    parser.add_argument("--speculative", choices=["mtp"], default=None,
-                        help="self-speculative decoding: the model's MTP module drafts, the model verifies "
-                             "(needs num_nextn_predict_layers >= 1; no logprobs or repetition penalty)")
-    parser.add_argument("--num-speculative-tokens", type=int, default=1, help="drafts per step with --speculative")
 
 
 def speculative_options(args: argparse.Namespace) -> dict:

@@ -1,4 +1,5 @@
-"""The decode forward: rows 0..B-1 (= slots 0..B-1) over cache positions [0, L), eager or as CUDA graphs.
+"""The engine's forwards: prefill chunks (eager), and the decode step, rows 0..B-1 (= slots 0..B-1) over cache
+positions [0, L), eager or as CUDA graphs.
 
 On CUDA, each (B, L) bucket is captured once into a CUDA graph and replayed: the whole step (every layer,
 routing, experts, attention) is one launch with no host synchronisation. B is rounded up to a power of two
@@ -6,10 +7,12 @@ routing, experts, attention) is one launch with no host synchronisation. B is ro
 mix of running sequences; rows past the live ones write to the cache's trash position (see cache.py). Inputs
 are read from the slot buffers in place, so a replay sees whatever the previous step or a prefill wrote there.
 
-With `compile=True` the step's blocks go through torch.compile (inductor fuses the norms, rotary, softmax and
-routing glue that otherwise cost a kernel each) before capture. One compiled function serves every block
-of a kind, so compile time does not grow with depth: the step is written out here (embedding -> blocks ->
-norm -> logits, what Transformer.forward does for one token per row) to call it per block.
+With `compile=True` the model's blocks are compiled in place (regional compilation: one compiled graph per
+block kind and shape, so compile time does not grow with depth; inductor fuses the norms, rotary, softmax and
+routing glue that otherwise cost a kernel each) and the decode step runs them before capture. Every step is
+`Transformer.forward` itself. Prefill chunks have a new length each time, so they always run eagerly
+(`torch.compiler.set_stance`), as does the decode step of an engine without `compile`, even on a model whose
+blocks someone else compiled. The recompile limit is raised only around this engine's own decode calls.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import logging
 import torch
 
 log = logging.getLogger(__name__)
+# compiled entries: a few block kinds x the (B, L) buckets; dynamo's default limit (8) would fall back to eager
+RECOMPILE_LIMIT = 256
 
 
 def _buckets(limit: int, first: int) -> list[int]:
@@ -30,8 +35,8 @@ def _buckets(limit: int, first: int) -> list[int]:
     return sizes + [limit]
 
 
-def _call_block(block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_cache) -> torch.Tensor:
-    return block(h, cos, sin, layer_cache)
+def eager():
+    return torch.compiler.set_stance("force_eager")
 
 
 class DecodeRunner:
@@ -42,11 +47,8 @@ class DecodeRunner:
         self.cuda_graphs = cuda_graphs
         self.compiled = compile
         if compile:
-            # one compiled entry per (block kind, B, L bucket): allow more than dynamo's default of 8
-            from torch._dynamo import config
-            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-            setattr(config, name, max(getattr(config, name), 256))
-            self.block = torch.compile(_call_block, dynamic=False)
+            for block in model.layers:
+                block.compile(dynamic=False)
         self.bucketed = cuda_graphs if bucketed is None else bucketed
         self.batch_sizes = _buckets(cache.num_slots, 1)
         self.lengths = _buckets(cache.max_len, 64)
@@ -60,18 +62,25 @@ class DecodeRunner:
     def length_bucket(self, n: int) -> int:
         return next(b for b in self.lengths if b >= n) if self.bucketed else n
 
-    def forward(self, B: int, L: int) -> torch.Tensor:
-        """The decode step, not captured -> logits (B, V) in the model dtype."""
-        s, m = self.slots, self.model
-        ids, positions = s.input_ids[:B, None], s.positions[:B, None]
-        self.cache.decode(s.positions[:B], L)
-        if not self.compiled:
-            return m(ids, positions, cache=self.cache, last_only=True)[:, 0]
-        cos, sin = m.rotary(positions)
-        h = m.embed_tokens(ids)
-        for block, layer_cache in zip(m.layers, self.cache.layers):
-            h = self.block(block, h, cos, sin, layer_cache)
-        return m.logits(m.norm(h))[:, 0]
+    def prefill(self, ids: torch.Tensor, slot: int, start: int, **kw) -> torch.Tensor:
+        """One prompt chunk ids (1, S) at positions start.. into `slot`: the model's forward with `kw`
+        (last_only, return_hidden)."""
+        S = ids.shape[1]
+        with eager():
+            view = self.cache.prefill(slot, start, S)
+            positions = torch.arange(start, start + S, device=ids.device)
+            return self.model(ids, positions, cache=view, **kw)
+
+    def forward(self, B: int, L: int):
+        """The decode step, not captured, compiled or forced eager as this runner says."""
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT) if self.compiled else eager():
+            return self.step(B, L)
+
+    def step(self, B: int, L: int):
+        """Rows 0..B-1 over cache positions [0, L) -> logits (B, V) in the model dtype."""
+        s = self.slots
+        view = self.cache.decode(s.positions[:B], L)
+        return self.model(s.input_ids[:B, None], s.positions[:B, None], cache=view, last_only=True)[:, 0]
 
     def __call__(self, B: int, L: int) -> torch.Tensor:
         key = (B, L)

@@ -39,10 +39,9 @@ class _VerifyRunner(DecodeRunner):
         super().__init__(spec.model, spec.cache, spec.slots, **kw)
         self.spec = spec
 
-    def forward(self, B: int, L: int):
+    def step(self, B: int, L: int):
         positions = self.spec.positions(self.slots.positions[:B], self.spec.width)
-        self.cache.decode(positions, L)
-        h = self.model(self.spec.tokens[:B], positions, cache=self.cache, return_hidden=True)
+        h = self.model(self.spec.tokens[:B], positions, cache=self.cache.decode(positions, L), return_hidden=True)
         return self.model.logits(h), h
 
 
@@ -56,10 +55,9 @@ class _DraftRunner(DecodeRunner):
         self.ids = torch.zeros(spec.num_slots, width, dtype=torch.int64, device=start.device)
         self.hidden = torch.zeros(spec.num_slots, width, D, dtype=spec.dtype, device=start.device)
 
-    def forward(self, B: int, L: int):
+    def step(self, B: int, L: int):
         positions = self.spec.positions(self.start[:B], self.width)
-        self.cache.decode(positions, L)
-        return self.spec.mtp(self.hidden[:B], self.ids[:B], positions, self.cache[0])
+        return self.spec.mtp(self.hidden[:B], self.ids[:B], positions, self.cache.decode(positions, L)[0])
 
 
 class Speculator:
@@ -76,8 +74,7 @@ class Speculator:
         self.N, self.width = num_tokens, num_tokens + 1
         self.num_slots, self.device, self.dtype = engine.max_batch, engine.device, engine.cache_dtype
         self.vocab_size = model.config.vocab_size
-        self.mtp_cache = KVCache(model.config, self.num_slots, self.cache.max_len, self.device, self.dtype,
-                                 num_layers=1)
+        self.mtp_cache = KVCache(model.mtp[:1], self.num_slots, self.cache.max_len, self.device, self.dtype)
         z = lambda *shape, dtype=torch.int64: torch.zeros(*shape, dtype=dtype, device=self.device)
         self.offsets = torch.arange(self.width, device=self.device)
         self.tokens = z(self.num_slots, self.width)  # verify input per slot: [x_p, d_1 .. d_N]
@@ -143,7 +140,8 @@ class Speculator:
         if first_token is not None:  # the last chunk: the prompt's last position is followed by the first token
             following = torch.cat([following, first_token.view(1)])
         positions = torch.arange(start, end, device=self.device)
-        logits, h = self.mtp(hidden, following[None], positions, self.mtp_cache.prefill(req.slot, start)[0])
+        view = self.mtp_cache.prefill(req.slot, start, end - start)
+        logits, h = self.mtp(hidden, following[None], positions, view[0])
         if first_token is None:
             return
         slot, P = req.slot, len(req.prompt)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from dsmoe.data.tokenizer import Tokenizer
 from dsmoe.infer.engine import Engine, StepOutput
 from dsmoe.infer.sampling import SamplingParams
-from dsmoe.infer.tokenizer import Tokenizer
 
 CONTEXT_TOKENS = 5  # prompt tokens decoded before the first new one, for the right leading space
 

@@ -16,8 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dsmoe.data.tokenizer import Tokenizer
 from dsmoe.infer.async_engine import Admission, AsyncEngine, Overloaded
-from dsmoe.infer.tokenizer import Tokenizer
 from dsmoe.serve.metrics import ServerMetrics
 from dsmoe.serve.protocol import APIError, BodyLimits, as_api_error
 

@@ -9,9 +9,9 @@ from contextlib import aclosing
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from dsmoe.data.tokenizer import Tokenizer
 from dsmoe.infer.chat_template import render_chat, stop_strings_for
 from dsmoe.infer.sampling import TokenLogprobs
-from dsmoe.infer.tokenizer import Tokenizer
 from dsmoe.serve.generation import AdmittedStream, run_choice, sse, until_disconnected
 from dsmoe.serve.protocol import (APIError, ChatRequest, check_supported, parse_request, sampling_params,
                                   stop_strings)

@@ -33,8 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=256,
                         help="requests waiting for a slot before new ones get 429")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the decode step (faster decode; each batch/length bucket compiles once)")
     parser.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="request body limit (413 past it)")
     parser.add_argument("--header-timeout", type=float, default=10.0,
                         help="seconds for a request's headers to arrive (408 and close past it)")

@@ -14,9 +14,9 @@ import uuid
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from dsmoe.data.tokenizer import Tokenizer
 from dsmoe.infer.sampling import TokenLogprobs
 from dsmoe.infer.text import IncrementalDecoder
-from dsmoe.infer.tokenizer import Tokenizer
 from dsmoe.serve.generation import AdmittedStream, Delta, merge, run_choice, sse, until_disconnected
 from dsmoe.serve.protocol import (MAX_PROMPTS, APIError, CompletionRequest, check_supported, parse_request,
                                   sampling_params, stop_strings)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from dsmoe.data.tokenizer import Tokenizer
 from dsmoe.infer.async_engine import Admission, AsyncEngine
 from dsmoe.infer.sampling import SamplingParams, TokenLogprobs
 from dsmoe.infer.text import TextStream
-from dsmoe.infer.tokenizer import Tokenizer
 from dsmoe.serve.metrics import ServerMetrics
 from dsmoe.serve.protocol import as_api_error
 

@@ -21,7 +21,7 @@ from dsmoe.tasks.specs import TaskSpec
 class TaskRun:
     """What a task run needs besides its spec: the model, its tokenizer and how to batch."""
     model: torch.nn.Module
-    tokenizer: object  # dsmoe.infer.tokenizer.Tokenizer
+    tokenizer: object  # dsmoe.data.tokenizer.Tokenizer
     batch_size: int = 16  # sequences per forward / engine slots; 1 = one example at a time
     prefix: str = ""  # few-shot examples, rendered
     cuda_graphs: bool = True
