@@ -36,7 +36,7 @@ def test_step_bytes_counts_touched_experts_and_cache():
     generate(model, [[3, 4, 5]], SamplingParams(max_new_tokens=2, temperature=0))  # last forward: 1 token
     from dsmoe.infer.cache import KVCache
 
-    cache = KVCache(model, 1, 8, "cpu", torch.float32)
+    cache = KVCache(model.layers, 1, 8, "cpu", torch.float32)
     got = decode.step_bytes(model, cache, batch=1, context=10)
     expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
     dense = sum(p.numel() * 4 for n, p in model.named_parameters() if ".mlp.experts." not in n)

@@ -35,7 +35,7 @@ def test_cached_logits_equal_full_forward(name):
     prompt_lens, slots, chunks = [7, 4], [2, 0], [[3, 4], [4]]
     with torch.no_grad():
         full = model(ids)
-        cache = KVCache(model, num_slots=3, max_len=24, device="cpu", dtype=torch.float32)
+        cache = KVCache(model.layers, num_slots=3, max_len=24, device="cpu", dtype=torch.float32)
         for b in range(2):
             start = 0
             for n in chunks[b]:
@@ -76,26 +76,26 @@ def test_absorbed_decode_equals_expanded_attention():
     torch.testing.assert_close(out, expected.reshape(B, 1, H * cfg.v_head_dim), atol=1e-5, rtol=1e-5)
 
 
-def meta_model(preset: str):
+def meta_layers(preset: str):
     from dsmoe.model.transformer import Transformer
 
     with torch.device("meta"):
-        return Transformer(get_preset(preset))
+        return Transformer(get_preset(preset)).layers
 
 
 def test_cache_stores_what_each_attention_asks_for_per_token():
-    cache = KVCache(meta_model("deepseek-v2-lite"), num_slots=1, max_len=2, device="meta", dtype=torch.bfloat16)
+    cache = KVCache(meta_layers("deepseek-v2-lite"), num_slots=1, max_len=2, device="meta", dtype=torch.bfloat16)
     assert cache.bytes_per_token() == 27 * 576 * 2  # 27 layers of latent 512 + rope key 64: spec section 6.2
-    v3 = KVCache(meta_model("deepseek-v3"), num_slots=1, max_len=2, device="meta", dtype=torch.bfloat16)
+    v3 = KVCache(meta_layers("deepseek-v3"), num_slots=1, max_len=2, device="meta", dtype=torch.bfloat16)
     assert v3.bytes_per_token() == 61 * 576 * 2
-    mha = KVCache(meta_model("deepseek-moe-16b"), num_slots=1, max_len=2, device="meta", dtype=torch.bfloat16)
+    mha = KVCache(meta_layers("deepseek-moe-16b"), num_slots=1, max_len=2, device="meta", dtype=torch.bfloat16)
     assert mha.bytes_per_token() == 28 * 2 * 2048 * 2  # K and V, 16 heads x 128, per layer
 
 
 def test_cache_refuses_tokens_it_cannot_place():
     cfg = CONFIGS["v2-lite"]
     model = build_model(cfg, dtype=torch.float32).eval()
-    cache = KVCache(model, num_slots=1, max_len=4, device="cpu", dtype=torch.float32)
+    cache = KVCache(model.layers, num_slots=1, max_len=4, device="cpu", dtype=torch.float32)
     with pytest.raises(ValueError, match="exceeds the cache length"):
         cache.prefill(0, 0, 5)
     with pytest.raises(ValueError, match="slot"):
@@ -104,3 +104,24 @@ def test_cache_refuses_tokens_it_cannot_place():
         cache.decode(torch.zeros(2, dtype=torch.long), 4)
     with pytest.raises(RuntimeError):  # a view for 2 tokens cannot take 3
         model(torch.zeros(1, 3, dtype=torch.long), cache=cache.prefill(0, 0, 2))
+
+
+@pytest.mark.parametrize("name", ["16b-gqa", "v2-lite"])
+def test_several_tokens_per_row_decode_like_the_full_forward(name):
+    """Speculative verification's shape: S = 3 new tokens per row in one decode forward, rows at different
+    positions, each token attending to its own prefix only."""
+    cfg = CONFIGS[name]
+    torch.manual_seed(2)
+    model = build_model(cfg, dtype=torch.float32).eval()
+    ids = torch.randint(cfg.vocab_size, (2, 12))
+    prompt_lens = [6, 4]
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.layers, num_slots=2, max_len=16, device="cpu", dtype=torch.float32)
+        for b, n in enumerate(prompt_lens):
+            model(ids[b: b + 1, :n], torch.arange(n), cache=cache.prefill(b, 0, n))
+        positions = torch.tensor(prompt_lens)[:, None] + torch.arange(3)
+        inputs = torch.stack([ids[b, positions[b]] for b in range(2)])
+        out = model(inputs, positions, cache=cache.decode(positions, 16))
+    for b in range(2):
+        torch.testing.assert_close(out[b], full[b, positions[b]], atol=2e-5, rtol=1e-4)
