@@ -207,12 +207,10 @@ def test_a_v3_fp8_checkpoint_keeps_its_own_codes_and_scales(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["generate", "eval"])
-def test_quantize_flag_on_the_cli(tmp_path, command, capsys):
-    from infer_helpers import build_model_dir
-
+def test_quantize_flag_on_the_cli(tmp_path, model_dir, command, capsys):
     from dsmoe.cli import main
 
-    folder = build_model_dir(tmp_path)
+    folder = model_dir
     if command == "generate":
         args = ["generate", str(folder), "--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0"]
     else:

@@ -43,7 +43,6 @@ def random_model(preset: str, folder: Path, device, vocab_size: int = 4096):
     from dsmoe.config import get_preset
     from dsmoe.data.sources import builtin_corpus
     from dsmoe.data.tokenizer import train_tokenizer
-    from dsmoe.infer.tokenizer import Tokenizer
     from dsmoe.model.transformer import build_model
 
     texts, size = [], 0
@@ -58,7 +57,7 @@ def random_model(preset: str, folder: Path, device, vocab_size: int = 4096):
     trained.save(folder, config.max_position_embeddings)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return build_model(config, device=device, dtype=dtype).eval(), Tokenizer.load(folder)
+    return build_model(config, device=device, dtype=dtype).eval(), trained
 
 
 def random_model_folder(preset: str, folder: Path, device) -> Path:
