@@ -1,4 +1,5 @@
-"""The one door from the model to the kernels: `resolve_impl`, `moe_experts`, `router_logits`, `route_fused`.
+"""The one door from the model to the kernels: `resolve_impl`, `moe_experts`, `router_logits`, `route_fused`,
+`rms_norm`, `apply_rotary`.
 
 impl: "reference" (per-expert loop, the spec), "grouped" (torch grouped_mm), "triton" (fused kernels, when
 Triton and a GPU are there), or "auto" (the fastest available for these tensors). The model keeps the asked-for
@@ -18,7 +19,8 @@ import torch
 from torch import Tensor
 
 from dsmoe.kernels.grouped import grouped_mm_supported, moe_experts_grouped
-from dsmoe.kernels.reference import moe_experts_reference, router_logits_reference
+from dsmoe.kernels.reference import (moe_experts_reference, rms_norm_reference, rotary_reference,
+                                    router_logits_reference)
 from dsmoe.kernels.router_gemm import split_router_logits
 
 IMPLS = ("auto", "reference", "grouped", "triton")  # what users may ask for; the last three are what runs
@@ -71,6 +73,31 @@ def moe_experts(
     if impl == "reference":
         return moe_experts_reference(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF)
     raise ValueError(f"moe_experts takes a resolved implementation (reference, grouped or triton), not {impl!r}")
+
+
+def _fused_inference(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether a forward-only Triton kernel may replace a reference: on CUDA, no gradient wanted, and not while
+    torch.compile traces (inductor fuses the reference itself)."""
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
+    return x.is_cuda and not wants_grad and not torch.compiler.is_compiling() and triton_available(x.device)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * RMSNorm(x): one Triton kernel for inference on CUDA, the reference (with autograd) elsewhere."""
+    if _fused_inference(x, weight):
+        from dsmoe.kernels.triton_norm import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotary embedding of x (B, H, S, R): one Triton kernel for inference on CUDA, the reference elsewhere."""
+    if _fused_inference(x) and x.dim() == 4:
+        from dsmoe.kernels.triton_rotary import rotary_triton
+
+        return rotary_triton(x, cos, sin, interleaved)
+    return rotary_reference(x, cos, sin, interleaved)
 
 
 def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, impl: str) -> torch.Tensor:

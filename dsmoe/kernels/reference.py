@@ -31,6 +31,27 @@ def moe_experts_reference(
     return y_TD.to(x_TD.dtype)
 
 
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers and DeepSeek compute it: normalise in fp32, cast back to x's dtype, then scale
+    (so bf16 results match theirs bit for bit)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x (B, H, S, R) with cos/sin (B, S, R/2) or (S, R/2). Computed in fp32, returned in x's dtype.
+
+    The interleaved form returns the rotated pairs de-interleaved ([evens | odds]), as transformers does;
+    q and k go through the same function, so their dot products are those of the checkpoint layout.
+    """
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    xf = x.float()
+    x1, x2 = (xf[..., 0::2], xf[..., 1::2]) if interleaved else xf.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
 def router_logits_reference(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
     """DeepSeek's router logits: an fp32 GEMM (the spec of `dsmoe.kernels.router_gemm`)."""
     return F.linear(x_TD.float(), weight_ED.float())

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.config import ModelConfig
-from dsmoe.model.layers import RMSNorm, apply_rotary
+from dsmoe.kernels import ops
+from dsmoe.model.layers import RMSNorm
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int = 0) -> torch.Tensor:
@@ -80,8 +81,8 @@ class MLAttention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         k_pe = k_pe.view(B, 1, S, self.rope_dim)
-        q_pe = apply_rotary(q_pe, cos, sin, self.interleaved)
-        return q_nope, q_pe, latent, apply_rotary(k_pe, cos, sin, self.interleaved)
+        q_pe = ops.apply_rotary(q_pe, cos, sin, self.interleaved)
+        return q_nope, q_pe, latent, ops.apply_rotary(k_pe, cos, sin, self.interleaved)
 
     def expand_kv(self, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """latent (B, T, C), k_pe (B, 1, T, rope) -> keys (B,H,T,nope+rope), values (B,H,T,v)."""
@@ -154,7 +155,7 @@ class MHAttention(nn.Module):
         q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rotary(q, cos, sin, self.interleaved), apply_rotary(k, cos, sin, self.interleaved), v
+        return ops.apply_rotary(q, cos, sin, self.interleaved), ops.apply_rotary(k, cos, sin, self.interleaved), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None) -> torch.Tensor:
         B, S, _ = x.shape

@@ -9,10 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.config import ModelConfig, yarn_mscale
+from dsmoe.kernels import ops
 
 
 class RMSNorm(nn.Module):
-    """Normalise in fp32, cast back, then scale: the order of the reference code, so bf16 results match."""
+    """Normalise in fp32, cast back, then scale: the order of the reference code, so bf16 results match
+    (`rms_norm_reference`; decode on a GPU runs it as one fused kernel, see ops.rms_norm)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -20,9 +22,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -86,19 +86,6 @@ class RotaryEmbedding(nn.Module):
         """positions (B, S) or (S,) -> cos, sin of shape (..., S, rope_dim // 2), fp32."""
         angles = positions.float()[..., None] * self.inv_freq
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """x (B, H, S, R) with cos/sin (B, S, R/2) or (S, R/2). Computed in fp32, returned in x's dtype.
-
-    The interleaved form returns the rotated pairs de-interleaved ([evens | odds]), as transformers does;
-    q and k go through the same function, so their dot products are those of the checkpoint layout.
-    """
-    if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]
-    xf = x.float()
-    x1, x2 = (xf[..., 0::2], xf[..., 1::2]) if interleaved else xf.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class MLP(nn.Module):

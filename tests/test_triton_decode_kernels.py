@@ -1,0 +1,116 @@
+"""The fused inference kernels (RMSNorm, rotary) against their references: fp32 through Triton's CPU interpreter
+(tests/conftest.py selects it), bf16 on a GPU, and the dispatch in ops (fused only for inference on CUDA)."""
+
+import os
+
+import pytest
+import torch
+
+from dsmoe.kernels import ops
+from dsmoe.kernels.reference import rms_norm_reference, rotary_reference
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("without CUDA, Triton kernels need TRITON_INTERPRET=1 before triton is imported",
+                allow_module_level=True)
+pytest.importorskip("triton")
+from dsmoe.kernels.triton_norm import rms_norm_triton  # noqa: E402
+from dsmoe.kernels.triton_rotary import rotary_triton  # noqa: E402
+
+
+def inputs(shape, dtype=torch.float32, weight_dtype=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*shape, generator=g) * 3).to(DEVICE, dtype)
+    w = (1 + 0.5 * torch.randn(shape[-1], generator=g)).to(DEVICE, weight_dtype or dtype)
+    return x, w
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (3, 5, 37), (4, 300), (2, 1, 64)], ids=str)
+def test_fused_rms_norm_matches_the_reference_fp32(shape):
+    x, w = inputs(shape)
+    out = rms_norm_triton(x, w, 1e-6)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, rms_norm_reference(x, w, 1e-6), atol=1e-6, rtol=1e-5)
+
+
+def test_fused_rms_norm_takes_strided_rows_and_refuses_a_wrong_weight():
+    x, w = inputs((6, 40))
+    torch.testing.assert_close(rms_norm_triton(x[::2], w, 1e-5), rms_norm_reference(x[::2], w, 1e-5),
+                               atol=1e-6, rtol=1e-5)
+    wide, _ = inputs((2, 3, 48))  # MLA's latent: the first 40 of each 48-wide row
+    torch.testing.assert_close(rms_norm_triton(wide[..., :40], w, 1e-5), rms_norm_reference(wide[..., :40], w, 1e-5),
+                               atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="does not fit"):
+        rms_norm_triton(x, w[:8], 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D,weight_dtype", [(2048, torch.bfloat16), (7168, torch.bfloat16), (513, torch.float32)])
+def test_gpu_bf16_fused_rms_norm_within_one_rounding_of_the_reference(D, weight_dtype):
+    x, w = inputs((64, D), torch.bfloat16, weight_dtype)
+    ours, ref = rms_norm_triton(x, w, 1e-6), rms_norm_reference(x, w, 1e-6)
+    assert ours.dtype == ref.dtype
+    exact = rms_norm_reference(x.double(), w.double(), 1e-6)
+    # both round the same fp32 value; summation order may move it across one rounding boundary
+    assert (ours.double() - ref.double()).abs().max() <= 2 * (ref.double() - exact).abs().max() + 1e-6
+    assert (ours != ref).float().mean() < 0.01
+
+
+@pytest.mark.gpu
+def test_gpu_ops_fuses_only_when_no_gradient_is_wanted(monkeypatch):
+    import dsmoe.kernels.triton_norm as tn
+
+    calls = []
+    monkeypatch.setattr(tn, "rms_norm_triton", lambda *a: calls.append(1) or rms_norm_triton(*a))
+    x, w = inputs((4, 64), torch.bfloat16)
+    with torch.no_grad():
+        ops.rms_norm(x, w.requires_grad_(), 1e-6)
+    ops.rms_norm(x, w, 1e-6).float().sum().backward()  # training: the reference, with its gradient
+    assert calls == [1] and w.grad is not None
+
+
+def rotary_inputs(B, H, S, R, per_row: bool, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randn(B, S, H, R + 16, generator=g).to(DEVICE, dtype)
+    x = wide[..., 16:].transpose(1, 2)  # as attention makes it: a last-dim slice of (B, S, H, .), heads second
+    angles = torch.rand(*((B, S) if per_row else (S,)), R // 2, generator=g) * 6
+    return x, angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("B,H,S,R,per_row", [(1, 1, 1, 8, False), (2, 3, 5, 8, True), (3, 1, 2, 64, False)],
+                         ids=str)
+def test_fused_rotary_matches_the_reference_fp32(B, H, S, R, per_row, interleaved):
+    x, cos, sin = rotary_inputs(B, H, S, R, per_row)
+    out = rotary_triton(x, cos, sin, interleaved)
+    torch.testing.assert_close(out, rotary_reference(x, cos, sin, interleaved), atol=1e-6, rtol=1e-6)
+
+
+def test_fused_rotary_refuses_cos_of_another_width():
+    x, cos, sin = rotary_inputs(1, 2, 3, 8, False)
+    with pytest.raises(ValueError, match="do not fit"):
+        rotary_triton(x, cos[:, :2], sin[:, :2], True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_gpu_bf16_fused_rotary_within_one_rounding_of_the_reference(interleaved):
+    x, cos, sin = rotary_inputs(32, 16, 1, 64, True, torch.bfloat16)
+    ours, ref = rotary_triton(x, cos, sin, interleaved), rotary_reference(x, cos, sin, interleaved)
+    exact = rotary_reference(x.double(), cos.double(), sin.double(), interleaved)
+    assert (ours.double() - ref.double()).abs().max() <= 2 * (ref.double() - exact).abs().max() + 1e-6
+
+
+@pytest.mark.gpu
+def test_gpu_ops_rotary_fuses_only_without_gradients(monkeypatch):
+    import dsmoe.kernels.triton_rotary as tr
+
+    calls = []
+    monkeypatch.setattr(tr, "rotary_triton", lambda *a: calls.append(1) or rotary_triton(*a))
+    x, cos, sin = rotary_inputs(2, 4, 3, 16, True)
+    with torch.no_grad():
+        fused = ops.apply_rotary(x, cos, sin, True)
+    plain = ops.apply_rotary(x.requires_grad_(), cos, sin, True)
+    assert calls == [1] and plain.grad_fn is not None
+    torch.testing.assert_close(fused, plain.detach(), atol=1e-6, rtol=1e-6)
