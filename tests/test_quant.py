@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dsmoe.config import get_preset
-from dsmoe.kernels.quant import (QuantExperts, QuantLinear, dequantize, quantize, quantize_fp8, quantize_model,
-                                 weight_bytes)
+from dsmoe.kernels.quant import dequantize, quantize, quantize_fp8
+from dsmoe.model.quantized import QuantExperts, QuantLinear, quantize_model, weight_bytes
 from dsmoe.kernels.reference import moe_experts_reference
 from dsmoe.model.transformer import build_model
 

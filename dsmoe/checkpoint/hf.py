@@ -27,7 +27,8 @@ from dsmoe.atomic import atomic_write, atomic_write_text
 from dsmoe.checkpoint.quantized import QuantizedTargets
 from dsmoe.config import ModelConfig
 from dsmoe.errors import UserError
-from dsmoe.kernels.quant import dequantize, quantize_model
+from dsmoe.kernels.quant import dequantize
+from dsmoe.model.quantized import quantize_model
 from dsmoe.model.classifier import SequenceClassifier, classifier_hub_fields, classifier_labels
 from dsmoe.model.transformer import Transformer, cast_model
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from dsmoe.kernels.quant import FP8_BLOCK, QuantExperts, QuantLinear, dequantize, quantize
+from dsmoe.kernels.quant import FP8_BLOCK, dequantize, quantize
+from dsmoe.model.quantized import QuantExperts, QuantLinear
 
 
 class QuantizedTargets:

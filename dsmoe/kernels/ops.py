@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from dsmoe.kernels.grouped import grouped_mm_supported, moe_experts_grouped
+from dsmoe.kernels.quant import check_scheme, dequantize, quantize  # noqa: F401 (the model's door to the formats)
 from dsmoe.kernels.reference import (moe_experts_reference, rms_norm_reference, rotary_reference,
                                     router_logits_reference)
 from dsmoe.kernels.router_gemm import split_router_logits
@@ -271,8 +272,6 @@ def _(x, topk_idx, topk_weight, gate_up, gate_up_scale, down, down_scale):
 
 def quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x @ dequantize(q, scale)^T in x's dtype (see dsmoe.kernels.quant for the formats)."""
-    from dsmoe.kernels.quant import dequantize
-
     x2 = x.reshape(-1, x.shape[-1])
     if _wq_kernel_fits(x2, x2.shape[0], _fp8_blocks_are_128(q, scale)):
         y = torch.ops.dsmoe.wq_matmul(x2, q, scale)
@@ -287,8 +286,6 @@ def quant_moe_experts(
 ) -> torch.Tensor:
     """`moe_experts` on quantized expert stacks. Decode-sized batches read only the chosen experts' codes;
     larger ones dequantise the stacks once and take `moe_experts(impl)`."""
-    from dsmoe.kernels.quant import dequantize
-
     blocks_ok = _fp8_blocks_are_128(gate_up_q, gate_up_scale) and _fp8_blocks_are_128(down_q, down_scale)
     if _wq_kernel_fits(x_TD, topk_idx_TK.numel(), blocks_ok):
         return torch.ops.dsmoe.wq_moe_experts(x_TD, topk_idx_TK, topk_weight_TK, gate_up_q, gate_up_scale, down_q,

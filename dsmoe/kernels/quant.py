@@ -8,18 +8,14 @@ Formats (W = dequantised weight, q = stored codes):
 Both codes are exact in bf16 (3 and 7 mantissa bits), so a kernel may multiply bf16(q) by the activations and
 apply the scale to the fp32 product.
 
-`quantize_model(model, scheme)` swaps, from outside the model code (as expert parallelism swaps the experts),
-every projection of attention, dense MLPs and shared experts for `QuantLinear` and every routed-expert stack
-for `QuantExperts`. The router (fp32 by design), the embedding, lm_head and MLA's kv_b_proj (read as a matrix
-by the weight-absorbed decode) stay as they are, as in DeepSeek-V3's FP8 release. The maths of both modules is
-`dequantize` followed by the plain path; `dsmoe.kernels.ops` runs it through fused Triton kernels on a GPU
-for the few-token shapes of decode, where reading fewer bytes is the whole point.
+The modules that hold quantized weights are in `dsmoe.model.quantized`; `dsmoe.kernels.ops` runs their maths
+(`dequantize` followed by the plain path) through fused Triton kernels on a GPU at the few-token shapes of
+decode, where reading fewer bytes is the whole point.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from dsmoe.errors import UserError
 
@@ -27,7 +23,6 @@ SCHEMES = ("fp8", "int8")
 FP8_BLOCK = 128
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT8_MAX = 127.0
-SKIPPED_LINEARS = ("kv_b_proj",)  # the absorbed MLA decode reads this weight as a matrix
 
 
 def check_scheme(scheme: str) -> str:
@@ -68,71 +63,3 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
     N, K = q.shape[-2:]
     s = scale.float().repeat_interleave(block[0], -2)[..., :N, :].repeat_interleave(block[1], -1)[..., :K]
     return (q.float() * s).to(dtype)
-
-
-class QuantLinear(nn.Module):
-    """A bias-free nn.Linear whose weight is stored quantized (buffers `weight` codes and `weight_scale`)."""
-
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype):
-        super().__init__()
-        self.register_buffer("weight", q)
-        self.register_buffer("weight_scale", scale)
-        self.out_dtype = out_dtype
-        self.in_features, self.out_features = q.shape[1], q.shape[0]
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: str) -> QuantLinear:
-        if linear.bias is not None:
-            raise ValueError("QuantLinear holds bias-free projections only (DeepSeek models have no biases)")
-        return cls(*quantize(linear.weight.detach(), scheme), linear.weight.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from dsmoe.kernels import ops
-
-        return ops.quant_linear(x, self.weight, self.weight_scale)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, codes={self.weight.dtype}"
-
-
-class QuantExperts(nn.Module):
-    """The routed experts of one MoE layer with quantized stacks: gate_up [E, 2F, D], down [E, D, F]."""
-
-    def __init__(self, gate_up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor]):
-        super().__init__()
-        self.register_buffer("gate_up_proj", gate_up[0])
-        self.register_buffer("gate_up_proj_scale", gate_up[1])
-        self.register_buffer("down_proj", down[0])
-        self.register_buffer("down_proj_scale", down[1])
-
-    @classmethod
-    def from_experts(cls, experts: nn.Module, scheme: str) -> QuantExperts:
-        return cls(quantize(experts.gate_up_proj.detach(), scheme), quantize(experts.down_proj.detach(), scheme))
-
-    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                impl: str) -> torch.Tensor:
-        """impl: the layer's resolved implementation, for the dequantised (prefill) path."""
-        from dsmoe.kernels import ops
-
-        return ops.quant_moe_experts(x_TD, topk_idx_TK, topk_weight_TK, self.gate_up_proj, self.gate_up_proj_scale,
-                                     self.down_proj, self.down_proj_scale, impl)
-
-
-@torch.no_grad()
-def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
-    """Swap the projections and routed experts of `model` (a dsmoe Transformer) for quantized ones, in place.
-    Inference only: the quantized weights are buffers, not parameters."""
-    check_scheme(scheme)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child).__name__ == "Experts" and hasattr(child, "gate_up_proj"):
-                setattr(parent, name, QuantExperts.from_experts(child, scheme))
-            elif isinstance(child, nn.Linear) and name not in SKIPPED_LINEARS and name != "lm_head":
-                setattr(parent, name, QuantLinear.from_linear(child, scheme))
-    return model
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and persistent buffer: what the weights take in memory."""
-    tensors = list(model.parameters()) + [b for n, b in model.named_buffers() if n in model.state_dict()]
-    return sum(t.numel() * t.element_size() for t in tensors)
