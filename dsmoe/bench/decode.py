@@ -19,6 +19,7 @@ The table comes last; --json writes every number.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -42,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dsmoe decode steps to time: graphs (CUDA graphs of the eager kernels) or compiled "
                              "(torch.compile, then CUDA graphs), optionally -IMPL to force the MoE implementation "
                              "(e.g. graphs-grouped); a forced IMPL equal to what --moe-impl resolves to is skipped")
+    parser.add_argument("--quantize", default="", help="also time the weight-only schemes listed (fp8,int8) with "
+                        "each variant, on a quantized copy of the same weights")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--json", default=None, help="write all results to this JSON file")
 
@@ -75,18 +78,21 @@ def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
 
 
 def step_bytes(model, cache, batch: int, context: float) -> int:
-    """Bytes one decode step of `batch` sequences must read, from the routing of the model's last forward."""
+    """Bytes one decode step of `batch` sequences must read, from the routing of the model's last forward.
+    Weights count in their stored format (quantized codes and their scales included)."""
+    import torch
+
     counts, _ = model.routing_stats()
     total, embed = 0, model.embed_tokens.weight
-    for name, p in model.named_parameters():
-        if ".mlp.experts." in name:
+    for name, p in model.state_dict().items():
+        if ".mlp.experts." in name or not p.is_floating_point() and p.dtype != torch.int8:
             continue
         if name == "embed_tokens.weight" and model.lm_head is not None:
             total += batch * embed.shape[1] * embed.element_size()
         else:
             total += p.numel() * p.element_size()
     for moe, layer_counts in zip(model.moe_layers(), counts):
-        per_expert = sum(w[0].numel() * w.element_size() for w in (moe.experts.gate_up_proj, moe.experts.down_proj))
+        per_expert = sum(t[0].numel() * t.element_size() for n, t in moe.experts.state_dict().items())
         total += int((layer_counts > 0).sum()) * per_expert
     return int(total + batch * context * cache.bytes_per_token())
 
@@ -301,6 +307,15 @@ def run(args: argparse.Namespace) -> int:
         for batch in batch_sizes:
             entry["batches"][batch] = {"dsmoe": time_variants(model, batch, variants, args, bandwidth, cuda_graphs),
                                        "transformers": {}}
+        for scheme in [s for s in args.quantize.split(",") if s]:
+            from dsmoe.model.quantized import quantize_model
+
+            quantized = quantize_model(copy.deepcopy(model), scheme)
+            entry[f"check_rel_err_{scheme}"] = check_cached_decode(quantized, args.prompt_len, cuda_graphs=cuda_graphs)
+            for batch in batch_sizes:
+                timed = time_variants(quantized, batch, variants, args, bandwidth, cuda_graphs)
+                entry["batches"][batch]["dsmoe"].update({f"{v}+{scheme}": r for v, r in timed.items()})
+            del quantized
         if hf_impls and preset not in args.hf_skip.split(","):
             import transformers
 
