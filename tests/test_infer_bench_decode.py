@@ -39,10 +39,19 @@ def test_step_bytes_counts_touched_experts_and_cache():
     cache = KVCache(model.layers, 1, 8, "cpu", torch.float32)
     got = decode.step_bytes(model, cache, batch=1, context=10)
     expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
-    dense = sum(p.numel() * 4 for n, p in model.named_parameters() if ".mlp.experts." not in n)
+    dense = sum(t.numel() * 4 for n, t in model.state_dict().items() if ".mlp.experts." not in n)  # + router bias
     dense -= (cfg.vocab_size - 1) * cfg.hidden_size * 4  # one embedding row read, not the table
     moe_layers = len(cfg.moe_layer_ids)
     assert got == dense + moe_layers * cfg.num_experts_per_tok * expert + 10 * 3 * (32 + 8) * 4
+
+    from dsmoe.model.quantized import quantize_model
+
+    quantize_model(model, "int8")  # codes of 1 byte and one fp32 scale per output row
+    generate(model, [[3, 4, 5]], SamplingParams(max_new_tokens=2, temperature=0))
+    int8_expert = expert // 4 + 4 * (2 * cfg.moe_intermediate_size + cfg.hidden_size)
+    counts = model.routing_stats()[0]
+    routed = int((counts > 0).sum()) * int8_expert
+    assert decode.step_bytes(model, cache, batch=1, context=10) - routed < got - moe_layers * cfg.num_experts_per_tok * expert
 
 
 def test_benchmark_runs_end_to_end(tmp_path, capsys):
