@@ -16,6 +16,7 @@ from dsmoe.errors import UserError
 
 SUBCOMMANDS = {
     "train": ("dsmoe.train.cli", "train a model (built-in corpus by default), or resume a run"),
+    "finetune": ("dsmoe.finetune.cli", "fine-tune a pretrained model: chat/instruction SFT, classification, LoRA"),
     "eval": ("dsmoe.tasks.eval_cli", "validation loss and perplexity of a run or checkpoint on a corpus"),
     "analyze": ("dsmoe.analysis.analyze", "expert statistics of a model on text: load, specialisation, redundancy"),
     "experiment": ("dsmoe.analysis.experiment_cli", "reproduce a DeepSeekMoE claim: train paired configs, table + plot"),

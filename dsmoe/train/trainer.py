@@ -97,8 +97,7 @@ class Trainer:
         self.data = data or pretraining_data(cfg, docs, self.reducer, str(self.out) if resume else cfg.tokenizer,
                                              cache_dir, self.out)
         self.model_config = cfg.model_config(self.data.vocab_size, self.data.bos_id, self.data.eos_id)
-        self.model = build_training_model(self.model_config, cfg, self.device, self.reducer, self.grad_accum,
-                                          sharded_init)
+        self.model = self._build_model(sharded_init)
         self.optimizer = build_optimizer(self.model, cfg)
         self._restore(resume_from)
         self._setup_metrics(resume)
@@ -116,6 +115,28 @@ class Trainer:
         self.device = self.reducer.device if self.distributed else resolve_device(cfg.device)
         use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 and cfg.param_dtype == "fp32" else None
+
+    # ---- what fine-tuning overrides (dsmoe.finetune.trainer): the model it starts from, what a checkpoint
+    # ---- holds of it, what the run exports, how an evaluation reads
+    def _build_model(self, sharded_init: bool):
+        return build_training_model(self.model_config, self.cfg, self.device, self.reducer, self.grad_accum,
+                                    sharded_init)
+
+    def _checkpointed(self):
+        return self.model
+
+    def _export(self) -> None:
+        if self.distributed:
+            from dsmoe.distributed.checkpoint import export_hub
+
+            export_hub(self.model, self.out)  # gathered one parameter at a time; rank 0 writes
+        else:
+            save_pretrained(self.model, self.out)
+
+    def _eval_line(self, result: dict) -> str:
+        per_byte = f" | {result['val_nats_per_byte']:.4f} nats/byte" if "val_nats_per_byte" in result else ""
+        return (f"step {self.step}/{self.total_steps}: val loss {result['val_loss']:.4f} | ppl "
+                f"{result['val_ppl']:.2f}{per_byte} | skipped {self.skipped}")
 
     def _setup_batch_layout(self, resume_from: Path | None) -> None:
         """The global batch (sequences per optimizer step) is fixed when the run starts; resumed on another number
@@ -135,7 +156,7 @@ class Trainer:
         self.tokens_seen, self.elapsed_before = 0, 0.0
         if resume_from is None:
             return
-        state = checkpoints.load(resume_from, self.model, self.optimizer, self.reducer)
+        state = checkpoints.load(resume_from, self._checkpointed(), self.optimizer, self.reducer)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.skipped, self.consecutive_skips = state["skipped_steps"], state["consecutive_skips"]
         self.elapsed_before = state["elapsed_s"]
@@ -241,12 +262,7 @@ class Trainer:
             self.evaluate_and_plot(None)
         if saved_at != self.step and self.cfg.checkpoint_interval:
             self.save_checkpoint(elapsed)
-        if self.distributed:
-            from dsmoe.distributed.checkpoint import export_hub
-
-            export_hub(self.model, self.out)  # gathered one parameter at a time; rank 0 writes
-        else:
-            save_pretrained(self.model, self.out)
+        self._export()
         if self.main:
             self.metrics.close()
         summary = {"run": str(self.out), "steps": self.step, "total_steps": self.total_steps,
@@ -309,7 +325,7 @@ class Trainer:
         good = [r for r in window if r["ok"]] or window
         mean = lambda key: float(np.mean([r[key] for r in good]))
         maxvio = np.mean([r["maxvio"] for r in good], axis=0).tolist() if good[0]["maxvio"] else []
-        tokens_per_s = len(window) * self.sequences_per_step * self.cfg.seq_len / max(seconds, 1e-9)
+        tokens_per_s = sum(self._step_tokens(r) for r in window) / max(seconds, 1e-9)
         record = {"step": self.step, "tokens": self.tokens_seen, "loss": mean("loss"),
                   **{name: mean(name) for name in ("aux_loss", *self.metric_names)}, "lr": window[-1]["lr"],
                   "grad_norm": mean("grad_norm"), "tokens_per_s": tokens_per_s, "maxvio": maxvio,
@@ -318,10 +334,18 @@ class Trainer:
         if self.device.type == "cuda":  # measured once per process, the first time it is needed
             record["mfu"] = self.flops_per_token * tokens_per_s / self.reducer.world_size / (
                 dense_tflops(self.device) * 1e12)
+            record["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         if self.main:
             self.metrics.write(record)
         self.last_record = record
         return record
+
+    def _step_tokens(self, record: dict) -> float:
+        """Tokens one step trained on: its loss function's "trained_tokens" (mean per micro-batch; fine-tuning
+        pads, so its batches hold fewer than seq_len tokens a row) or the full windows of pretraining."""
+        if "trained_tokens" in record:
+            return record["trained_tokens"] * self.grad_accum * self.reducer.world_size
+        return self.sequences_per_step * self.cfg.seq_len
 
     # ------------------------------------------------------------------ evaluation, plots, saving
     def evaluate(self) -> dict | None:
@@ -341,10 +365,7 @@ class Trainer:
         if result is not None:
             self.last_eval = result
             self.metrics.write(result)
-            per_byte = f" | {result['val_nats_per_byte']:.4f} nats/byte" if "val_nats_per_byte" in result else ""
-            line = (f"step {self.step}/{self.total_steps}: val loss {result['val_loss']:.4f} | ppl "
-                    f"{result['val_ppl']:.2f}{per_byte} | skipped {self.skipped}")
-            (bar.write if bar is not None else self._say)(line)
+            (bar.write if bar is not None else self._say)(self._eval_line(result))
         plots = _plots()
         if plots is None:
             return
@@ -364,7 +385,7 @@ class Trainer:
                  "total_steps": self.total_steps, "lr": lr_at(max(self.step - 1, 0), self.cfg, self.total_steps),
                  "data": {"seed": self.cfg.seed, "next_step": self.step, "sequences_per_step": self.sequences_per_step},
                  "train_config": self.cfg.to_dict()}
-        return checkpoints.save(self.out / "checkpoints", self.step, self.model, self.optimizer, state,
+        return checkpoints.save(self.out / "checkpoints", self.step, self._checkpointed(), self.optimizer, state,
                                 keep=self.cfg.keep_checkpoints, reducer=self.reducer)
 
     def describe(self) -> str:

@@ -1,0 +1,42 @@
+"""A classification head on a pretrained base, and its folder in transformers' layout.
+
+The head itself is dsmoe.model.classifier.SequenceClassifier (shared with `dsmoe eval --task classify`): the
+final hidden state of each sequence's last real token through `score.weight` [num_labels, hidden], no bias,
+as DeepseekV2/V3ForSequenceClassification. `save_pretrained` writes it as `model.*` + `score.weight` with a config.json
+naming that architecture, id2label, label2id, num_labels and pad_token_id, so
+`AutoModelForSequenceClassification.from_pretrained(DIR)` loads it with equal logits. Batches are right-padded
+with pad_token_id (the base's pad token, else its eos) and texts are encoded without a trailing eos, so
+transformers' rule (the rightmost token that is not the pad id) picks the same token as our lengths.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsmoe.model.classifier import SequenceClassifier
+from dsmoe.model.transformer import Transformer
+
+
+def classifier_from_base(base: Transformer, labels: list[str]) -> SequenceClassifier:
+    """The base's body (its weights, moved, not copied) under a freshly initialised score head."""
+    config = base.config.replace(num_nextn_predict_layers=0)  # MTP predicts tokens, which a classifier does not
+    with torch.device("meta"):
+        classifier = SequenceClassifier(config, labels, _moe_impl(base))
+    classifier.embed_tokens, classifier.layers, classifier.norm = base.embed_tokens, base.layers, base.norm
+    classifier.rotary = base.rotary
+    weight = base.embed_tokens.weight
+    classifier.score = nn.Linear(base.config.hidden_size, len(labels), bias=False, device=weight.device)
+    nn.init.normal_(classifier.score.weight, std=base.config.initializer_range)
+    return classifier
+
+
+def _moe_impl(model: Transformer) -> str:
+    moe = model.moe_layers()
+    return moe[0].experts.impl if moe else "auto"
+
+
+def lengths_of(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Real tokens per right-padded row, by transformers' rule (the rightmost non-pad position + 1)."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (positions * (input_ids != pad_id)).argmax(-1) + 1

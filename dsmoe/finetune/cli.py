@@ -1,0 +1,99 @@
+"""`dsmoe finetune BASE --task sft|classify|lm --data TRAIN.jsonl --out DIR`: adapt a pretrained model.
+
+  dsmoe finetune runs/tiny --task classify --data sms_spam_train.jsonl --eval-data sms_spam_test.jsonl
+  dsmoe finetune runs/small --task sft --data xquad_en_train.jsonl --field-map qa --lora-rank 16
+  dsmoe finetune BASE --task sft --data chats.jsonl --lora-rank 8 --merge      # full hub checkpoint in --out
+  dsmoe finetune --resume DIR                                                  # continue exactly
+
+The training flags (--steps, --lr, --micro-batch, --grad-accum, --seq-len, --compile, ...) are dsmoe train's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from dsmoe.errors import UserError
+from dsmoe.train.cli import _add_field, explicit_config_values
+from dsmoe.train.config import TrainConfig
+
+# pretraining-only fields: the base decides the model and tokenizer; --data is finetune's own flag
+_NOT_FOR_FINETUNE = {"preset", "model", "data", "text_field", "corpus_limit_mb", "val_fraction", "tokenizer",
+                     "vocab_size"}
+DEFAULTS = {"lr": 1e-3, "steps": 200, "warmup_steps": 10, "eval_interval": 50, "checkpoint_interval": 100,
+            "weight_decay": 0.0}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("base", nargs="?", help="the model to adapt: a dsmoe run folder or a Hugging Face "
+                        "DeepSeek checkpoint folder")
+    task = parser.add_argument_group("fine-tuning")
+    task.add_argument("--task", choices=("sft", "classify", "lm"), help="sft: chat / prompt-completion records, "
+                      "loss on the answers; classify: {text, label} records, a classification head; lm: "
+                      "continued pretraining on text")
+    task.add_argument("--data", help="training records (.jsonl; for --task lm any text file dsmoe train reads)")
+    task.add_argument("--eval-data", help="held-out records, evaluated every --eval-interval steps")
+    task.add_argument("--field-map", nargs="+", default=[], metavar="KEY=FIELD",
+                      help="build the fields a task reads from others: KEY=FIELD, KEY=TEMPLATE ('{question}' "
+                           "placeholders), or a preset: qa, translation, summarization")
+    task.add_argument("--out", help="output folder (default: runs/finetune-TASK)")
+    task.add_argument("--resume", metavar="DIR", help="continue a fine-tune from its last checkpoint")
+    task.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out first")
+    task.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
+    task.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: 2 x rank)")
+    task.add_argument("--lora-targets", nargs="+", default=[], help="attention, mlp (dense layers and shared "
+                      "experts), experts (routed, per expert), or module names (default: attention mlp experts)")
+    task.add_argument("--freeze", nargs="+", default=[], choices=("router", "experts", "embeddings"),
+                      help="keep these fixed (router: its weights and aux-free bias)")
+    task.add_argument("--merge", action="store_true", help="LoRA: also fold the adapter into a full hub "
+                      "checkpoint in --out (the adapter goes to --out/adapter)")
+    task.add_argument("--stop-after", type=int, metavar="N", help="stop after N steps of this session")
+    task.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group = parser.add_argument_group("training (dsmoe train's flags)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in _NOT_FOR_FINETUNE:
+            default = DEFAULTS.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            _add_field(group, f, default)
+
+
+def resolve(args: argparse.Namespace):
+    from dsmoe.finetune.trainer import FinetuneConfig
+
+    given = explicit_config_values(args)
+    if args.resume:
+        out = Path(args.resume)
+        try:
+            ft_values = json.loads((out / "finetune_config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            raise UserError(f"{out} holds no fine-tune (no readable finetune_config.json); check the path") from None
+        return TrainConfig.from_dict({**TrainConfig.load(out).to_dict(), **given}), FinetuneConfig(**ft_values), \
+            out, True
+    if not args.base or not args.task or not args.data:
+        raise UserError("give BASE, --task and --data (or --resume DIR)")
+    cfg = TrainConfig(**{**DEFAULTS, **given})
+    ft = FinetuneConfig(base=args.base, task=args.task, data=args.data, eval_data=args.eval_data,
+                        field_map=args.field_map, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                        lora_targets=args.lora_targets, freeze=args.freeze, merge=args.merge)
+    return cfg, ft, Path(args.out or f"runs/finetune-{args.task}"), False
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg, ft, out, resume = resolve(args)
+    from dsmoe.finetune.trainer import FinetuneTrainer
+
+    trainer = FinetuneTrainer(cfg, ft, out, resume=resume, overwrite=args.overwrite, progress=not args.no_progress)
+    summary = trainer.train(stop_after=args.stop_after)
+    status = "done" if summary["steps"] >= summary["total_steps"] else \
+        f"stopped at step {summary['steps']} of {summary['total_steps']} (continue with --resume {out})"
+    speed = f", last {summary['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in summary else ""
+    print(f"{status}: {summary['tokens']:,} tokens in {summary['elapsed_s']:.0f}s{speed}")
+    if "accuracy" in summary:
+        print(f"eval: accuracy {summary['accuracy']:.4f} | macro-F1 {summary['macro_f1']:.4f} | majority class "
+              f"{summary['majority_accuracy']:.4f} | {summary['examples']} examples")
+    elif "val_loss" in summary:
+        print(f"eval: loss {summary['val_loss']:.4f} | perplexity {summary['val_ppl']:.2f}")
+    written = "adapter (PEFT layout)" if ft.lora_rank and not ft.merge else "model (hub layout)"
+    print(f"output: {out} ({written}, tokenizer, metrics.jsonl, checkpoints/)")
+    return 0

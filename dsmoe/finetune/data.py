@@ -1,0 +1,234 @@
+"""Fine-tuning data: JSONL records -> token ids (+ SFT loss mask or class index) -> padded micro-batches.
+
+Records:
+  sft       {"messages": [{"role", "content"}, ...]} rendered with the base's chat template (the sandboxed
+            renderer of `dsmoe chat`), or {"prompt", "completion"}; the loss covers assistant / completion
+            tokens only (labels -100 elsewhere).
+  classify  {"text", "label"}; the label set is the sorted labels of the training file.
+`--field-map` renames or builds these fields from other ones: KEY=FIELD or KEY=TEMPLATE ("{question}" style
+str.format over the record), or a preset name (qa, translation, summarization) for the shared data files.
+
+Batches: every example is right-padded to the longest of its micro-batch, not packed. Packing without
+attention across examples needs a block-diagonal mask in every attention path (SDPA, MLA, the absorbed decode);
+padding keeps the model untouched and each example's logits exactly those of an unpadded forward (causal
+attention: pads come after every real token). Each step's sequences are sorted by length before they are cut
+into micro-batches, which removes most of the padding. The order is a pure function of (seed, step): resume
+is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dsmoe.errors import UserError
+from dsmoe.infer.chat_template import render_chat
+
+IGNORE = -100
+FIELD_MAP_PRESETS = {  # the shared QA / translation / summarisation files as instruction data
+    "qa": {"prompt": "Context: {context}\nQuestion: {question}\nAnswer:", "completion": " {answer}"},
+    "translation": {"prompt": "Translate from {source_lang} to {target_lang}:\n{source}\nTranslation:",
+                    "completion": " {target}"},
+    "summarization": {"prompt": "Summarize:\n{document}\nTL;DR:", "completion": " {summary}"},
+}
+
+
+class DataError(UserError):
+    """A record that cannot be used; the message names the file and line."""
+
+
+def parse_field_map(items: list[str] | None) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for item in items or []:
+        if item in FIELD_MAP_PRESETS:
+            mapping.update(FIELD_MAP_PRESETS[item])
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--field-map {item!r}: use KEY=FIELD, KEY=TEMPLATE or one of "
+                            f"{', '.join(FIELD_MAP_PRESETS)}")
+        mapping[key] = value
+    return mapping
+
+
+def _apply_map(record: dict, mapping: dict[str, str], where: str) -> dict:
+    out = dict(record)
+    for key, value in mapping.items():
+        names = [n for _, n, _, _ in string.Formatter().parse(value) if n]
+        missing = [n for n in (names or [value]) if n not in record]
+        if missing:
+            raise DataError(f"{where}: no field {missing[0]!r} for --field-map {key}={value}; the record has "
+                            f"{', '.join(sorted(record)) or 'no fields'}")
+        out[key] = value.format(**record) if names else record[value]
+    return out
+
+
+def read_jsonl(path: str | Path, mapping: dict[str, str]) -> list[tuple[str, dict]]:
+    """[(where, record)], where = "FILE:LINE"; a malformed line is an error naming its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no data file {path}: pass a .jsonl file")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg}); fix or remove that line") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: a JSON object is needed, got {type(record).__name__}")
+            records.append((where, _apply_map(record, mapping, where)))
+    if not records:
+        raise UserError(f"{path} holds no records")
+    return records
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    labels: list[int] | int  # per-token targets (sft) or a class index (classify)
+
+
+class SFTEncoder:
+    """Text segments, each encoded on its own, the assistant / completion ones counted by the loss."""
+
+    def __init__(self, tokenizer, chat_template: str | None, seq_len: int):
+        self.tok, self.template, self.max_len = tokenizer, chat_template, seq_len + 1
+
+    def segments(self, record: dict, where: str) -> list[tuple[str, bool]]:
+        if "messages" in record:
+            return self._chat_segments(record["messages"], where)
+        if "prompt" in record and "completion" in record:
+            return [(str(record["prompt"]), False), (str(record["completion"]), True)]
+        raise DataError(f"{where}: an SFT record needs \"messages\" or \"prompt\" and \"completion\" (or a "
+                        f"--field-map that builds them); it has {', '.join(sorted(record))}")
+
+    def _chat_segments(self, messages, where: str) -> list[tuple[str, bool]]:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                     for m in messages):
+            raise DataError(f"{where}: \"messages\" must be a list of {{\"role\", \"content\"}} objects")
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if not turns:
+            raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn; add one or "
+                            "drop the record")
+        render = lambda msgs, gen: render_chat(msgs, self.template, bos_token="", eos_token=self.eos,
+                                               add_generation_prompt=gen)
+        segments, done = [], ""
+        for i in turns:
+            prefix, full = render(messages[:i], True), render(messages[:i + 1], False)
+            if not (prefix.startswith(done) and full.startswith(prefix)):
+                raise DataError(f"{where}: the chat template does not render this conversation turn by turn (a "
+                                "later render changes an earlier one), so the assistant tokens cannot be found")
+            segments += [(prefix[len(done):], False), (full[len(prefix):], True)]
+            done = full
+        return segments
+
+    @property
+    def eos(self) -> str:
+        return self.tok.eos_token
+
+    def encode(self, record: dict, where: str) -> Example | None:
+        ids, labels = [self.tok.bos_id], [IGNORE]
+        for text, learn in self.segments(record, where):
+            piece = self.tok.encode(text) if text else []
+            if learn and "messages" not in record:
+                piece = piece + [self.tok.eos_id]  # a completion ends the sequence
+            ids += piece
+            labels += piece if learn else [IGNORE] * len(piece)
+        ids, labels = ids[:self.max_len], labels[:self.max_len]
+        return Example(ids, labels) if any(t != IGNORE for t in labels[1:]) else None
+
+
+def encode_sft(records, tokenizer, chat_template: str | None, seq_len: int) -> tuple[list[Example], int]:
+    """-> (examples, number dropped because truncation to seq_len left no target token)."""
+    encoder = SFTEncoder(tokenizer, chat_template, seq_len)
+    encoded = [encoder.encode(r, where) for where, r in records]
+    return [e for e in encoded if e is not None], sum(e is None for e in encoded)
+
+
+def label_set(records) -> list[str]:
+    for where, r in records:
+        if "text" not in r or "label" not in r:
+            raise DataError(f"{where}: a classification record needs \"text\" and \"label\" (or a --field-map "
+                            f"that builds them); it has {', '.join(sorted(r))}")
+    return sorted({str(r["label"]) for _, r in records})
+
+
+def encode_classify(records, tokenizer, labels: list[str], seq_len: int) -> list[Example]:
+    index = {label: i for i, label in enumerate(labels)}
+    out = []
+    for where, r in records:
+        label = str(r.get("label"))
+        if label not in index:
+            raise DataError(f"{where}: label {label!r} is not in the label set of the training data "
+                            f"({', '.join(labels)}); fix the label or add training examples for it")
+        out.append(Example(([tokenizer.bos_id] + tokenizer.encode(str(r["text"])))[:seq_len], index[label]))
+    return out
+
+
+def step_examples(n: int, seed: int, step: int, per_step: int) -> np.ndarray:
+    """Indices of one step's examples: consecutive slices of a fresh permutation per epoch."""
+    perms: dict[int, np.ndarray] = {}
+    out = []
+    for i in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(i, n)
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(perms[epoch][pos])
+    return np.asarray(out)
+
+
+@dataclass
+class ExampleBatch:
+    """Right-padded ids (B, L), the real length of each row, and per-token labels (B, L) with IGNORE on prompts
+    and pads (sft) or one class index per row (classify)."""
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device) -> ExampleBatch:
+        return ExampleBatch(*(t.to(device, non_blocking=True) for t in (self.ids, self.lengths, self.labels)))
+
+
+def collate(examples: list[Example], pad_id: int) -> ExampleBatch:
+    length = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, :len(e.ids)] = torch.tensor(e.ids)
+    lengths = torch.tensor([len(e.ids) for e in examples])
+    if isinstance(examples[0].labels, int):
+        return ExampleBatch(ids, lengths, torch.tensor([e.labels for e in examples]))
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    for row, e in enumerate(examples):
+        labels[row, :len(e.labels)] = torch.tensor(e.labels)
+    return ExampleBatch(ids, lengths, labels)
+
+
+class ExampleSource:
+    """The trainer's batch source: each step's examples sorted by length, then cut into micro-batches."""
+
+    def __init__(self, examples: list[Example], seed: int, pad_id: int):
+        self.examples, self.seed, self.pad_id = examples, seed, pad_id
+
+    def batches(self, step: int, *, micro_batch: int, grad_accum: int, dp_rank: int = 0,
+                dp_size: int = 1) -> list[ExampleBatch]:
+        per_rank = micro_batch * grad_accum
+        chosen = step_examples(len(self.examples), self.seed, step, per_rank * dp_size)
+        mine = sorted((self.examples[i] for i in chosen[dp_rank * per_rank:(dp_rank + 1) * per_rank]),
+                      key=lambda e: len(e.ids))
+        return [collate(mine[i:i + micro_batch], self.pad_id) for i in range(0, per_rank, micro_batch)]
+
+
+def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> list[tuple[list[int], ExampleBatch]]:
+    """(indices into examples, batch) in order of length."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    return [(order[j:j + batch_size], collate([examples[i] for i in order[j:j + batch_size]], pad_id))
+            for j in range(0, len(order), batch_size)]

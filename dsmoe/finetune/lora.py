@@ -1,0 +1,125 @@
+"""LoRA: W' = W + (alpha / r) * B @ A on dense projections and, per expert, on the stacked routed experts.
+
+Each adapted weight gets a `LoRADelta` parametrization (torch.nn.utils.parametrize): reading the weight gives
+W + delta, so every consumer of the weight is unchanged - nn.Linear, and the routed experts through
+`kernels.ops.moe_experts` on whichever path runs (reference, grouped, Triton). For the stacked experts
+[E, out, in] the delta of all E experts is one batched GEMM (E x [out, r] @ [r, in]), never a Python loop
+over experts. This is the formulation PEFT uses for `target_parameters` (its ParamWrapper), and the factors
+are stored exactly as PEFT stores them, so an adapter is a renaming away from PEFT's files:
+
+  lora_A [r * E, in], lora_B [out, r * E]; expert e uses A_e = lora_A[e*r:(e+1)*r] and
+  B_e = lora_B[:, e::E] (PEFT reshapes lora_B to [out, r, E]); E = 1 for a dense projection.
+
+Cost: the delta is materialised once per forward (and in backward the full weight gradient is formed and
+projected onto A, B), so LoRA saves the optimizer state and gradients of the frozen weights, not backward FLOPs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from dsmoe.errors import UserError
+
+ATTENTION = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "k_proj", "v_proj", "o_proj")
+DENSE_MLP = ("gate_proj", "up_proj", "down_proj")  # dense layers' MLP and the shared experts
+EXPERTS = ("experts",)  # both stacked expert weights: gate_up_proj and down_proj
+TARGET_GROUPS = {"attention": ATTENTION, "mlp": DENSE_MLP, "experts": EXPERTS}
+ALL_TARGETS = ATTENTION + DENSE_MLP + EXPERTS
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    rank: int = 16
+    alpha: float = 32.0
+    targets: tuple[str, ...] = ALL_TARGETS
+
+    @classmethod
+    def parse(cls, rank: int, alpha: float | None, targets: list[str] | None) -> LoRASpec:
+        if rank < 1:
+            raise UserError(f"--lora-rank {rank}: must be at least 1")
+        names: list[str] = []
+        for t in targets or ["attention", "mlp", "experts"]:
+            group = TARGET_GROUPS.get(t, (t,) if t in ALL_TARGETS else None)
+            if group is None:
+                raise UserError(f"--lora-targets {t!r}: choose from {', '.join(TARGET_GROUPS)} or module names "
+                                f"{', '.join(ALL_TARGETS)}")
+            names += [n for n in group if n not in names]
+        return cls(rank, float(alpha if alpha is not None else 2 * rank), tuple(names))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRADelta(nn.Module):
+    """The parametrization weight -> weight + scaling * B @ A (per expert for a 3-D weight)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, scaling: float):
+        super().__init__()
+        self.num_experts = weight.shape[0] if weight.dim() == 3 else 1
+        out_features, in_features = weight.shape[-2:]
+        self.rank, self.scaling = rank, scaling
+        factory = dict(device=weight.device, dtype=torch.float32)
+        self.lora_A = nn.Parameter(torch.empty(rank * self.num_experts, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank * self.num_experts, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default; B = 0 makes the start exact
+
+    def delta(self) -> torch.Tensor:
+        E, r = self.num_experts, self.rank
+        A = self.lora_A.view(E, r, -1)  # [E, r, in]
+        B = self.lora_B.view(self.lora_B.shape[0], r, E).permute(2, 0, 1)  # [E, out, r]
+        delta = torch.bmm(B, A) * self.scaling
+        return delta if E > 1 else delta[0]
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta().to(weight.dtype)
+
+
+def adapted_weights(model: nn.Module, spec: LoRASpec):
+    """(module, parameter name, dotted module path) of every weight the spec targets."""
+    for path, module in model.named_modules():
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf not in spec.targets or parametrize.is_parametrized(module):
+            continue
+        if leaf == "experts":
+            yield from ((module, p, path) for p in ("gate_up_proj", "down_proj"))
+        elif isinstance(module, nn.Linear):
+            yield module, "weight", path
+
+
+def apply_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
+    """Freeze the adapted weights and add trainable factors; returns the adapted parameter paths."""
+    added = []
+    for module, name, path in list(adapted_weights(model, spec)):
+        weight = getattr(module, name)
+        weight.requires_grad_(False)
+        parametrize.register_parametrization(module, name, LoRADelta(weight, spec.rank, spec.scaling))
+        added.append(f"{path}.{name}")
+    if not added:
+        raise UserError(f"--lora-targets {' '.join(spec.targets)} matches no layer of this model")
+    return added
+
+
+def lora_factors(model: nn.Module):
+    """(parameter path, LoRADelta) of every adapted weight, in module order."""
+    for path, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for name, plist in module.parametrizations.items():
+                for p in plist:
+                    if isinstance(p, LoRADelta):
+                        yield (f"{path}.{name}" if path else name), p
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every delta into its weight and drop the factors (in place): a plain model again."""
+    for path, module in list(model.named_modules()):
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations):
+                with torch.no_grad():
+                    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return model

@@ -1,0 +1,248 @@
+"""Fine-tuning on the one trainer loop: `FinetuneTrainer` hands the Trainer its data (a batch source of
+padded examples) and its loss, and overrides the model it starts from (BASE, a head, LoRA, frozen parts), what
+a checkpoint holds, the evaluation and the export. The step, clipping, schedule, aux-free bias update, MaxVio,
+metrics, checkpoints and resume are the pretraining trainer's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dsmoe.atomic import atomic_write_text
+from dsmoe.checkpoint.hf import checkpoint_files, load_pretrained, read_config, save_pretrained
+from dsmoe.checkpoint.peft_adapter import save_adapter
+from dsmoe.data.tokenizer import load_tokenizer
+from dsmoe.distributed.parallelize import parallelize
+from dsmoe.errors import UserError
+from dsmoe.finetune import data as ftdata
+from dsmoe.finetune.classifier import classifier_from_base, pad_id_of
+from dsmoe.finetune.lora import LoRASpec, apply_lora, merge_lora
+from dsmoe.finetune.metrics import classification_scores
+from dsmoe.infer.tokenizer import Tokenizer as ChatTokenizer
+from dsmoe.train.data import TrainingData
+from dsmoe.train.loss import Batch, next_token_loss
+from dsmoe.train.model_setup import add_dropout
+from dsmoe.train.trainer import Trainer
+
+TASKS = ("sft", "classify", "lm")
+FREEZABLE = ("router", "experts", "embeddings")
+
+
+@dataclass
+class FinetuneConfig:
+    base: str
+    task: str
+    data: str
+    eval_data: str | None = None
+    field_map: list[str] = field(default_factory=list)
+    lora_rank: int = 0  # 0 = full fine-tuning
+    lora_alpha: float | None = None
+    lora_targets: list[str] = field(default_factory=list)
+    freeze: list[str] = field(default_factory=list)
+    merge: bool = False
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise UserError(f"--task {self.task}: choose one of {', '.join(TASKS)}")
+        bad = [f for f in self.freeze if f not in FREEZABLE]
+        if bad:
+            raise UserError(f"--freeze {bad[0]}: choose from {', '.join(FREEZABLE)}")
+        if self.merge and not self.lora_rank:
+            raise UserError("--merge folds a LoRA adapter into the weights: give --lora-rank too (a full fine-tune "
+                            "already writes the whole model)")
+
+    def lora(self) -> LoRASpec | None:
+        return LoRASpec.parse(self.lora_rank, self.lora_alpha, self.lora_targets) if self.lora_rank else None
+
+
+class FinetuneTrainer(Trainer):
+    def __init__(self, cfg, ft: FinetuneConfig, out, *, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True):
+        self.cfg, self.ft, self.lora, out = cfg, ft, ft.lora(), Path(out)
+        saved = out / "finetune_config.json"
+        if resume and saved.is_file() and json.loads(saved.read_text()) != dataclasses.asdict(ft):
+            raise UserError(f"{out} was fine-tuned with other finetune options ({saved}); resume with the same "
+                            "ones, or start a new run with --out NEW_FOLDER")
+        base = Path(ft.base)
+        self.base_config, _ = read_config(base)
+        checkpoint_files(base)  # a bad BASE fails here, before the run folder exists
+        if cfg.seq_len > self.base_config.max_position_embeddings:
+            raise UserError(f"--seq-len {cfg.seq_len} is beyond {base}'s max_position_embeddings "
+                            f"({self.base_config.max_position_embeddings}); lower --seq-len")
+        # The preset is not used (the model is BASE); its context check must not refuse BASE's --seq-len.
+        cfg.model = {**cfg.model, "max_position_embeddings": self.base_config.max_position_embeddings}
+        if "router" in ft.freeze:
+            cfg.bias_update_gamma = 0.0  # a frozen router keeps its aux-free bias too
+        self.pad_id = pad_id_of(self.base_config)
+        self.base_tokenizer = load_tokenizer(base)
+        if ft.task == "lm":  # continued pretraining: the corpus pipeline, with BASE's tokenizer
+            cfg.data, cfg.tokenizer = [ft.data], str(base)
+            super().__init__(cfg, out, resume=resume, overwrite=overwrite, progress=progress)
+        else:
+            super().__init__(cfg, out, resume=resume, overwrite=overwrite, progress=progress, data=self._read_data(),
+                             loss_fn=self._classify_loss if ft.task == "classify" else self._sft_loss)
+        if self.main:
+            copy_tokenizer_files(base, out)
+            if not resume:
+                atomic_write_text(saved, json.dumps(dataclasses.asdict(ft), indent=2) + "\n")
+
+    # ---- data
+    def _read_data(self) -> TrainingData:
+        ft, tok, seq_len = self.ft, self.base_tokenizer, self.cfg.seq_len
+        mapping = ftdata.parse_field_map(ft.field_map)
+        train = ftdata.read_jsonl(ft.data, mapping)
+        evals = ftdata.read_jsonl(ft.eval_data, mapping) if ft.eval_data else []
+        self.dropped = 0
+        if ft.task == "classify":
+            self.labels = ftdata.label_set(train)
+            ftdata.label_set(evals)
+            self.train_examples = ftdata.encode_classify(train, tok, self.labels, seq_len)
+            self.eval_examples = ftdata.encode_classify(evals, tok, self.labels, seq_len)
+        else:
+            template = ChatTokenizer.load(Path(ft.base)).chat_template
+            self.train_examples, self.dropped = ftdata.encode_sft(train, tok, template, seq_len)
+            self.eval_examples, _ = ftdata.encode_sft(evals, tok, template, seq_len)
+            if not self.train_examples:
+                raise UserError(f"{ft.data}: no example keeps a target token within --seq-len {seq_len}; "
+                                "raise --seq-len")
+        description = (f"{ft.data}: {len(self.train_examples)} examples"
+                       + (f" ({self.dropped} dropped: no target token within --seq-len)" if self.dropped else "")
+                       + (f", eval {ft.eval_data}: {len(self.eval_examples)}" if ft.eval_data else "")
+                       + (f", labels {', '.join(self.labels)}" if ft.task == "classify" else ""))
+        return TrainingData(train=ftdata.ExampleSource(self.train_examples, self.cfg.seed, self.pad_id),
+                            vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, description=description)
+
+    # ---- the losses (the trainer's loss seam); "trained_tokens" makes tokens/s count real, unpadded tokens
+    def _sft_loss(self, model, batch):
+        loss, metrics = next_token_loss(model, Batch(batch.ids[:, :-1], batch.labels[:, 1:]),
+                                        mtp_weight=self.cfg.mtp_loss_weight)
+        return loss, {**metrics, "trained_tokens": batch.lengths.sum().float()}
+
+    def _classify_loss(self, model, batch):
+        loss = F.cross_entropy(model.classify(batch.ids, batch.lengths), batch.labels)
+        return loss, {"cls_loss": loss.detach(), "trained_tokens": batch.lengths.sum().float()}
+
+    # ---- model
+    def _build_model(self, sharded_init: bool):
+        if self.distributed:
+            raise UserError("dsmoe finetune runs in one process (one GPU or the CPU); launch it without torchrun")
+        cfg, ft = self.cfg, self.ft
+        dtype = torch.bfloat16 if self.lora and self.autocast_dtype == torch.bfloat16 else torch.float32
+        model = load_pretrained(ft.base, dtype=dtype, device=self.device, moe_impl=cfg.moe_impl)
+        torch.manual_seed(cfg.seed)
+        if ft.task == "classify":
+            model = classifier_from_base(model, self.labels)
+        if self.lora:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            apply_lora(model, self.lora)
+            for layer in model.moe_layers():
+                layer.gate.weight.requires_grad_(True)  # the router trains in full unless frozen below
+            if ft.task == "classify":
+                model.score.weight.requires_grad_(True)
+        frozen = {"router": lambda n: n.endswith("mlp.gate.weight"), "experts": lambda n: ".mlp.experts." in n,
+                  "embeddings": lambda n: n.startswith(("embed_tokens.", "lm_head."))}
+        for name, p in model.named_parameters():
+            if any(frozen[f](name) for f in ft.freeze):
+                p.requires_grad_(False)
+        self.model_config = model.config
+        model.set_aux_loss_scale(1.0 / self.grad_accum)
+        if cfg.dropout > 0:
+            add_dropout(model, cfg.dropout)
+        return parallelize(model, None, ac=cfg.activation_checkpointing, compile=cfg.compile,
+                           compile_scope=cfg.compile_scope)
+
+    def _checkpointed(self):
+        return TrainedState(self.model)
+
+    # ---- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        if self.ft.task == "lm":
+            return super().evaluate()
+        if not self.eval_examples:
+            return None
+        self.model.eval()
+        loss_sum, count, predictions = 0.0, 0, {}
+        for order, batch in ftdata.eval_batches(self.eval_examples, self.cfg.micro_batch, self.pad_id):
+            batch = batch.to(self.device)
+            ids, labels = batch.ids, batch.labels
+            with self._autocast():
+                if self.ft.task == "classify":
+                    logits = self.model.classify(ids, batch.lengths).float()
+                    loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+                    count += len(labels)
+                    predictions.update(zip(order, logits.argmax(-1).tolist()))
+                    continue
+                logits = self.model(ids[:, :-1]).float()
+            targets = labels[:, 1:]
+            loss_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ftdata.IGNORE,
+                                        reduction="sum").item()
+            count += int((targets != ftdata.IGNORE).sum())
+        self.model.train()
+        result = {"step": self.step, "val_loss": loss_sum / max(count, 1)}
+        if self.ft.task == "classify":
+            gold = [e.labels for e in self.eval_examples]
+            result.update(classification_scores([predictions[i] for i in range(len(gold))], gold, len(self.labels)))
+        else:
+            result["val_ppl"] = float(np.exp(min(result["val_loss"], 50.0)))
+            result["val_tokens"] = count
+        return result
+
+    def _eval_line(self, result: dict) -> str:
+        if self.ft.task == "lm":
+            return super()._eval_line(result)
+        head = f"step {self.step}/{self.total_steps}: val loss {result['val_loss']:.4f}"
+        if self.ft.task == "classify":
+            return (f"{head} | accuracy {result['accuracy']:.4f} | macro-F1 {result['macro_f1']:.4f} "
+                    f"(majority class {result['majority_accuracy']:.4f})")
+        return f"{head} (assistant tokens) | ppl {result['val_ppl']:.2f}"
+
+    # ---- the result
+    def _export(self) -> None:
+        model, out = self.model, self.out
+        if self.lora:
+            extra = {}
+            if self.ft.task == "classify":
+                extra["score.weight"] = model.score.weight
+            if "router" not in self.ft.freeze:  # trained router weights and aux-free biases
+                for i, block in enumerate(model.layers):
+                    if block.mlp.__class__.__name__ == "MoE":
+                        extra[f"layers.{i}.mlp.gate.weight"] = block.mlp.gate.weight
+                        if block.mlp.gate.e_score_correction_bias is not None:
+                            extra[f"layers.{i}.mlp.gate.e_score_correction_bias"] = \
+                                block.mlp.gate.e_score_correction_bias
+            task_type = "SEQ_CLS" if self.ft.task == "classify" else "CAUSAL_LM"
+            save_adapter(model, out / "adapter" if self.ft.merge else out, self.lora,
+                         base_model=str(Path(self.ft.base).resolve()), task_type=task_type, modules_to_save=extra)
+            if not self.ft.merge:
+                return
+            merge_lora(model)
+        save_pretrained(model, out)  # a classifier's architectures and labels included
+
+    def describe(self) -> str:
+        c, cfg = self.model_config, self.cfg
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        mode = f"LoRA r={self.lora.rank} alpha={self.lora.alpha:g} on {', '.join(self.lora.targets)}" if self.lora \
+            else "full fine-tuning"
+        frozen = f", frozen: {', '.join(self.ft.freeze)}" if self.ft.freeze else ""
+        return (f"fine-tune {self.ft.base} ({c.model_type}, {c.num_params() / 1e6:.1f}M parameters) for {self.ft.task}: "
+                f"{mode}{frozen}; {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters train\n"
+                f"data: {self.data.description}\n"
+                f"plan: {self.total_steps} steps x {self.sequences_per_step} sequences of <= {cfg.seq_len} tokens "
+                f"on {self.device} ({'bf16 autocast' if self.autocast_dtype else 'fp32'}) -> {self.out}")
+
+
+def copy_tokenizer_files(base: Path, out: Path) -> None:
+    """The base's tokenizer files as they are (tokenizer_config.json keeps its chat template)."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (base / name).is_file():
+            atomic_write_text(out / name, (base / name).read_text(encoding="utf-8"))
