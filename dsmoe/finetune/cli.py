@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve(args: argparse.Namespace):
     from dsmoe.finetune.trainer import FinetuneConfig
 
-    given = explicit_config_values(args)
+    given = {k: v for k, v in explicit_config_values(args).items() if k not in _NOT_FOR_FINETUNE}
     if args.resume:
         out = Path(args.resume)
         try:

@@ -1,0 +1,100 @@
+"""`dsmoe finetune` end to end on a tiny model: outputs other tools load, exact resume, aux-free bias, and bad
+input that leaves nothing in --out."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dsmoe.cli import main
+from infer_helpers import build_model_dir, single_thread  # noqa: F401  (fixture)
+
+FAST = ["--seq-len", "48", "--micro-batch", "4", "--eval-interval", "100", "--no-progress", "--warmup-steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return build_model_dir(tmp_path_factory.mktemp("models"))
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def spam(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    rows = [{"text": f"win a prize now {i}", "label": "spam"} if i % 3 == 0 else
+            {"text": f"see you at lunch {i}", "label": "ham"} for i in range(24)]
+    return write(folder / "train.jsonl", rows), write(folder / "test.jsonl", rows[:9])
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chats")
+    rows = [{"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i}!"}]}
+            for i in range(16)]
+    return write(folder / "train.jsonl", rows)
+
+
+def test_classify_lora_writes_a_peft_adapter_and_merge_writes_a_classifier(base, spam, tmp_path, capsys):
+    train, test = spam
+    out = tmp_path / "cls"
+    assert main(["finetune", str(base), "--task", "classify", "--data", str(train), "--eval-data", str(test),
+                 "--out", str(out), "--steps", "3", "--lora-rank", "2", "--merge", *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "macro-F1" in printed and "majority class 0.6667" in printed
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_CLS" and adapter["modules_to_save"] == ["mlp.gate", "score"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "ham", "1": "spam"}
+    assert "score.weight" in load_file(out / "model.safetensors")
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+def test_sft_resume_is_exact_and_the_router_bias_moves_unless_frozen(base, chats, tmp_path):
+    args = ["finetune", str(base), "--task", "sft", "--data", str(chats), "--steps", "4", "--checkpoint-interval",
+            "2", "--bias-update-gamma", "0.01", *FAST]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--out", str(tmp_path / "split"), "--stop-after", "2"]) == 0
+    assert main(["finetune", "--resume", str(tmp_path / "split"), "--no-progress"]) == 0
+    whole, split = (load_file(tmp_path / n / "model.safetensors") for n in ("whole", "split"))
+    assert whole.keys() == split.keys()
+    for key in whole:
+        assert torch.equal(whole[key], split[key]), key
+    start = load_file(base / "model.safetensors")
+    bias = [k for k in whole if k.endswith("e_score_correction_bias")]
+    assert bias and any(not torch.equal(whole[k], start[k]) for k in bias)  # aux-free updates carried over
+
+    assert main([*args, "--out", str(tmp_path / "frozen"), "--freeze", "router", "--lora-rank", "2", "--merge"]) == 0
+    frozen = load_file(tmp_path / "frozen" / "model.safetensors")
+    for key in bias + [k.replace("e_score_correction_bias", "weight") for k in bias]:
+        assert torch.equal(frozen[key], start[key]), key
+    lines = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("maxvio") for r in lines)
+
+
+@pytest.mark.parametrize("case", ["malformed", "no_assistant", "bad_label", "bad_base"])
+def test_bad_input_is_one_clear_error_and_leaves_no_output_folder(base, spam, tmp_path, capsys, case):
+    train, _ = spam
+    bad = tmp_path / "bad.jsonl"
+    task, data, eval_data, base_path, expected = "classify", train, None, base, ""
+    if case == "malformed":
+        bad.write_text(train.read_text() + "{oops\n")
+        data, expected = bad, "bad.jsonl:25: not valid JSON"
+    elif case == "no_assistant":
+        write(bad, [{"messages": [{"role": "user", "content": "hi"}]}])
+        task, data, expected = "sft", bad, "bad.jsonl:1: the conversation has no assistant turn"
+    elif case == "bad_label":
+        write(bad, [{"text": "x", "label": "eggs"}])
+        eval_data, expected = bad, "bad.jsonl:1: label 'eggs' is not in the label set"
+    else:
+        base_path, expected = tmp_path / "nowhere", "no config.json in"
+    out = tmp_path / "out"
+    argv = ["finetune", str(base_path), "--task", task, "--data", str(data), "--out", str(out), *FAST]
+    assert main(argv + (["--eval-data", str(eval_data)] if eval_data else [])) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("error:") == 1 and "Traceback" not in err
+    assert not out.exists()
