@@ -28,14 +28,13 @@ import torch
 
 from dsmoe.errors import UserError
 from dsmoe.infer.chat_template import render_chat
+from dsmoe.tasks.specs import BUILTIN
 
 IGNORE = -100
-FIELD_MAP_PRESETS = {  # the shared QA / translation / summarisation files as instruction data
-    "qa": {"prompt": "Context: {context}\nQuestion: {question}\nAnswer:", "completion": " {answer}"},
-    "translation": {"prompt": "Translate from {source_lang} to {target_lang}:\n{source}\nTranslation:",
-                    "completion": " {target}"},
-    "summarization": {"prompt": "Summarize:\n{document}\nTL;DR:", "completion": " {summary}"},
-}
+# The shared QA / translation / summarisation files as instruction data, with the prompts `dsmoe eval --task`
+# scores them with (dsmoe.tasks.specs), so a fine-tune learns the format it is evaluated in.
+FIELD_MAP_PRESETS = {preset: {"prompt": BUILTIN[task].prompt, "completion": " {%s}" % BUILTIN[task].answer}
+                     for preset, task in (("qa", "xquad_en"), ("translation", "ntrex128"), ("summarization", "scitldr"))}
 
 
 class DataError(UserError):

@@ -241,6 +241,29 @@ class FinetuneTrainer(Trainer):
                 f"on {self.device} ({'bf16 autocast' if self.autocast_dtype else 'fp32'}) -> {self.out}")
 
 
+class TrainedState:
+    """A fine-tune's checkpoint: the tensors it trains (LoRA factors, head, router, unfrozen weights) and the
+    buffers (aux-free router biases); the frozen weights are BASE's and are read from there again on resume, so a
+    LoRA checkpoint of a 16B model is megabytes, not 32 GB."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.config = model, model.config
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        keep = {n for n, p in self.model.named_parameters() if p.requires_grad} | dict(self.model.named_buffers()).keys()
+        return {k: v for k, v in self.model.state_dict().items() if k in keep}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = self.state_dict().keys()
+        if state.keys() != expected:
+            name = sorted(set(state) ^ set(expected))[0]
+            raise UserError(f"the checkpoint does not fit this fine-tune ({name}); resume with the same options")
+        self.model.load_state_dict(state, strict=False)
+
+
 def copy_tokenizer_files(base: Path, out: Path) -> None:
     """The base's tokenizer files as they are (tokenizer_config.json keeps its chat template)."""
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
