@@ -57,8 +57,11 @@ def test_classify_lora_writes_a_peft_adapter_and_merge_writes_a_classifier(base,
 def test_sft_resume_is_exact_and_the_router_bias_moves_unless_frozen(base, chats, tmp_path):
     args = ["finetune", str(base), "--task", "sft", "--data", str(chats), "--steps", "4", "--checkpoint-interval",
             "2", "--bias-update-gamma", "0.01", *FAST]
-    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
-    assert main([*args, "--out", str(tmp_path / "split"), "--stop-after", "2"]) == 0
+    lora = ["--lora-rank", "2", "--merge"]  # the checkpoint holds factors, router and biases; the rest is BASE's
+    assert main([*args, *lora, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*args, *lora, "--out", str(tmp_path / "split"), "--stop-after", "2"]) == 0
+    saved = load_file(next((tmp_path / "split" / "checkpoints").glob("step_2")) / "model.safetensors")
+    assert not any(k.endswith("original") for k in saved) and any("lora_A" in k for k in saved)
     assert main(["finetune", "--resume", str(tmp_path / "split"), "--no-progress"]) == 0
     whole, split = (load_file(tmp_path / n / "model.safetensors") for n in ("whole", "split"))
     assert whole.keys() == split.keys()
@@ -68,7 +71,7 @@ def test_sft_resume_is_exact_and_the_router_bias_moves_unless_frozen(base, chats
     bias = [k for k in whole if k.endswith("e_score_correction_bias")]
     assert bias and any(not torch.equal(whole[k], start[k]) for k in bias)  # aux-free updates carried over
 
-    assert main([*args, "--out", str(tmp_path / "frozen"), "--freeze", "router", "--lora-rank", "2", "--merge"]) == 0
+    assert main([*args, *lora, "--out", str(tmp_path / "frozen"), "--freeze", "router"]) == 0
     frozen = load_file(tmp_path / "frozen" / "model.safetensors")
     for key in bias + [k.replace("e_score_correction_bias", "weight") for k in bias]:
         assert torch.equal(frozen[key], start[key]), key
