@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from dsmoe.data.tokenizer import load_tokenizer
 from dsmoe.finetune import data as ftdata
@@ -74,11 +75,12 @@ def test_bad_records_are_one_clear_error_each(tok, tmp_path):
 
 def test_batches_are_a_pure_function_of_the_step_and_right_padded(tok):
     examples = [ftdata.Example(list(range(2, 2 + n)), [ftdata.IGNORE] + list(range(3, 2 + n))) for n in (3, 7, 5, 4)]
-    a = ftdata.micro_batches(examples, seed=1, step=5, micro_batch=2, grad_accum=2, pad_id=1)
-    b = ftdata.micro_batches(examples, seed=1, step=5, micro_batch=2, grad_accum=2, pad_id=1)
-    assert all((x["ids"] == y["ids"]).all() for x, y in zip(a, b))
+    source = ftdata.ExampleSource(examples, seed=1, pad_id=1)
+    a = source.batches(5, micro_batch=2, grad_accum=2)
+    b = source.batches(5, micro_batch=2, grad_accum=2)
+    assert all(torch.equal(x.ids, y.ids) for x, y in zip(a, b))
     first = a[0]
-    for row, length in enumerate(first["lengths"].tolist()):
-        assert (first["ids"][row, length:] == 1).all() and (first["labels"][row, length:] == ftdata.IGNORE).all()
+    for row, length in enumerate(first.lengths.tolist()):
+        assert (first.ids[row, length:] == 1).all() and (first.labels[row, length:] == ftdata.IGNORE).all()
     epoch = [i for s in range(2) for i in ftdata.step_examples(4, seed=1, step=s, per_step=2)]
     assert sorted(epoch) == [0, 1, 2, 3]  # one epoch visits every example once

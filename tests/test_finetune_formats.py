@@ -11,7 +11,7 @@ peft = pytest.importorskip("peft")
 
 from dsmoe.checkpoint.hf import CheckpointError, save_pretrained  # noqa: E402
 from dsmoe.checkpoint.peft_adapter import load_adapter, save_adapter  # noqa: E402
-from dsmoe.finetune.classifier import classifier_from_base, lengths_of, save_classifier  # noqa: E402
+from dsmoe.finetune.classifier import classifier_from_base, lengths_of  # noqa: E402
 from dsmoe.finetune.lora import LoRASpec, apply_lora, lora_factors, merge_lora  # noqa: E402
 from dsmoe.model.transformer import build_model  # noqa: E402
 from infer_helpers import single_thread, tiny_config  # noqa: F401,E402  (fixture)
@@ -105,7 +105,7 @@ def test_classifier_folder_loads_in_transformers_with_equal_logits(tmp_path):
     ids = padded_batch()
     with torch.no_grad():
         ours = classifier.classify(ids, lengths_of(ids, 1))
-    save_classifier(classifier, tmp_path / "cls")
+    save_pretrained(classifier, tmp_path / "cls")
     config = json.loads((tmp_path / "cls" / "config.json").read_text())
     assert config["architectures"] == ["DeepseekV3ForSequenceClassification"] and config["num_labels"] == 3
     assert config["id2label"] == {"0": "ham", "1": "spam", "2": "eggs"} and config["pad_token_id"] == 1

@@ -18,6 +18,11 @@ from dsmoe.model.classifier import SequenceClassifier
 from dsmoe.model.transformer import Transformer
 
 
+def pad_id_of(config) -> int:
+    """The id batches are right-padded with: transformers pools at the rightmost token that is not this id."""
+    return config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+
+
 def classifier_from_base(base: Transformer, labels: list[str]) -> SequenceClassifier:
     """The base's body (its weights, moved, not copied) under a freshly initialised score head."""
     config = base.config.replace(num_nextn_predict_layers=0)  # MTP predicts tokens, which a classifier does not

@@ -44,12 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     task.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
     task.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: 2 x rank)")
     task.add_argument("--lora-targets", nargs="+", default=[], help="attention, mlp (dense layers and shared "
-                      "experts), experts (routed, per expert), or module names (default: attention mlp experts)")
+                      "experts; PEFT cannot load these for DeepSeek), experts (routed, per expert), or module names (default: "
+                      "attention experts)")
     task.add_argument("--freeze", nargs="+", default=[], choices=("router", "experts", "embeddings"),
                       help="keep these fixed (router: its weights and aux-free bias)")
     task.add_argument("--merge", action="store_true", help="LoRA: also fold the adapter into a full hub "
                       "checkpoint in --out (the adapter goes to --out/adapter)")
     task.add_argument("--stop-after", type=int, metavar="N", help="stop after N steps of this session")
+    task.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop (checkpoint saved) after this long")
     task.add_argument("--no-progress", action="store_true", help="no progress bar")
     group = parser.add_argument_group("training (dsmoe train's flags)")
     for f in dataclasses.fields(TrainConfig):
@@ -84,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
     from dsmoe.finetune.trainer import FinetuneTrainer
 
     trainer = FinetuneTrainer(cfg, ft, out, resume=resume, overwrite=args.overwrite, progress=not args.no_progress)
-    summary = trainer.train(stop_after=args.stop_after)
+    summary = trainer.train(stop_after=args.stop_after, time_limit=args.time_limit)
     status = "done" if summary["steps"] >= summary["total_steps"] else \
         f"stopped at step {summary['steps']} of {summary['total_steps']} (continue with --resume {out})"
     speed = f", last {summary['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in summary else ""
-    print(f"{status}: {summary['tokens']:,} tokens in {summary['elapsed_s']:.0f}s{speed}")
+    print(f"{status}: {summary['steps']} steps in {summary['elapsed_s']:.0f}s{speed} (real tokens, padding excluded)")
     if "accuracy" in summary:
         print(f"eval: accuracy {summary['accuracy']:.4f} | macro-F1 {summary['macro_f1']:.4f} | majority class "
               f"{summary['majority_accuracy']:.4f} | {summary['examples']} examples")

@@ -43,7 +43,7 @@ class LoRASpec:
         if rank < 1:
             raise UserError(f"--lora-rank {rank}: must be at least 1")
         names: list[str] = []
-        for t in targets or ["attention", "mlp", "experts"]:
+        for t in targets or ["attention", "experts"]:  # the default PEFT can load (see checkpoint/peft_adapter.py)
             group = TARGET_GROUPS.get(t, (t,) if t in ALL_TARGETS else None)
             if group is None:
                 raise UserError(f"--lora-targets {t!r}: choose from {', '.join(TARGET_GROUPS)} or module names "

@@ -134,7 +134,9 @@ class FinetuneTrainer(Trainer):
         if self.distributed:
             raise UserError("dsmoe finetune runs in one process (one GPU or the CPU); launch it without torchrun")
         cfg, ft = self.cfg, self.ft
-        dtype = torch.bfloat16 if self.lora and self.autocast_dtype == torch.bfloat16 else torch.float32
+        # frozen LoRA bases need no fp32 master copy: bf16 under bf16 autocast (or with --param-dtype bf16)
+        bf16 = cfg.param_dtype == "bf16" or (self.lora and self.autocast_dtype == torch.bfloat16)
+        dtype = torch.bfloat16 if bf16 else torch.float32
         model = load_pretrained(ft.base, dtype=dtype, device=self.device, moe_impl=cfg.moe_impl)
         torch.manual_seed(cfg.seed)
         if ft.task == "classify":

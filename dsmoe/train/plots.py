@@ -23,7 +23,8 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
     fig = Figure(figsize=(8, 6.5), layout="constrained")
     ax, ax_vio = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.3])
     if train:
-        ax.plot([r["step"] for r in train], [r["lm_loss"] for r in train], lw=1, color="C0", label="train (lm)")
+        key = "lm_loss" if "lm_loss" in train[-1] else "loss"  # a classifier's loss is not a language model's
+        ax.plot([r["step"] for r in train], [r[key] for r in train], lw=1, color="C0", label=f"train ({key})")
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color="C1", ms=4, label="validation")
         last = val[-1]
