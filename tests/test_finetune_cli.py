@@ -8,14 +8,16 @@ import torch
 from safetensors.torch import load_file
 
 from dsmoe.cli import main
-from infer_helpers import build_model_dir, single_thread  # noqa: F401  (fixture)
 
 FAST = ["--seq-len", "48", "--micro-batch", "4", "--eval-interval", "100", "--no-progress", "--warmup-steps", "1"]
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return build_model_dir(tmp_path_factory.mktemp("models"))
+def base(model_dir):
+    return model_dir
 
 
 def write(path, rows):

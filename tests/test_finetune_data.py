@@ -9,14 +9,13 @@ import torch
 
 from dsmoe.data.tokenizer import load_tokenizer
 from dsmoe.finetune import data as ftdata
-from infer_helpers import CHAT_TEMPLATE, build_model_dir
 
 SHARED = Path(os.environ.get("DSMOE_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return load_tokenizer(build_model_dir(tmp_path_factory.mktemp("models")))
+def tok(model_dir):
+    return load_tokenizer(model_dir)
 
 
 def write(path: Path, lines: list) -> Path:
@@ -24,17 +23,18 @@ def write(path: Path, lines: list) -> Path:
     return path
 
 
-def test_sft_loss_counts_exactly_the_assistant_tokens_of_a_chat(tok, tmp_path):
+def test_sft_loss_counts_exactly_the_assistant_tokens_of_a_chat(tok, tmp_path, chat_template):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
                 {"role": "assistant", "content": "hello there"}, {"role": "user", "content": "and?"},
                 {"role": "assistant", "content": "bye"}]
     records = ftdata.read_jsonl(write(tmp_path / "c.jsonl", [{"messages": messages}]), {})
-    (example,), dropped = ftdata.encode_sft(records, tok, CHAT_TEMPLATE, seq_len=256)
+    (example,), dropped = ftdata.encode_sft(records, tok, chat_template, seq_len=256)
     assert dropped == 0
     learned = [t for t, label in zip(example.ids, example.labels) if label != ftdata.IGNORE]
     # the template renders an assistant turn as "<|assistant|>" (prompt) + content + "\n" (the learned reply)
-    assert learned == tok.encode("hello there\n") + tok.encode("bye\n")
-    text = tok.tokenizer.decode(example.ids, skip_special_tokens=False)
+    enc = lambda text: tok.encode(text, add_special_tokens=False)
+    assert learned == enc("hello there\n") + enc("bye\n")
+    text = tok.decode(example.ids, skip_special_tokens=False)
     assert text == "<|bos|><|system|>be brief\n<|user|>hi\n<|assistant|>hello there\n<|user|>and?\n<|assistant|>bye\n"
 
 
@@ -43,8 +43,9 @@ def test_prompt_completion_learns_the_completion_and_eos(tok, tmp_path):
                                 {"prompt": "Q: {q}\nA:", "completion": " {a}"})
     (example,), _ = ftdata.encode_sft(records, tok, None, seq_len=64)
     learned = [t for t, label in zip(example.ids, example.labels) if label != ftdata.IGNORE]
-    assert learned == tok.encode(" 4") + [tok.eos_id]
-    assert example.ids[:1 + len(tok.encode("Q: 2+2\nA:"))] == [tok.bos_id] + tok.encode("Q: 2+2\nA:")
+    enc = lambda text: tok.encode(text, add_special_tokens=False)
+    assert learned == enc(" 4") + [tok.eos_id]
+    assert example.ids[:1 + len(enc("Q: 2+2\nA:"))] == [tok.bos_id] + enc("Q: 2+2\nA:")
 
 
 @pytest.mark.parametrize("name,preset,fields", [("xquad_en_test.jsonl", "qa", ("context", "answer")),
@@ -58,13 +59,13 @@ def test_field_map_presets_read_the_shared_files(name, preset, fields):
     assert raw[fields[0]] in record["prompt"] and record["completion"] == " " + raw[fields[1]]
 
 
-def test_bad_records_are_one_clear_error_each(tok, tmp_path):
+def test_bad_records_are_one_clear_error_each(tok, tmp_path, chat_template):
     bad_json = write(tmp_path / "bad.jsonl", [{"text": "a", "label": "x"}, "", "{not json"])
     with pytest.raises(ftdata.DataError, match=r"bad.jsonl:3: not valid JSON"):
         ftdata.read_jsonl(bad_json, {})
     no_assistant = ftdata.read_jsonl(write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "x"}]}]), {})
     with pytest.raises(ftdata.DataError, match=r"c.jsonl:1: the conversation has no assistant turn"):
-        ftdata.encode_sft(no_assistant, tok, CHAT_TEMPLATE, 64)
+        ftdata.encode_sft(no_assistant, tok, chat_template, 64)
     records = ftdata.read_jsonl(write(tmp_path / "l.jsonl", [{"text": "a", "label": "spam"},
                                                             {"text": "b", "label": "hma"}]), {})
     with pytest.raises(ftdata.DataError, match=r"l.jsonl:2: label 'hma' is not in the label set"):

@@ -14,14 +14,15 @@ from dsmoe.checkpoint.peft_adapter import load_adapter, save_adapter  # noqa: E4
 from dsmoe.finetune.classifier import classifier_from_base, lengths_of  # noqa: E402
 from dsmoe.finetune.lora import LoRASpec, apply_lora, lora_factors, merge_lora  # noqa: E402
 from dsmoe.model.transformer import build_model  # noqa: E402
-from infer_helpers import single_thread, tiny_config  # noqa: F401,E402  (fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SPEC = LoRASpec(rank=2, alpha=3, targets=("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj",
                                           "o_proj", "experts"))
 IDS = torch.randint(2, 64, (2, 11), generator=torch.Generator().manual_seed(3))
 
 
-def base_dir(tmp_path, **changes):
+def base_dir(tmp_path, tiny_config, **changes):
     torch.manual_seed(0)
     model = build_model(tiny_config(64).replace(pad_token_id=1, **changes), dtype=torch.float32)
     with torch.no_grad():
@@ -51,8 +52,8 @@ def router_tensors(model):
     return out
 
 
-def test_peft_loads_the_adapter_with_equal_logits_and_dsmoe_round_trips_it(tmp_path):
-    model, base = base_dir(tmp_path)
+def test_peft_loads_the_adapter_with_equal_logits_and_dsmoe_round_trips_it(tmp_path, tiny_config):
+    model, base = base_dir(tmp_path, tiny_config)
     adapt(model)
     model.eval()
     with torch.no_grad():
@@ -78,8 +79,8 @@ def test_peft_loads_the_adapter_with_equal_logits_and_dsmoe_round_trips_it(tmp_p
         torch.testing.assert_close(again.eval()(IDS), ours, rtol=1e-5, atol=1e-5)
 
 
-def test_an_adapter_for_another_base_model_is_one_clear_error(tmp_path):
-    model, base = base_dir(tmp_path)
+def test_an_adapter_for_another_base_model_is_one_clear_error(tmp_path, tiny_config):
+    model, base = base_dir(tmp_path, tiny_config)
     adapt(model)
     save_adapter(model, tmp_path / "adapter", SPEC, base_model=str(base))
     torch.manual_seed(0)
@@ -98,8 +99,8 @@ def padded_batch():
     return ids
 
 
-def test_classifier_folder_loads_in_transformers_with_equal_logits(tmp_path):
-    model, _ = base_dir(tmp_path)
+def test_classifier_folder_loads_in_transformers_with_equal_logits(tmp_path, tiny_config):
+    model, _ = base_dir(tmp_path, tiny_config)
     torch.manual_seed(2)
     classifier = classifier_from_base(model, ["ham", "spam", "eggs"]).eval()
     ids = padded_batch()
@@ -115,8 +116,8 @@ def test_classifier_folder_loads_in_transformers_with_equal_logits(tmp_path):
         torch.testing.assert_close(hf(ids).logits, ours, rtol=1e-4, atol=1e-4)
 
 
-def test_classifier_lora_adapter_loads_in_peft_and_merges_to_the_same_logits(tmp_path):
-    model, base = base_dir(tmp_path)
+def test_classifier_lora_adapter_loads_in_peft_and_merges_to_the_same_logits(tmp_path, tiny_config):
+    model, base = base_dir(tmp_path, tiny_config)
     torch.manual_seed(2)
     classifier = classifier_from_base(model, ["neg", "pos"])
     adapt(classifier)

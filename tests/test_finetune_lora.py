@@ -8,12 +8,16 @@ import torch
 from dsmoe.finetune.lora import ALL_TARGETS, LoRASpec, apply_lora, lora_factors, merge_lora
 from dsmoe.kernels import ops
 from dsmoe.model.transformer import build_model
-from infer_helpers import single_thread, tiny_config  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def tiny_model(seed=0, **changes):
-    torch.manual_seed(seed)
-    return build_model(tiny_config(64).replace(**changes), dtype=torch.float32)
+@pytest.fixture
+def tiny_model(tiny_config):
+    def build(seed=0, **changes):
+        torch.manual_seed(seed)
+        return build_model(tiny_config(64).replace(**changes), dtype=torch.float32)
+    return build
 
 
 def randomize_factors(model, seed=1):
@@ -26,7 +30,7 @@ def randomize_factors(model, seed=1):
 IDS = torch.randint(2, 64, (2, 13), generator=torch.Generator().manual_seed(3))
 
 
-def test_zero_initialised_lora_leaves_logits_unchanged_and_trains_only_factors():
+def test_zero_initialised_lora_leaves_logits_unchanged_and_trains_only_factors(tiny_model):
     model = tiny_model().eval()
     with torch.no_grad():
         before = model(IDS)
@@ -41,7 +45,7 @@ def test_zero_initialised_lora_leaves_logits_unchanged_and_trains_only_factors()
     assert not adapted_originals, "adapted base weights must be frozen"
 
 
-def test_merged_equals_unmerged_and_nonzero_factors_change_the_output():
+def test_merged_equals_unmerged_and_nonzero_factors_change_the_output(tiny_model):
     model = tiny_model().eval()
     with torch.no_grad():
         base = model(IDS)
@@ -57,7 +61,7 @@ def test_merged_equals_unmerged_and_nonzero_factors_change_the_output():
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
 
 
-def test_expert_delta_is_per_expert_in_pefts_factor_layout():
+def test_expert_delta_is_per_expert_in_pefts_factor_layout(tiny_model):
     model = tiny_model()
     apply_lora(model, LoRASpec(rank=2, alpha=2, targets=("experts",)))
     randomize_factors(model)

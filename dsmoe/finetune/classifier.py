@@ -38,7 +38,7 @@ def classifier_from_base(base: Transformer, labels: list[str]) -> SequenceClassi
 
 def _moe_impl(model: Transformer) -> str:
     moe = model.moe_layers()
-    return moe[0].experts.impl if moe else "auto"
+    return moe[0].impl if moe else "auto"
 
 
 def lengths_of(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:

@@ -137,7 +137,7 @@ class SFTEncoder:
     def encode(self, record: dict, where: str) -> Example | None:
         ids, labels = [self.tok.bos_id], [IGNORE]
         for text, learn in self.segments(record, where):
-            piece = self.tok.encode(text) if text else []
+            piece = self.tok.encode(text, add_special_tokens=False) if text else []
             if learn and "messages" not in record:
                 piece = piece + [self.tok.eos_id]  # a completion ends the sequence
             ids += piece
@@ -169,7 +169,8 @@ def encode_classify(records, tokenizer, labels: list[str], seq_len: int) -> list
         if label not in index:
             raise DataError(f"{where}: label {label!r} is not in the label set of the training data "
                             f"({', '.join(labels)}); fix the label or add training examples for it")
-        out.append(Example(([tokenizer.bos_id] + tokenizer.encode(str(r["text"])))[:seq_len], index[label]))
+        ids = [tokenizer.bos_id, *tokenizer.encode(str(r["text"]), add_special_tokens=False)]
+        out.append(Example(ids[:seq_len], index[label]))
     return out
 
 

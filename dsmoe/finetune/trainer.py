@@ -25,7 +25,6 @@ from dsmoe.finetune import data as ftdata
 from dsmoe.finetune.classifier import classifier_from_base, pad_id_of
 from dsmoe.finetune.lora import LoRASpec, apply_lora, merge_lora
 from dsmoe.finetune.metrics import classification_scores
-from dsmoe.infer.tokenizer import Tokenizer as ChatTokenizer
 from dsmoe.train.data import TrainingData
 from dsmoe.train.loss import Batch, next_token_loss
 from dsmoe.train.model_setup import add_dropout
@@ -106,7 +105,7 @@ class FinetuneTrainer(Trainer):
             self.train_examples = ftdata.encode_classify(train, tok, self.labels, seq_len)
             self.eval_examples = ftdata.encode_classify(evals, tok, self.labels, seq_len)
         else:
-            template = ChatTokenizer.load(Path(ft.base)).chat_template
+            template = tok.chat_template
             self.train_examples, self.dropped = ftdata.encode_sft(train, tok, template, seq_len)
             self.eval_examples, _ = ftdata.encode_sft(evals, tok, template, seq_len)
             if not self.train_examples:
