@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shared_data import SHAKESPEARE
 from dsmoe.data import shards as shards_module
 from dsmoe.data.batches import eval_windows, step_batches
 from dsmoe.data.prepare import prepare_corpus, read_documents
@@ -14,7 +15,6 @@ from dsmoe.data.sources import Document, builtin_corpus, limit_corpus, read_corp
 from dsmoe.data.tokenizer import BOS, EOS, load_tokenizer, train_tokenizer
 from dsmoe.errors import UserError
 
-SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
 TRICKY = ["  leading spaces\ttabs\r\nCRLF", "unicode: naïve café 日本語 🙂 ∑", "", "x",
           "def f(a, b):\n    return a**b\n"]
 

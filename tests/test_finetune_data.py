@@ -1,16 +1,15 @@
 """Fine-tuning data: which tokens the SFT loss counts, field maps over the shared files, bad records."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from shared_data import SHARED_DATA as SHARED
 from dsmoe.data.tokenizer import load_tokenizer
 from dsmoe.finetune import data as ftdata
 
-SHARED = Path(os.environ.get("DSMOE_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 
 
 @pytest.fixture(scope="module")

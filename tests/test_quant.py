@@ -115,7 +115,7 @@ def test_unknown_scheme_is_one_clear_error():
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_bf16_kernels_at_v2_lite_dims_and_in_a_cuda_graph(scheme):
     tq = _kernels()
-    c = get_preset("v2-lite")
+    c = get_preset("deepseek-v2-lite")
     D, F, E, K, T = c.hidden_size, c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok, 4
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(T, D, device="cuda", generator=g).bfloat16()

@@ -3,16 +3,14 @@ on local YAML tasks over the shared data: the same accuracy, bits-per-byte withi
 per-request loglikelihoods and the same greedy generations."""
 
 import json
-import os
-from pathlib import Path
 
+from shared_data import SHARED_DATA as SHARED
 import pytest
 import torch
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (pip install 'dsmoe[eval]')")
 pytest.importorskip("transformers")
 
-SHARED = Path(os.environ.get("DSMOE_SHARED_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.skipif(not (SHARED / "rt_polarity_test.jsonl").is_file(),
                                 reason=f"the shared data folder {SHARED} is missing (set DSMOE_SHARED_DATA)")]
@@ -103,13 +101,12 @@ def test_dsmoe_model_scores_like_hf(tmp_path_factory, model_dir, task_dir, monke
 
 
 @pytest.mark.slow
-def test_dsmoe_eval_lm_eval_from_the_command_line(tmp_path_factory, task_dir, monkeypatch, capsys):
+def test_dsmoe_eval_lm_eval_from_the_command_line(tmp_path_factory, task_dir, model_dir, monkeypatch, capsys):
     from dsmoe.cli import main
 
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(name, "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets_cli")))
-    model_dir = build_model_dir(tmp_path_factory.getbasetemp())
     out = tmp_path_factory.mktemp("lmeval_cli")
     assert main(["eval", str(model_dir), "--lm-eval", "dsmoe_rt_polarity_mc", "--include-path", str(task_dir),
                  "--limit", "2", "--out", str(out)]) == 0

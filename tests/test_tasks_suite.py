@@ -4,12 +4,11 @@ only, the classifier head equal to transformers' DeepseekV3ForSequenceClassifica
 to end on the shared data."""
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
+from shared_data import SHARED_DATA as SHARED
 from dsmoe.cli import main
 from dsmoe.data.tokenizer import Tokenizer
 from dsmoe.errors import UserError
@@ -17,7 +16,6 @@ from dsmoe.tasks.scoring import ScoreRequest, score_requests
 from dsmoe.tasks.specs import BUILTIN, get_task, read_examples
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-SHARED = Path(os.environ.get("DSMOE_SHARED_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
 needs_data = pytest.mark.skipif(not (SHARED / "rt_polarity_test.jsonl").is_file(),
                                 reason=f"the shared data folder {SHARED} is missing (set DSMOE_SHARED_DATA)")
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from shared_data import SHAKESPEARE
 from dsmoe import load_pretrained
 from dsmoe.config import PRESETS
 from dsmoe.errors import UserError
@@ -15,7 +16,6 @@ from dsmoe.train.flops import matmul_params_per_token
 from dsmoe.train.optim import lr_at
 from dsmoe.train.trainer import Trainer, TrainingDiverged
 
-SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
 # A few hundred thousand parameters: a step takes milliseconds on the CPU.
 MICRO_MODEL = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
                    num_attention_heads=2, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,

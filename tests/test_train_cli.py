@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from shared_data import SHAKESPEARE
 from dsmoe.cli import main
 
-SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
 MICRO = ["--model", "hidden_size=64", "intermediate_size=96", "moe_intermediate_size=32", "num_hidden_layers=2",
          "num_attention_heads=2", "n_routed_experts=4", "num_experts_per_tok=2", "n_group=2", "topk_group=1",
          "kv_lora_rank=16", "qk_nope_head_dim=16", "qk_rope_head_dim=8", "v_head_dim=16",

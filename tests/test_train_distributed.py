@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from shared_data import SHAKESPEARE
 from dsmoe import load_pretrained
 from dsmoe.cli import main
 from dsmoe.distributed.runtime import init_from_env
@@ -22,7 +23,6 @@ from dsmoe.train.checkpoints import micro_batches_per_rank
 from dsmoe.train.config import TrainConfig
 from dsmoe.train.trainer import Trainer
 
-SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
 # 4 experts, top-2 without group limits: tokens reach one or both EP ranks
 MODEL = {"hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16, "num_hidden_layers": 2,
          "num_attention_heads": 2, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
