@@ -15,8 +15,6 @@ from distributed_common import CFG, lm_loss, make_model, micro_batch
 
 from dsmoe.bench import scale
 from dsmoe.bench.scale_timing import kernels_from_trace, step_time_split
-from dsmoe.checkpoint.hf import CheckpointError
-from dsmoe.distributed.checkpoint import load_checkpoint, save_checkpoint
 from dsmoe.distributed.mesh import ParallelDims
 from dsmoe.distributed.parallelize import parallelize
 from dsmoe.distributed.runtime import clip_grad_norm_, init_from_env
@@ -59,23 +57,6 @@ def test_clip_grad_norm_matches_torch_on_plain_tensors():
     assert norm.item() == pytest.approx(expected.item()) == pytest.approx(29**0.5)
     torch.testing.assert_close(a.grad, c.grad)
     torch.testing.assert_close(b.grad, d.grad)
-
-
-def test_checkpoint_in_one_process_and_its_errors(tmp_path):
-    model = make_model()
-    save_checkpoint(tmp_path / "ckpt", model, extra={"step": 2})
-    save_checkpoint(tmp_path / "ckpt", model, extra={"step": 3})  # replaces the first
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-    other = make_model(seed=1)
-    assert load_checkpoint(tmp_path / "ckpt", other) == {"step": 3}
-    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
-        assert torch.equal(a, b), name
-    with pytest.raises(CheckpointError, match="Size mismatch.*embed_tokens"):
-        load_checkpoint(tmp_path / "ckpt", make_model(config=CFG.replace(hidden_size=64)))
-    with pytest.raises(CheckpointError, match="no optimizer state"):
-        load_checkpoint(tmp_path / "ckpt", other, torch.optim.AdamW(other.parameters()))
-    with pytest.raises(CheckpointError, match="not a complete"):
-        load_checkpoint(tmp_path / "missing", other)
 
 
 def test_device_losses_use_the_expert_layout():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from distributed_common import full, gather_rows, lm_loss, make_model, micro_batch, reference_step
-from dsmoe.checkpoint.hf import load_pretrained
-from dsmoe.distributed.checkpoint import export_hub, load_checkpoint, save_checkpoint
+from dsmoe.checkpoint.hf import load_pretrained, save_pretrained
+from dsmoe.checkpoint.training import load_checkpoint, save_checkpoint
 from dsmoe.distributed.parallelize import parallelize
 from dsmoe.distributed.runtime import clip_grad_norm_, init_from_env
 from dsmoe.distributed.testing import run_distributed
@@ -62,8 +62,8 @@ def _train_and_save(rank: int, world: int, folder: str) -> None:
     losses_and_norms = [distributed_step(model, opt, rt, step) for step in range(STEPS)]
     params = {n: full(p) for n, p in model.named_parameters()}
     logits = check_logits(model, rank, world)
-    save_checkpoint(f"{folder}/ckpt", model, opt, extra={"step": STEPS})
-    export_hub(model, f"{folder}/hub", max_shard_size=30_000)  # several files
+    save_checkpoint(f"{folder}/ckpts", STEPS, model, opt, {"note": "four"})
+    save_pretrained(model, f"{folder}/hub", max_shard_size=30_000)  # several files
     if rank == 0:
         torch.save({"losses": torch.tensor(losses_and_norms), "params": params, "logits": logits}, f"{folder}/four.pt")
 
@@ -72,12 +72,12 @@ def _load_and_resume(rank: int, world: int, folder: str) -> None:
     rt = init_from_env(ep=2, device_type="cpu")  # 2 ranks: ep 2
     model = parallelize(make_model(seed=7), rt.mesh, ac=True)
     opt = make_optimizer(model)
-    extra = load_checkpoint(f"{folder}/ckpt", model, opt)
+    extra = load_checkpoint(f"{folder}/ckpts/step_{STEPS}", model, opt)
     logits = check_logits(model, rank, world)
     loss = torch.tensor(distributed_step(model, opt, rt, STEPS))
     params = {n: full(p) for n, p in model.named_parameters()}
     if rank == 0:
-        torch.save({"extra": extra, "logits": logits, "loss": loss, "params": params}, f"{folder}/two.pt")
+        torch.save({"extra": [extra["step"], extra["note"]], "logits": logits, "loss": loss, "params": params}, f"{folder}/two.pt")
 
 
 @pytest.mark.slow
@@ -98,11 +98,11 @@ def test_fsdp_ep_training_equals_one_process_and_checkpoints_reshard(tmp_path):
     # step resumed at 2 equals the same step resumed at 1 from the same checkpoint
     run_distributed(_load_and_resume, 2, str(tmp_path), timeout_s=120)
     two = torch.load(tmp_path / "two.pt", weights_only=True)
-    assert two["extra"] == {"step": STEPS}
+    assert two["extra"] == [STEPS, "four"]
     torch.testing.assert_close(two["logits"], four["logits"], atol=1e-6, rtol=1e-6)
     single = make_model(seed=9)
     single_opt = make_optimizer(single)
-    assert load_checkpoint(tmp_path / "ckpt", single, single_opt) == {"step": STEPS}
+    assert load_checkpoint(tmp_path / "ckpts" / f"step_{STEPS}", single, single_opt)["world_size"] == 4
     for moe in single.moe_layers():
         moe.experts_per_device = single.config.n_routed_experts // 2
     torch.testing.assert_close(check_logits(single, 0, 1), four["logits"], atol=1e-6, rtol=1e-6)

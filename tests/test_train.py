@@ -38,13 +38,13 @@ def records(run, key="lm_loss"):
 def trained_run(tmp_path_factory):
     """One 40-step run shared by the tests that only read its folder."""
     run = tmp_path_factory.mktemp("run") / "run"
-    summary = Trainer(micro_config(steps=30, eval_interval=15, checkpoint_interval=10), run,
-                      cache_dir=run.parent / "cache", progress=False).train()
-    return run, summary
+    trainer = Trainer(micro_config(steps=30, eval_interval=15, checkpoint_interval=10), run,
+                      cache_dir=run.parent / "cache", progress=False)
+    return run, trainer.train(), trainer
 
 
 def test_loss_falls_and_the_run_folder_is_complete(trained_run):
-    run, summary = trained_run
+    run, summary, _ = trained_run
     losses = records(run)
     assert max(losses[1], losses[2]) > min(losses[29], losses[30]) + 1.0
     val = records(run, "val_loss")
@@ -62,7 +62,7 @@ def test_loss_falls_and_the_run_folder_is_complete(trained_run):
 
 
 def test_run_folder_loads_in_dsmoe_and_transformers(trained_run):
-    run, _ = trained_run
+    run, _, trainer = trained_run
     transformers = pytest.importorskip("transformers")
     config = json.loads((run / "config.json").read_text())
     tok_config = json.loads((run / "tokenizer_config.json").read_text())
@@ -73,7 +73,8 @@ def test_run_folder_loads_in_dsmoe_and_transformers(trained_run):
     assert config["vocab_size"] == 300 and config["architectures"] == ["DeepseekV3ForCausalLM"]
 
     ours = load_pretrained(run).eval()
-    assert ours.layers[1].mlp.gate.e_score_correction_bias.abs().sum() > 0  # aux-free biases were trained
+    for (name, a), b in zip(trainer.model.state_dict().items(), ours.state_dict().values()):
+        assert torch.equal(a, b), name  # the aux-free router biases included
     theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(run, dtype=torch.float32).eval()
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -119,6 +120,9 @@ def test_non_finite_steps_are_skipped_on_the_device_and_never_reach_the_weights(
         return record
 
     assert step()["ok"]
+    counts = trainer.load_counts[0].float()  # the step's, all micro-batches
+    expected_bias = trainer.cfg.bias_update_gamma * torch.sign(counts.mean() - counts)
+    assert torch.equal(model.layers[1].mlp.gate.e_score_correction_bias, expected_bias)  # the aux-free update
     for kind in ("loss", "grad"):
         before, moments = snapshot(), optimizer_state()
         load = trainer.load_counts.clone()

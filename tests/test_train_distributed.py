@@ -2,7 +2,7 @@
 on the same global batch; its sharded checkpoint resumes in one process and continues as the one-process run
 does; its exported run folder loads with load_pretrained and gives the same logits; resumed on the same 2
 ranks it continues bit for bit, dropout included (each rank's RNG states travel with the checkpoint); a
-one-process checkpoint resumes on 2 ranks."""
+one-process checkpoint (the same layout) resumes on 2 ranks."""
 
 import json
 import os
@@ -16,10 +16,10 @@ import torch
 from shared_data import SHAKESPEARE
 from dsmoe import load_pretrained
 from dsmoe.cli import main
+from dsmoe.data.batches import micro_batches_per_rank
 from dsmoe.distributed.runtime import init_from_env
 from dsmoe.distributed.testing import run_distributed
 from dsmoe.errors import UserError
-from dsmoe.train.checkpoints import micro_batches_per_rank
 from dsmoe.train.config import TrainConfig
 from dsmoe.train.trainer import Trainer
 
@@ -129,7 +129,7 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(corpus, tmp_path):
     config = {**CONFIG, "data": [data], "grad_accum": 2}
     run = tmp_path / "run"
     Trainer(TrainConfig(**config), run, cache_dir=cache, progress=False).train(stop_after=3)
-    assert (run / "checkpoints" / "step_3" / "optimizer.safetensors").is_file()  # the one-process layout
+    assert not (run / "checkpoints" / "step_3" / "ranks" / "rank_1.safetensors").exists()  # one process wrote it
     # the same config on 2 ranks: 1 micro-batch each keeps the global batch; each rank reads its own slices
     run_distributed(_train_two_ranks, 2, config, str(run), str(cache), None, True)
     reference = Trainer(TrainConfig(**config), tmp_path / "reference", cache_dir=cache, progress=False)

@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dsmoe.checkpoint.hf import load_pretrained
     from dsmoe.data.tokenizer import load_tokenizer
-    from dsmoe.train.trainer import resolve_device
+    from dsmoe.devices import resolve_device
 
     path = Path(args.model)
     if not (path / "config.json").is_file():

@@ -72,7 +72,7 @@ def compare_analyses(rows, out: Path, specs: list[str], text_field: str, tokens:
     from dsmoe.analysis.analyze import analyze, write_outputs
     from dsmoe.checkpoint.hf import load_pretrained
     from dsmoe.data.tokenizer import load_tokenizer
-    from dsmoe.train.trainer import resolve_device
+    from dsmoe.devices import resolve_device
 
     device = resolve_device(device_name)
     on_gpu = device.type == "cuda"

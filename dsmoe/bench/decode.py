@@ -278,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dsmoe.config import get_preset
-    from dsmoe.infer.loading import resolve_device
+    from dsmoe.devices import resolve_device
     from dsmoe.model.transformer import build_model
 
     device = resolve_device(args.device)

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dsmoe.bench.tasks import random_model_folder
-    from dsmoe.infer.loading import resolve_device
+    from dsmoe.devices import resolve_device
     from dsmoe.tasks.lm_eval_model import DsmoeLM
 
     device = resolve_device(args.device)

@@ -6,11 +6,9 @@ import argparse
 import shutil
 from pathlib import Path
 
-import torch
-
+from dsmoe.devices import DTYPES
 from dsmoe.errors import UserError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 

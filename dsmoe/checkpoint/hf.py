@@ -20,13 +20,23 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsmoe.atomic import atomic_write, atomic_write_text
+from dsmoe.checkpoint.hub_files import (
+    RESTORE,
+    check_weight_dtype,
+    default_dtype,
+    fp8_block,
+    header_entry,
+    open_checkpoint,
+    read_config_json,
+    read_tensor,
+)
 from dsmoe.checkpoint.quantized import QuantizedTargets
-from dsmoe.config import ModelConfig
-from dsmoe.errors import UserError
+from dsmoe.checkpoint.ranks import barrier, expected_two_step_gathers, rank
+from dsmoe.config import ConfigError, ModelConfig
+from dsmoe.errors import CheckpointError, UserError
 from dsmoe.kernels.quant import dequantize
 from dsmoe.model.quantized import quantize_model
 from dsmoe.model.classifier import SequenceClassifier, classifier_hub_fields, classifier_labels
@@ -64,10 +74,6 @@ FUSED_EXPERT_KEYS = {
     "model.layers.{}.mlp.experts.gate_up_proj": "layers.{}.mlp.experts.gate_up_proj",
     "model.layers.{}.mlp.experts.down_proj": "layers.{}.mlp.experts.down_proj",
 }
-
-
-class CheckpointError(UserError):
-    """A checkpoint that does not match its config or cannot be read; the message names file and key."""
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -138,42 +144,11 @@ def ours_to_hub(name: str, tensor: torch.Tensor, config: ModelConfig):
 # ---------------------------------------------------------------- loading
 
 def read_config(path: Path) -> tuple[ModelConfig, dict]:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"no config.json in {path}: pass a folder holding a Hugging Face DeepSeek "
-                              "checkpoint or a dsmoe run folder")
+    hf = read_config_json(path)
     try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_file} is not valid JSON ({e}); restore the file") from None
-    return ModelConfig.from_hf_dict(hf), hf
-
-
-def checkpoint_files(path: Path) -> dict[str, Path]:
-    """Tensor key -> file, from the index when sharded, else from the single model.safetensors."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {name: path / name for name in set(weight_map.values())}
-        for name, file in files.items():
-            if not file.is_file():
-                raise CheckpointError(f"shard {name} listed in {index.name} is missing from {path}: "
-                                      "download or copy the complete checkpoint")
-        return {key: files[name] for key, name in weight_map.items()}
-    single = path / "model.safetensors"
-    if not single.is_file():
-        found = ", ".join(sorted(p.name for p in path.glob("*.bin"))) or "none"
-        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path} (.bin files: "
-                              f"{found}); dsmoe reads safetensors only, never pickle: convert the checkpoint")
-    with safe_open(single, "pt") as f:
-        return {key: single for key in f.keys()}
-
-
-def _default_dtype(hf: dict) -> torch.dtype:
-    if hf.get("quantization_config"):
-        return torch.bfloat16  # FP8 checkpoints are dequantised to bf16, as DeepSeek's fp8_cast_bf16 does
-    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+        return ModelConfig.from_hf_dict(hf), hf
+    except ConfigError as e:
+        raise ConfigError(f"{path / 'config.json'}: {e}; correct the file") from None
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -184,102 +159,122 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
 
     dtype defaults to the checkpoint's (bf16 for FP8 checkpoints); the router stays fp32 regardless.
     quantize "fp8" | "int8": weight-only low precision for inference (dsmoe.kernels.quant); a V3 FP8
-    checkpoint loaded with "fp8" keeps its own codes and scales.
+    checkpoint loaded with "fp8" keeps its own codes and scales. Every key, dtype and shape is checked against
+    config.json on the meta device first, so a broken folder fails with a CheckpointError before any memory is
+    allocated.
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder: pass the folder that holds config.json")
     config, hf = read_config(path)
-    dtype = dtype or _default_dtype(hf)
-    key_files = checkpoint_files(path)
-    block = tuple((hf.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
-    L, D = config.num_hidden_layers, config.num_nextn_predict_layers
-    if D and not any(re.match(rf"model\.layers\.{L}\.", key) for key in key_files):
-        log.info("config.json names %d MTP layer(s) but the checkpoint holds none (transformers saves none): "
-                 "loading the model without them", D)
-        config = config.replace(num_nextn_predict_layers=0)
-
-    labels = classifier_labels(hf)
-    with torch.device("meta"):
-        model = Transformer(config, moe_impl) if labels is None else SequenceClassifier(config, labels, moe_impl)
-    cast_model(model, dtype)
-    if quantize:
-        quantize_model(model, quantize)  # on the meta device: no full-precision copy is ever made
-    model.to_empty(device=device or "cpu")
-    quantized = QuantizedTargets(model, quantize, block) if quantize else None
-    targets = dict(model.named_parameters())
-    targets.update((n, b) for n, b in model.named_buffers() if quantized and n in quantized)
-    targets.update((n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
-    filled: dict[str, int] = {}  # name -> number of pieces written (experts arrive in E or 2E pieces)
-    mtp_skipped = 0
-
-    with ExitStack() as stack, torch.no_grad():
-        handles = {f: stack.enter_context(safe_open(f, "pt", device="cpu")) for f in set(key_files.values())}
-        for key, file in key_files.items():
-            if key.endswith("weight_scale_inv"):
-                continue  # read together with its weight
-            layer = re.match(r"model\.layers\.(\d+)\.", key)
-            if layer and int(layer.group(1)) >= L + config.num_nextn_predict_layers:
-                mtp_skipped += 1
-                continue
-            if _MTP_COPY.match(key):
-                continue  # the MTP layer's copy of the embedding or head: the model shares its own
-            mapped = hub_to_ours(key, L)
-            if mapped is None or mapped[0] not in targets:
-                raise CheckpointError(f"{file.name}: unexpected key {key}: the checkpoint does not match "
-                                      "its config.json (wrong model_type or layer count?)")
-            name, expert, part = mapped
-            tensor, scale_inv = handles[file].get_tensor(key), None
-            if tensor.dtype == torch.float8_e4m3fn:
-                scale_key = key + "_scale_inv"
-                if scale_key not in key_files:
-                    raise CheckpointError(f"{file.name}: FP8 tensor {key} has no {scale_key}")
-                scale_inv = handles[key_files[scale_key]].get_tensor(scale_key)
-            if quantized and name in quantized:
-                quantized.take(name, tensor, scale_inv, expert, part,
-                               lambda dest, t, e, p, f=file.name, k=key: _copy_into(dest, t, e, p, f, k))
-            else:
+    saved_dtype = default_dtype(path, hf)  # checked even when a dtype is given: a folder is broken or not
+    dtype = dtype or saved_dtype
+    block = fp8_block(path, hf)
+    with ExitStack() as stack:
+        key_files, handles = open_checkpoint(path, stack)
+        L, D = config.num_hidden_layers, config.num_nextn_predict_layers
+        if D and not any(re.match(rf"model\.layers\.{L}\.", key) for key in key_files):
+            log.info("config.json names %d MTP layer(s) but the checkpoint holds none (transformers saves none): "
+                     "loading the model without them", D)
+            config = config.replace(num_nextn_predict_layers=0)
+        labels = classifier_labels(hf)
+        with torch.device("meta"):
+            model = Transformer(config, moe_impl) if labels is None else SequenceClassifier(config, labels, moe_impl)
+        cast_model(model, dtype)
+        if quantize:
+            quantize_model(model, quantize)  # on the meta device: no full-precision copy is ever made
+        quantized = QuantizedTargets(model, quantize, block) if quantize else None  # names and shapes only
+        plan = _plan_copies(path, _targets(model, quantized), key_files, handles, config)
+        model.to_empty(device=device or "cpu")
+        quantized = QuantizedTargets(model, quantize, block) if quantize else None
+        targets = _targets(model, quantized)
+        with torch.no_grad():
+            for key, file, name, expert, part in plan:
+                tensor, scale_inv = read_tensor(handles[file], file, key), None
+                if tensor.dtype == torch.float8_e4m3fn:
+                    scale_file = key_files[key + "_scale_inv"]
+                    scale_inv = read_tensor(handles[scale_file], scale_file, key + "_scale_inv")
+                if quantized and name in quantized:
+                    quantized.take(name, tensor, scale_inv, expert, part,
+                                   lambda dest, t, e, p: _destination(dest, e, p).copy_(t))
+                    continue
                 if scale_inv is not None:
                     tensor = dequantize(tensor, scale_inv, torch.float32, block)
-                _copy_into(targets[name], tensor, expert, part, file.name, key)
-            filled[name] = filled.get(name, 0) + 1
-
-    if mtp_skipped:
-        log.info("skipped %d tensors of multi-token-prediction layer(s) beyond num_nextn_predict_layers=%d in "
-                 "config.json", mtp_skipped, config.num_nextn_predict_layers)
-    for name, tensor in targets.items():
-        if name.endswith("e_score_correction_bias") and name not in filled:
-            tensor.zero_()  # checkpoints converted from V2-style routing carry no bias: start unbiased
-    missing = [n for n in targets if n not in filled and not n.endswith("e_score_correction_bias")]
-    missing += quantized.incomplete() if quantized else []
-    for name in (n for n in filled if n.endswith(("experts.gate_up_proj", "experts.down_proj"))):
-        E = targets[name].shape[0]
-        expected = 2 * E if name.endswith("gate_up_proj") else E
-        if filled[name] not in (1, expected):  # 1 = a fused tensor
-            missing.append(f"{name} ({filled[name]} of {expected} expert tensors)")
-    if missing:
-        raise CheckpointError(f"{path}: {len(missing)} weights missing from the checkpoint, e.g. "
-                              f"{', '.join(missing[:3])} (dsmoe names): the files are incomplete or belong "
-                              "to another config.json")
+                _destination(targets[name], expert, part).copy_(tensor)
+            filled = {name for _, _, name, _, _ in plan}
+            for name, tensor in targets.items():
+                if name not in filled:
+                    tensor.zero_()  # only router biases get here: V2-style checkpoints carry none, start unbiased
     model.init_buffers()
     return model
 
 
-def _copy_into(target: torch.Tensor, tensor: torch.Tensor, expert: int | None, part: str | None,
-               file: str, key: str) -> None:
+def _targets(model: Transformer, quantized: QuantizedTargets | None) -> dict[str, torch.Tensor]:
+    targets = dict(model.named_parameters())
+    targets.update((n, b) for n, b in model.named_buffers()
+                   if (quantized is not None and n in quantized) or n.endswith("e_score_correction_bias"))
+    return targets
+
+
+def _plan_copies(path: Path, targets: dict[str, torch.Tensor], key_files: dict[str, Path], handles: dict,
+                 config: ModelConfig) -> list[tuple[str, Path, str, int | None, str | None]]:
+    """(hub key, file, dsmoe name, expert, part) for every tensor to copy, after checking on the meta model that
+    the keys, dtypes and shapes are those config.json implies and that nothing is missing."""
+    L = config.num_hidden_layers
+    plan = []
+    pieces: dict[str, int] = {}  # name -> number of pieces (experts arrive in E or 2E pieces)
+    mtp_skipped = 0
+    for key, file in key_files.items():
+        if key.endswith("weight_scale_inv"):
+            continue  # read together with its weight
+        layer = re.match(r"model\.layers\.(\d+)\.", key)
+        if layer and int(layer.group(1)) >= L + config.num_nextn_predict_layers:
+            mtp_skipped += 1
+            continue
+        if _MTP_COPY.match(key):
+            continue  # the MTP layer's copy of the embedding or head: the model shares its own
+        mapped = hub_to_ours(key, L)
+        if mapped is None or mapped[0] not in targets:
+            raise CheckpointError(f"{file}: unexpected key {key}: the checkpoint does not match its config.json "
+                                  "(wrong model_type or layer count?)")
+        name, expert, part = mapped
+        shape, dtype = header_entry(handles[file], file, key)
+        check_weight_dtype(file, key, dtype)
+        if dtype == "F8_E4M3" and key + "_scale_inv" not in key_files:
+            raise CheckpointError(f"{file}: FP8 tensor {key} has no {key}_scale_inv; {RESTORE}")
+        dest = _destination(targets[name], expert, part, file, key)
+        if list(dest.shape) != list(shape):
+            raise CheckpointError(f"{file}: {key} has shape {list(shape)} but config.json implies {list(dest.shape)}: "
+                                  "the checkpoint and its config.json disagree")
+        plan.append((key, file, name, expert, part))
+        pieces[name] = pieces.get(name, 0) + 1
+    if mtp_skipped:
+        log.info("skipped %d tensors of multi-token-prediction layer(s) beyond num_nextn_predict_layers=%d in "
+                 "config.json", mtp_skipped, config.num_nextn_predict_layers)
+    missing = [n for n in targets if n not in pieces and not n.endswith("e_score_correction_bias")]
+    for name in (n for n in pieces if n.endswith(("experts.gate_up_proj", "experts.down_proj"))):
+        E = targets[name].shape[0]
+        expected = 2 * E if name.endswith("gate_up_proj") else E
+        if pieces[name] not in (1, expected):  # 1 = a fused tensor
+            missing.append(f"{name} ({pieces[name]} of {expected} expert tensors)")
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} weights missing from the checkpoint, e.g. "
+                              f"{', '.join(missing[:3])} (dsmoe names): the files are incomplete or belong "
+                              "to another config.json")
+    return plan
+
+
+def _destination(target: torch.Tensor, expert: int | None, part: str | None, file: Path | None = None,
+                 key: str = "") -> torch.Tensor:
+    """The part of a dsmoe tensor that one hub tensor fills (a view; shapes only on the meta device)."""
     if expert is None:
-        dest = target
-    elif expert >= target.shape[0]:
+        return target
+    if expert >= target.shape[0]:
         raise CheckpointError(f"{file}: {key} names expert {expert} but config.json has {target.shape[0]}")
-    elif part == "down":
-        dest = target[expert]
-    else:
-        F = target.shape[1] // 2
-        dest = target[expert, :F] if part == "gate" else target[expert, F:]
-    if tuple(dest.shape) != tuple(tensor.shape):
-        raise CheckpointError(f"{file}: {key} has shape {list(tensor.shape)} but config.json implies "
-                              f"{list(dest.shape)}: the checkpoint and its config.json disagree")
-    dest.copy_(tensor.to(dest.dtype))
+    if part == "down":
+        return target[expert]
+    F = target.shape[1] // 2
+    return target[expert, :F] if part == "gate" else target[expert, F:]
 
 
 # ---------------------------------------------------------------- saving
@@ -289,7 +284,7 @@ def _parse_size(size: int | str) -> int:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, re.IGNORECASE)
     if not m:
-        raise ValueError(f"max_shard_size {size!r}: use bytes or a size like '5GB' or '500MB'")
+        raise UserError(f"max_shard_size {size!r}: use bytes or a size like '5GB' or '500MB'")
     unit = (m.group(2) or "B").upper()
     mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
     return int(float(m.group(1)) * mult)
@@ -303,38 +298,73 @@ def hub_state(model: Transformer):
         yield from ours_to_hub(name, tensor, model.config)
 
 
+def _keeps_dtype(name: str) -> bool:
+    """The router weight and bias stay fp32 in every export, as in the model."""
+    return name.endswith(("mlp.gate.weight", "e_score_correction_bias"))
+
+
+def _plan_files(sizes: dict[str, int], max_shard_size: int | str) -> dict[str, list[str]]:
+    """File name -> the tensors it holds, in order; a new file starts where the next tensor would pass the limit
+    (a tensor larger than the limit gets a file of its own)."""
+    limit = _parse_size(max_shard_size)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in sizes.items():
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    if len(groups) == 1:
+        return {"model.safetensors": groups[0]}
+    return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
+
+
 def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                     dtype: torch.dtype | None = None) -> None:
     """Write config.json + safetensors (sharded with an index past max_shard_size) in the hub layout.
 
-    Each file is written under a temporary name and renamed into place, the index and config.json last,
-    so an interrupted save never leaves a partial file under a real name.
+    The model may be sharded over ranks (FSDP2, expert parallel): then every rank calls it, each parameter is
+    gathered in turn and rank 0 writes. Peak extra memory: one output file plus one gathered parameter. Each
+    file is written under a temporary name and renamed into place, the index and config.json last, so an
+    interrupted save never leaves a partial file under a real name.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    limit = _parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in hub_state(model):
-        t = tensor.detach()
-        if dtype is not None and t.is_floating_point() and not key.endswith(("mlp.gate.weight", "correction_bias")):
-            t = t.to(dtype)
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        # clone: safetensors refuses tensors that share storage (the per-expert views do)
-        atomic_write(path / name, lambda tmp, s=shard: save_file(
-            {k: v.contiguous().cpu().clone() for k, v in s.items()}, tmp, metadata={"format": "pt"}))
-    weights_dtype = dtype or next(p.dtype for n, p in model.named_parameters() if not n.endswith("gate.weight"))
-    finish_hub_save(path, model.config, {k: n for n, s in zip(names, shards) for k in s},
-                    sum(t.numel() * t.element_size() for s in shards for t in s.values()), weights_dtype,
-                    classifier_hub_fields(model) if isinstance(model, SequenceClassifier) else None)
+    state = model.state_dict()  # sharded parameters are DTensors: their shapes and gathers are global
+
+    def out_dtype(name: str, t: torch.Tensor) -> torch.dtype:
+        return t.dtype if dtype is None or _keeps_dtype(name) or not t.is_floating_point() else dtype
+
+    def hub_bytes(name: str, t: torch.Tensor) -> int:  # the per-expert pieces and MTP copies included
+        shaped = torch.empty(t.shape, dtype=out_dtype(name, t), device="meta")
+        return sum(v.numel() * v.element_size() for _, v in ours_to_hub(name, shaped, model.config))
+
+    files = _plan_files({n: hub_bytes(n, t) for n, t in state.items()}, max_shard_size)
+    if rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for file_name, names in files.items():
+        tensors: dict[str, torch.Tensor] = {}
+        for name in names:
+            full = state[name].detach()
+            if hasattr(full, "full_tensor"):  # a DTensor: every rank takes part in the gather
+                with expected_two_step_gathers():
+                    full = full.full_tensor()
+            if rank() != 0:
+                continue
+            for key, t in ours_to_hub(name, full.to(out_dtype(name, full)).cpu(), model.config):
+                tensors[key] = t.contiguous().clone()  # per-expert views share storage; safetensors refuses that
+        if rank() == 0:
+            weight_map.update(dict.fromkeys(tensors, file_name))
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            atomic_write(path / file_name, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+        del tensors
+    if rank() == 0:
+        weights_dtype = dtype or next(t.dtype for n, t in state.items() if not _keeps_dtype(n))
+        finish_hub_save(path, model.config, weight_map, total, weights_dtype,
+                        classifier_hub_fields(model) if isinstance(model, SequenceClassifier) else None)
+    barrier()
 
 
 def finish_hub_save(path: Path, config: ModelConfig, weight_map: dict[str, str], total_bytes: int,

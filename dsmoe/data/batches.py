@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dsmoe.errors import UserError
+
 
 def step_offsets(seed: int, step: int, n_tokens: int, seq_len: int, sequences: int) -> np.ndarray:
     """Start offsets of the global batch of `step` (sequences windows of seq_len + 1 tokens)."""
@@ -40,3 +42,13 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None
     if max_tokens is not None:
         count = max(1, min(count, max_tokens // length))
     return [np.asarray(tokens[i * length:i * length + length + 1], dtype=np.int64) for i in range(count)]
+
+
+def micro_batches_per_rank(micro_batch: int, sequences_per_step: int, world_size: int) -> int:
+    """Gradient-accumulation steps per rank that keep a run's global batch on `world_size` ranks."""
+    per_rank, rest = divmod(sequences_per_step, micro_batch * world_size)
+    if rest or per_rank == 0:
+        raise UserError(f"this run takes {sequences_per_step} sequences per step, which {world_size} ranks x "
+                        f"--micro-batch {micro_batch} do not divide: resume on a number of ranks that divides "
+                        f"{sequences_per_step // micro_batch}")
+    return per_rank

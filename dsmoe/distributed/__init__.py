@@ -1,5 +1,5 @@
 """Parallelism applied from outside the model: DeviceMesh, expert parallelism, FSDP2, activation
-checkpointing, compile, distributed checkpoints, and the torchrun runtime.
+checkpointing, compile, and the torchrun runtime (checkpoints, one process or N: dsmoe.checkpoint).
 
 The model (dsmoe.model) never imports torch.distributed; import these only where a script runs
 parallel. Heavy torch.distributed modules load on first use of a name below.
@@ -14,8 +14,6 @@ _EXPORTS = {
     "ExpertParallelExperts": "expert_parallel", "apply_ep": "expert_parallel",
     "apply_ac": "parallelize", "apply_compile": "parallelize", "apply_fsdp": "parallelize",
     "parallelize": "parallelize",
-    "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "export_hub": "checkpoint",
-    "load_native_checkpoint": "checkpoint", "load_rank_tensors": "checkpoint",
     "Runtime": "runtime", "init_from_env": "runtime", "add_arguments": "flags",
     "clip_grad_norm_": "runtime",
 }

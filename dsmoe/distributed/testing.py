@@ -39,7 +39,7 @@ def _entry(rank: int, world_size: int, port: int, timeout_s: float, fn, args) ->
 # Processes come from a fork server that has imported these once: starting N fresh interpreters that each
 # import torch costs seconds per process, and forking the test process itself is unsafe (its thread pools).
 _PRELOAD = ["torch", "torch.distributed.fsdp", "torch.distributed.tensor", "torch.distributed.checkpoint",
-            "dsmoe.distributed.parallelize", "dsmoe.distributed.checkpoint"]
+            "dsmoe.distributed.parallelize", "dsmoe.checkpoint.training"]
 
 
 def run_distributed(fn, world_size: int, *args, timeout_s: float = 120.0) -> None:

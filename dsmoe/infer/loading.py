@@ -8,11 +8,11 @@ import logging
 import torch
 
 from dsmoe.data.tokenizer import Tokenizer
+from dsmoe.devices import DTYPES, resolve_device
 from dsmoe.errors import UserError
 from dsmoe.kernels.ops import IMPLS
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,18 +51,6 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, temperature: floa
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None, help="fixes the sampled tokens")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
-    return device
 
 
 def load_for_inference(args: argparse.Namespace):

@@ -123,10 +123,14 @@ class MoE(nn.Module):
         return limit
 
     def reset_parameters(self, std: float) -> None:
+        """Every weight of the layer (router, routed and shared experts) and its statistics."""
         self.gate.reset_parameters(std)
         self.experts.reset_parameters(std)
         if self.shared_experts is not None:
             for lin in (self.shared_experts.gate_proj, self.shared_experts.up_proj, self.shared_experts.down_proj):
                 nn.init.normal_(lin.weight, std=std)
+        self.reset_statistics()
+
+    def reset_statistics(self) -> None:
         self.expert_counts.zero_()
         self.aux_loss.zero_()

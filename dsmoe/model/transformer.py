@@ -94,20 +94,22 @@ class Transformer(nn.Module):
     def init_weights(self) -> None:
         """Every weight ~ N(0, initializer_range) (0.006, the papers' value), norms 1, biases 0."""
         std = self.config.initializer_range
+        in_moe = {id(m) for moe in self.moe_layers() for m in moe.modules() if m is not moe}
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, MoE):
+                module.reset_parameters(std)  # all of the layer (its shared experts too), once
+            elif isinstance(module, (nn.Linear, nn.Embedding)) and id(module) not in in_moe:
                 nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, (RMSNorm, MoE)):
-                module.reset_parameters(*(() if isinstance(module, RMSNorm) else (std,)))
-        self.init_buffers()
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+        self.rotary.reset_parameters()
 
     @torch.no_grad()
     def init_buffers(self) -> None:
-        """Recompute non-persistent buffers (rotary frequencies), e.g. after `to_empty`."""
+        """Recompute non-persistent buffers (rotary frequencies, routing statistics), e.g. after `to_empty`."""
         self.rotary.reset_parameters()
         for moe in self.moe_layers():
-            moe.expert_counts.zero_()
-            moe.aux_loss.zero_()
+            moe.reset_statistics()
 
     # ---- MoE statistics and the aux-loss-free bias update
     def moe_layers(self) -> list[MoE]:

@@ -155,7 +155,7 @@ def _calibration(args, source: Path, vocab_size: int):
 
 
 def _device(name: str) -> torch.device:
-    from dsmoe.infer.loading import resolve_device
+    from dsmoe.devices import resolve_device
 
     return resolve_device(name)
 

@@ -48,14 +48,14 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from dsmoe.checkpoint import native
     from dsmoe.checkpoint.hf import load_pretrained
+    from dsmoe.checkpoint.training import load_model
     from dsmoe.data.batches import eval_windows
     from dsmoe.data.prepare import prepare_corpus, read_documents
     from dsmoe.data.tokenizer import load_tokenizer
+    from dsmoe.devices import resolve_device
     from dsmoe.tasks.perplexity import evaluate_loss, perplexity
     from dsmoe.train.config import TrainConfig
-    from dsmoe.train.trainer import resolve_device
 
     path = Path(args.path)
     if not path.is_dir():
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     if is_training_checkpoint:
-        model = native.load_model(path, device, args.moe_impl)
+        model = load_model(path, device, args.moe_impl)
     else:
         # quantized weights run with bf16 activations on a GPU (their kernels' format), fp32 elsewhere
         dtype = torch.bfloat16 if args.quantize and device.type == "cuda" else torch.float32

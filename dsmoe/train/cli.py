@@ -118,10 +118,8 @@ def run(args: argparse.Namespace) -> int:
     if not under_torchrun and (args.ep != 1 or args.dp_shard not in (-1, 1) or args.sharded_init):
         raise UserError("--ep, --dp-shard and --sharded-init need several processes: launch with "
                         "torchrun --nproc-per-node N -m dsmoe train ...")
-    from dsmoe.train.trainer import (  # torch loads only once the flags are valid
-        Trainer,
-        resolve_device,
-    )
+    from dsmoe.devices import resolve_device  # torch loads only once the flags are valid
+    from dsmoe.train.trainer import Trainer
 
     rt = None
     if under_torchrun:  # every rank joins the process group and owns its device (LOCAL_RANK)

@@ -4,7 +4,7 @@ RUN/config.json + model.safetensors   the final model, hub layout (dsmoe.load_pr
 RUN/tokenizer.json, tokenizer_config.json
 RUN/train_config.json                 the full resolved TrainConfig (`dsmoe train --config` runs it again)
 RUN/metrics.jsonl                     one record per logged step and per evaluation
-RUN/checkpoints/step_N/               resumable training state (checkpoint/native.py)
+RUN/checkpoints/step_N/               resumable training state (checkpoint/training.py)
 RUN/plots/loss.png, expert_load.png
 RUN/tensorboard/                      with --tensorboard
 
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from dsmoe.atomic import atomic_write_text
-from dsmoe.checkpoint.native import latest_checkpoint
+from dsmoe.checkpoint.training import latest_checkpoint
 from dsmoe.errors import UserError
 from dsmoe.train.config import TrainConfig
 

@@ -18,7 +18,7 @@ data parallel x expert parallel: every rank builds the same model from the seed,
 (EP, FSDP2, activation checkpointing, compile); each rank reads its own slice of every global batch; losses,
 expert counts and evaluation sums are reduced over all ranks, and FSDP averages the gradients, so a step equals
 one process's step over the same global batch. Rank 0 alone writes the run folder (config, tokenizer, metrics,
-plots); checkpoints and the final export are collective (checkpoints.py, dsmoe.distributed.checkpoint).
+plots); checkpoints and the final export are collective (dsmoe.checkpoint).
 """
 
 from __future__ import annotations
@@ -34,12 +34,14 @@ import torch
 from tqdm.auto import tqdm
 
 from dsmoe.checkpoint.hf import save_pretrained
+from dsmoe.checkpoint.training import load_checkpoint, read_state, save_checkpoint
+from dsmoe.data.batches import micro_batches_per_rank
 from dsmoe.data.prepare import read_documents
 from dsmoe.data.tokenizer import MIN_VOCAB
+from dsmoe.devices import resolve_device
 from dsmoe.errors import UserError
 from dsmoe.model.balance import max_violation
 from dsmoe.tasks.perplexity import evaluate_loss, perplexity
-from dsmoe.train import checkpoints
 from dsmoe.train.config import TrainConfig
 from dsmoe.train.data import TrainingData, pretraining_data
 from dsmoe.train.flops import dense_tflops, train_flops_per_token
@@ -66,14 +68,6 @@ def _plots():
         log.warning("no plots: %s (pip install matplotlib)", e)
         return None
     return plots
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} but no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
 
 
 class Trainer:
@@ -126,12 +120,7 @@ class Trainer:
         return self.model
 
     def _export(self) -> None:
-        if self.distributed:
-            from dsmoe.distributed.checkpoint import export_hub
-
-            export_hub(self.model, self.out)  # gathered one parameter at a time; rank 0 writes
-        else:
-            save_pretrained(self.model, self.out)
+        save_pretrained(self.model, self.out)  # sharded: gathered one parameter at a time, rank 0 writes
 
     def _eval_line(self, result: dict) -> str:
         per_byte = f" | {result['val_nats_per_byte']:.4f} nats/byte" if "val_nats_per_byte" in result else ""
@@ -144,10 +133,9 @@ class Trainer:
         cfg = self.cfg
         self.sequences_per_step = cfg.micro_batch * cfg.grad_accum * self.reducer.world_size
         if resume_from is not None:
-            data = checkpoints.read_trainer_state(resume_from)["data"]
+            data = read_state(resume_from)["data"]
             self.sequences_per_step = data.get("sequences_per_step", cfg.micro_batch * cfg.grad_accum)
-        self.grad_accum = checkpoints.micro_batches_per_rank(cfg.micro_batch, self.sequences_per_step,
-                                                             self.reducer.world_size)
+        self.grad_accum = micro_batches_per_rank(cfg.micro_batch, self.sequences_per_step, self.reducer.world_size)
         self.total_steps = cfg.total_steps(self.sequences_per_step // (cfg.micro_batch * cfg.grad_accum))
 
     def _restore(self, resume_from: Path | None) -> None:
@@ -156,7 +144,7 @@ class Trainer:
         self.tokens_seen, self.elapsed_before = 0, 0.0
         if resume_from is None:
             return
-        state = checkpoints.load(resume_from, self._checkpointed(), self.optimizer, self.reducer)
+        state = load_checkpoint(resume_from, self._checkpointed(), self.optimizer, seed=self.cfg.seed)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.skipped, self.consecutive_skips = state["skipped_steps"], state["consecutive_skips"]
         self.elapsed_before = state["elapsed_s"]
@@ -385,8 +373,8 @@ class Trainer:
                  "total_steps": self.total_steps, "lr": lr_at(max(self.step - 1, 0), self.cfg, self.total_steps),
                  "data": {"seed": self.cfg.seed, "next_step": self.step, "sequences_per_step": self.sequences_per_step},
                  "train_config": self.cfg.to_dict()}
-        return checkpoints.save(self.out / "checkpoints", self.step, self._checkpointed(), self.optimizer, state,
-                                keep=self.cfg.keep_checkpoints, reducer=self.reducer)
+        return save_checkpoint(self.out / "checkpoints", self.step, self._checkpointed(), self.optimizer, state,
+                               keep=self.cfg.keep_checkpoints)
 
     def describe(self) -> str:
         c, cfg = self.model_config, self.cfg

@@ -1,0 +1,22 @@
+"""Where and in what precision a command runs: the values of --device and --dtype, read in one place."""
+
+from __future__ import annotations
+
+import torch
+
+from dsmoe.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} but no CUDA GPU is visible; use --device cpu")
+    return device
