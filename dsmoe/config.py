@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,15 +184,14 @@ class ModelConfig:
             model_type = model_type.removesuffix(ADAPTIVE_SUFFIX)
             hf = {**hf, "model_type": model_type}
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"config.json has model_type {model_type!r}; dsmoe reads {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+            raise ConfigError(f"model_type {model_type!r} is not a DeepSeek model; dsmoe reads "
+                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in hf.items() if k in known}
         theta, scaling = _rope_from_hf(hf)
         kwargs["rope_theta"], kwargs["rope_scaling"] = theta, scaling
-        if isinstance(kwargs.get("eos_token_id"), list):
-            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        if isinstance(kwargs.get("eos_token_id"), list):  # generation may stop at several; the first is the model's
+            kwargs["eos_token_id"] = kwargs["eos_token_id"][0] if kwargs["eos_token_id"] else None
         # transformers writes null for fields its class does not use; fall back to each version's default
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k in _NULLABLE}
         if kwargs.get("kv_lora_rank") is not None:
@@ -248,25 +249,70 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """Accept both the hub spelling (rope_theta + rope_scaling) and transformers 5's rope_parameters."""
+    for name in ("rope_parameters", "rope_scaling"):
+        if not isinstance(hf.get(name) or {}, dict):
+            raise ConfigError(f"{name} is {hf[name]!r}: it must be an object such as {{\"type\": \"yarn\", "
+                              "\"factor\": ...}} or null")
     params = hf.get("rope_parameters")
     if params:
         params = dict(params)
         theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
         rope_type = params.pop("rope_type", params.pop("type", "default"))
-        return float(theta), (None if rope_type == "default" else {"type": rope_type, **params})
+        return _as_float(theta), (None if rope_type == "default" else {"type": rope_type, **params})
     scaling = hf.get("rope_scaling")
     if scaling:
         scaling = dict(scaling)
         scaling["type"] = scaling.pop("rope_type", scaling.get("type", "default"))
         if scaling["type"] == "default":
             scaling = None
-    return float(hf.get("rope_theta", 10000.0)), scaling
+    return _as_float(hf.get("rope_theta", 10000.0)), scaling
+
+
+def _as_float(value: Any) -> Any:
+    """Integers as floats (config files write 10000 for 10000.0); anything else is left for the type check."""
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def check_types(config: Any, fail) -> None:
+    """Every field of a config dataclass against its annotation; `fail(name, why)` reports the first that does
+    not fit. The one place where values from config.json, train_config.json and flags meet their types."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        wanted = _unfit(hints[f.name], getattr(config, f.name))
+        if wanted is not None:
+            fail(f.name, f"must be {wanted}")
+
+
+def _unfit(annotation: Any, value: Any) -> str | None:
+    """None when value fits the annotation, else what the annotation asks for, in words."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        nullable = len(options) < len(typing.get_args(annotation))
+        wanted = [_unfit(a, value) for a in options]
+        if (value is None and nullable) or None in wanted:
+            return None
+        return " or ".join(wanted) + (" or null" if nullable else "")
+    kind, args = typing.get_origin(annotation) or annotation, typing.get_args(annotation)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    checks = {
+        bool: (isinstance(value, bool), "true or false"),
+        int: (number and isinstance(value, int), "an integer"),
+        float: (number and math.isfinite(value), "a finite number"),
+        str: (isinstance(value, str), "a string"),
+        dict: (isinstance(value, dict), "an object"),
+        list: (isinstance(value, list) and all(_unfit(args[0], v) is None for v in value), "a list"),
+    }
+    if annotation is Any:
+        return None
+    fits, words = checks[kind]  # a KeyError here: a new kind of field needs its check above
+    return None if fits else words
 
 
 def _validate(c: ModelConfig) -> None:
     def fail(name: str, why: str) -> None:
         raise ConfigError(f"invalid model config: {name}={getattr(c, name)!r}: {why}")
 
+    check_types(c, fail)  # the checks below compare numbers
     if c.model_type not in SUPPORTED_MODEL_TYPES:
         fail("model_type", f"use one of {', '.join(SUPPORTED_MODEL_TYPES)}")
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -336,6 +382,9 @@ def _validate(c: ModelConfig) -> None:
             fail("rope_scaling", "dsmoe implements rope_scaling type 'yarn' (DeepSeek's) or none")
         if "factor" not in c.rope_scaling or "original_max_position_embeddings" not in c.rope_scaling:
             fail("rope_scaling", "yarn needs 'factor' and 'original_max_position_embeddings'")
+        for key in ("factor", "original_max_position_embeddings", "mscale", "mscale_all_dim", "beta_fast", "beta_slow"):
+            if key in c.rope_scaling and _unfit(float, c.rope_scaling[key]) is not None:
+                fail("rope_scaling", f"its {key} must be a finite number")
 
 
 def _mla_v3_routing(**kw: Any) -> dict[str, Any]:
