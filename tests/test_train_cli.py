@@ -2,6 +2,7 @@
 once with one sentence (exit status 2, no traceback, no run folder left behind)."""
 
 import json
+import math
 
 import pytest
 
@@ -88,3 +89,54 @@ def test_an_existing_run_is_neither_overwritten_nor_resumed_with_another_config(
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0  # same config: allowed (already complete)
     assert main(["train", "--data", SHAKESPEARE, "--out", str(run), "--steps", "2", "--overwrite", *MICRO]) == 0
     assert json.loads((run / "train_config.json").read_text())["steps"] == 2
+
+
+NUMERIC_FLAGS = [("--lr", "nan", "must be a finite number"), ("--lr", "inf", "must be a finite number"),
+                 ("--lr", "0", "must be > 0"), ("--beta1", "1.5", "must be in [0, 1)"),
+                 ("--beta2", "-0.1", "must be in [0, 1)"), ("--grad-clip", "nan", "must be a finite number"),
+                 ("--grad-clip", "-1", "must be >= 0"), ("--dropout", "1", "must be in [0, 1)"),
+                 ("--min-lr-ratio", "2", "must be in [0, 1]"), ("--weight-decay", "1e6", "below 1 / lr"),
+                 ("--bias-update-gamma", "inf", "must be a finite number"), ("--seed", "-3", "must be in [0, "),
+                 ("--aux-loss-alpha", "nan", "must be a finite number"), ("--warmup-steps", "-1", "must be >= 0"),
+                 ("--val-fraction", "1", "must be in [0, 1)"), ("--corpus-limit-mb", "0", "must be > 0")]
+
+
+@pytest.mark.parametrize("flag,value,message", NUMERIC_FLAGS)
+def test_numeric_training_settings_that_cannot_work_are_refused(flag, value, message, tmp_path, capsys):
+    err = fails(capsys, ["train", flag, value, "--out", str(tmp_path / "run")], message)
+    assert err.startswith(f"error: {flag} ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_numeric_training_field_has_a_range():
+    import dataclasses
+    import math
+    import typing
+
+    from dsmoe.errors import UserError
+    from dsmoe.train.config import RANGES, TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    numeric = {f.name for f in dataclasses.fields(TrainConfig)
+               if {int, float} & set(typing.get_args(hints[f.name]) or [hints[f.name]])}
+    assert numeric == set(RANGES)
+    for name in numeric:
+        low = float(RANGES[name][1:-1].split(", ")[0])
+        bad = math.nan if float in (typing.get_args(hints[name]) or [hints[name]]) else int(low) - 1
+        with pytest.raises(UserError, match="--" + name.replace("_", "-")):
+            TrainConfig(**{name: bad})
+
+
+def test_eval_reports_a_non_finite_loss_as_an_error(short_run, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run, _ = short_run
+    diverged = tmp_path / "diverged"
+    shutil.copytree(run, diverged)
+    weights = load_file(diverged / "model.safetensors")
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], math.nan)  # what --lr inf left
+    save_file(weights, diverged / "model.safetensors")
+    fails(capsys, ["eval", str(diverged), "--data", SHAKESPEARE, "--max-tokens", "100"], "NaN or inf")

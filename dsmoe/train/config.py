@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsmoe.config import PRESETS, ModelConfig, get_preset
+from dsmoe.config import PRESETS, ModelConfig, check_types, get_preset
 from dsmoe.data.tokenizer import MIN_VOCAB
 from dsmoe.errors import UserError
 from dsmoe.kernels.ops import IMPLS as MOE_IMPLS
@@ -24,6 +24,17 @@ DTYPES = ("auto", "fp32", "bf16")
 BALANCE_SCOPES = ("sequence", "batch")
 COMPILE_SCOPES = ("blocks", "model")  # dsmoe.distributed.parallelize.COMPILE_SCOPES
 PARAM_DTYPES = ("fp32", "bf16")
+# Every numeric field's allowed values ("[" closed, "(" open); the type check has already made each a finite number
+RANGES = {
+    "corpus_limit_mb": "(0, inf)", "val_fraction": "[0, 1)", "vocab_size": "[1, inf)", "seq_len": "[1, inf)",
+    "micro_batch": "[1, inf)", "grad_accum": "[1, inf)", "steps": "[1, inf)", "tokens": "[1, inf)",
+    "lr": "(0, inf)", "min_lr_ratio": "[0, 1]", "warmup_steps": "[0, inf)", "decay_fraction": "[0, 1]",
+    "weight_decay": "[0, inf)", "beta1": "[0, 1)", "beta2": "[0, 1)", "grad_clip": "[0, inf)", "dropout": "[0, 1)",
+    "aux_loss_alpha": "[0, inf)", "bias_update_gamma": "[0, inf)", "seed": f"[0, {2**63})",
+    "max_skipped_steps": "[1, inf)", "eval_interval": "[1, inf)", "eval_tokens": "[1, inf)",
+    "checkpoint_interval": "[0, inf)", "keep_checkpoints": "[0, inf)", "log_interval": "[1, inf)",
+    "mtp_layers": "[0, inf)", "mtp_loss_weight": "[0, inf)",
+}
 
 
 def _f(default: Any, help: str, **kw: Any):
@@ -156,35 +167,22 @@ class TrainConfig:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} {getattr(self, name)!r}: {why}")
 
-        for name in ("seq_len", "micro_batch", "grad_accum", "eval_interval", "log_interval",
-                     "eval_tokens", "max_skipped_steps"):
-            if getattr(self, name) < 1:
-                fail(name, "must be at least 1")
-        for name in ("steps", "tokens"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                fail(name, "must be at least 1")
+        check_types(self, fail)
+        for name, interval in RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not _within(value, interval):
+                low, high = interval[1:-1].split(", ")
+                fail(name, f"must be {'>' if interval[0] == '(' else '>='} {low}" if high == "inf" else
+                     f"must be in {interval}")
         if self.steps is not None and self.tokens is not None:
             raise UserError("--steps and --tokens both set: give one budget")
-        if not 0 <= self.val_fraction < 1:
-            fail("val_fraction", "must be in [0, 1)")
-        if self.lr <= 0:
-            fail("lr", "must be positive")
-        if not 0 <= self.min_lr_ratio <= 1:
-            fail("min_lr_ratio", "must be in [0, 1]")
-        if not 0 <= self.decay_fraction <= 1:
-            fail("decay_fraction", "must be in [0, 1]")
-        for name in ("warmup_steps", "checkpoint_interval", "keep_checkpoints", "grad_clip", "weight_decay",
-                     "bias_update_gamma", "mtp_loss_weight"):
-            if getattr(self, name) < 0:
-                fail(name, "must be >= 0")
-        if self.mtp_layers is not None and not 0 <= self.mtp_layers < self.seq_len:
-            fail("mtp_layers", f"must be in [0, --seq-len={self.seq_len})")
-        if not 0 <= self.dropout < 1:
-            fail("dropout", "must be in [0, 1)")
+        if self.mtp_layers is not None and self.mtp_layers >= self.seq_len:
+            fail("mtp_layers", f"must be below --seq-len={self.seq_len}")
+        if self.lr * self.weight_decay >= 1:
+            fail("weight_decay", f"each step multiplies the weights by 1 - lr x weight_decay, so it must stay below "
+                                 f"1 / lr = {1 / self.lr:g}")
         if self.tokenizer is None and self.vocab_size < MIN_VOCAB:
             fail("vocab_size", f"a byte-level tokenizer needs at least {MIN_VOCAB} (256 bytes + bos/eos)")
-        if self.corpus_limit_mb is not None and self.corpus_limit_mb <= 0:
-            fail("corpus_limit_mb", "must be positive")
         for name, choices in (("schedule", SCHEDULES), ("dtype", DTYPES), ("moe_impl", MOE_IMPLS),
                               ("compile_scope", COMPILE_SCOPES), ("param_dtype", PARAM_DTYPES)):
             if getattr(self, name) not in choices:
@@ -222,3 +220,10 @@ class TrainConfig:
     def differences(self, other: TrainConfig) -> list[str]:
         a, b = self.to_dict(), other.to_dict()
         return [k for k in a if a[k] != b[k]]
+
+
+def _within(value: float, interval: str) -> bool:
+    low, high = (float(x) for x in interval[1:-1].split(", "))
+    above = value > low if interval[0] == "(" else value >= low
+    below = value < high if interval[-1] == ")" else value <= high
+    return above and below
