@@ -190,3 +190,14 @@ def test_a_finished_save_killed_before_its_rename_is_kept(tmp_path):
     (tmp_path / f".step_4.tmp-{os.getpid()}").mkdir()  # a live process's save in progress: left alone
     training.clean_stale(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".step_4.tmp-{os.getpid()}", "step_1", "step_2"]
+
+
+def test_checkpoint_code_does_not_import_the_parallelism_package():
+    """One direction only: distributed/ and train/ use checkpoint/, never the reverse (no import cycle)."""
+    import ast
+
+    for file in (Path(__file__).resolve().parents[1] / "dsmoe" / "checkpoint").glob("*.py"):
+        tree = ast.parse(file.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in names if m.startswith(("dsmoe.distributed", "dsmoe.train"))], file.name
