@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             model, tokenizer, device = load_for_inference(argparse.Namespace(
                 path=args.model, device=args.device, dtype="auto", moe_impl="auto", quantize=None))
         else:
-            from dsmoe.infer.loading import resolve_device
+            from dsmoe.devices import resolve_device
 
             device = resolve_device(args.device)
             model, tokenizer = random_model(args.preset, Path(tmp), device)
