@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from infer_helpers import build_model_dir
 from safetensors.torch import load_file, save_file
 
 from dsmoe.checkpoint.hf import load_pretrained, save_pretrained
@@ -122,8 +121,8 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def good_folder(tmp_path_factory):
-    return build_model_dir(tmp_path_factory.mktemp("models"), chat_template=None)
+def good_folder(plain_model_dir):
+    return plain_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -151,6 +151,12 @@ def read_config(path: Path) -> tuple[ModelConfig, dict]:
         raise ConfigError(f"{path / 'config.json'}: {e}; correct the file") from None
 
 
+def checkpoint_files(path: str | os.PathLike) -> dict[str, Path]:
+    """Tensor key -> file, once the index and every safetensors header have been checked (a bad folder raises)."""
+    with ExitStack() as stack:
+        return open_checkpoint(Path(path), stack)[0]
+
+
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, moe_impl: str = "auto",
                     quantize: str | None = None) -> Transformer:
