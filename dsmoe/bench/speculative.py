@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--json", default=None, help="write all results to this JSON file")
+    from dsmoe.infer.loading import add_quantize_argument
+
+    add_quantize_argument(parser)  # speculation on quantized weights too
 
 
 def text_prompts(path: str, text_field: str, tokenizer, count: int, length: int) -> list[list[int]]:
