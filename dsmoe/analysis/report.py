@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dsmoe.analysis.collect import RoutingTotals
-from dsmoe.data.tokenizer import TextTokenizer
+from dsmoe.data.tokenizer import Tokenizer
 from dsmoe.model.balance import max_violation
 
 
@@ -49,7 +49,7 @@ def coactivation_lift(coactivation_EE: np.ndarray, tokens: int) -> np.ndarray:
     return lift
 
 
-def characteristic_tokens(token_expert_EV: torch.Tensor, tokenizer: TextTokenizer, top: int) -> list[list[dict]]:
+def characteristic_tokens(token_expert_EV: torch.Tensor, tokenizer: Tokenizer, top: int) -> list[list[dict]]:
     n = token_expert_EV.double()
     n_e, n_v, total = n.sum(1, keepdim=True), n.sum(0, keepdim=True), n.sum()
     score = torch.special.xlogy(n, n * total / (n_e * n_v).clamp_min(1))
@@ -60,7 +60,7 @@ def characteristic_tokens(token_expert_EV: torch.Tensor, tokenizer: TextTokenize
             for row_ids, row_counts, row_values in zip(ids, counts, values)]
 
 
-def layer_statistics(totals: RoutingTotals, layer_ids: list[int], tokenizer: TextTokenizer,
+def layer_statistics(totals: RoutingTotals, layer_ids: list[int], tokenizer: Tokenizer,
                      top_tokens: int = 8) -> list[dict]:
     E = totals.counts_LE.shape[1]
     maxvio = max_violation(torch.from_numpy(totals.counts_LE)).tolist()
