@@ -64,10 +64,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{source} has no MoE layers to {args.action}; `dsmoe experts upcycle` makes some")
     if args.action == "prune" and windows is None:
         raise UserError("prune ranks experts by the tokens they receive: pass calibration text with --data")
-    result, record = _ACTIONS[args.action](args, model, windows)
+    counts, loss_before = _routing(model, windows) if windows is not None and model.moe_layers() else (None, None)
+    result, record = _ACTIONS[args.action](args, model, windows, counts)
     record.update(action=args.action, source=str(source), calibration=args.data, seed=args.seed)
     if windows is not None:
-        record["loss_before"], record["loss_after"] = _loss(model, windows), _loss(result, windows)
+        record["loss_before"] = loss_before if loss_before is not None else _loss(model, windows)
+        record["loss_after"] = _loss(result, windows)
         print(f"calibration loss: before {record['loss_before']:.4f} | after {record['loss_after']:.4f}"
               + (f" | random experts dropped instead {record['loss_random']:.4f}" if "loss_random" in record else ""))
     _write_folder(result, source, out, record, args.overwrite)
@@ -76,14 +78,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prune(args, model, windows):
+def _prune(args, model, windows, counts):
     from dsmoe.surgery.experts import SurgeryError, prune_experts, select_by_usage, select_random
 
     c = model.config
     keep = args.keep if args.keep is not None else round(c.n_routed_experts * (1 - args.drop_fraction))
     if args.drop_fraction is not None and not 0 <= args.drop_fraction < 1:
         raise SurgeryError("--drop-fraction is a share in [0, 1)")
-    counts = expert_usage(model, windows)
     pruned = prune_experts(model, select_by_usage(counts, keep, c.n_group))
     random = prune_experts(model, select_random(len(c.moe_layer_ids), c.n_routed_experts, keep, c.n_group, args.seed))
     record = {"kept_per_layer": keep, "removed_per_layer": c.n_routed_experts - keep,
@@ -91,18 +92,16 @@ def _prune(args, model, windows):
     return pruned, record
 
 
-def _grow(args, model, windows):
+def _grow(args, model, windows, counts):
     from dsmoe.surgery.experts import grow_experts
 
-    if windows is None:  # no calibration text: the experts are split in id order
+    if counts is None:  # no calibration text: the experts are split in id order
         counts = torch.zeros(len(model.config.moe_layer_ids), model.config.n_routed_experts, dtype=torch.long)
-    else:
-        counts = expert_usage(model, windows)
     grown = grow_experts(model, args.add, counts, noise=args.noise, seed=args.seed)
     return grown, {"added_per_layer": args.add, "noise": args.noise}
 
 
-def _upcycle(args, model, windows):
+def _upcycle(args, model, windows, counts):
     from dsmoe.surgery.upcycle import upcycle
 
     moe = upcycle(model, experts=args.experts, top_k=args.top_k, shared=args.shared, keep_dense=args.keep_dense,
@@ -114,24 +113,25 @@ def _upcycle(args, model, windows):
 _ACTIONS = {"prune": _prune, "grow": _grow, "upcycle": _upcycle}
 
 
-@torch.no_grad()
-def expert_usage(model, windows, batch_size: int = 8) -> torch.Tensor:
-    """Tokens each routed expert received over the calibration windows: [MoE layers, E] int64."""
-    total = None
-    for start in range(0, len(windows), batch_size):
-        ids = torch.stack([torch.as_tensor(w[:-1]) for w in windows[start:start + batch_size]])
-        model(ids.to(next(model.parameters()).device))
-        counts = model.routing_stats()[0].cpu()
-        total = counts if total is None else total + counts
-    return total
+def _autocast(device: torch.device):
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def _routing(model, windows) -> tuple[torch.Tensor, float]:
+    """(tokens each routed expert received [MoE layers, E], calibration loss): one pass of `dsmoe analyze`'s
+    collector over the windows."""
+    from dsmoe.analysis.collect import collect_routing
+
+    device = next(model.parameters()).device
+    totals = collect_routing(model, [windows], batch_size=8, device=device, autocast_dtype=_autocast(device))
+    return torch.from_numpy(totals.counts_LE).long(), totals.domain_loss[0]
 
 
 def _loss(model, windows) -> float:
     from dsmoe.tasks.perplexity import evaluate_loss
 
     device = next(model.parameters()).device
-    return evaluate_loss(model, windows, batch_size=8, device=device,
-                         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)[0]
+    return evaluate_loss(model, windows, batch_size=8, device=device, autocast_dtype=_autocast(device))[0]
 
 
 def _calibration(args, source: Path, vocab_size: int):
