@@ -144,3 +144,26 @@ def test_cached_generation_equals_full_forwards():
         for _ in range(6):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
     assert out == seq[len(prompt):]
+
+
+def test_analyze_reports_experts_per_token_and_the_tokens_taking_most(tmp_path):
+    from dsmoe.analysis.collect import collect_routing
+    from dsmoe.analysis.report import experts_per_token
+    from dsmoe.data.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**BASE), dtype=torch.float32).eval()
+    with torch.no_grad():  # decisive routers, so tokens differ in how many experts reach top_p
+        for moe in model.moe_layers():
+            moe.gate.weight.normal_(0, 1.0)
+    windows = [torch.randint(0, 97, (17,)).numpy() for _ in range(6)]
+    totals = collect_routing(model, [windows], batch_size=3, device=torch.device("cpu"))
+    hist = totals.experts_per_token_LK[0]
+    assert hist.sum() == 6 * 16 and hist[0] == 0 and hist[5:].sum() == 0 and (hist > 0).sum() > 1  # 1 <= k <= 4
+    mean = (hist * torch.arange(5).numpy()).sum() / hist.sum()
+    assert abs(mean - totals.counts_LE[0].sum() / (6 * 16)) < 1e-9  # the counts count used slots only
+    tokenizer = train_tokenizer(["abc def ghi " * 50], 300)
+    out = experts_per_token(totals, 0, tokenizer, top=3, min_count=1)
+    assert abs(out["experts_per_token_mean"] - mean) < 1e-9 and len(out["tokens_taking_most_experts"]) == 3
+    takes = [t["experts"] for t in out["tokens_taking_most_experts"]]
+    assert takes == sorted(takes, reverse=True) and takes[0] <= 4

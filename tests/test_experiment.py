@@ -26,6 +26,10 @@ def _model_config(cfg: TrainConfig):
 def test_arms_have_equal_active_parameters(name, scale):
     rows = experiment_rows(name, scale, data=[], seeds=[0])
     configs = {r.arm: _model_config(r.config) for r in rows}
+    if name == "adaptive-routing":  # top-p's config holds k_max; its regulariser targets top-k's k on average
+        fixed, adaptive = configs["top-k"], configs["top-p"]
+        assert adaptive.routing_target_k == fixed.num_experts_per_tok < adaptive.num_experts_per_tok
+        configs = {"top-k": fixed, "top-p": adaptive.replace(num_experts_per_tok=fixed.num_experts_per_tok)}
     ffn_active = {arm: c.num_params(active=True) - (c.n_routed_experts or 0) * c.hidden_size * c.num_hidden_layers
                   for arm, c in configs.items()}  # the routers' weights aside
     assert len(set(ffn_active.values())) == 1, ffn_active

@@ -34,6 +34,8 @@ class RoutingTotals:
     token_expert_LEV: torch.Tensor  # routings of each vocabulary entry to each expert (kept on the device)
     routed_norm_L: np.ndarray  # sum over tokens of |routed experts' output|
     shared_norm_L: np.ndarray  # sum over tokens of |shared experts' output| (0 without shared experts)
+    experts_per_token_LK: np.ndarray  # tokens that used k routed experts, k = 0..K (adaptive routing varies k)
+    token_counts_V: np.ndarray  # occurrences of each vocabulary entry in the sample
     tokens: int  # tokens routed per MoE layer
     domain_loss: list[float]  # mean next-token loss of each domain's windows (evaluate_loss)
     domain_tokens: list[int]  # predicted tokens of each domain
@@ -56,6 +58,8 @@ class RoutingCollector:
         self.entropy_sum_L, self.routed_norm_L, self.shared_norm_L = zeros(L), zeros(L), zeros(L)
         # int32: the V2-Lite-sized table (26 x 64 x 102400) is 0.7 GB this way
         self.token_expert_LEV = torch.zeros(L, E, V, dtype=torch.int32, device=device)
+        self.experts_per_token_LK = torch.zeros(L, c.num_experts_per_tok + 1, dtype=torch.int64, device=device)
+        self.token_counts_V = torch.zeros(V, dtype=torch.int64, device=device)
         self.tokens = 0
         self.domain = 0
         self._ids_T: torch.Tensor | None = None
@@ -79,6 +83,7 @@ class RoutingCollector:
     def _on_input(self, module, args) -> None:
         self._ids_T = args[0].reshape(-1)
         self.tokens += self._ids_T.numel()
+        self.token_counts_V.scatter_add_(0, self._ids_T, torch.ones_like(self._ids_T))
 
     @torch.no_grad()
     def _on_routing(self, layer: int, module, args, routing) -> None:
@@ -96,6 +101,8 @@ class RoutingCollector:
         V = self.token_expert_LEV.shape[2]
         flat = (idx_TK * V + self._ids_T[:, None]).flatten()
         self.token_expert_LEV[layer].view(-1).scatter_add_(0, flat, used_TK.flatten().to(torch.int32))
+        k_T = used_TK.sum(dim=1).long()
+        self.experts_per_token_LK[layer].scatter_add_(0, k_T, torch.ones_like(k_T))
 
     @torch.no_grad()
     def _on_norm(self, total_L: torch.Tensor, layer: int, module, args, output) -> None:
@@ -116,5 +123,6 @@ def collect_routing(model: Transformer, windows_by_domain: list[list[np.ndarray]
             counts.append(n)
     cpu = lambda t: t.cpu().numpy()
     return RoutingTotals(cpu(c.counts_LE), cpu(c.domain_counts_LDE), cpu(c.coactivation_LEE), cpu(c.entropy_sum_L),
-                         c.token_expert_LEV, cpu(c.routed_norm_L), cpu(c.shared_norm_L), c.tokens, losses, counts)
+                         c.token_expert_LEV, cpu(c.routed_norm_L), cpu(c.shared_norm_L),
+                         cpu(c.experts_per_token_LK), cpu(c.token_counts_V), c.tokens, losses, counts)
 

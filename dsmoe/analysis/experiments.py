@@ -12,6 +12,8 @@ the weights outside the FFNs (`paired_init`), so a difference between arms withi
   aux loss only (alpha 0.001), by the bias update only (u 0.001), or by both.
 - shared-experts: the DeepSeekMoE architecture with 0, 1 or 2 shared experts (equal active and total params).
 - granularity: m = 1, 2, 4, 8 (no shared expert; equal active and total params).
+- adaptive-routing: the DeepSeekMoE architecture with V3's gate, fixed top-k vs top-p routing (p 0.5, 1 to 2k
+  experts) whose regulariser holds the mean at k; `dsmoe analyze` reports the experts per token each arm used.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from dsmoe.errors import UserError
 from dsmoe.train.config import TrainConfig
 
-EXPERIMENTS = ("architectures", "balancing", "shared-experts", "granularity")
+EXPERIMENTS = ("architectures", "balancing", "shared-experts", "granularity", "adaptive-routing")
 SCALES = ("cpu", "gpu")
 
 
@@ -99,6 +101,13 @@ def arms(name: str, s: Scale) -> dict[str, dict]:
     if name == "granularity":
         return {f"m={g}": {"model": moe(s, g, 0, "sigmoid"), "aux_loss_alpha": 0.0, "bias_update_gamma": 0.001}
                 for g in (1, 2, 4, 8)}
+    if name == "adaptive-routing":  # fixed top-k vs top-p held at the same mean experts per token
+        fixed = moe(s, m, 1, "sigmoid")
+        k = fixed["num_experts_per_tok"]
+        adaptive = {**fixed, "num_experts_per_tok": min(2 * k, fixed["n_routed_experts"]), "routing_top_p": 0.5,
+                    "routing_min_k": 1, "routing_target_k": float(k), "routing_k_loss_alpha": 0.01}
+        return {"top-k": {"model": fixed, "aux_loss_alpha": 0.0, "bias_update_gamma": 0.001},
+                "top-p": {"model": adaptive, "aux_loss_alpha": 0.0, "bias_update_gamma": 0.001}}
     raise UserError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
 
 

@@ -83,8 +83,26 @@ def layer_statistics(totals: RoutingTotals, layer_ids: list[int], tokenizer: Tok
             "top_coactivated_pairs": [{"experts": [int(i), int(j)], "lift": float(lift[i, j])}
                                       for i, j in zip(*np.unravel_index(order, lift.shape))],
             "characteristic_tokens": characteristic_tokens(totals.token_expert_LEV[l], tokenizer, top_tokens),
+            **experts_per_token(totals, l, tokenizer, top_tokens),
         })
     return layers
+
+
+def experts_per_token(totals: RoutingTotals, layer: int, tokenizer: Tokenizer, top: int, min_count: int = 5) -> dict:
+    """How many routed experts tokens used (fixed under top-k; spread under adaptive routing), and the tokens
+    that took the most on average (seen at least min_count times)."""
+    hist = totals.experts_per_token_LK[layer]
+    mean = float((hist * np.arange(len(hist))).sum() / max(hist.sum(), 1))
+    out = {"experts_per_token_mean": mean, "experts_per_token_hist": hist.tolist()}
+    if np.count_nonzero(hist) > 1:
+        freq = totals.token_counts_V
+        used_V = totals.token_expert_LEV[layer].sum(dim=0).cpu().numpy()
+        seen = np.flatnonzero(freq >= min_count)
+        per_token = used_V[seen] / freq[seen]
+        order = seen[np.argsort(-per_token)[:top]]
+        out["tokens_taking_most_experts"] = [{"token": tokenizer.decode([int(v)]), "experts": float(used_V[v] / freq[v])}
+                                             for v in order]
+    return out
 
 
 def summary_numbers(layers: list[dict]) -> dict:
