@@ -52,22 +52,33 @@ def test_generate_user_errors(tmp_path, model_dir, capsys):
     assert "max_position_embeddings" in capsys.readouterr().err
 
 
+def replies_in(out: str) -> list[str]:
+    """The REPL's replies, whole: a reply may hold newlines; the REPL's own notices follow it on their lines."""
+    replies = []
+    for chunk in out.split("assistant> ")[1:]:
+        lines = chunk.split("\n")
+        while lines and (lines[-1] == "" or lines[-1].startswith(("(history cleared)", "unknown command"))):
+            lines.pop()
+        replies.append("\n".join(lines))
+    return replies
+
+
 @pytest.mark.parametrize("which", ["template", "fallback"])
 def test_chat_repl_keeps_history(which, model_dir, plain_model_dir, capsys, monkeypatch):
     path = model_dir if which == "template" else plain_model_dir
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nand more\n/reset\n/bogus\nhello\n/exit\nignored\n"))
     assert main(["chat", str(path), "--max-new-tokens", "6", "--temperature", "0", "--system", "Be brief."]) == 0
     out = capsys.readouterr().out
-    replies = [line[len("assistant> "):] for line in out.splitlines() if line.startswith("assistant> ")]
+    replies = replies_in(out)
     assert len(replies) == 3 and "(history cleared)" in out and "unknown command /bogus" in out
     assert replies[0] == replies[2]  # after /reset the same first message gets the same greedy reply
     tok = Tokenizer.load(path)
     system = {"role": "system", "content": "Be brief."}
     text = render_chat([system, {"role": "user", "content": "hello"}], tok.chat_template, bos_token=tok.bos_token)
     ids = tok.encode(text, add_special_tokens=tok.chat_template is None)
-    assert replies[0] == expected_text(path, ids, 6).split("\nUser:")[0]
+    assert replies[0] == expected_text(path, ids, 6).split("\nUser:")[0].rstrip("\n")
     second = [system, {"role": "user", "content": "hello"}, {"role": "assistant", "content": replies[0].strip()},
               {"role": "user", "content": "and more"}]
     ids = tok.encode(render_chat(second, tok.chat_template, bos_token=tok.bos_token),
                      add_special_tokens=tok.chat_template is None)
-    assert replies[1] == expected_text(path, ids, 6).split("\nUser:")[0]
+    assert replies[1] == expected_text(path, ids, 6).split("\nUser:")[0].rstrip("\n")
