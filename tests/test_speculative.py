@@ -54,7 +54,7 @@ def model_and_data():
         opt.step()
     with torch.no_grad():
         w = model.mtp[0].eh_proj.weight
-        w.add_(torch.randn(w.shape, generator=g) * w.std() * 0.7)
+        w.add_(torch.randn(w.shape, generator=g) * w.std() * 2.5)
     prompts = [markov_batch(g, succ, 1, n)[0].tolist() for n in (3, 11, 5, 1, 17, 8)]
     return model.eval(), prompts
 
