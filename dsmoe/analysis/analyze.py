@@ -33,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=32768, help="tokens to score, split evenly over the domains")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
-    parser.add_argument("--disable", type=int, nargs="*", default=[1, 2, 4],
-                        help="redundancy probe: numbers of routed experts to disable per layer (none: skip)")
+    parser.add_argument("--disable", type=int, nargs="*", default=None,
+                        help="redundancy probe: numbers of routed experts to disable per layer (default: those of "
+                             "1 2 4 that leave a token its experts; none: skip)")
     parser.add_argument("--random-draws", type=int, default=2, help="random expert sets per number in the probe")
     parser.add_argument("--top-tokens", type=int, default=8, help="characteristic tokens listed per expert")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -63,7 +64,7 @@ def domain_windows(specs: list[str], tokenizer, text_field: str, seq_len: int, t
 
 
 def analyze(model, tokenizer, specs: list[str], *, text_field: str = "text", tokens: int = 32768,
-            seq_len: int = 512, batch_size: int = 8, disable: list[int] = (1, 2, 4), random_draws: int = 2,
+            seq_len: int = 512, batch_size: int = 8, disable: list[int] | None = None, random_draws: int = 2,
             top_tokens: int = 8, device=None, autocast_dtype=None, name: str = "model") -> tuple[dict, dict]:
     """-> (the JSON report, arrays for the figures)."""
     from dsmoe.analysis.collect import collect_routing
@@ -72,6 +73,8 @@ def analyze(model, tokenizer, specs: list[str], *, text_field: str = "text", tok
 
     config = model.config
     E, K = config.n_routed_experts, config.num_experts_per_tok
+    if disable is None:
+        disable = [n for n in (1, 2, 4) if n <= E - K] if E else []
     bad = [n for n in disable if not 0 < n <= E - K] if E else []
     if bad:
         raise UserError(f"--disable {bad[0]}: each layer has {E} routed experts and a token needs {K}; pass "
