@@ -187,3 +187,24 @@ def test_generate_cli_with_speculative_mtp_prints_the_same_text(tmp_path, model_
     assert main(args + ["--speculative", "mtp", "--num-speculative-tokens", "2"]) == 0
     spec = capsys.readouterr()
     assert spec.out == plain.out and "drafts kept per position" in spec.err
+
+
+def test_bench_speculative_runs_from_the_command_line(model_dir, tmp_path, capsys):
+    """The benchmark users run (it once lacked an argument the loader reads and failed on the GPU)."""
+    import shutil
+
+    from dsmoe import load_pretrained, save_pretrained
+    from dsmoe.cli import main
+    from dsmoe.model.transformer import build_model
+
+    config = load_pretrained(model_dir).config.replace(num_nextn_predict_layers=1)
+    folder = tmp_path / "mtp"
+    save_pretrained(build_model(config), folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / name, folder / name)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def main(argv):\n    return sum(int(a) for a in argv) + len(argv)\n" * 8)
+    assert main(["bench", "speculative", str(folder), "--prompts", str(prompts), "--batch-sizes", "1",
+                 "--num-speculative-tokens", "1", "--new-tokens", "4", "--prompt-len", "8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "mtp x1" in out and "plain" in out
