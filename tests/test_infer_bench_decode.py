@@ -81,5 +81,39 @@ def test_kernels_per_step_counts_each_layers_work():
         model = build_model(get_preset("small").replace(**{**SHRINK, "num_hidden_layers": layers}),
                             dtype=torch.float32).eval()
         engine = Engine(model, max_batch=2, max_model_len=16, cuda_graphs=False)
-        counts.append(decode.kernels_per_step(engine, 2, 16))
+        counts.append(decode.kernels_per_step(decode.profile_step(engine, 2, 16), cuda=False))
     assert counts[1] - counts[0] == counts[2] - counts[1] > 10
+
+
+def test_kernel_table_sorts_kernels_into_kinds():
+    """The --profile table: shares add up per kind, and names land in the kind a reader expects."""
+    from types import SimpleNamespace
+
+    from dsmoe.bench.profiling import kernel_table, kind_of
+
+    assert kind_of("_grouped_rows_kernel") == "MoE expert GEMMs (dsmoe Triton)"
+    assert kind_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "GEMMs (cuBLAS / CUTLASS)"
+    assert kind_of("triton_poi_fused_add_mul_0") == "fused elementwise (torch.compile)"
+    assert kind_of("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add>") == "elementwise (eager)"
+    assert kind_of("something_new") == "other"
+    events = [SimpleNamespace(key="_grouped_rows_kernel", self_device_time_total=3000.0, count=4),
+              SimpleNamespace(key="nvjet_tst_gemm", self_device_time_total=1000.0, count=2),
+              SimpleNamespace(key="idle", self_device_time_total=0.0, count=1)]
+    table = kernel_table(SimpleNamespace(key_averages=lambda: events), steps=2)
+    assert "75.0%     1.500      2  MoE expert GEMMs (dsmoe Triton)" in table
+    assert "total 2.000 ms of GPU kernels in 3 launches per step" in table
+
+
+def test_prefill_benchmark_runs_end_to_end(tmp_path, capsys):
+    """dsmoe bench prefill on a tiny model: the engine's and transformers' prompt tokens/s, then the table."""
+    from dsmoe.bench import prefill
+
+    parser = argparse.ArgumentParser()
+    prefill.add_arguments(parser)
+    out = tmp_path / "prefill.json"
+    args = parser.parse_args(["--presets", "tiny", "--batch-sizes", "2", "--prompt-len", "24", "--prefill-chunk", "16",
+                              "--repeats", "1", "--device", "cpu", "--json", str(out)])
+    assert prefill.run(args) == 0
+    row = json.loads(out.read_text())["models"]["tiny"]["2"]
+    assert row["dsmoe"] > 0 and row["hf-grouped_mm"] > 0
+    assert "tiny                     2" in capsys.readouterr().out

@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default="", help="also time the weight-only schemes listed (fp8,int8) with "
                         "each variant, on a quantized copy of the same weights")
     parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="print where the GPU time of one decode step goes, per kernel and per kind")
     parser.add_argument("--json", default=None, help="write all results to this JSON file")
 
 
@@ -118,10 +120,14 @@ def check_cached_decode(model, prompt_len: int, steps: int = 4, cuda_graphs: boo
 
 
 def time_dsmoe(model, batch: int, prompt_len: int, new_tokens: int, cuda_graphs: bool, compile: bool,
-               repeats: int = 2, prompts: list[list[int]] | None = None, **engine_options) -> dict:
+               repeats: int = 2, prompts: list[list[int]] | None = None, profile: bool = False,
+               **engine_options) -> dict:
     """prompts: `batch` prompts of prompt_len tokens (default random ids); engine_options go to the Engine
-    (e.g. speculative="mtp"; the result then has the drafts' acceptance)."""
+    (e.g. speculative="mtp"; the result then has the drafts' acceptance); profile: also the per-kernel table
+    of one step (CUDA)."""
     import torch
+
+    from dsmoe.bench.profiling import kernel_table
 
     from dsmoe.infer.engine import Engine
     from dsmoe.infer.sampling import SamplingParams
@@ -152,17 +158,18 @@ def time_dsmoe(model, batch: int, prompt_len: int, new_tokens: int, cuda_graphs:
     tokens_per_s = max(t for t, _ in runs)
     context = prompt_len + new_tokens / 2
     B, L = engine.runner.batch_bucket(batch), engine.runner.length_bucket(prompt_len + new_tokens)
+    prof, cuda = profile_step(engine, B, L), device.type == "cuda"
     return {"tokens_per_s": tokens_per_s, "ms_per_step": 1e3 * batch / tokens_per_s, "warmup_s": warmup_s,
-            "kernels_per_step": kernels_per_step(engine, B, L),
+            "kernels_per_step": kernels_per_step(prof, cuda),
+            "profile": kernel_table(prof, steps=1, top=25) if profile and cuda else None,
             "step_bytes": step_bytes(model, engine.cache, batch, context),
             "graphs": sorted(engine.runner.graphs), "graph_failures": dict(engine.runner.failed),
             "speculation": engine.speculation_stats()}
 
 
-def kernels_per_step(engine, B: int, L: int) -> int:
-    """Device work items one decode step of the engine launches (the graph replays exactly these)."""
+def profile_step(engine, B: int, L: int):
+    """torch.profiler over one decode step of the engine run uncaptured (its CUDA graph replays these kernels)."""
     import torch
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = engine.device.type == "cuda"
@@ -170,6 +177,13 @@ def kernels_per_step(engine, B: int, L: int) -> int:
         engine.runner.forward(B, L)
         if cuda:
             torch.cuda.synchronize()
+    return prof
+
+
+def kernels_per_step(prof, cuda: bool) -> int:
+    """Device work items of a profiled step (on the CPU: top-level aten ops)."""
+    from torch.autograd import DeviceType
+
     if cuda:
         return sum(e.device_type == DeviceType.CUDA for e in prof.events())
     return sum(e.cpu_parent is None and e.name.startswith("aten::") for e in prof.events())
@@ -183,7 +197,8 @@ def time_variants(model, batch: int, variants: list[str], args, bandwidth: float
             continue  # the same as the plain variant
         model.set_moe_impl(impl or args.moe_impl)
         try:
-            result = time_dsmoe(model, batch, args.prompt_len, args.new_tokens, cuda_graphs, compile=step == "compiled")
+            result = time_dsmoe(model, batch, args.prompt_len, args.new_tokens, cuda_graphs,
+                                compile=step == "compiled", profile=args.profile)
             result["moe_impl"] = resolved_impl(model)
         except Exception as e:  # e.g. a compiler failure: report it, keep the other numbers
             why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
@@ -198,6 +213,9 @@ def time_variants(model, batch: int, variants: list[str], args, bandwidth: float
         print(f"  dsmoe {variant} ({result['moe_impl']}) batch {batch}: {result['tokens_per_s']:.1f} tokens/s "
               f"({result['fraction_of_bound']:.2f} of the bound; {result['kernels_per_step']} kernels per step; "
               f"warm-up {result['warmup_s']:.0f} s)", flush=True)
+        if result["profile"]:
+            print(f"  where one uncaptured step's GPU time goes ({result['ms_per_step']:.3f} ms per step replayed):\n"
+                  f"{result['profile']}", flush=True)
     return results
 
 

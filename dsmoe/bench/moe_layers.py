@@ -206,20 +206,14 @@ def time_graph(step, inputs, device: torch.device, max_seconds: float, release, 
                 extra_gb=(peak - before) / 1e9, cuda_graph=True)
 
 
-def kernel_profile(step, inputs, steps: int = 3, top: int = 14) -> str:
-    """Per-kernel GPU time of a few steps (torch.profiler): where the layer's time goes."""
-    from torch.profiler import ProfilerActivity, profile
+def kernel_profile(step, inputs, steps: int = 3) -> str:
+    """Per-kernel and per-kind GPU time of a few steps: where the layer's time goes."""
+    from dsmoe.bench.profiling import cuda_profile, kernel_table
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with cuda_profile() as prof:
         for i in range(steps):
             step(*inputs[i % len(inputs)])
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    total = sum(e.self_device_time_total for e in events) or 1.0
-    events.sort(key=lambda e: -e.self_device_time_total)
-    lines = [f"    {e.self_device_time_total / total:6.1%}  {e.self_device_time_total / steps / 1e3:8.3f} ms  "
-             f"x{e.count // steps:<3} {e.key[:90]}" for e in events[:top]]
-    return "\n".join(lines + [f"    total {total / steps / 1e3:.3f} ms of GPU kernels per step"])
+    return kernel_table(prof, steps)
 
 
 def relative_errors(ours: dict, ref: dict) -> dict:

@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+PROFILED_STEPS = 2
 VARIANTS = ("trainer", "trainer+compile", "trainer+compile-model", "hf-grouped_mm", "hf-eager")
 
 
@@ -49,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", nargs="+", default=[], type=key_value, metavar="KEY=VALUE",
                         help="training config overrides for the trainer variants (TrainConfig field names)")
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to smoke-test the script, with --preset tiny)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each trainer variant's timed window, print where the GPU time of "
+                             f"{PROFILED_STEPS} more steps goes (per kernel and per kind)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
 
@@ -121,7 +125,7 @@ def _train_config(args, device, **changes):
     never = 10**9  # no evaluation or checkpoint inside the timed steps
     vocab = {"vocab_size": get_preset(args.preset).vocab_size}  # padded past a smaller trained tokenizer's
     values = dict(preset=args.preset, model=vocab, seq_len=args.seq_len, micro_batch=args.micro_batch, grad_accum=1,
-                  steps=args.warmup + args.steps + 1, device=str(device), eval_interval=never,
+                  steps=args.warmup + args.steps + 1 + PROFILED_STEPS, device=str(device), eval_interval=never,
                   checkpoint_interval=never, log_interval=never, **changes)
     return TrainConfig.from_dict({**values, **dict(args.set)}, "--set")
 
@@ -154,6 +158,12 @@ def _measure_trainer(name: str, moe_impl: str, args, data, device, out: Path) ->
         trainer.run(stop_after=args.warmup - 1)
     trainer.run(stop_after=args.steps)
     record = trainer.last_record
+    if args.profile and device.type == "cuda":
+        from dsmoe.bench.profiling import cuda_profile, kernel_table
+
+        with cuda_profile() as prof:
+            trainer.run(stop_after=PROFILED_STEPS)
+        print(f"where the GPU time of one {name} step goes:\n{kernel_table(prof, PROFILED_STEPS, top=20)}", flush=True)
     return {"tokens_per_s": record["tokens_per_s"], "first_loss": first_loss,
             "last_loss": record["lm_loss"], "skipped_steps": record["skipped_steps"],
             "seconds_per_step": args.micro_batch * args.seq_len / record["tokens_per_s"]}

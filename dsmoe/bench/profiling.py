@@ -1,0 +1,62 @@
+"""Where the GPU time goes: per-kernel and per-kind tables of a torch.profiler run, for the benchmarks' --profile.
+
+Kernels are sorted into kinds by name (first matching pattern wins), so a table says at a glance whether a step
+is spent in GEMMs, in the MoE layer's own kernels, in attention, or in the small kernels around them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+KINDS = (
+    ("MoE expert GEMMs (dsmoe Triton)", r"_grouped_rows_kernel|_grouped_weight_grad_kernel|_wq_"),
+    ("routing + permutation (dsmoe Triton)", r"_route_kernel|_histogram_kernel|_scatter_kernel|_combine_kernel"
+                                             r"|_swiglu"),
+    ("GEMMs (cuBLAS / CUTLASS)", r"gemm|cutlass|nvjet|xmma|sm90_|cublas|splitk"),
+    ("attention", r"flash|fmha|attn|attention|cudnn|sdpa|mha"),
+    ("RMSNorm / rotary", r"norm|rotary"),
+    ("optimizer", r"adam|multi_tensor"),
+    ("top-k / sort", r"topk|sort|radix"),
+    ("copies / memsets", r"copy|memcpy|memset|cat|index|gather|scatter|fill"),
+    ("fused elementwise (torch.compile)", r"triton_poi|triton_per|triton_red"),
+    ("reductions", r"reduce|sum|mean|max|softmax|logsumexp"),
+    ("elementwise (eager)", r"elementwise|vectorized|unrolled"),
+)
+
+
+def kind_of(kernel: str) -> str:
+    name = kernel.lower()
+    return next((kind for kind, pattern in KINDS if re.search(pattern, name)), "other")
+
+
+@contextlib.contextmanager
+def cuda_profile():
+    """torch.profiler over CUDA activity; the device is drained before the profile closes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        yield prof
+        torch.cuda.synchronize()
+
+
+def kernel_table(prof, steps: int, top: int = 14, indent: str = "    ") -> str:
+    """The `top` kernels by GPU time and the time per kind, both per step, with each one's share."""
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events) or 1.0
+    events.sort(key=lambda e: -e.self_device_time_total)
+    kinds: dict[str, list[float]] = {}
+    for e in events:
+        time_and_count = kinds.setdefault(kind_of(e.key), [0.0, 0])
+        time_and_count[0] += e.self_device_time_total
+        time_and_count[1] += e.count
+    lines = [f"{indent}{'share':>6}  {'ms/step':>8}  {'calls':>5}  kernel"]
+    lines += [f"{indent}{e.self_device_time_total / total:6.1%}  {e.self_device_time_total / steps / 1e3:8.3f}  "
+              f"{e.count / steps:5.0f}  {e.key[:100]}" for e in events[:top]]
+    lines += [f"{indent}by kind:"]
+    lines += [f"{indent}{t / total:6.1%}  {t / steps / 1e3:8.3f}  {n / steps:5.0f}  {kind}"
+              for kind, (t, n) in sorted(kinds.items(), key=lambda item: -item[1][0])]
+    calls = sum(e.count for e in events) / steps
+    lines.append(f"{indent}total {total / steps / 1e3:.3f} ms of GPU kernels in {calls:.0f} launches per step")
+    return "\n".join(lines)
