@@ -25,11 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-impls", default="grouped_mm", help="transformers experts implementations ('' = none)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per number (the best counts)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--profile", action="store_true",
+                        help="print where the GPU time of one engine prefill goes (the first batch size)")
     parser.add_argument("--json", default=None, help="write all results to this JSON file")
 
 
-def time_engine(model, batch: int, prompt_len: int, prefill_chunk: int, repeats: int) -> float:
-    """Prompt tokens/s from submitting `batch` prompts to every request's first token."""
+def time_engine(model, batch: int, prompt_len: int, prefill_chunk: int, repeats: int, profile: bool = False) -> float:
+    """Prompt tokens/s from submitting `batch` prompts to every request's first token; profile: print where
+    the GPU time of one more run goes."""
     import torch
 
     from dsmoe.infer.engine import Engine
@@ -49,7 +52,15 @@ def time_engine(model, batch: int, prompt_len: int, prefill_chunk: int, repeats:
         return clock() - t0
 
     one_run()  # warm-up
-    return batch * prompt_len / min(one_run() for _ in range(repeats))
+    best = min(one_run() for _ in range(repeats))
+    if profile and engine.device.type == "cuda":
+        from dsmoe.bench.profiling import cuda_profile, kernel_table
+
+        with cuda_profile() as prof:
+            one_run()
+        print(f"where one prefill of {batch} x {prompt_len} tokens goes ({1e3 * best:.2f} ms wall):\n"
+              f"{kernel_table(prof, steps=1, top=25)}", flush=True)
+    return batch * prompt_len / best
 
 
 def time_transformers(hf, batch: int, prompt_len: int, repeats: int) -> float:
@@ -87,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(get_preset(preset), device=device, dtype=dtype).eval()
         rows = report["models"][preset] = {}
         for batch in batch_sizes:
-            rows[batch] = {"dsmoe": time_engine(model, batch, args.prompt_len, args.prefill_chunk, args.repeats)}
+            rows[batch] = {"dsmoe": time_engine(model, batch, args.prompt_len, args.prefill_chunk, args.repeats,
+                                                profile=args.profile and batch == batch_sizes[0])}
             print(f"{preset} batch {batch}: dsmoe {rows[batch]['dsmoe']:,.0f} prompt tokens/s", flush=True)
         if hf_impls:
             hf = build_transformers(model)
