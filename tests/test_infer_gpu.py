@@ -78,3 +78,20 @@ def test_compiled_graph_step_equals_eager_step(dtype):
         assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
     else:
         assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_scoring_graphs_equal_the_eager_forward(model):
+    """Scoring forwards replayed from CUDA graphs (ids padded to their bucket) give the eager forward's hidden
+    states at every real position, also when a bucket's graph is replayed for a second, smaller batch."""
+    from dsmoe.infer.graphs import HiddenStates, batch_bucket, width_bucket
+
+    forward = HiddenStates(model)
+    gen = torch.Generator().manual_seed(0)
+    for b, w in [(1, 1), (3, 37), (8, 64), (5, 65), (2, 33)]:
+        ids = torch.randint(0, 4096, (b, w), generator=gen).cuda()
+        with torch.no_grad():
+            eager = model(ids, return_hidden=True).float()
+        got = forward(ids).float()
+        assert (batch_bucket(b), width_bucket(w)) in forward.graphs
+        assert got.shape == eager.shape
+        assert ((got - eager).norm() / eager.norm()).item() < 2e-2

@@ -10,8 +10,10 @@ import torch
 
 from shared_data import SHARED_DATA as SHARED
 from dsmoe.cli import main
+from dsmoe.config import get_preset
 from dsmoe.data.tokenizer import Tokenizer
 from dsmoe.errors import UserError
+from dsmoe.model.transformer import build_model
 from dsmoe.tasks.scoring import ScoreRequest, score_requests
 from dsmoe.tasks.specs import BUILTIN, get_task, read_examples
 
@@ -216,3 +218,19 @@ def test_bench_tasks_runs_the_suite_batched_and_one_at_a_time(model_dir, tmp_pat
     assert [r["task"] for r in rows] == ["sms_spam", "oasst1_en"]
     assert all(r["batched"] > 0 and r["one_at_a_time"] > 0 for r in rows)
     assert "speed-up" in capsys.readouterr().out
+
+
+def test_scoring_forward_buckets_and_cpu_fallback():
+    """Shapes round up to few buckets (at most 1.5x padding in width); off CUDA the forward is the eager one."""
+    from dsmoe.infer.graphs import HiddenStates, batch_bucket, width_bucket
+
+    assert [width_bucket(n) for n in (1, 64, 65, 96, 97, 129, 200)] == [64, 64, 96, 96, 128, 192, 256]
+    assert all(n <= width_bucket(n) <= max(64, 1.5 * n) for n in range(1, 5000))
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 32)] == [1, 2, 4, 8, 32]
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny"), dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 11))
+    forward = HiddenStates(model)
+    with torch.no_grad():
+        assert torch.equal(forward(ids), model(ids, return_hidden=True))
+    assert not forward.graphs

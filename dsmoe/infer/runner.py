@@ -21,6 +21,8 @@ import logging
 
 import torch
 
+from dsmoe.infer.graphs import capture
+
 log = logging.getLogger(__name__)
 # compiled entries: a few block kinds x the (B, L) buckets; dynamo's default limit (8) would fall back to eager
 RECOMPILE_LIMIT = 256
@@ -101,15 +103,5 @@ class DecodeRunner:
         return out
 
     def _capture(self, B: int, L: int):
-        # Warm up on a side stream (lazy inits, cuBLAS workspaces) as the CUDA-graph docs ask. A warm-up
-        # step only rewrites the cache entries the real step writes, with the same values.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.forward(B, L)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.forward(B, L)
-        return graph, out
+        # a warm-up step only rewrites the cache entries the real step writes, with the same values
+        return capture(lambda: self.forward(B, L), self.pool)

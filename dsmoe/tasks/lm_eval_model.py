@@ -20,7 +20,8 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from dsmoe.tasks.scoring import ScoreRequest, score_requests
+from dsmoe.tasks.scoring import ScoreRequest
+from dsmoe.tasks.suite import TaskRun
 
 
 @register_model("dsmoe")
@@ -41,7 +42,9 @@ class DsmoeLM(TemplateLM):
         self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = str(add_bos_token).lower() == "true"
-        self.cuda_graphs = str(cuda_graphs).lower() != "false"
+        # one engine and one set of scoring graphs for every call lm-eval makes: captured once per process
+        self.run = TaskRun(self.model, self.tokenizer, batch_size=self._batch_size,
+                           cuda_graphs=str(cuda_graphs).lower() != "false")
 
     # ---------------------------------------------------------------- tokens
     @property
@@ -80,7 +83,7 @@ class DsmoeLM(TemplateLM):
         for _, context, continuation in requests:
             ids = (context + continuation)[-(self.max_length + 1):]
             scored.append(ScoreRequest(ids, len(ids) - len(continuation)))
-        results = score_requests(self.model, scored, batch_size=self._batch_size)
+        results = self.run.score(scored)
         out = [(r.logprob, r.greedy) for r in results]
         for (cache_key, _, _), answer in zip(requests, out):
             if cache_key is not None:
@@ -121,9 +124,10 @@ class DsmoeLM(TemplateLM):
             groups[(tuple(until), max_new, temperature)].append(index)
         results: list[str | None] = [None] * len(requests)
         for (until, max_new, temperature), indices in groups.items():
-            prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] for i in indices]
+            # the engine's cache holds run.max_len tokens per sequence (at most 4096)
+            prompts = [self.tok_encode(requests[i].args[0])[-(self.run.max_len - max_new):] for i in indices]
             texts = generate_texts(self.model, self.tokenizer, prompts, max_new_tokens=max_new, stop=list(until),
-                                   max_batch=self._batch_size, cuda_graphs=self.cuda_graphs, temperature=temperature)
+                                   temperature=temperature, engine=self.run.engine())
             for i, text in zip(indices, texts):
                 results[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)

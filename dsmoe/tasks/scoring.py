@@ -46,9 +46,15 @@ def token_budget_batches(order: list[int], lengths: list[int], batch_size: int, 
 
 @torch.no_grad()
 def score_requests(model, requests: list[ScoreRequest], *, batch_size: int = 16,
-                   max_tokens: int | None = 16384) -> list[Score]:
+                   max_tokens: int | None = 16384, hidden_states=None) -> list[Score]:
     """Scores of every request, in request order. batch_size 1 scores them one at a time (the baseline the
-    bench compares against); max_tokens bounds the padded tokens of one forward."""
+    bench compares against); max_tokens bounds the padded tokens of one forward; hidden_states: the forward
+    to use, ids (b, w) -> hidden (b, w, D) (default: the model's eager forward; dsmoe.infer.graphs.HiddenStates
+    replays CUDA graphs)."""
+    if hidden_states is None:
+        def hidden_states(ids):
+            return model(ids, return_hidden=True)
+
     for r in requests:
         if not 1 <= r.first <= len(r.ids):
             raise ValueError(f"score request with first={r.first} for {len(r.ids)} tokens")
@@ -64,7 +70,7 @@ def score_requests(model, requests: list[ScoreRequest], *, batch_size: int = 16,
         ids = ids.to(device)
         # logits of the last token predict nothing; the first scored position is min(first) - 1
         start = min(requests[i].first for i in batch) - 1
-        logits = model.logits(model(ids[:, :-1], return_hidden=True)[:, start:])
+        logits = model.logits(hidden_states(ids[:, :-1])[:, start:])
         logp = torch.log_softmax(logits.float(), dim=-1)
         targets = ids[:, start + 1:]
         chosen = logp.gather(-1, targets[..., None])[..., 0]

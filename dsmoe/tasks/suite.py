@@ -27,6 +27,7 @@ class TaskRun:
     cuda_graphs: bool = True
     max_len: int = field(init=False)
     engines: dict = field(init=False, default_factory=dict)  # batch size -> Engine, kept across runs
+    forward: object = field(init=False, default=None)  # HiddenStates: scoring forwards, graphs kept across runs
 
     def __post_init__(self):
         self.max_len = min(self.model.config.max_position_embeddings, 4096)
@@ -39,6 +40,14 @@ class TaskRun:
             self.engines[self.batch_size] = make_engine(self.model, self.tokenizer, max_batch=self.batch_size,
                                                         max_model_len=self.max_len, cuda_graphs=self.cuda_graphs)
         return self.engines[self.batch_size]
+
+    def score(self, requests):
+        """score_requests through CUDA graphs per batch shape (on a GPU), captured once for every run."""
+        from dsmoe.infer.graphs import HiddenStates
+
+        if self.forward is None:
+            self.forward = HiddenStates(self.model, cuda_graphs=self.cuda_graphs)
+        return score_requests(self.model, requests, batch_size=self.batch_size, hidden_states=self.forward)
 
 
 def run_task(spec: TaskSpec, examples: list[dict], run: TaskRun) -> tuple[dict, list[dict]]:
@@ -103,7 +112,7 @@ def classify_by_likelihood(spec: TaskSpec, examples: list[dict], run: TaskRun) -
         for label in labels:
             ctx, cont = encode_pair(run.tokenizer, context, spec.verbalizers[label])
             requests.append(continuation_request(_left_truncate(ctx, run.max_len - len(cont)), cont))
-    scores = score_requests(run.model, requests, batch_size=run.batch_size)
+    scores = run.score(requests)
     return labels, [[s.logprob for s in scores[i: i + len(labels)]] for i in range(0, len(scores), len(labels))]
 
 
@@ -175,7 +184,7 @@ def score_chats(spec: TaskSpec, examples: list[dict], run: TaskRun) -> list:
     from dsmoe.tasks.chat_loss import assistant_request
 
     requests = [assistant_request(run.tokenizer, ex[spec.answer], run.max_len) for ex in examples]
-    scores = score_requests(run.model, [r for r in requests if r is not None], batch_size=run.batch_size)
+    scores = run.score([r for r in requests if r is not None])
     it = iter(scores)
     return [next(it) if r is not None else None for r in requests]
 
