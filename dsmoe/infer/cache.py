@@ -3,8 +3,10 @@
 The cache is storage. Each attention module says what it stores per token (`cache_shapes`, `cache_seq_dim`;
 MLA: the normalised latent and the roped shared key, C + R values; MHA: roped K and V per kv-head), and a
 forward is handed a *view* that says where its tokens go and what they attend to:
-- `cache.prefill(slot, start, length)`: one sequence, `length` prompt tokens at positions start.., attending
-  over the slot's cached prefix;
+- `cache.prefill(slots, start, length)`: one sequence or several side by side (rows of the forward, in the order
+  of `slots`), `length` prompt tokens each at positions start.., attending over each slot's cached prefix. Rows
+  shorter than `length` are right-padded: their padding lands past their own end, where decode never looks
+  (it masks by position, and writes position p before it attends to it);
 - `cache.decode(positions, length)`: rows 0..B-1 are slots 0..B-1, one token each at `positions[b]` (or S tokens
   at `positions[b, :]` when speculative decoding verifies drafts), each attending over cache positions
   [0, length) up to its own. Speculation rolls a sequence back by moving its position only: entries written
@@ -36,12 +38,21 @@ class KVCache:
         self.layers = [[torch.zeros(shape, device=device, dtype=dtype)
                         for shape in attn.cache_shapes(num_slots, max_len + 1)] for attn in attentions]
 
-    def prefill(self, slot: int, start: int, length: int) -> "CacheView":
-        if not 0 <= slot < self.num_slots:
-            raise ValueError(f"slot {slot} outside 0..{self.num_slots - 1}")
+    def prefill(self, slots: int | list[int], start: int, length: int) -> "CacheView":
+        slots = [slots] if isinstance(slots, int) else list(slots)
+        bad = [s for s in slots if not 0 <= s < self.num_slots]
+        if bad or not slots or len(set(slots)) != len(slots):
+            raise ValueError(f"slots {slots} are not distinct slots in 0..{self.num_slots - 1}")
         if start + length > self.max_len:
             raise ValueError(f"prefill up to position {start + length} exceeds the cache length {self.max_len}")
-        return CacheView(self, slot, start, start + length, None)
+        return CacheView(self, self.index(slots), start, start + length, None)
+
+    def index(self, slots: list[int]) -> slice | torch.Tensor:
+        """Distinct slots as an index into a per-slot buffer: a slice (a view, nothing copied) when they are
+        consecutive, else an index tensor."""
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            return slice(slots[0], slots[0] + len(slots))
+        return torch.tensor(slots, device=self.rows.device)
 
     def decode(self, positions: torch.Tensor, length: int) -> "CacheView":
         """positions (B,) or (B, S) int64 on the cache's device; row b is slot b and attends over [0, length)."""
@@ -88,9 +99,9 @@ class LayerView:
         windows = []
         for buf, entry in zip(self.buffers, new):
             by_token, entry = buf.movedim(dim, 1), entry.to(buf.dtype).movedim(dim, 1)  # (slots, T, ...) views
-            if view.decode_mask is None:
-                by_token[view.where, view.start: view.end] = entry[0]
-                window = by_token[view.where: view.where + 1, : view.end]
+            if view.decode_mask is None:  # where: the rows' slots (cache.index)
+                by_token[view.where, view.start: view.end] = entry
+                window = by_token[view.where, : view.end]
             else:
                 rows, positions = view.where  # (B, 1), (B, S)
                 by_token.index_put_((rows, positions), entry)

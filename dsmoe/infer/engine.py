@@ -210,14 +210,41 @@ class Engine:
 
     # ------------------------------------------------------------------ prefill
     def _prefill_step(self) -> None:
+        """Up to prefill_chunk prompt tokens this step, counted as the forward computes them (rows x longest
+        prompt when several prompts share one forward), so the budget bounds the time decode waits."""
         budget = self.prefill_chunk
         while budget > 0:
+            group = [] if self.prefilling else self._admit_whole_prompts(budget)
+            if group:
+                self._prefill(group, [len(r.prompt) for r in group])
+                budget -= len(group) * max(len(r.prompt) for r in group)
+                continue
             req = self.prefilling or self._admit()
             if req is None:
                 return
             n = min(budget, len(req.prompt) - req.prefilled)
-            self._prefill_chunk(req, n)
+            self._prefill([req], [req.prefilled + n])
             budget -= n
+
+    def _admit_whole_prompts(self, budget: int) -> list[Request]:
+        """The waiting requests, in order, whose whole prompts fit one forward within the budget: rows x the
+        longest prompt, right-padded. An eager prefill forward is bound by kernel launches, not by its tokens,
+        so one forward for all of them costs about what one costs alone."""
+        group, longest = [], 0
+        while self.waiting and self.free_slots and self._batchable(self.waiting[0]):
+            with_next = max(longest, len(self.waiting[0].prompt))
+            if (len(group) + 1) * with_next > budget:
+                break
+            group.append(self._admit())
+            longest = with_next
+        return group
+
+    def _batchable(self, req: Request) -> bool:
+        """Whether a request's prefill may share a forward with others'. These are prefilled alone, in chunks:
+        with speculative decoding (the MTP module's prefill follows each request's own forward over its hidden
+        states), with prompt_logprobs (every position's logits, gathered per request), and with max_new_tokens=0
+        (it samples nothing: a scoring request)."""
+        return self.spec is None and req.params.prompt_logprobs is None and req.params.max_new_tokens > 0
 
     def _admit(self) -> Request | None:
         if not self.waiting or not self.free_slots:
@@ -241,42 +268,54 @@ class Engine:
                 s.seen[slot, torch.tensor(req.prompt, device=self.device)] = True
         return req
 
-    def _prefill_chunk(self, req: Request, n: int) -> None:
-        start, end, P = req.prefilled, req.prefilled + n, len(req.prompt)
-        ids = torch.tensor(req.prompt[start:end], device=self.device)[None]
-        want_prompt = req.params.prompt_logprobs is not None
-        if self.spec is None:
-            logits = self.runner.prefill(ids, req.slot, start, last_only=not want_prompt)[0]
-        else:  # the MTP module reads the hidden state of every prompt position
-            hidden = self.runner.prefill(ids, req.slot, start, return_hidden=True)
-            logits = self.model.logits(hidden if want_prompt else hidden[:, -1:])[0]
-            if end < P:
-                self.spec.prefill(req, start, end, hidden, None, self._flags([req]))
+    def _prefill(self, reqs: list[Request], ends: list[int]) -> None:
+        """One forward over prompt[prefilled:end] of each request, rows right-padded to the longest: a chunk of
+        one request's prompt, or several whole prompts from position 0. A request whose whole prompt is now in
+        the cache samples its first token from its last prompt position."""
+        req, start = reqs[0], reqs[0].prefilled  # several requests only ever come together from position 0
+        lengths = [end - start for end in ends]
+        S = max(lengths)
+        ids = torch.tensor([r.prompt[start:end] + [0] * (S - n) for r, end, n in zip(reqs, ends, lengths)],
+                           device=self.device)
+        # final-normed hidden states: the MTP module reads every position, the others only each row's last real one
+        hidden = self.runner.prefill(ids, [r.slot for r in reqs], start, return_hidden=True)
+        want_prompt = req.params.prompt_logprobs is not None  # such a request is prefilled alone (_batchable)
+        if want_prompt:
+            logits = self.model.logits(hidden[0])
+        else:
+            last = torch.tensor(lengths, device=self.device) - 1
+            logits = self.model.logits(hidden[torch.arange(len(reqs), device=self.device), last])
+        end, P = ends[0], len(req.prompt)
         if want_prompt:
             targets = req.prompt[start + 1: min(end + 1, P)]
             if targets:
                 t = torch.tensor(targets, device=self.device)
                 lp = token_logprobs(logits[: len(targets)], t, req.params.prompt_logprobs)
                 req.prompt_logprobs += _host_logprobs(lp, targets)
-        req.prefilled = end
-        self.prefilling = req if end < P else None
+            logits = logits[-1:]
+        if self.spec is not None and end < P:
+            self.spec.prefill(req, start, end, hidden, None, self._flags([req]))
+        for r, e in zip(reqs, ends):
+            r.prefilled = e
+        self.prefilling = req if end < P else None  # only a lone request's chunk leaves part of a prompt
         if end < P:
             return
-        if req.params.max_new_tokens == 0:
+        if req.params.max_new_tokens == 0:  # alone too
             self.ready.append(StepOutput(req.id, [], None, req.prompt_logprobs, "length"))
             req.reported_prompt = True
             self._finish(req, "length")
             return
-        slot = req.slot
-        position = torch.full((1,), P, device=self.device)
-        tokens, lp = self._sample(logits[-1:], slot, slot + 1, [req], position)
+        rows = self.cache.index([r.slot for r in reqs])
+        positions = torch.tensor([len(r.prompt) for r in reqs], device=self.device)
+        tokens, lp = self._sample(logits, rows, reqs, positions)
         if self.spec is not None:
             self.spec.prefill(req, start, end, hidden, tokens[0], self._flags([req]))
-        self.slots.input_ids[slot] = tokens[0]
-        self.slots.positions[slot] = P
-        req.launched, req.next_pos = 1, P
-        self.running[slot] = req
-        self.pending.append(self._launched([(0, req)], tokens, lp))
+        self.slots.input_ids[rows] = tokens
+        self.slots.positions[rows] = positions
+        for r in reqs:
+            r.launched, r.next_pos = 1, len(r.prompt)
+            self.running[r.slot] = r
+        self.pending.append(self._launched(list(enumerate(reqs)), tokens, lp))
 
     # ------------------------------------------------------------------ decode
     def _launch_decode(self) -> bool:
@@ -299,7 +338,7 @@ class Engine:
         logits = self.runner(B, L)
         s = self.slots
         next_positions = s.positions[:B] + 1
-        tokens, lp = self._sample(logits, 0, B, live, next_positions)
+        tokens, lp = self._sample(logits, slice(0, B), live, next_positions)
         s.input_ids[:B] = tokens
         s.positions[:B] = next_positions.clamp_(max=self.cache.trash)
         for req in live:
@@ -308,16 +347,18 @@ class Engine:
         self.pending.append(self._launched([(r.slot, r) for r in live], tokens, lp))
         return True
 
-    def _sample(self, logits: torch.Tensor, lo: int, hi: int, reqs: list[Request], positions: torch.Tensor):
+    def _sample(self, logits: torch.Tensor, rows: slice | torch.Tensor, reqs: list[Request], positions: torch.Tensor):
+        """logits (n, V) of the slots `rows` (a slice or an index tensor, as cache.index gives them) -> tokens (n,)
+        drawn with each slot's parameters, and their logprobs when a request asked for them."""
         s = self.slots
         raw = logits.float()
         logits = raw
         if s.seen is not None and any(r.params.repetition_penalty != 1 for r in reqs):
-            logits = apply_repetition_penalty(raw, s.seen[lo:hi], s.penalty[lo:hi])
-        tokens = sample(logits, s.temperature[lo:hi], s.top_k[lo:hi], s.top_p[lo:hi], s.seed[lo:hi], positions,
+            logits = apply_repetition_penalty(raw, s.seen[rows], s.penalty[rows])
+        tokens = sample(logits, s.temperature[rows], s.top_k[rows], s.top_p[rows], s.seed[rows], positions,
                         **self._flags(reqs))
         if s.seen is not None:
-            s.seen[torch.arange(lo, hi, device=self.device), tokens] = True
+            s.seen[self.cache.rows[rows], tokens] = True
         wanted = [r.params.logprobs for r in reqs if r.params.logprobs is not None]
         lp = token_logprobs(raw, tokens, max(wanted)) if wanted else None
         return tokens, lp

@@ -64,12 +64,12 @@ class DecodeRunner:
     def length_bucket(self, n: int) -> int:
         return next(b for b in self.lengths if b >= n) if self.bucketed else n
 
-    def prefill(self, ids: torch.Tensor, slot: int, start: int, **kw) -> torch.Tensor:
-        """One prompt chunk ids (1, S) at positions start.. into `slot`: the model's forward with `kw`
-        (last_only, return_hidden)."""
+    def prefill(self, ids: torch.Tensor, slots: int | list[int], start: int, **kw) -> torch.Tensor:
+        """Prompt chunks ids (n, S) at positions start.., row i into slots[i] (one slot: n = 1; shorter rows
+        right-padded, see cache.py): the model's forward with `kw` (last_only, return_hidden)."""
         S = ids.shape[1]
         with eager():
-            view = self.cache.prefill(slot, start, S)
+            view = self.cache.prefill(slots, start, S)
             positions = torch.arange(start, start + S, device=ids.device)
             return self.model(ids, positions, cache=view, **kw)
 
