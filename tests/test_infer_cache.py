@@ -100,6 +100,8 @@ def test_cache_refuses_tokens_it_cannot_place():
         cache.prefill(0, 0, 5)
     with pytest.raises(ValueError, match="slot"):
         cache.prefill(1, 0, 1)
+    with pytest.raises(ValueError, match="distinct"):
+        cache.prefill([0, 0], 0, 1)
     with pytest.raises(ValueError, match="does not fit"):
         cache.decode(torch.zeros(2, dtype=torch.long), 4)
     with pytest.raises(RuntimeError):  # a view for 2 tokens cannot take 3
@@ -125,3 +127,29 @@ def test_several_tokens_per_row_decode_like_the_full_forward(name):
         out = model(inputs, positions, cache=cache.decode(positions, 16))
     for b in range(2):
         torch.testing.assert_close(out[b], full[b, positions[b]], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["16b-gqa", "v2-lite"])
+@pytest.mark.parametrize("slots", [[2, 0, 3], [1, 2, 3]], ids=["scattered", "consecutive"])
+def test_prefill_of_several_slots_equals_one_by_one(name, slots):
+    """Prompts of 5, 1 and 7 tokens right-padded to 7 in one forward, row i into slots[i] (an index tensor, or a
+    slice when consecutive): each row's real positions give the full forward's logits and leave the cache
+    exactly as prefilling that prompt alone would."""
+    cfg = CONFIGS[name]
+    torch.manual_seed(3)
+    model = build_model(cfg, dtype=torch.float32).eval()
+    lengths = [5, 1, 7]
+    ids = torch.randint(cfg.vocab_size, (3, 7))
+    alone, together = (KVCache(model.layers, num_slots=4, max_len=8, device="cpu", dtype=torch.float32)
+                       for _ in range(2))
+    with torch.no_grad():
+        out = model(ids, torch.arange(7), cache=together.prefill(slots, 0, 7))
+        for b, n in enumerate(lengths):
+            model(ids[b: b + 1, :n], torch.arange(n), cache=alone.prefill(slots[b], 0, n))
+            torch.testing.assert_close(out[b, :n], model(ids[b: b + 1, :n])[0], atol=2e-5, rtol=1e-4)
+    for layer_alone, layer_together, dim in zip(alone.layers, together.layers, alone.seq_dims):
+        for buf_alone, buf_together in zip(layer_alone, layer_together):
+            for slot, n in zip(slots, lengths):
+                want, got = (buf[slot].narrow(dim - 1, 0, n) for buf in (buf_alone, buf_together))
+                assert want.abs().max() > 0
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -93,6 +93,61 @@ def test_more_requests_than_slots(model, prompts):
     assert generate(model, many, GREEDY, max_batch=2) == [alone(model, p, GREEDY) for p in many]
 
 
+def record_prefill_forwards(engine) -> list[tuple[int, int, int]]:
+    """(rows, tokens per row, start) of every prefill forward the engine runs from now on."""
+    forwards, prefill = [], engine.runner.prefill
+
+    def recording(ids, slots, start, **kw):
+        forwards.append((*ids.shape, start))
+        return prefill(ids, slots, start, **kw)
+
+    engine.runner.prefill = recording
+    return forwards
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_whole_prompts_share_one_prefill_forward(model, prompts, params):
+    """3 slots, 16 prompt tokens per step (counted padded, rows x longest): whole prompts that fit share one
+    right-padded forward, at the start and when requests join mid-way; a prompt longer than the budget falls
+    back to chunks. Every request gets the tokens it gets alone (sampled: seeded, top-k/top-p, repetition
+    penalty), so the padding each shorter row writes past its end is never read."""
+    order = [prompts[i] for i in (0, 2, 3, 0, 3, 4, 5, 1)]  # 3 5 1 | 3 1 | 17 (chunked) | 8 11 tokens
+    new_tokens = [10, 3, 3, 10, 3, 10, 3, 10]
+    each = [SamplingParams(**{**params.__dict__, "max_new_tokens": n}) for n in new_tokens]
+    engine = Engine(model, max_batch=3, max_model_len=64, prefill_chunk=16, overlap=False)
+    forwards = record_prefill_forwards(engine)
+    ids = [engine.add_request(p, q) for p, q in zip(order, each)]
+    got: dict[str, list[int]] = {}
+    while engine.has_work():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.token_ids)
+    assert [got[i] for i in ids] == [alone(model, p, q) for p, q in zip(order, each)]
+    # (rows, tokens, start): 3 prompts at once; 2 more together once two slots free while the first decodes;
+    # 17 tokens do not fit a step, so they go alone in chunks; the 11 would not share 16 tokens with the 8
+    assert forwards == [(3, 5, 0), (2, 3, 0), (1, 16, 0), (1, 1, 16), (1, 8, 0), (1, 11, 0)]
+
+
+def test_first_token_logprobs_of_a_shared_prefill_match_the_full_forward(model, prompts):
+    """The first token of each row comes from its own last real position, not the padded end."""
+    params = SamplingParams(max_new_tokens=1, temperature=0, logprobs=20)
+    batch = [prompts[i] for i in (1, 3, 0)]  # 11, 1 and 3 tokens
+    engine = Engine(model, max_batch=3, max_model_len=64)
+    forwards = record_prefill_forwards(engine)
+    ids = [engine.add_request(p, params) for p in batch]
+    outs = {}
+    while engine.has_work():
+        outs.update((o.request_id, o) for o in engine.step())
+    assert forwards == [(3, 11, 0)]
+    for rid, prompt in zip(ids, batch):
+        with torch.no_grad():
+            ref = model(torch.tensor([prompt]))[0, -1].log_softmax(-1)
+        (entry,) = outs[rid].logprobs
+        assert entry.token_id == int(ref.argmax())
+        top_ids, top_lps = zip(*entry.top)
+        assert list(top_ids) == ref.topk(20).indices.tolist()
+        torch.testing.assert_close(torch.tensor(top_lps), ref.topk(20).values, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 def test_stop_token_ids_and_eos(model, prompts, overlap):
     reference = alone(model, prompts[3], GREEDY)
