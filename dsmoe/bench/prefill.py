@@ -2,8 +2,9 @@
 
 For each preset (random weights built on the device) and batch size: the dsmoe number is the Engine that
 generate, chat and serve drive, given `batch` prompts of --prompt-len tokens with one new token each, timed from
-the first request to the last first token (its chunked prefill at --prefill-chunk tokens per step, as `dsmoe
-serve` runs it, plus one sampling step); transformers is DeepseekV2/V3ForCausalLM with the same config and
+the first request to the last first token (its prefill at --prefill-chunk tokens per step, as `dsmoe serve
+--prefill-chunk` runs it, plus one sampling step; by default every prompt fits one step, so the engine prefills
+them in one padded forward as transformers does); transformers is DeepseekV2/V3ForCausalLM with the same config and
 weights copied in memory, one forward with a cache over the same prompts (what its `generate` does before the
 first token), for each experts implementation asked for. The table prints last; --json writes every number.
 """
@@ -20,8 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presets", default="small,deepseek-v2-lite", help="comma-separated model presets")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--prompt-len", type=int, default=2048)
-    parser.add_argument("--prefill-chunk", type=int, default=2048,
-                        help="prompt tokens the engine prefills per step (dsmoe serve's --prefill-chunk)")
+    parser.add_argument("--prefill-chunk", type=int, default=0,
+                        help="prompt tokens the engine prefills per step (dsmoe serve's --prefill-chunk, default 512 "
+                             "there); 0 = batch x --prompt-len, every prompt in one step")
     parser.add_argument("--hf-impls", default="grouped_mm", help="transformers experts implementations ('' = none)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per number (the best counts)")
     parser.add_argument("--device", default="auto")
@@ -98,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(get_preset(preset), device=device, dtype=dtype).eval()
         rows = report["models"][preset] = {}
         for batch in batch_sizes:
-            rows[batch] = {"dsmoe": time_engine(model, batch, args.prompt_len, args.prefill_chunk, args.repeats,
+            chunk = args.prefill_chunk or batch * args.prompt_len
+            rows[batch] = {"dsmoe": time_engine(model, batch, args.prompt_len, chunk, args.repeats,
                                                 profile=args.profile and batch == batch_sizes[0])}
             print(f"{preset} batch {batch}: dsmoe {rows[batch]['dsmoe']:,.0f} prompt tokens/s", flush=True)
         if hf_impls:
@@ -117,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"\nprefill, {report['device']}, {report['dtype']}, {args.prompt_len}-token prompts, prompt tokens/s")
+    chunk = args.prefill_chunk or "batch x prompt length"
+    print(f"\nprefill, {report['device']}, {report['dtype']}, {args.prompt_len}-token prompts, prefill chunk "
+          f"{chunk}, prompt tokens/s")
     print(f"{'model':<20}{'batch':>6}{'dsmoe':>12}" + "".join(f"{'HF ' + i:>16}{'x':>7}" for i in hf_impls))
     for preset, rows in report["models"].items():
         for batch, r in rows.items():
