@@ -93,12 +93,12 @@ def test_more_requests_than_slots(model, prompts):
     assert generate(model, many, GREEDY, max_batch=2) == [alone(model, p, GREEDY) for p in many]
 
 
-def record_prefill_forwards(engine) -> list[tuple[int, int, int]]:
-    """(rows, tokens per row, start) of every prefill forward the engine runs from now on."""
+def record_prefill_forwards(engine) -> list[tuple]:
+    """(rows, tokens per row, start, slots) of every prefill forward the engine runs from now on."""
     forwards, prefill = [], engine.runner.prefill
 
     def recording(ids, slots, start, **kw):
-        forwards.append((*ids.shape, start))
+        forwards.append((*ids.shape, start, slots))
         return prefill(ids, slots, start, **kw)
 
     engine.runner.prefill = recording
@@ -112,7 +112,7 @@ def test_whole_prompts_share_one_prefill_forward(model, prompts, params):
     back to chunks. Every request gets the tokens it gets alone (sampled: seeded, top-k/top-p, repetition
     penalty), so the padding each shorter row writes past its end is never read."""
     order = [prompts[i] for i in (0, 2, 3, 0, 3, 4, 5, 1)]  # 3 5 1 | 3 1 | 17 (chunked) | 8 11 tokens
-    new_tokens = [10, 3, 3, 10, 3, 10, 3, 10]
+    new_tokens = [3, 10, 3, 10, 3, 10, 3, 10]
     each = [SamplingParams(**{**params.__dict__, "max_new_tokens": n}) for n in new_tokens]
     engine = Engine(model, max_batch=3, max_model_len=64, prefill_chunk=16, overlap=False)
     forwards = record_prefill_forwards(engine)
@@ -122,9 +122,10 @@ def test_whole_prompts_share_one_prefill_forward(model, prompts, params):
         for out in engine.step():
             got.setdefault(out.request_id, []).extend(out.token_ids)
     assert [got[i] for i in ids] == [alone(model, p, q) for p, q in zip(order, each)]
-    # (rows, tokens, start): 3 prompts at once; 2 more together once two slots free while the first decodes;
-    # 17 tokens do not fit a step, so they go alone in chunks; the 11 would not share 16 tokens with the 8
-    assert forwards == [(3, 5, 0), (2, 3, 0), (1, 16, 0), (1, 1, 16), (1, 8, 0), (1, 11, 0)]
+    # 3 prompts at once; 2 more together into slots 0 and 2 once those free while slot 1 decodes; 17 tokens do
+    # not fit a step, so they go alone in chunks; the 11 would not share 16 tokens with the 8
+    assert forwards == [(3, 5, 0, [0, 1, 2]), (2, 3, 0, [0, 2]), (1, 16, 0, [2]), (1, 1, 16, [2]), (1, 8, 0, [1]),
+                        (1, 11, 0, [0])]
 
 
 def test_first_token_logprobs_of_a_shared_prefill_match_the_full_forward(model, prompts):
@@ -137,7 +138,7 @@ def test_first_token_logprobs_of_a_shared_prefill_match_the_full_forward(model, 
     outs = {}
     while engine.has_work():
         outs.update((o.request_id, o) for o in engine.step())
-    assert forwards == [(3, 11, 0)]
+    assert forwards == [(3, 11, 0, [0, 1, 2])]
     for rid, prompt in zip(ids, batch):
         with torch.no_grad():
             ref = model(torch.tensor([prompt]))[0, -1].log_softmax(-1)
