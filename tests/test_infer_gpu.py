@@ -81,17 +81,21 @@ def test_compiled_graph_step_equals_eager_step(dtype):
 
 
 def test_scoring_graphs_equal_the_eager_forward(model):
-    """Scoring forwards replayed from CUDA graphs (ids padded to their bucket) give the eager forward's hidden
-    states at every real position, also when a bucket's graph is replayed for a second, smaller batch."""
+    """A scoring forward replayed from its bucket's CUDA graph equals the eager forward of the same padded batch
+    at every real position (also when the graph is replayed for a second, smaller batch). That padding cannot
+    change real positions is checked exactly in fp32 on the CPU (test_tasks_suite.py); here, in bf16, GEMMs of
+    another shape round differently (2% relative between padded and unpadded forwards over 4 random layers)."""
     from dsmoe.infer.graphs import HiddenStates, batch_bucket, width_bucket
 
     forward = HiddenStates(model)
     gen = torch.Generator().manual_seed(0)
     for b, w in [(1, 1), (3, 37), (8, 64), (5, 65), (2, 33)]:
         ids = torch.randint(0, 4096, (b, w), generator=gen).cuda()
+        B, W = batch_bucket(b), width_bucket(w)
+        padded = torch.zeros(B, W, dtype=torch.long, device="cuda")
+        padded[:b, :w] = ids
         with torch.no_grad():
-            eager = model(ids, return_hidden=True).float()
+            eager = model(padded, return_hidden=True)[:b, :w].float()
         got = forward(ids).float()
-        assert (batch_bucket(b), width_bucket(w)) in forward.graphs
-        assert got.shape == eager.shape
-        assert ((got - eager).norm() / eager.norm()).item() < 2e-2
+        assert (B, W) in forward.graphs and got.shape == (b, w, eager.shape[-1])
+        assert ((got - eager).norm() / eager.norm()).item() < 1e-2

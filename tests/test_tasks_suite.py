@@ -231,6 +231,10 @@ def test_scoring_forward_buckets_and_cpu_fallback():
     model = build_model(get_preset("tiny"), dtype=torch.float32).eval()
     ids = torch.randint(0, model.config.vocab_size, (3, 11))
     forward = HiddenStates(model)
+    padded = torch.zeros(4, 64, dtype=torch.long)  # what a graph bucket runs: padding after each sequence
+    padded[:3, :11] = ids
     with torch.no_grad():
         assert torch.equal(forward(ids), model(ids, return_hidden=True))
+        torch.testing.assert_close(model(padded, return_hidden=True)[:3, :11], model(ids, return_hidden=True),
+                                   rtol=1e-5, atol=1e-5)
     assert not forward.graphs
