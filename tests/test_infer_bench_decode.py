@@ -93,6 +93,7 @@ def test_kernel_table_sorts_kernels_into_kinds():
 
     assert kind_of("_grouped_rows_kernel") == "MoE expert GEMMs (dsmoe Triton)"
     assert kind_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "GEMMs (cuBLAS / CUTLASS)"
+    assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26") == "attention"
     assert kind_of("triton_poi_fused_add_mul_0") == "fused elementwise (torch.compile)"
     assert kind_of("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add>") == "elementwise (eager)"
     assert kind_of("something_new") == "other"
