@@ -167,7 +167,7 @@ def test_ops_dispatches_triton_and_rejects_bad_shapes():
 
 # ---- the single kernels ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("T, K, E", [(1, 1, 1), (1, 2, 4), (37, 3, 5), (300, 6, 64)])
+@pytest.mark.parametrize("T, K, E", [(1, 1, 1), (1, 2, 4), (37, 3, 5), (50, 3, 64), (300, 6, 64), (700, 2, 8)])
 def test_permutation_is_the_stable_sort(T, K, E):
     _, idx, *_ = make_inputs(T, 8, 8, E, K, empty=(1,) if E > 2 else ())
     ours = permute_mod.permute_triton(idx, E)

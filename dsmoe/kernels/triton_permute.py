@@ -68,8 +68,11 @@ def permute_triton(topk_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.T
         return order, inverse, torch.zeros(E, dtype=torch.int32, device=dev)
     block_e = triton.next_power_of_2(E)
     chunk = max(16, min(64, 8192 // block_e))  # the [chunk, E] one-hot stays in registers
-    progs = triton.cdiv(N, DECISIONS_PER_PROG)
-    meta = dict(E=E, BLOCK_E=block_e, CHUNK=chunk, CHUNKS_PER_PROG=DECISIONS_PER_PROG // chunk)
+    # a program walks its chunks one after another: a decode step's few decisions need one chunk, not the
+    # 16 masked ones of a full slice (profiled on an H200: 28 us per scatter at 6 decisions)
+    chunks = min(DECISIONS_PER_PROG // chunk, triton.next_power_of_2(triton.cdiv(N, chunk)))
+    progs = triton.cdiv(N, chunks * chunk)
+    meta = dict(E=E, BLOCK_E=block_e, CHUNK=chunk, CHUNKS_PER_PROG=chunks)
     hist = torch.empty(E, progs, dtype=torch.int32, device=dev)
     _histogram_kernel[(progs,)](flat, hist, N, **meta)
     ends = hist.view(-1).cumsum(0, dtype=torch.int32)
