@@ -38,19 +38,18 @@ def width_bucket(n: int, first: int = 64) -> int:
         size *= 2
 
 
-def batch_bucket(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 class HiddenStates:
     """model(ids, return_hidden=True) for right-padded (b, w) batches of token ids, on CUDA through one graph
-    per (batch, width) bucket (batch a power of two, width from width_bucket), captured at first use and
-    replayed after. Padding rows and columns hold token 0: padding after a sequence cannot change its hidden
-    states (causal attention; routing is per token and drops nothing). Batches past `max_tokens` padded tokens
-    run eagerly rather than capture a graph of that size; so does everything on the CPU."""
+    per (rows, width) bucket, captured at first use and replayed after. Rows are padded to max_batch (the
+    batch size the caller scores with: only a task's last batch is short, and one row bucket means one graph
+    per width, each capture costing warm-up forwards), widths by width_bucket. Padding holds whatever ids an
+    earlier batch left: padding after a sequence cannot change its hidden states (causal attention; routing is
+    per token and drops nothing). Batches past `max_tokens` padded tokens run eagerly rather than capture a
+    graph of that size; so does everything on the CPU."""
 
-    def __init__(self, model, max_tokens: int = 32768, cuda_graphs: bool = True):
+    def __init__(self, model, max_batch: int, max_tokens: int = 32768, cuda_graphs: bool = True):
         self.model = model
+        self.max_batch = max_batch
         self.device = next(model.parameters()).device
         self.max_tokens = max_tokens
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
@@ -66,13 +65,13 @@ class HiddenStates:
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         b, w = ids.shape
-        key = (batch_bucket(b), width_bucket(w))
+        key = (max(self.max_batch, b), width_bucket(w))
         if not self.cuda_graphs or key[0] * key[1] > self.max_tokens:
             return self.eager(ids)
         if key not in self.graphs:
             static = torch.zeros(key, dtype=torch.long, device=self.device)
             self.graphs[key] = (*capture(lambda: self.eager(static), self.pool), static)
         graph, out, static = self.graphs[key]
-        static[:b, :w].copy_(ids)  # what the padding holds from an earlier batch cannot reach these positions
+        static[:b, :w].copy_(ids)
         graph.replay()
         return out[:b, :w]

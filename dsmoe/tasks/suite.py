@@ -46,7 +46,7 @@ class TaskRun:
         from dsmoe.infer.graphs import HiddenStates
 
         if self.forward is None:
-            self.forward = HiddenStates(self.model, cuda_graphs=self.cuda_graphs)
+            self.forward = HiddenStates(self.model, self.batch_size, cuda_graphs=self.cuda_graphs)
         return score_requests(self.model, requests, batch_size=self.batch_size, hidden_states=self.forward)
 
 
