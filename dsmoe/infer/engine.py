@@ -22,68 +22,16 @@ from __future__ import annotations
 import itertools
 import random
 from collections import deque
-from dataclasses import dataclass, field
 
 import torch
 
 from dsmoe.errors import UserError
 from dsmoe.infer.cache import KVCache
+from dsmoe.infer.requests import Launched, Request, SlotState, StepOutput
 from dsmoe.infer.runner import DecodeRunner
 from dsmoe.infer.speculative import Speculator
 from dsmoe.infer.sampling import (SamplingParams, TokenLogprobs, apply_repetition_penalty, sample,
                                   to_token_logprobs, token_logprobs)
-
-
-@dataclass
-class StepOutput:
-    request_id: str
-    token_ids: list[int]  # new tokens (zero or one per step; up to N+1 with speculative decoding)
-    logprobs: list[TokenLogprobs] | None  # one per new token when the request asked for logprobs
-    prompt_logprobs: list[TokenLogprobs | None] | None  # once, in the request's first output; [0] is None
-    finish_reason: str | None  # None while running, then "stop" (a stop token) or "length"
-
-
-@dataclass
-class Request:
-    id: str
-    prompt: list[int]
-    params: SamplingParams
-    seed: int
-    slot: int | None = None
-    prefilled: int = 0  # prompt tokens already in the cache
-    launched: int = 0  # generated tokens whose computation has been launched
-    next_pos: int = 0  # position of the next decode input token
-    output: list[int] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprobs | None] | None = None
-    finished: str | None = None
-    reported_prompt: bool = False
-    stop_ids: frozenset[int] = frozenset()
-
-
-@dataclass
-class _Launched:
-    rows: list[tuple[int, Request]]  # (row of the token tensor, request)
-    tokens: torch.Tensor  # host copy
-    logprobs: tuple[torch.Tensor, ...] | None
-    event: torch.cuda.Event | None
-    counts: torch.Tensor | None = None  # speculative steps: tokens emitted per row (tokens is then (B, N+1))
-
-
-class SlotState:
-    """Per-slot device buffers: the next decode input and the sampling parameters of the slot's request."""
-
-    def __init__(self, num_slots: int, trash: int, device: torch.device):
-        def full(value, dtype):
-            return torch.full((num_slots,), value, dtype=dtype, device=device)
-
-        self.input_ids = full(0, torch.int64)
-        self.positions = full(trash, torch.int64)
-        self.temperature = full(0.0, torch.float32)
-        self.top_k = full(0, torch.int64)
-        self.top_p = full(1.0, torch.float32)
-        self.penalty = full(1.0, torch.float32)
-        self.seed = full(0, torch.int64)
-        self.seen: torch.Tensor | None = None  # (slots, V) bool, allocated once a request uses a penalty
 
 
 class Engine:
@@ -121,7 +69,7 @@ class Engine:
         self.running: dict[int, Request] = {}  # slot -> request, prefilled and decoding
         self.prefilling: Request | None = None
         self.free_slots = list(range(max_batch))
-        self.pending: deque[_Launched] = deque()
+        self.pending: deque[Launched] = deque()
         self.ready: list[StepOutput] = []  # outputs produced without a device round trip
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -369,19 +317,19 @@ class Engine:
         return {"any_random": any(not r.params.greedy for r in reqs),
                 "any_filtered": any(r.params.filtered for r in reqs)}
 
-    def _launched(self, rows, tokens: torch.Tensor, lp, counts: torch.Tensor | None = None) -> _Launched:
+    def _launched(self, rows, tokens: torch.Tensor, lp, counts: torch.Tensor | None = None) -> Launched:
         if self.device.type != "cuda":
-            return _Launched(rows, tokens, lp, None, counts)
+            return Launched(rows, tokens, lp, None, counts)
         extra = (counts,) if counts is not None else ()
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                 for t in (tokens, *(lp or ()), *extra)]
         event = torch.cuda.Event()
         event.record()
         n_lp = len(lp or ())
-        return _Launched(rows, host[0], tuple(host[1:1 + n_lp]) if lp else None, event,
+        return Launched(rows, host[0], tuple(host[1:1 + n_lp]) if lp else None, event,
                          host[-1] if counts is not None else None)
 
-    def _process(self, launched: _Launched) -> list[StepOutput]:
+    def _process(self, launched: Launched) -> list[StepOutput]:
         if launched.event is not None:
             launched.event.synchronize()
         tokens = launched.tokens.tolist()
