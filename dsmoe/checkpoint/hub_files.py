@@ -6,7 +6,6 @@ header are checked before any weight is allocated, and each way they can be brok
 
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from dsmoe.devices import DTYPES
 from dsmoe.errors import CheckpointError
+from dsmoe.json_files import read_json
 
 INDEX = "model.safetensors.index.json"
 # safetensors dtype -> what dsmoe loads it as; FP8 weights come with their weight_scale_inv blocks
@@ -23,19 +23,12 @@ WEIGHT_DTYPES = ("F64", "F32", "BF16", "F16", "F8_E4M3")
 RESTORE = "restore it from the original checkpoint (or re-download / re-convert it)"
 
 
-def read_json(file: Path) -> Any:
-    try:
-        return json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e}); {RESTORE}") from None
-
-
 def read_config_json(path: Path) -> dict[str, Any]:
     file = path / "config.json"
     if not file.is_file():
         raise CheckpointError(f"no config.json in {path}: pass a folder holding a Hugging Face DeepSeek "
                               "checkpoint or a dsmoe run folder")
-    hf = read_json(file)
+    hf = read_json(file, RESTORE, CheckpointError)
     if not isinstance(hf, dict):
         raise CheckpointError(f"{file} holds a JSON {type(hf).__name__}, not an object of model settings; {RESTORE}")
     return hf
@@ -66,7 +59,7 @@ def open_checkpoint(path: Path, stack: ExitStack) -> tuple[dict[str, Path], dict
     model.safetensors; every key the index lists is checked to be in its file."""
     index = path / INDEX
     if index.is_file():
-        weight_map = read_json(index)
+        weight_map = read_json(index, RESTORE, CheckpointError)
         weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index} has no weight_map of tensor names to file names; {RESTORE}")

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from dsmoe.atomic import atomic_write, atomic_write_text
 from dsmoe.checkpoint.hf import CheckpointError
 from dsmoe.finetune.lora import DENSE_MLP, LoRASpec, apply_lora, lora_factors
+from dsmoe.json_files import read_json
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -80,11 +81,8 @@ def read_adapter_config(folder: Path) -> dict:
     file = folder / CONFIG_NAME
     if not file.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} in {folder}: pass a folder written by `dsmoe finetune` or PEFT")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e.msg}); restore the file") from None
-    if config.get("peft_type") != "LORA":
+    config = read_json(file, "restore the file", CheckpointError)
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise CheckpointError(f"{file}: peft_type {config.get('peft_type')!r}; dsmoe reads LoRA adapters only")
     return config
 

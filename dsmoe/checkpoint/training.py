@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 from dsmoe.checkpoint.ranks import barrier, broadcast_int, distributed, one_process_is_intended, rank, world_size
 from dsmoe.config import ModelConfig
 from dsmoe.errors import CheckpointError
+from dsmoe.json_files import read_json
 from dsmoe.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -133,11 +134,8 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", moe_
 def read_state(path: str | os.PathLike) -> dict[str, Any]:
     """state.json of a complete checkpoint (read before any model exists: it decides the batch layout)."""
     file = Path(path) / STATE_FILE
-    try:
-        state = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file} cannot be read ({e}); pass RUN or RUN/checkpoints/step_N of a complete "
-                              "checkpoint, or resume from another one") from None
+    state = read_json(file, "pass RUN or RUN/checkpoints/step_N of a complete checkpoint, or resume from another "
+                            "one", CheckpointError)
     if isinstance(state, dict) and isinstance(state.get("extra"), dict):
         state = state["extra"]  # the retired sharded layout kept the trainer state there
     if not isinstance(state, dict) or state.get("format") != FORMAT:

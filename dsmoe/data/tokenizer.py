@@ -27,6 +27,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsmoe.atomic import atomic_write_text
 from dsmoe.errors import UserError
+from dsmoe.json_files import read_json
 
 BOS, EOS = "<|bos|>", "<|eos|>"
 MIN_VOCAB = 256 + 2  # the byte alphabet plus bos/eos
@@ -168,10 +169,7 @@ def _token_text(value) -> str | None:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); fix or remove the file") from None
+    data = read_json(path, "fix or remove the file")
     return data if isinstance(data, dict) else {}
 
 

@@ -8,7 +8,6 @@ from flags and one started from `--config RUN/train_config.json` are the same ru
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 from dsmoe.config import PRESETS, ModelConfig, check_types, get_preset
 from dsmoe.data.tokenizer import MIN_VOCAB
 from dsmoe.errors import UserError
+from dsmoe.json_files import read_json
 from dsmoe.kernels.ops import IMPLS as MOE_IMPLS
 
 SCHEDULES = ("cosine", "wsd")
@@ -211,11 +211,7 @@ class TrainConfig:
             path = path / "train_config.json"
         if not path.is_file():
             raise UserError(f"no training config at {path}: pass RUN/train_config.json of an earlier run")
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not valid JSON ({e.msg}); fix it or start from flags") from None
-        return cls.from_dict(values, str(path))
+        return cls.from_dict(read_json(path, "fix it or start from flags"), str(path))
 
     def differences(self, other: TrainConfig) -> list[str]:
         a, b = self.to_dict(), other.to_dict()
