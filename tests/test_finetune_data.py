@@ -84,3 +84,14 @@ def test_batches_are_a_pure_function_of_the_step_and_right_padded(tok):
         assert (first.ids[row, length:] == 1).all() and (first.labels[row, length:] == ftdata.IGNORE).all()
     epoch = [i for s in range(2) for i in ftdata.step_examples(4, seed=1, step=s, per_step=2)]
     assert sorted(epoch) == [0, 1, 2, 3]  # one epoch visits every example once
+
+
+def test_batch_widths_round_up_to_64_but_not_past_the_longest_example():
+    assert [ftdata.padded_width(n, cap=300) for n in (1, 64, 65, 250, 300)] == [64, 64, 128, 256, 300]
+    assert ftdata.padded_width(40, cap=50) == 50
+    long = [ftdata.Example(list(range(2, 2 + n)), [ftdata.IGNORE] + list(range(3, 2 + n))) for n in (70, 3, 150)]
+    widths = {b.ids.shape[1] for s in range(3) for b in ftdata.ExampleSource(long, seed=0, pad_id=1)
+              .batches(s, micro_batch=1, grad_accum=1)}
+    assert widths <= {64, 128, 150}
+    (_, batch), = ftdata.eval_batches(long[:2], batch_size=2, pad_id=1)
+    assert batch.ids.shape[1] == 70 and batch.lengths.tolist() == [3, 70]

@@ -8,7 +8,8 @@ Records:
 `--field-map` renames or builds these fields from other ones: KEY=FIELD or KEY=TEMPLATE ("{question}" style
 str.format over the record), or a preset name (qa, translation, summarization) for the shared data files.
 
-Batches: every example is right-padded to the longest of its micro-batch, not packed. Packing without
+Batches: every example is right-padded to the longest of its micro-batch (rounded up to a multiple of 64, see
+padded_width), not packed. Packing without
 attention across examples needs a block-diagonal mask in every attention path (SDPA, MLA, the absorbed decode);
 padding keeps the model untouched and each example's logits exactly those of an unpadded forward (causal
 attention: pads come after every real token). Each step's sequences are sorted by length before they are cut
@@ -198,8 +199,19 @@ class ExampleBatch:
         return ExampleBatch(*(t.to(device, non_blocking=True) for t in (self.ids, self.lengths, self.labels)))
 
 
-def collate(examples: list[Example], pad_id: int) -> ExampleBatch:
+PAD_MULTIPLE = 64
+
+
+def padded_width(longest: int, cap: int) -> int:
+    """A micro-batch's width: its longest example rounded up to a multiple of 64, at most `cap` (the longest
+    example of the data set, so never past --seq-len). Few distinct widths mean few compiled graphs, cuDNN
+    attention plans and autotuned kernel shapes; the extra pads cost nothing to the loss (IGNORE labels)."""
+    return min(cap, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def collate(examples: list[Example], pad_id: int, cap: int | None = None) -> ExampleBatch:
     length = max(len(e.ids) for e in examples)
+    length = padded_width(length, cap) if cap else length
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     for row, e in enumerate(examples):
         ids[row, :len(e.ids)] = torch.tensor(e.ids)
@@ -217,6 +229,7 @@ class ExampleSource:
 
     def __init__(self, examples: list[Example], seed: int, pad_id: int):
         self.examples, self.seed, self.pad_id = examples, seed, pad_id
+        self.cap = max((len(e.ids) for e in examples), default=0)
 
     def batches(self, step: int, *, micro_batch: int, grad_accum: int, dp_rank: int = 0,
                 dp_size: int = 1) -> list[ExampleBatch]:
@@ -224,11 +237,12 @@ class ExampleSource:
         chosen = step_examples(len(self.examples), self.seed, step, per_rank * dp_size)
         mine = sorted((self.examples[i] for i in chosen[dp_rank * per_rank:(dp_rank + 1) * per_rank]),
                       key=lambda e: len(e.ids))
-        return [collate(mine[i:i + micro_batch], self.pad_id) for i in range(0, per_rank, micro_batch)]
+        return [collate(mine[i:i + micro_batch], self.pad_id, self.cap) for i in range(0, per_rank, micro_batch)]
 
 
 def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> list[tuple[list[int], ExampleBatch]]:
     """(indices into examples, batch) in order of length."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
-    return [(order[j:j + batch_size], collate([examples[i] for i in order[j:j + batch_size]], pad_id))
+    cap = max((len(e.ids) for e in examples), default=0)
+    return [(order[j:j + batch_size], collate([examples[i] for i in order[j:j + batch_size]], pad_id, cap))
             for j in range(0, len(order), batch_size)]
