@@ -10,8 +10,9 @@ from typing import Any
 from dsmoe.errors import UserError
 
 
-def read_json(file: str | Path, fix: str, error: type[UserError] = UserError) -> Any:
-    """The JSON value in `file`; `fix` ends the message of the `error` raised when it cannot be read."""
+def read_json(file: str | Path, fix: str, error: type[UserError] = UserError, expect: type | None = dict) -> Any:
+    """The JSON value in `file`, of type `expect` (None: any); `fix` ends the message of the `error` raised when
+    it cannot be read or holds something else."""
     try:
         text = Path(file).read_text(encoding="utf-8")
     except OSError as e:
@@ -19,6 +20,10 @@ def read_json(file: str | Path, fix: str, error: type[UserError] = UserError) ->
     except UnicodeDecodeError as e:
         raise error(f"{file} is not valid JSON (not UTF-8: {e.reason}); {fix}") from None
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise error(f"{file} is not valid JSON ({e}); {fix}") from None
+    if expect is not None and not isinstance(value, expect):
+        raise error(f"{file} holds a JSON {type(value).__name__}, not {'an object' if expect is dict else expect}; "
+                    f"{fix}")
+    return value

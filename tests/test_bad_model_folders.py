@@ -98,7 +98,7 @@ CASES = {
     "index without weight_map": (_sharded(_edit_json("model.safetensors.index.json", lambda d: {"metadata": {}})),
                                  "model.safetensors.index.json", "weight_map"),
     "index is a list": (_sharded(_edit_json("model.safetensors.index.json", lambda d: [d])),
-                        "model.safetensors.index.json", "weight_map"),
+                        "model.safetensors.index.json", "not an object"),
     "index points outside the folder": (_sharded(_edit_json("model.safetensors.index.json", lambda d: {
         "weight_map": {k: "../" + v for k, v in d["weight_map"].items()}})),
         "model.safetensors.index.json", "file name"),

@@ -114,3 +114,19 @@ def test_dsmoe_eval_lm_eval_from_the_command_line(tmp_path_factory, task_dir, mo
     assert "dsmoe_rt_polarity_mc" in capsys.readouterr().out
     assert main(["eval", str(model_dir), "--lm-eval", "no_such_task", "--include-path", str(task_dir)]) == 2
     assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
+
+
+def test_generation_keeps_lm_evals_context_length_and_refuses_no_room(model_dir):
+    """Contexts keep their last max_length - max_gen_toks tokens (as the hf model does); a max_gen_toks that
+    leaves no room for a prompt is one clear error."""
+    from lm_eval.api.instance import Instance
+
+    from dsmoe.errors import UserError
+    from dsmoe.tasks.lm_eval_model import DsmoeLM
+
+    lm = DsmoeLM(str(model_dir), device="cpu", dtype="float32", batch_size=2, max_length=24)
+    context = "word " * 200
+    (text,) = lm.generate_until([Instance("generate_until", {}, (context, {"until": ["\n"], "max_gen_toks": 4}), 0)])
+    assert isinstance(text, str)
+    with pytest.raises(UserError, match="max_gen_toks=24 leaves no room"):
+        lm.generate_until([Instance("generate_until", {}, (context, {"until": ["\n"], "max_gen_toks": 24}), 0)])

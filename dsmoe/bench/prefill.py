@@ -132,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
                 line += f"{theirs:>16,.0f}{r['dsmoe'] / theirs:>6.1f}x" if theirs else f"{'-':>16}{'-':>7}"
             print(line)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        from pathlib import Path
+
+        from dsmoe.atomic import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(report, indent=2) + "\n")
     return 0

@@ -11,10 +11,10 @@ import re
 
 KINDS = (
     ("MoE expert GEMMs (dsmoe Triton)", r"_grouped_rows_kernel|_grouped_weight_grad_kernel|_wq_"),
-    ("routing + permutation (dsmoe Triton)", r"_route_kernel|_histogram_kernel|_scatter_kernel|_combine_kernel"
-                                             r"|_swiglu"),
+    ("routing, permutation, SwiGLU backward (dsmoe Triton)",
+     r"_route_kernel|_histogram_kernel|_scatter_kernel|_combine_kernel|_swiglu"),
     ("attention", r"flash|fmha|attn|attention|sdpa|mha"),  # before GEMMs: cuDNN's SDPA kernels say "sm90_"
-    ("GEMMs (cuBLAS / CUTLASS)", r"gemm|cutlass|nvjet|xmma|sm90_|cublas|splitk"),
+    ("GEMMs (cuBLAS / CUTLASS)", r"gemm|gemv|cutlass|nvjet|xmma|sm90_|cublas|splitk"),
     ("RMSNorm / rotary", r"norm|rotary"),
     ("optimizer", r"adam|multi_tensor"),
     ("top-k / sort", r"topk|sort|radix"),

@@ -28,10 +28,7 @@ def read_config_json(path: Path) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"no config.json in {path}: pass a folder holding a Hugging Face DeepSeek "
                               "checkpoint or a dsmoe run folder")
-    hf = read_json(file, RESTORE, CheckpointError)
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{file} holds a JSON {type(hf).__name__}, not an object of model settings; {RESTORE}")
-    return hf
+    return read_json(file, RESTORE, CheckpointError)
 
 
 def default_dtype(path: Path, hf: dict[str, Any]) -> torch.dtype:
@@ -59,8 +56,7 @@ def open_checkpoint(path: Path, stack: ExitStack) -> tuple[dict[str, Path], dict
     model.safetensors; every key the index lists is checked to be in its file."""
     index = path / INDEX
     if index.is_file():
-        weight_map = read_json(index, RESTORE, CheckpointError)
-        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        weight_map = read_json(index, RESTORE, CheckpointError).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index} has no weight_map of tensor names to file names; {RESTORE}")
         for name in set(weight_map.values()):

@@ -82,7 +82,7 @@ def read_adapter_config(folder: Path) -> dict:
     if not file.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} in {folder}: pass a folder written by `dsmoe finetune` or PEFT")
     config = read_json(file, "restore the file", CheckpointError)
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+    if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{file}: peft_type {config.get('peft_type')!r}; dsmoe reads LoRA adapters only")
     return config
 

@@ -136,9 +136,9 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
     file = Path(path) / STATE_FILE
     state = read_json(file, "pass RUN or RUN/checkpoints/step_N of a complete checkpoint, or resume from another "
                             "one", CheckpointError)
-    if isinstance(state, dict) and isinstance(state.get("extra"), dict):
+    if isinstance(state.get("extra"), dict):
         state = state["extra"]  # the retired sharded layout kept the trainer state there
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a dsmoe training checkpoint; pass RUN or RUN/checkpoints/step_N")
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path} is a training checkpoint in the layout of an earlier dsmoe, which this one no "

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from dsmoe.errors import UserError
+from dsmoe.json_files import read_json
 from dsmoe.train.cli import _add_field, explicit_config_values
 from dsmoe.train.config import TrainConfig
 
@@ -66,10 +66,7 @@ def resolve(args: argparse.Namespace):
     given = {k: v for k, v in explicit_config_values(args).items() if k not in _NOT_FOR_FINETUNE}
     if args.resume:
         out = Path(args.resume)
-        try:
-            ft_values = json.loads((out / "finetune_config.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            raise UserError(f"{out} holds no fine-tune (no readable finetune_config.json); check the path") from None
+        ft_values = read_json(out / "finetune_config.json", "pass the --out folder of a fine-tune to --resume")
         return TrainConfig.from_dict({**TrainConfig.load(out).to_dict(), **given}), FinetuneConfig(**ft_values), \
             out, True
     if not args.base or not args.task or not args.data:

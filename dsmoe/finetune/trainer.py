@@ -25,6 +25,7 @@ from dsmoe.finetune import data as ftdata
 from dsmoe.finetune.classifier import classifier_from_base, pad_id_of
 from dsmoe.finetune.lora import LoRASpec, apply_lora, merge_lora
 from dsmoe.finetune.metrics import classification_scores
+from dsmoe.json_files import read_json
 from dsmoe.train.data import TrainingData
 from dsmoe.train.loss import Batch, next_token_loss
 from dsmoe.train.model_setup import add_dropout
@@ -66,7 +67,7 @@ class FinetuneTrainer(Trainer):
                  progress: bool = True):
         self.cfg, self.ft, self.lora, out = cfg, ft, ft.lora(), Path(out)
         saved = out / "finetune_config.json"
-        if resume and saved.is_file() and json.loads(saved.read_text()) != dataclasses.asdict(ft):
+        if resume and saved.is_file() and read_json(saved, "restore it or start a new run") != dataclasses.asdict(ft):
             raise UserError(f"{out} was fine-tuned with other finetune options ({saved}); resume with the same "
                             "ones, or start a new run with --out NEW_FOLDER")
         base = Path(ft.base)

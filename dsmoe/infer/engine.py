@@ -2,7 +2,8 @@
 
 Each running sequence owns a slot of a static KV cache. Every `step()`:
 1. admits waiting requests into free slots and prefills prompt chunks, up to `prefill_chunk` tokens per
-   step (a long prompt spreads over several steps, so running sequences keep decoding meanwhile); the last
+   step (a long prompt spreads over several steps, so running sequences keep decoding meanwhile; prompts that
+   fit the step whole share one right-padded forward, rows x longest counted against the budget); the last
    chunk of a prompt samples its first token on the device;
 2. launches one decode step for every running sequence: rows 0..B-1 of the batch are slots 0..B-1, each
    reading its next input token and position from device buffers the previous step (or the prefill) wrote,
@@ -27,7 +28,7 @@ import torch
 
 from dsmoe.errors import UserError
 from dsmoe.infer.cache import KVCache
-from dsmoe.infer.requests import Launched, Request, SlotState, StepOutput
+from dsmoe.infer.records import Launched, Request, SlotState, StepOutput
 from dsmoe.infer.runner import DecodeRunner
 from dsmoe.infer.speculative import Speculator
 from dsmoe.infer.sampling import (SamplingParams, TokenLogprobs, apply_repetition_penalty, sample,

@@ -8,7 +8,11 @@ captured graph launches the same kernels without the host in the loop.
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def capture(forward, pool, warmups: int = 2):
@@ -40,21 +44,26 @@ def width_bucket(n: int, first: int = 64) -> int:
 
 class HiddenStates:
     """model(ids, return_hidden=True) for right-padded (b, w) batches of token ids, on CUDA through one graph
-    per (rows, width) bucket, captured at first use and replayed after. Rows are padded to max_batch (the
-    batch size the caller scores with: only a task's last batch is short, and one row bucket means one graph
-    per width, each capture costing warm-up forwards), widths by width_bucket. Padding holds whatever ids an
+    per (rows, width) bucket, captured at first use and replayed after. Widths round up by width_bucket; rows
+    to what the caller's batches of that width hold (max_batch, or fewer where its token budget cuts a batch
+    of long sequences short), so a task captures about one graph per width (each capture costs warm-up
+    forwards). Padding holds whatever ids an
     earlier batch left: padding after a sequence cannot change its hidden states (causal attention; routing is
     per token and drops nothing). Batches past `max_tokens` padded tokens run eagerly rather than capture a
     graph of that size; so does everything on the CPU."""
 
-    def __init__(self, model, max_batch: int, max_tokens: int = 32768, cuda_graphs: bool = True):
+    def __init__(self, model, max_batch: int, batch_tokens: int = 16384, max_tokens: int = 32768,
+                 cuda_graphs: bool = True):
+        """batch_tokens: the padded tokens the caller puts in one batch (score_requests' max_tokens), so a
+        batch of long sequences, cut short by that budget, is not padded back up to max_batch rows."""
         self.model = model
-        self.max_batch = max_batch
+        self.max_batch, self.batch_tokens = max_batch, batch_tokens
         self.device = next(model.parameters()).device
         self.max_tokens = max_tokens
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.failed: dict[tuple[int, int], str] = {}  # buckets whose capture failed (a host sync): run eagerly
 
     def eager(self, ids: torch.Tensor) -> torch.Tensor:
         from dsmoe.infer.runner import eager
@@ -65,12 +74,20 @@ class HiddenStates:
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         b, w = ids.shape
-        key = (max(self.max_batch, b), width_bucket(w))
-        if not self.cuda_graphs or key[0] * key[1] > self.max_tokens:
+        W = width_bucket(w)
+        key = (max(b, min(self.max_batch, self.batch_tokens // W)), W)
+        if not self.cuda_graphs or key[0] * key[1] > self.max_tokens or key in self.failed:
             return self.eager(ids)
         if key not in self.graphs:
             static = torch.zeros(key, dtype=torch.long, device=self.device)
-            self.graphs[key] = (*capture(lambda: self.eager(static), self.pool), static)
+            try:
+                self.graphs[key] = (*capture(lambda: self.eager(static), self.pool), static)
+            except RuntimeError as e:  # e.g. the reference experts read counts on the host
+                self.failed[key] = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                log.warning("CUDA graph capture of a %d x %d scoring forward failed (%s); running it eagerly",
+                            *key, self.failed[key])
+                torch.cuda.synchronize()
+                return self.eager(ids)
         graph, out, static = self.graphs[key]
         static[:b, :w].copy_(ids)
         graph.replay()

@@ -20,6 +20,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from dsmoe.errors import UserError
 from dsmoe.tasks.scoring import ScoreRequest
 from dsmoe.tasks.suite import TaskRun
 
@@ -124,8 +125,13 @@ class DsmoeLM(TemplateLM):
             groups[(tuple(until), max_new, temperature)].append(index)
         results: list[str | None] = [None] * len(requests)
         for (until, max_new, temperature), indices in groups.items():
-            # the engine's cache holds run.max_len tokens per sequence (at most 4096)
-            prompts = [self.tok_encode(requests[i].args[0])[-(self.run.max_len - max_new):] for i in indices]
+            # contexts keep their last max_length - max_new tokens, as lm-eval's hf model does; the engine's
+            # cache holds run.max_len tokens per sequence (at most 4096)
+            keep = min(self.max_length, self.run.max_len) - max_new
+            if keep < 1:
+                raise UserError(f"max_gen_toks={max_new} leaves no room for a prompt in {self.max_length} tokens; "
+                                "ask for fewer new tokens")
+            prompts = [self.tok_encode(requests[i].args[0])[-keep:] for i in indices]
             texts = generate_texts(self.model, self.tokenizer, prompts, max_new_tokens=max_new, stop=list(until),
                                    temperature=temperature, engine=self.run.engine())
             for i, text in zip(indices, texts):

@@ -10,7 +10,6 @@ in ../shared/data (README there); `--task spec.json` reads a user's spec with th
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import string
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from dsmoe.data.sources import jsonl_records
 from dsmoe.errors import UserError
+from dsmoe.json_files import read_json
 
 KINDS = ("classification", "generation", "chat")
 METRICS = {  # metric -> the kind of task it scores
@@ -105,10 +105,7 @@ def get_task(name: str) -> TaskSpec:
         return BUILTIN[name]
     path = Path(name)
     if path.suffix == ".json" and path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} is not valid JSON ({e})") from None
+        data = read_json(path, "a task spec is one JSON object of TaskSpec's fields")
         known = {f.name for f in dataclasses.fields(TaskSpec)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -17,6 +17,9 @@ from dsmoe.tasks.scoring import continuation_request, score_requests
 from dsmoe.tasks.specs import TaskSpec
 
 
+SCORE_BATCH_TOKENS = 16384  # padded tokens of one scoring forward
+
+
 @dataclass
 class TaskRun:
     """What a task run needs besides its spec: the model, its tokenizer and how to batch."""
@@ -46,8 +49,10 @@ class TaskRun:
         from dsmoe.infer.graphs import HiddenStates
 
         if self.forward is None:
-            self.forward = HiddenStates(self.model, self.batch_size, cuda_graphs=self.cuda_graphs)
-        return score_requests(self.model, requests, batch_size=self.batch_size, hidden_states=self.forward)
+            self.forward = HiddenStates(self.model, self.batch_size, batch_tokens=SCORE_BATCH_TOKENS,
+                                        cuda_graphs=self.cuda_graphs)
+        return score_requests(self.model, requests, batch_size=self.batch_size, max_tokens=SCORE_BATCH_TOKENS,
+                              hidden_states=self.forward)
 
 
 def run_task(spec: TaskSpec, examples: list[dict], run: TaskRun) -> tuple[dict, list[dict]]:
