@@ -87,3 +87,53 @@ def test_model_attaches_aux_loss_to_the_router_gradient():
     counts, aux = model.routing_stats()
     assert not torch.allclose(with_aux, without)
     assert counts.shape == (1, cfg.n_routed_experts) and counts.sum() == 2 * 8 * cfg.num_experts_per_tok
+
+
+@pytest.mark.parametrize("seq_aux, device_alpha, comm_alpha", [(False, 0.0, 0.0), (True, 0.0, 0.0),
+                                                               (False, 0.3, 0.2)])
+def test_padding_is_left_out_of_the_routing_statistics(seq_aux, device_alpha, comm_alpha):
+    """A right-padded batch with token_mask: the real tokens' outputs, the expert counts and the balance losses
+    equal those of the sequences run alone (padding is computed but never counted)."""
+    cfg = PRESETS["tiny"].replace(vocab_size=64, num_hidden_layers=2, aux_loss_alpha=0.1, seq_aux=seq_aux,
+                                  device_aux_loss_alpha=device_alpha, comm_aux_loss_alpha=comm_alpha, n_group=2,
+                                  topk_group=2)
+    torch.manual_seed(0)
+    model = build_model(cfg, dtype=torch.float32).train()
+    lengths = [5, 8]
+    ids = torch.randint(0, 64, (2, 8))
+    real = torch.arange(8)[None, :] < torch.tensor(lengths)[:, None]
+    padded = model(ids, token_mask=real)
+    counts, aux = model.routing_stats()
+    alone_counts, alone_aux = [], []
+    for row, n in enumerate(lengths):
+        alone = model(ids[row:row + 1, :n])
+        torch.testing.assert_close(padded[row, :n], alone[0])
+        c, a = model.routing_stats()
+        alone_counts.append(c)
+        alone_aux.append(a)
+    assert torch.equal(counts, alone_counts[0] + alone_counts[1])
+    assert counts.sum() == sum(lengths) * cfg.num_experts_per_tok
+    if seq_aux:  # per sequence, then averaged: the mean of the two sequences' losses
+        torch.testing.assert_close(aux, (alone_aux[0] + alone_aux[1]) / 2)
+    model(ids[:1, :5], token_mask=torch.ones(1, 5, dtype=torch.bool))  # an all-real mask changes nothing
+    torch.testing.assert_close(model.routing_stats()[1], alone_aux[0])
+
+
+def test_fine_tuning_batches_count_only_their_real_tokens():
+    """The SFT loss (next_token_loss with Batch.token_mask) and the classifier pass the padding mask down, so
+    the counts behind MaxVio and the aux-free bias update see real tokens only (MTP modules included)."""
+    from dsmoe.finetune.classifier import classifier_from_base
+    from dsmoe.train.loss import Batch, next_token_loss
+
+    cfg = PRESETS["tiny"].replace(vocab_size=64, num_hidden_layers=2, num_nextn_predict_layers=1)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    ids = torch.randint(0, 64, (2, 8))
+    real = torch.arange(8)[None, :] < torch.tensor([[3], [6]])
+    next_token_loss(model, Batch(ids, ids, real), mtp_weight=0.3)
+    K = cfg.num_experts_per_tok
+    main_counts, mtp_counts = (m.expert_counts.sum().item() for m in (model.layers[1].mlp, model.mtp[0].mlp))
+    assert main_counts == 9 * K and mtp_counts == (2 + 5) * K  # depth 1 sees token t+1: one fewer per row
+    classifier = classifier_from_base(build_model(cfg.replace(num_nextn_predict_layers=0)), ["a", "b"])
+    classifier.classify(ids, torch.tensor([3, 6]))
+    assert [m.expert_counts.sum().item() for m in classifier.moe_layers()] == [9 * K]

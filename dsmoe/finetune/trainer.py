@@ -121,7 +121,9 @@ class FinetuneTrainer(Trainer):
 
     # ---- the losses (the trainer's loss seam); "trained_tokens" makes tokens/s count real, unpadded tokens
     def _sft_loss(self, model, batch):
-        loss, metrics = next_token_loss(model, Batch(batch.ids[:, :-1], batch.labels[:, 1:]),
+        inputs = batch.ids[:, :-1]
+        real = torch.arange(inputs.shape[1], device=inputs.device)[None, :] < batch.lengths[:, None]
+        loss, metrics = next_token_loss(model, Batch(inputs, batch.labels[:, 1:], real),
                                         mtp_weight=self.cfg.mtp_loss_weight)
         return loss, {**metrics, "trained_tokens": batch.lengths.sum().float()}
 

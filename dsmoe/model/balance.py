@@ -25,6 +25,17 @@ def _slot_weights(topk_idx_TK: torch.Tensor, active_TK: torch.Tensor | None) -> 
     return active_TK.float()
 
 
+def _mean_probs(probs_TE: torch.Tensor, active_TK: torch.Tensor | None, B: int = 1) -> torch.Tensor:
+    """P: the mean affinity over the tokens that count (those with a used slot: padding has none), per each
+    of B equal runs of tokens -> (B, E) fp32."""
+    T, E = probs_TE.shape
+    probs = probs_TE.float().reshape(B, T // B, E)
+    if active_TK is None:
+        return probs.mean(dim=1)
+    counted = active_TK.any(dim=-1).float().reshape(B, T // B, 1)
+    return (probs * counted).sum(dim=1) / counted.sum(dim=1).clamp_min(1)
+
+
 def expert_balance_loss(
     probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, alpha: float, seq_len: int | None = None,
     active_TK: torch.Tensor | None = None,
@@ -43,7 +54,7 @@ def expert_balance_loss(
     counts_BE = torch.zeros(B, E, device=probs_TE.device, dtype=torch.float32)
     counts_BE.scatter_add_(1, topk_idx_TK.reshape(B, S * K), used)
     f_BE = counts_BE * (E / used.sum(dim=1, keepdim=True).clamp_min(1))
-    P_BE = probs_TE.float().reshape(B, S, E).mean(dim=1)
+    P_BE = _mean_probs(probs_TE, active_TK, B)
     return alpha * (f_BE * P_BE).sum(dim=1).mean()
 
 
@@ -57,7 +68,7 @@ def device_balance_loss(
     D = num_devices
     used = _slot_weights(topk_idx_TK, active_TK).flatten()
     f_E = torch.zeros(E, device=probs_TE.device).scatter_add_(0, topk_idx_TK.flatten(), used) * (E / used.sum().clamp_min(1))
-    P_E = probs_TE.float().mean(dim=0)
+    P_E = _mean_probs(probs_TE, active_TK)[0]
     experts_per_device = torch.zeros(D, device=probs_TE.device).scatter_add_(
         0, expert_device_E, torch.ones(E, device=probs_TE.device))
     f_D = torch.zeros(D, device=probs_TE.device).scatter_add_(0, expert_device_E, f_E) / experts_per_device
@@ -75,8 +86,9 @@ def communication_balance_loss(
     sent_TD = torch.zeros(T, D, device=probs_TE.device)
     # a token counts once per device it reaches (amax: an unused slot never clears a used one)
     sent_TD.scatter_reduce_(1, expert_device_E[topk_idx_TK], _slot_weights(topk_idx_TK, active_TK), "amax")
-    f_D = sent_TD.sum(dim=0) * (D / (max_devices * T))
-    P_D = torch.zeros(D, device=probs_TE.device).scatter_add_(0, expert_device_E, probs_TE.float().mean(dim=0))
+    tokens = T if active_TK is None else active_TK.any(dim=-1).sum().clamp_min(1)
+    f_D = sent_TD.sum(dim=0) * D / (max_devices * tokens)
+    P_D = torch.zeros(D, device=probs_TE.device).scatter_add_(0, expert_device_E, _mean_probs(probs_TE, active_TK)[0])
     return alpha * (f_D * P_D).sum()
 
 

@@ -30,7 +30,11 @@ class SequenceClassifier(Transformer):
     def classify(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, S), right-padded, with `lengths` (B,) real tokens each -> class logits (B, num_labels)
         in fp32, from the hidden state of each sequence's last real token."""
-        h = super().forward(input_ids, return_hidden=True)
+        real = None
+        if lengths is not None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            real = positions[None, :] < lengths.to(input_ids.device)[:, None]
+        h = super().forward(input_ids, return_hidden=True, token_mask=real)
         last = (lengths - 1) if lengths is not None else torch.full((h.shape[0],), h.shape[1] - 1)
         pooled = h[torch.arange(h.shape[0], device=h.device), last.to(h.device)]
         return self.score(pooled).float()

@@ -46,6 +46,16 @@ class Experts(nn.Module):
         nn.init.normal_(self.down_proj, std=std)
 
 
+def only_real_tokens(routing: Routing, real_T: torch.Tensor) -> Routing:
+    """The same routing with padding's decisions marked unused (active_TK) and left out of the counts."""
+    idx = routing.topk_idx_TK
+    active = real_T[:, None].expand_as(idx)
+    if routing.active_TK is not None:
+        active = active & routing.active_TK
+    counts = torch.zeros_like(routing.counts_E).scatter_add_(0, idx.flatten(), active.flatten().long())
+    return Routing(idx, routing.topk_weight_TK, routing.scores_TE, counts, active)
+
+
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig, impl: str = "auto"):
         """impl: the routed experts' implementation asked for (one of `ops.IMPLS`), resolved once per forward
@@ -70,11 +80,16 @@ class MoE(nn.Module):
                              persistent=False)
         self.register_buffer("aux_loss", torch.zeros(()), persistent=False)
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """token_mask (B, S) bool: the real tokens of a padded batch. Padding is routed and computed like any
+        token (its outputs are never read), but the statistics (expert counts, hence MaxVio and the
+        aux-loss-free bias update, and the balance losses) count only the real tokens."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         impl = ops.resolve_impl(self.impl, x_TD, self.experts.gate_up_proj, self.experts.down_proj)
         routing = self.gate(x_TD, impl)
+        if token_mask is not None:
+            routing = only_real_tokens(routing, token_mask.reshape(B * S))
         y_TD = self.experts(x_TD, routing.topk_idx_TK, routing.topk_weight_TK, impl)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)

@@ -30,9 +30,11 @@ class Block(nn.Module):
         self.mlp = MoE(config, moe_impl) if config.is_moe_layer(layer_id) else \
             MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                token_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h_norm = self.post_attention_layernorm(h)
+        return h + (self.mlp(h_norm, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h_norm))
 
 
 class Transformer(nn.Module):
@@ -52,32 +54,35 @@ class Transformer(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
         last_only: bool = False, return_hidden: bool = False, with_mtp: bool = False,
+        token_mask: torch.Tensor | None = None,
     ):
         """input_ids (B, S) -> logits (B, S, V) (or (B, 1, V) with last_only; the final-normed hidden
         states (B, S, D) with return_hidden). positions default to 0..S-1; a cache (one entry per layer)
         is given by the inference engine. with_mtp (training): (logits, [logits of MTP depth k, (B, S, V)
-        for k = 1..D]); depth k's logits at position t predict token t+k+1 (see mtp.py)."""
+        for k = 1..D]); depth k's logits at position t predict token t+k+1 (see mtp.py). token_mask (B, S)
+        bool marks the real tokens of a padded batch: the MoE statistics count only those (moe.py)."""
         B, S = input_ids.shape
         if positions is None:
             positions = torch.arange(S, device=input_ids.device)
         cos, sin = self.rotary(positions)
         h = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, None if cache is None else cache[i])
+            h = layer(h, cos, sin, None if cache is None else cache[i], token_mask)
         h = self.norm(h[:, -1:] if last_only else h)
         if with_mtp:
-            return self.logits(h), self.mtp_logits(h, input_ids, cos, sin)
+            return self.logits(h), self.mtp_logits(h, input_ids, cos, sin, token_mask)
         return h if return_hidden else self.logits(h)
 
     def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor) -> list[torch.Tensor]:
+                   sin: torch.Tensor, token_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The MTP modules over a whole sequence (training): h (B, S, D) the main model's final-normed
         hidden states -> one (B, S, V) logits tensor per depth."""
         from dsmoe.model.mtp import shifted_inputs
 
         out = []
         for k, module in enumerate(self.mtp, 1):
-            h = module(h, self.embed_tokens(shifted_inputs(input_ids, k)), cos, sin)
+            real = None if token_mask is None else shifted_inputs(token_mask, k)  # False past the end
+            h = module(h, self.embed_tokens(shifted_inputs(input_ids, k)), cos, sin, token_mask=real)
             out.append(self.logits(module.shared_head.norm(h)))
         return out
 

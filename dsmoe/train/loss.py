@@ -23,10 +23,12 @@ from dsmoe.train.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 @dataclass
 class Batch:
     """One micro-batch of token ids: input_ids (B, S) and labels (B, S), where labels[b, s] is the token to
-    predict after input_ids[b, s], or IGNORE_INDEX (-100) where no loss is taken (prompts, padding)."""
+    predict after input_ids[b, s], or IGNORE_INDEX (-100) where no loss is taken (prompts, padding);
+    token_mask (B, S) bool, for padded batches: the real input tokens (the MoE statistics count only them)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
+    token_mask: torch.Tensor | None = None
 
     @classmethod
     def from_windows(cls, windows: torch.Tensor) -> Batch:
@@ -34,7 +36,8 @@ class Batch:
         return cls(windows[:, :-1], windows[:, 1:])
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device, non_blocking=True), self.labels.to(device, non_blocking=True))
+        return Batch(*(None if t is None else t.to(device, non_blocking=True)
+                       for t in (self.input_ids, self.labels, self.token_mask)))
 
 
 class BatchSource(Protocol):
@@ -52,12 +55,12 @@ def next_token_loss(model: torch.nn.Module, batch: Batch, mtp_weight: float = 0.
     output projection and the loss run chunk by chunk (cross_entropy.py). A model with MTP modules adds
     mtp_weight x their mean cross-entropy (DeepSeek-V3's lambda; model/mtp.py), from their full logits."""
     if not model.config.num_nextn_predict_layers:
-        hidden = model(batch.input_ids, return_hidden=True)
+        hidden = model(batch.input_ids, return_hidden=True, token_mask=batch.token_mask)
         # read after the forward: under FSDP the root's forward has gathered the whole head (kept until backward)
         head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
         loss = linear_cross_entropy(hidden.flatten(0, 1), head, batch.labels.flatten(), chunk_tokens=chunk_tokens)
         return loss, {"lm_loss": loss.detach()}
-    logits, mtp_logits = model(batch.input_ids, with_mtp=True)
+    logits, mtp_logits = model(batch.input_ids, with_mtp=True, token_mask=batch.token_mask)
     lm = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE_INDEX)
     mtp = mtp_loss(mtp_logits, batch.labels, ignore_index=IGNORE_INDEX)
     return lm + mtp_weight * mtp, {"lm_loss": lm.detach(), "mtp_loss": mtp.detach()}
