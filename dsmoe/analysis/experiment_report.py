@@ -99,38 +99,42 @@ def compare_analyses(rows, out: Path, specs: list[str], text_field: str, tokens:
 
 
 def table(results: dict, name: str) -> str:
+    from dsmoe.analysis.report import markdown_table
+
     ref = results["reference_arm"]
     lines = [f"# dsmoe experiment {name}", "",
              f"{results['tokens_per_run']:,} training tokens per run ({results['epochs']:.2f} epochs of "
              f"{results['train_tokens']:,}; data: {', '.join(results['data'])}); validation on "
-             f"{results['val_tokens']:,} held-out tokens; paired differences against `{ref}` within each seed.", "",
-             f"| arm | val loss (mean ± sd) | Δ vs {ref} (paired, mean ± sd) | MaxVio at the end | tokens/s "
-             "| active / total params |", "|---|---:|---:|---:|---:|---:|"]
-    for arm, a in results["arms"].items():
-        n = len(a["seeds"])
-        diff = "-" if arm == ref or a["paired_diff_mean"] is None else \
-            f"{a['paired_diff_mean']:+.4f} ± {a['paired_diff_sd']:.4f}"
-        vio = "-" if a["maxvio_end"] is None else f"{a['maxvio_end']:.3f}"
-        lines.append(f"| {arm} | {a['val_loss_mean']:.4f} ± {a['val_loss_sd']:.4f} (n={n}) | {diff} | {vio} | "
-                     f"{a['tokens_per_s']:,.0f} | {a['active_params'] / 1e6:.2f}M / {a['params'] / 1e6:.2f}M |")
+             f"{results['val_tokens']:,} held-out tokens; paired differences against `{ref}` within each seed.", ""]
+    lines += markdown_table(
+        ["arm", "val loss (mean ± sd)", f"Δ vs {ref} (paired, mean ± sd)", "MaxVio at the end", "tokens/s",
+         "active / total params"], [_arm_row(arm, a, ref) for arm, a in results["arms"].items()], left=1)
     if results.get("analysis"):
         lines += ["", "`dsmoe analyze` of the first seed's models (loss rise when each layer loses that share of its "
                   "routed experts: the most-routed ones, or random ones; specialisation = MI(expert; domain) / "
-                  "H(domain), mean over layers):", "",
-                  "| arm | disabled per layer | rise, most-routed | rise, random | specialisation | MI (bits) | "
-                  "shared removed |", "|---|---|---:|---:|---:|---:|---:|"]
-        for a in results["analysis"]:
-            shared = "-" if a["shared_removed_rise"] is None else f"{a['shared_removed_rise']:+.3f}"
-            for i, r in enumerate(a["redundancy"]):
-                lines.append(_analysis_row(a, r, i == 0, shared))
+                  "H(domain), mean over layers):", ""]
+        lines += markdown_table(
+            ["arm", "disabled per layer", "rise, most-routed", "rise, random", "specialisation", "MI (bits)",
+             "shared removed"],
+            [_analysis_row(a, r, i == 0) for a in results["analysis"] for i, r in enumerate(a["redundancy"])], left=2)
     return "\n".join(lines) + "\n"
 
 
-def _analysis_row(a: dict, r: dict, first: bool, shared: str) -> str:
-    cells = [a["arm"], f"{a['specialisation_mean']:.4f}", f"{a['domain_mi_bits_mean']:.4f}", shared] if first \
+def _arm_row(arm: str, a: dict, ref: str) -> list[str]:
+    diff = "-" if arm == ref or a["paired_diff_mean"] is None else \
+        f"{a['paired_diff_mean']:+.4f} ± {a['paired_diff_sd']:.4f}"
+    vio = "-" if a["maxvio_end"] is None else f"{a['maxvio_end']:.3f}"
+    return [arm, f"{a['val_loss_mean']:.4f} ± {a['val_loss_sd']:.4f} (n={len(a['seeds'])})", diff, vio,
+            f"{a['tokens_per_s']:,.0f}", f"{a['active_params'] / 1e6:.2f}M / {a['params'] / 1e6:.2f}M"]
+
+
+def _analysis_row(a: dict, r: dict, first: bool) -> list[str]:
+    """One row per probe size; the arm's own columns only on its first row."""
+    shared = "-" if a["shared_removed_rise"] is None else f"{a['shared_removed_rise']:+.3f}"
+    own = [a["arm"], f"{a['specialisation_mean']:.4f}", f"{a['domain_mi_bits_mean']:.4f}", shared] if first \
         else ["", "", "", ""]
-    return (f"| {cells[0]} | {r['disabled']} of {a['routed_experts']} ({r['share']:.0%}) | {r['top_rise']:+.4f} | "
-            f"{r['random_rise']:+.4f} ± {r['random_spread']:.4f} | {cells[1]} | {cells[2]} | {cells[3]} |")
+    return [own[0], f"{r['disabled']} of {a['routed_experts']} ({r['share']:.0%})", f"{r['top_rise']:+.4f}",
+            f"{r['random_rise']:+.4f} ± {r['random_spread']:.4f}", *own[1:]]
 
 
 def write_results(results: dict, name: str, out: Path) -> None:

@@ -113,6 +113,12 @@ def summary_numbers(layers: list[dict]) -> dict:
             "shared_norm_share_mean": mean("shared_norm_share")}
 
 
+def markdown_table(header: list[str], rows: list[list[str]], left: int = 0) -> list[str]:
+    """Lines of a markdown table: the first `left` columns aligned left, the others (numbers) right."""
+    rule = "|" + "|".join(["---"] * left + ["---:"] * (len(header) - left)) + "|"
+    return ["| " + " | ".join(header) + " |", rule, *("| " + " | ".join(cells) + " |" for cells in rows)]
+
+
 def markdown(report: dict) -> str:
     s = report["summary"]
     fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)
@@ -123,19 +129,17 @@ def markdown(report: dict) -> str:
              f"Mean over MoE layers: MaxVio {fmt(s['maxvio_mean'])}, routing entropy {fmt(s['routing_entropy_share_mean'])}"
              f" of log E, expert-domain MI {fmt(s['domain_mi_bits_mean'])} bits (specialisation "
              f"{fmt(s['specialisation_mean'])}), shared experts' share of the output norm "
-             f"{fmt(s['shared_norm_share_mean'])}.", "",
-             "| layer | MaxVio | entropy / log E | MI expert-domain (bits) | specialisation | shared norm share |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    for l in report["layers"]:
-        lines.append(f"| {l['layer']} | {l['maxvio']:.3f} | {l['routing_entropy_share']:.3f} | "
-                     f"{l['domain_mi_bits']:.4f} | {l['specialisation']:.4f} | {fmt(l['shared_norm_share'])} |")
+             f"{fmt(s['shared_norm_share_mean'])}.", ""]
+    lines += markdown_table(
+        ["layer", "MaxVio", "entropy / log E", "MI expert-domain (bits)", "specialisation", "shared norm share"],
+        [[str(l["layer"]), f"{l['maxvio']:.3f}", f"{l['routing_entropy_share']:.3f}", f"{l['domain_mi_bits']:.4f}",
+          f"{l['specialisation']:.4f}", fmt(l["shared_norm_share"])] for l in report["layers"]])
     if report.get("redundancy"):
-        lines += ["", "Redundancy probe (loss rise when each layer loses experts; random: mean ± sd):", "",
-                  "| disabled per layer | load they carried | most-routed: loss rise | random: loss rise |",
-                  "|---:|---:|---:|---:|"]
-        for r in report["redundancy"]:
-            lines.append(f"| {r['disabled']} | {r['load_share_disabled']:.1%} | {r['top_rise']:+.4f} | "
-                         f"{r['random_rise']:+.4f} ± {r['random_spread']:.4f} |")
+        lines += ["", "Redundancy probe (loss rise when each layer loses experts; random: mean ± sd):", ""]
+        lines += markdown_table(
+            ["disabled per layer", "load they carried", "most-routed: loss rise", "random: loss rise"],
+            [[str(r["disabled"]), f"{r['load_share_disabled']:.1%}", f"{r['top_rise']:+.4f}",
+              f"{r['random_rise']:+.4f} ± {r['random_spread']:.4f}"] for r in report["redundancy"]])
     if report.get("shared_ablation"):
         a = report["shared_ablation"]
         lines += ["", f"Shared experts removed: loss {a['loss']:.4f} ({a['rise']:+.4f})."]
