@@ -174,23 +174,28 @@ class FinetuneTrainer(Trainer):
         if not self.eval_examples:
             return None
         self.model.eval()
-        loss_sum, count, predictions = 0.0, 0, {}
+        # sums stay on the device; the host reads them once, after the last batch
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.int64, device=self.device)
+        predicted = []  # (example indices, predicted classes on the device)
         for order, batch in ftdata.eval_batches(self.eval_examples, self.cfg.micro_batch, self.pad_id):
             batch = batch.to(self.device)
             ids, labels = batch.ids, batch.labels
             with self._autocast():
                 if self.ft.task == "classify":
                     logits = self.model.classify(ids, batch.lengths).float()
-                    loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+                    loss_sum += F.cross_entropy(logits, labels, reduction="sum")
                     count += len(labels)
-                    predictions.update(zip(order, logits.argmax(-1).tolist()))
+                    predicted.append((order, logits.argmax(-1)))
                     continue
                 logits = self.model(ids[:, :-1]).float()
             targets = labels[:, 1:]
             loss_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ftdata.IGNORE,
-                                        reduction="sum").item()
-            count += int((targets != ftdata.IGNORE).sum())
+                                        reduction="sum")
+            count += (targets != ftdata.IGNORE).sum()
         self.model.train()
+        loss_sum, count = loss_sum.item(), int(count)
+        predictions = {i: p for order, classes in predicted for i, p in zip(order, classes.tolist())}
         result = {"step": self.step, "val_loss": loss_sum / max(count, 1)}
         if self.ft.task == "classify":
             gold = [e.labels for e in self.eval_examples]
