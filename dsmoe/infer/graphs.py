@@ -31,6 +31,18 @@ def capture(forward, pool, warmups: int = 2):
     return graph, out
 
 
+def try_capture(forward, pool, failed: dict, key, what: str):
+    """capture(), or None when the forward cannot be captured (a compiler failure, an op that syncs with the
+    host): then failed[key] says why, a warning is logged, and the caller runs that shape eagerly from now on."""
+    try:
+        return capture(forward, pool)
+    except RuntimeError as e:
+        failed[key] = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        log.warning("CUDA graph capture of %s failed (%s); running it eagerly", what, failed[key])
+        torch.cuda.synchronize()
+        return None
+
+
 def width_bucket(n: int, first: int = 64) -> int:
     """n rounded up to first * 2^k or 1.5 * first * 2^k (at most 1.5x padding, two buckets per octave)."""
     size = first
@@ -80,14 +92,11 @@ class HiddenStates:
             return self.eager(ids)
         if key not in self.graphs:
             static = torch.zeros(key, dtype=torch.long, device=self.device)
-            try:
-                self.graphs[key] = (*capture(lambda: self.eager(static), self.pool), static)
-            except RuntimeError as e:  # e.g. the reference experts read counts on the host
-                self.failed[key] = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                log.warning("CUDA graph capture of a %d x %d scoring forward failed (%s); running it eagerly",
-                            *key, self.failed[key])
-                torch.cuda.synchronize()
+            captured = try_capture(lambda: self.eager(static), self.pool, self.failed, key,
+                                   f"a {key[0]} x {key[1]} scoring forward")
+            if captured is None:
                 return self.eager(ids)
+            self.graphs[key] = (*captured, static)
         graph, out, static = self.graphs[key]
         static[:b, :w].copy_(ids)
         graph.replay()

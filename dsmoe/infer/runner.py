@@ -17,13 +17,10 @@ blocks someone else compiled. The recompile limit is raised only around this eng
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from dsmoe.infer.graphs import capture
+from dsmoe.infer.graphs import try_capture
 
-log = logging.getLogger(__name__)
 # compiled entries: a few block kinds x the (B, L) buckets; dynamo's default limit (8) would fall back to eager
 RECOMPILE_LIMIT = 256
 
@@ -89,19 +86,14 @@ class DecodeRunner:
         if not self.cuda_graphs or key in self.failed:
             return self.forward(B, L)
         if key not in self.graphs:
-            try:
-                self.graphs[key] = self._capture(B, L)
-            except RuntimeError as e:  # a compiler failure, or an op that cannot be captured (a host sync)
-                self.failed[key] = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                log.warning("CUDA graph capture of decode batch %d x %d failed (%s); running it eagerly%s",
-                            B, L, self.failed[key], " and without torch.compile" if self.compiled else "")
+            # a warm-up step only rewrites the cache entries the real step writes, with the same values
+            captured = try_capture(lambda: self.forward(B, L), self.pool, self.failed, key,
+                                   f"decode batch {B} x {L}" + (" (compiled; torch.compile is dropped too)"
+                                                                if self.compiled else ""))
+            if captured is None:
                 self.compiled = False  # stay correct: the plain eager step
-                torch.cuda.synchronize()
                 return self.forward(B, L)
+            self.graphs[key] = captured
         graph, out = self.graphs[key]
         graph.replay()
         return out
-
-    def _capture(self, B: int, L: int):
-        # a warm-up step only rewrites the cache entries the real step writes, with the same values
-        return capture(lambda: self.forward(B, L), self.pool)
