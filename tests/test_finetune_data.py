@@ -73,15 +73,22 @@ def test_bad_records_are_one_clear_error_each(tok, tmp_path, chat_template):
         ftdata.read_jsonl(write(tmp_path / "q.jsonl", [{"context": "c"}]), ftdata.parse_field_map(["qa"]))
 
 
-def test_batches_are_a_pure_function_of_the_step_and_right_padded(tok):
-    examples = [ftdata.Example(list(range(2, 2 + n)), [ftdata.IGNORE] + list(range(3, 2 + n))) for n in (3, 7, 5, 4)]
-    source = ftdata.ExampleSource(examples, seed=1, pad_id=1)
+def classify_examples(lengths):
+    return [ftdata.Example(list(range(2, 2 + n)), i % 2) for i, n in enumerate(lengths)]
+
+
+def sft_examples(lengths):
+    return [ftdata.Example(list(range(2, 2 + n)), [ftdata.IGNORE] + list(range(3, 2 + n))) for n in lengths]
+
+
+def test_classify_batches_are_a_pure_function_of_the_step_and_right_padded():
+    source = ftdata.ExampleSource(classify_examples([3, 7, 5, 4]), seed=1, pad_id=1)
     a = source.batches(5, micro_batch=2, grad_accum=2)
     b = source.batches(5, micro_batch=2, grad_accum=2)
     assert all(torch.equal(x.ids, y.ids) for x, y in zip(a, b))
     first = a[0]
     for row, length in enumerate(first.lengths.tolist()):
-        assert (first.ids[row, length:] == 1).all() and (first.labels[row, length:] == ftdata.IGNORE).all()
+        assert (first.ids[row, length:] == 1).all()
     epoch = [i for s in range(2) for i in ftdata.step_examples(4, seed=1, step=s, per_step=2)]
     assert sorted(epoch) == [0, 1, 2, 3]  # one epoch visits every example once
 
@@ -89,9 +96,55 @@ def test_batches_are_a_pure_function_of_the_step_and_right_padded(tok):
 def test_batch_widths_round_up_to_64_but_not_past_the_longest_example():
     assert [ftdata.padded_width(n, cap=300) for n in (1, 64, 65, 250, 300)] == [64, 64, 128, 256, 300]
     assert ftdata.padded_width(40, cap=50) == 50
-    long = [ftdata.Example(list(range(2, 2 + n)), [ftdata.IGNORE] + list(range(3, 2 + n))) for n in (70, 3, 150)]
+    long = classify_examples([70, 3, 150])
     widths = {b.ids.shape[1] for s in range(3) for b in ftdata.ExampleSource(long, seed=0, pad_id=1)
               .batches(s, micro_batch=1, grad_accum=1)}
     assert widths <= {64, 128, 150}
     (_, batch), = ftdata.eval_batches(long[:2], batch_size=2, pad_id=1)
     assert batch.ids.shape[1] == 70 and batch.lengths.tolist() == [3, 70]
+
+
+def test_first_fit_packing_places_every_example_once_within_the_width():
+    sizes = torch.randint(1, 60, (500,), generator=torch.Generator().manual_seed(0)).numpy()
+    rows = ftdata.pack(sizes, 128)
+    assert sorted(i for row in rows for i in row) == list(range(500))
+    fills = [sum(int(sizes[i]) for i in row) for row in rows]
+    assert max(fills) <= 128
+    assert sum(fills) / (128 * len(rows)) > 0.95  # first fit by decreasing size leaves little room unused
+    assert ftdata.pack(sizes[:0], 128) == []
+
+
+def test_a_packed_row_restarts_positions_per_example_and_aligns_the_targets():
+    a, b = sft_examples([4, 6])
+    a.labels = [ftdata.IGNORE, ftdata.IGNORE, 4, 5]  # a prompt token: not a target
+    batch = ftdata.packed_batch([[a, b], [b]], pad_id=1, width=100)
+    assert batch.input_ids.shape == (2, 64)  # the fullest row (3 + 5 positions) rounded up to 64, under 100
+    assert batch.input_ids[0, :8].tolist() == a.ids[:-1] + b.ids[:-1]
+    assert batch.labels[0, :8].tolist() == a.labels[1:] + b.labels[1:]
+    assert batch.positions[0, :8].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
+    assert batch.segment_ids[0, :9].tolist() == [0, 0, 0, 1, 1, 1, 1, 1, -1]
+    assert batch.token_mask.sum(1).tolist() == [8, 5]
+    assert (batch.labels[:, 8:] == ftdata.IGNORE).all() and (batch.input_ids[1, 5:] == 1).all()
+
+
+@pytest.mark.parametrize("dp_size", [1, 2])
+def test_packed_steps_are_pure_functions_of_the_step_that_visit_each_example_once_per_epoch(dp_size):
+    examples = sft_examples([int(n) for n in torch.randint(2, 40, (61,), generator=torch.Generator().manual_seed(1))])
+    fresh = lambda: ftdata.PackedSource(examples, seed=3, pad_id=1, width=64)
+    source = fresh()
+    n_rows = len(ftdata.pack(source.sizes, 64))
+
+    def step_rows(src, step):
+        batches = [b for r in range(dp_size)
+                   for b in src.batches(step, micro_batch=2, grad_accum=2, dp_rank=r, dp_size=dp_size)]
+        return [(b.input_ids[i], b.segment_ids[i]) for b in batches for i in range(len(b.input_ids))]
+
+    seen = []
+    steps = -(-n_rows // (4 * dp_size)) + 2  # past the end of the first epoch
+    for step in range(steps):
+        seen += step_rows(source, step)
+    later = step_rows(fresh(), steps - 1)  # a resumed run starts at its step, with no history
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(later, step_rows(source, steps - 1)))
+    first_epoch = seen[:source.rows_per_epoch[0]]
+    packed_sizes = [int((seg == j).sum()) for _, seg in first_epoch for j in range(int(seg.max()) + 1)]
+    assert sorted(packed_sizes) == sorted(len(e.ids) - 1 for e in examples)

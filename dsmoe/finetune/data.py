@@ -1,4 +1,4 @@
-"""Fine-tuning data: JSONL records -> token ids (+ SFT loss mask or class index) -> padded micro-batches.
+"""Fine-tuning data: JSONL records -> token ids (+ SFT loss mask or class index) -> packed or padded micro-batches.
 
 Records:
   sft       {"messages": [{"role", "content"}, ...]} rendered with the base's chat template (the sandboxed
@@ -8,13 +8,14 @@ Records:
 `--field-map` renames or builds these fields from other ones: KEY=FIELD or KEY=TEMPLATE ("{question}" style
 str.format over the record), or a preset name (qa, translation, summarization) for the shared data files.
 
-Batches: every example is right-padded to the longest of its micro-batch (rounded up to a multiple of 64, see
-padded_width), not packed. Packing without
-attention across examples needs a block-diagonal mask in every attention path (SDPA, MLA, the absorbed decode);
-padding keeps the model untouched and each example's logits exactly those of an unpadded forward (causal
-attention: pads come after every real token). Each step's sequences are sorted by length before they are cut
-into micro-batches, which removes most of the padding. The order is a pure function of (seed, step): resume
-is exact.
+Batches. sft: packed. Each epoch's examples (a fresh permutation) are packed, first fit by decreasing length
+within chunks of that order, into rows of --seq-len positions, as pretraining fills its rows; positions restart at
+0 in every example and attention stays inside it (`segment_ids` -> attention.document_mask), so each example's
+logits are those of a forward of that example alone, with no compute spent on padding (a micro-batch of short
+padded examples kept a GPU waiting on the host). classify: padded, one example per row (the head reads each
+row's last real token), right-padded to the longest of its micro-batch rounded up to a multiple of 64 (see
+padded_width), after sorting each step's examples by length. The order is a pure function of (seed, step):
+resume is exact.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from dsmoe.errors import UserError
 from dsmoe.infer.chat_template import render_chat
 from dsmoe.tasks.specs import BUILTIN
+from dsmoe.train.loss import Batch
 
 IGNORE = -100
 # The shared QA / translation / summarisation files as instruction data, with the prompts `dsmoe eval --task`
@@ -189,8 +191,7 @@ def step_examples(n: int, seed: int, step: int, per_step: int) -> np.ndarray:
 
 @dataclass
 class ExampleBatch:
-    """Right-padded ids (B, L), the real length of each row, and per-token labels (B, L) with IGNORE on prompts
-    and pads (sft) or one class index per row (classify)."""
+    """Classification examples: right-padded ids (B, L), the real length of each row and one class index per row."""
     ids: torch.Tensor
     lengths: torch.Tensor
     labels: torch.Tensor
@@ -216,16 +217,11 @@ def collate(examples: list[Example], pad_id: int, cap: int | None = None) -> Exa
     for row, e in enumerate(examples):
         ids[row, :len(e.ids)] = torch.tensor(e.ids)
     lengths = torch.tensor([len(e.ids) for e in examples])
-    if isinstance(examples[0].labels, int):
-        return ExampleBatch(ids, lengths, torch.tensor([e.labels for e in examples]))
-    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
-    for row, e in enumerate(examples):
-        labels[row, :len(e.labels)] = torch.tensor(e.labels)
-    return ExampleBatch(ids, lengths, labels)
+    return ExampleBatch(ids, lengths, torch.tensor([e.labels for e in examples]))
 
 
 class ExampleSource:
-    """The trainer's batch source: each step's examples sorted by length, then cut into micro-batches."""
+    """The trainer's batch source for classify: each step's examples sorted by length, then cut into micro-batches."""
 
     def __init__(self, examples: list[Example], seed: int, pad_id: int):
         self.examples, self.seed, self.pad_id = examples, seed, pad_id
@@ -246,3 +242,102 @@ def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> list[
     cap = max((len(e.ids) for e in examples), default=0)
     return [(order[j:j + batch_size], collate([examples[i] for i in order[j:j + batch_size]], pad_id, cap))
             for j in range(0, len(order), batch_size)]
+
+
+# ---- packing (sft) -----------------------------------------------------------------------------------------
+
+PACK_CHUNK = 4096  # examples packed together: bounds the first-fit search, keeps an epoch's order mostly random
+
+
+def pack(sizes: np.ndarray, width: int) -> list[list[int]]:
+    """First fit by decreasing size: indices into `sizes` grouped into rows whose sizes sum to <= width."""
+    free = np.empty(len(sizes), dtype=np.int64)
+    rows: list[list[int]] = []
+    for i in np.argsort(-sizes, kind="stable"):
+        fits = free[:len(rows)] >= sizes[i]
+        r = int(fits.argmax()) if len(rows) and fits.any() else len(rows)
+        if r == len(rows):
+            rows.append([])
+            free[r] = width
+        rows[r].append(int(i))
+        free[r] -= sizes[i]
+    return rows
+
+
+def positions_of(example: Example) -> int:
+    """Positions an SFT example fills in a packed row: its tokens but the last (which is only a target)."""
+    return len(example.ids) - 1
+
+
+def packed_batch(rows: list[list[Example]], pad_id: int, width: int) -> Batch:
+    """Rows of whole examples -> a Batch with positions and segment ids (one per example; -1 on the padded tail),
+    as wide as its fullest row rounded up to a multiple of 64 (at most `width`)."""
+    fill = max(sum(positions_of(e) for e in row) for row in rows)
+    B, S = len(rows), padded_width(fill, width)
+    ids = torch.full((B, S), pad_id, dtype=torch.long)
+    labels = torch.full((B, S), IGNORE, dtype=torch.long)
+    positions = torch.zeros((B, S), dtype=torch.long)
+    segments = torch.full((B, S), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        at = 0
+        for j, e in enumerate(row):
+            n = positions_of(e)
+            ids[b, at:at + n] = torch.tensor(e.ids[:-1])
+            labels[b, at:at + n] = torch.tensor(e.labels[1:])
+            positions[b, at:at + n] = torch.arange(n)
+            segments[b, at:at + n] = j
+            at += n
+    return Batch(ids, labels, segments >= 0, positions, segments)
+
+
+class PackedSource:
+    """The trainer's batch source for sft: epoch after epoch of packed rows (a pure function of the seed), step s
+    taking the next micro_batch x grad_accum rows of every rank."""
+
+    def __init__(self, examples: list[Example], seed: int, pad_id: int, width: int):
+        self.examples, self.seed, self.pad_id, self.width = examples, seed, pad_id, width
+        self.sizes = np.array([positions_of(e) for e in examples], dtype=np.int64)
+        self.rows_per_epoch: list[int] = []
+        self.plans: dict[int, list[list[int]]] = {}
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        if epoch not in self.plans:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self.examples))
+            rows = []
+            for start in range(0, len(order), PACK_CHUNK):
+                chunk = order[start:start + PACK_CHUNK]
+                packed = [[int(chunk[i]) for i in row] for row in pack(self.sizes[chunk], self.width)]
+                rows += [packed[i] for i in rng.permutation(len(packed))]
+            self.plans = {e: p for e, p in self.plans.items() if e == epoch - 1}  # a step may span two epochs
+            self.plans[epoch] = rows
+        return self.plans[epoch]
+
+    def _rows(self, first: int, count: int) -> list[list[int]]:
+        epoch = 0
+        while True:
+            if epoch == len(self.rows_per_epoch):
+                self.rows_per_epoch.append(len(self._plan(epoch)))
+            if first < self.rows_per_epoch[epoch]:
+                break
+            first -= self.rows_per_epoch[epoch]
+            epoch += 1
+        rows = []
+        while len(rows) < count:
+            plan = self._plan(epoch)
+            rows += plan[first:first + count - len(rows)]
+            epoch, first = epoch + 1, 0
+        return rows
+
+    def batches(self, step: int, *, micro_batch: int, grad_accum: int, dp_rank: int = 0,
+                dp_size: int = 1) -> list[Batch]:
+        per_rank = micro_batch * grad_accum
+        rows = self._rows((step * dp_size + dp_rank) * per_rank, per_rank)
+        return [packed_batch([[self.examples[i] for i in row] for row in rows[j:j + micro_batch]], self.pad_id,
+                             self.width) for j in range(0, per_rank, micro_batch)]
+
+
+def packed_eval_batches(examples: list[Example], rows_per_batch: int, pad_id: int, width: int) -> list[Batch]:
+    rows = pack(np.array([positions_of(e) for e in examples], dtype=np.int64), width)
+    return [packed_batch([[examples[i] for i in row] for row in rows[j:j + rows_per_batch]], pad_id, width)
+            for j in range(0, len(rows), rows_per_batch)]

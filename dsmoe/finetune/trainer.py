@@ -1,7 +1,7 @@
 """Fine-tuning on the one trainer loop: `FinetuneTrainer` hands the Trainer its data (a batch source of
-padded examples) and its loss, and overrides the model it starts from (BASE, a head, LoRA, frozen parts), what
-a checkpoint holds, the evaluation and the export. The step, clipping, schedule, aux-free bias update, MaxVio,
-metrics, checkpoints and resume are the pretraining trainer's own.
+packed or padded examples, finetune/data.py) and its loss, and overrides the model it starts from (BASE, a
+head, LoRA, frozen parts), what a checkpoint holds, the evaluation and the export. The step, clipping, schedule,
+aux-free bias update, MaxVio, metrics, checkpoints and resume are the pretraining trainer's own.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dsmoe.finetune.lora import LoRASpec, apply_lora, merge_lora
 from dsmoe.finetune.metrics import classification_scores
 from dsmoe.json_files import read_json
 from dsmoe.train.data import TrainingData
-from dsmoe.train.loss import Batch, next_token_loss
+from dsmoe.train.loss import next_token_loss
 from dsmoe.train.model_setup import add_dropout
 from dsmoe.train.trainer import Trainer
 
@@ -116,16 +116,15 @@ class FinetuneTrainer(Trainer):
                        + (f" ({self.dropped} dropped: no target token within --seq-len)" if self.dropped else "")
                        + (f", eval {ft.eval_data}: {len(self.eval_examples)}" if ft.eval_data else "")
                        + (f", labels {', '.join(self.labels)}" if ft.task == "classify" else ""))
-        return TrainingData(train=ftdata.ExampleSource(self.train_examples, self.cfg.seed, self.pad_id),
+        source = ftdata.ExampleSource(self.train_examples, self.cfg.seed, self.pad_id) if ft.task == "classify" \
+            else ftdata.PackedSource(self.train_examples, self.cfg.seed, self.pad_id, seq_len)
+        return TrainingData(train=source,
                             vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, description=description)
 
     # ---- the losses (the trainer's loss seam); "trained_tokens" makes tokens/s count real, unpadded tokens
     def _sft_loss(self, model, batch):
-        inputs = batch.ids[:, :-1]
-        real = torch.arange(inputs.shape[1], device=inputs.device)[None, :] < batch.lengths[:, None]
-        loss, metrics = next_token_loss(model, Batch(inputs, batch.labels[:, 1:], real),
-                                        mtp_weight=self.cfg.mtp_loss_weight)
-        return loss, {**metrics, "trained_tokens": batch.lengths.sum().float()}
+        loss, metrics = next_token_loss(model, batch, mtp_weight=self.cfg.mtp_loss_weight)
+        return loss, {**metrics, "trained_tokens": batch.token_mask.sum().float()}
 
     def _classify_loss(self, model, batch):
         loss = F.cross_entropy(model.classify(batch.ids, batch.lengths), batch.labels)
@@ -178,21 +177,23 @@ class FinetuneTrainer(Trainer):
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.int64, device=self.device)
         predicted = []  # (example indices, predicted classes on the device)
-        for order, batch in ftdata.eval_batches(self.eval_examples, self.cfg.micro_batch, self.pad_id):
-            batch = batch.to(self.device)
-            ids, labels = batch.ids, batch.labels
-            with self._autocast():
-                if self.ft.task == "classify":
-                    logits = self.model.classify(ids, batch.lengths).float()
-                    loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-                    count += len(labels)
-                    predicted.append((order, logits.argmax(-1)))
-                    continue
-                logits = self.model(ids[:, :-1]).float()
-            targets = labels[:, 1:]
-            loss_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ftdata.IGNORE,
-                                        reduction="sum")
-            count += (targets != ftdata.IGNORE).sum()
+        if self.ft.task == "classify":
+            for order, batch in ftdata.eval_batches(self.eval_examples, self.cfg.micro_batch, self.pad_id):
+                batch = batch.to(self.device)
+                with self._autocast():
+                    logits = self.model.classify(batch.ids, batch.lengths).float()
+                loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum")
+                count += len(batch.labels)
+                predicted.append((order, logits.argmax(-1)))
+        else:
+            for batch in ftdata.packed_eval_batches(self.eval_examples, self.cfg.micro_batch, self.pad_id,
+                                                    self.cfg.seq_len):
+                batch = batch.to(self.device)
+                with self._autocast():
+                    logits = self.model(batch.input_ids, batch.positions, segment_ids=batch.segment_ids).float()
+                loss_sum += F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(),
+                                            ignore_index=ftdata.IGNORE, reduction="sum")
+                count += (batch.labels != ftdata.IGNORE).sum()
         self.model.train()
         loss_sum, count = loss_sum.item(), int(count)
         predictions = {i: p for order, classes in predicted for i, p in zip(order, classes.tolist())}
@@ -243,11 +244,13 @@ class FinetuneTrainer(Trainer):
         mode = f"LoRA r={self.lora.rank} alpha={self.lora.alpha:g} on {', '.join(self.lora.targets)}" if self.lora \
             else "full fine-tuning"
         frozen = f", frozen: {', '.join(self.ft.freeze)}" if self.ft.freeze else ""
+        rows = f"rows of {cfg.seq_len} tokens (examples packed)" if self.ft.task == "sft" else \
+            f"sequences of <= {cfg.seq_len} tokens"
         return (f"fine-tune {self.ft.base} ({c.model_type}, {c.num_params() / 1e6:.1f}M parameters) for {self.ft.task}: "
                 f"{mode}{frozen}; {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters train\n"
                 f"data: {self.data.description}\n"
-                f"plan: {self.total_steps} steps x {self.sequences_per_step} sequences of <= {cfg.seq_len} tokens "
-                f"on {self.device} ({'bf16 autocast' if self.autocast_dtype else 'fp32'}) -> {self.out}")
+                f"plan: {self.total_steps} steps x {self.sequences_per_step} {rows} on {self.device} "
+                f"({'bf16 autocast' if self.autocast_dtype else 'fp32'}) -> {self.out}")
 
 
 class TrainedState:

@@ -45,12 +45,13 @@ class MTPModule(Block):
         self.shared_head = SharedHead(config)
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache=None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache=None, token_mask: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """h_prev (B, S, D) the previous depth's hidden state, emb (B, S, D) the embedding of the token k
         ahead -> this depth's hidden state (B, S, D), before shared_head.norm. token_mask: the positions
         whose token k ahead is real (see Transformer.forward)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return super().forward(x, cos, sin, cache, token_mask)
+        return super().forward(x, cos, sin, cache, token_mask, attn_mask)
 
 
 def shifted_inputs(input_ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -59,15 +60,21 @@ def shifted_inputs(input_ids: torch.Tensor, k: int) -> torch.Tensor:
     return F.pad(input_ids[:, k:], (0, k), value=0)
 
 
-def mtp_loss(mtp_logits: list[torch.Tensor], targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def mtp_loss(mtp_logits: list[torch.Tensor], targets: torch.Tensor, ignore_index: int = -100,
+             segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(1/D) sum_k CE(depth k) (spec eq 25 without lambda). targets (B, S) are the main model's (token t+1 at
-    position t); depth k's logits at position t predict token t+k+1 = targets[:, t+k]."""
+    position t); depth k's logits at position t predict token t+k+1 = targets[:, t+k]. With segment_ids (packed
+    sequences) a target in another segment than position t is not one of its tokens and is left out."""
     S = targets.shape[1]
     if not mtp_logits:
         raise ValueError("mtp_loss needs the logits of at least one MTP module")
     if S <= len(mtp_logits):
         raise ValueError(f"sequence length {S} leaves no target for MTP depth {len(mtp_logits)}: use a longer one")
-    losses = [F.cross_entropy(logits[:, : S - k].flatten(0, 1).float(), targets[:, k:].flatten(),
-                              ignore_index=ignore_index)
-              for k, logits in enumerate(mtp_logits, 1)]
+    losses = []
+    for k, logits in enumerate(mtp_logits, 1):
+        ahead = targets[:, k:]
+        if segment_ids is not None:
+            ahead = ahead.masked_fill(segment_ids[:, k:] != segment_ids[:, : S - k], ignore_index)
+        losses.append(F.cross_entropy(logits[:, : S - k].flatten(0, 1).float(), ahead.flatten(),
+                                      ignore_index=ignore_index))
     return torch.stack(losses).mean()

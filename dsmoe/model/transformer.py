@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dsmoe.config import ModelConfig
-from dsmoe.model.attention import build_attention
+from dsmoe.model.attention import build_attention, document_mask
 from dsmoe.model.balance import update_bias
 from dsmoe.model.layers import MLP, RMSNorm, RotaryEmbedding
 from dsmoe.model.moe import MoE
@@ -31,8 +31,8 @@ class Block(nn.Module):
             MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
-                token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+                token_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask)
         h_norm = self.post_attention_layernorm(h)
         return h + (self.mlp(h_norm, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h_norm))
 
@@ -54,27 +54,31 @@ class Transformer(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
         last_only: bool = False, return_hidden: bool = False, with_mtp: bool = False,
-        token_mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
     ):
         """input_ids (B, S) -> logits (B, S, V) (or (B, 1, V) with last_only; the final-normed hidden
         states (B, S, D) with return_hidden). positions default to 0..S-1; a cache (one entry per layer)
         is given by the inference engine. with_mtp (training): (logits, [logits of MTP depth k, (B, S, V)
         for k = 1..D]); depth k's logits at position t predict token t+k+1 (see mtp.py). token_mask (B, S)
-        bool marks the real tokens of a padded batch: the MoE statistics count only those (moe.py)."""
+        bool marks the real tokens of a padded batch: the MoE statistics count only those (moe.py). segment_ids
+        (B, S) (training on packed sequences, with positions restarting per segment): attention stays within a
+        segment (attention.document_mask)."""
         B, S = input_ids.shape
         if positions is None:
             positions = torch.arange(S, device=input_ids.device)
         cos, sin = self.rotary(positions)
+        attn_mask = None if segment_ids is None else document_mask(segment_ids)
         h = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, None if cache is None else cache[i], token_mask)
+            h = layer(h, cos, sin, None if cache is None else cache[i], token_mask, attn_mask)
         h = self.norm(h[:, -1:] if last_only else h)
         if with_mtp:
-            return self.logits(h), self.mtp_logits(h, input_ids, cos, sin, token_mask)
+            return self.logits(h), self.mtp_logits(h, input_ids, cos, sin, token_mask, segment_ids, attn_mask)
         return h if return_hidden else self.logits(h)
 
-    def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, token_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   token_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                   attn_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The MTP modules over a whole sequence (training): h (B, S, D) the main model's final-normed
         hidden states -> one (B, S, V) logits tensor per depth."""
         from dsmoe.model.mtp import shifted_inputs
@@ -82,7 +86,10 @@ class Transformer(nn.Module):
         out = []
         for k, module in enumerate(self.mtp, 1):
             real = None if token_mask is None else shifted_inputs(token_mask, k)  # False past the end
-            h = module(h, self.embed_tokens(shifted_inputs(input_ids, k)), cos, sin, token_mask=real)
+            if segment_ids is not None:  # and where the token k ahead belongs to the next packed example
+                real = real & (shifted_inputs(segment_ids, k) == segment_ids)
+            h = module(h, self.embed_tokens(shifted_inputs(input_ids, k)), cos, sin, token_mask=real,
+                       attn_mask=attn_mask)
             out.append(self.logits(module.shared_head.norm(h)))
         return out
 

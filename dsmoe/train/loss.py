@@ -24,11 +24,15 @@ from dsmoe.train.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 class Batch:
     """One micro-batch of token ids: input_ids (B, S) and labels (B, S), where labels[b, s] is the token to
     predict after input_ids[b, s], or IGNORE_INDEX (-100) where no loss is taken (prompts, padding);
-    token_mask (B, S) bool, for padded batches: the real input tokens (the MoE statistics count only them)."""
+    token_mask (B, S) bool, for padded batches: the real input tokens (the MoE statistics count only them).
+    Packed batches (several examples per row) add positions (B, S), restarting at 0 in every example, and
+    segment_ids (B, S), one id per example: attention and MTP targets stay within an example."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     token_mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    segment_ids: torch.Tensor | None = None
 
     @classmethod
     def from_windows(cls, windows: torch.Tensor) -> Batch:
@@ -37,7 +41,7 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         return Batch(*(None if t is None else t.to(device, non_blocking=True)
-                       for t in (self.input_ids, self.labels, self.token_mask)))
+                       for t in (self.input_ids, self.labels, self.token_mask, self.positions, self.segment_ids)))
 
 
 class BatchSource(Protocol):
@@ -54,15 +58,16 @@ def next_token_loss(model: torch.nn.Module, batch: Batch, mtp_weight: float = 0.
     """Mean next-token cross-entropy of the labelled positions; the logits are never materialised whole: the
     output projection and the loss run chunk by chunk (cross_entropy.py). A model with MTP modules adds
     mtp_weight x their mean cross-entropy (DeepSeek-V3's lambda; model/mtp.py), from their full logits."""
+    inputs = dict(positions=batch.positions, token_mask=batch.token_mask, segment_ids=batch.segment_ids)
     if not model.config.num_nextn_predict_layers:
-        hidden = model(batch.input_ids, return_hidden=True, token_mask=batch.token_mask)
+        hidden = model(batch.input_ids, return_hidden=True, **inputs)
         # read after the forward: under FSDP the root's forward has gathered the whole head (kept until backward)
         head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
         loss = linear_cross_entropy(hidden.flatten(0, 1), head, batch.labels.flatten(), chunk_tokens=chunk_tokens)
         return loss, {"lm_loss": loss.detach()}
-    logits, mtp_logits = model(batch.input_ids, with_mtp=True, token_mask=batch.token_mask)
+    logits, mtp_logits = model(batch.input_ids, with_mtp=True, **inputs)
     lm = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE_INDEX)
-    mtp = mtp_loss(mtp_logits, batch.labels, ignore_index=IGNORE_INDEX)
+    mtp = mtp_loss(mtp_logits, batch.labels, ignore_index=IGNORE_INDEX, segment_ids=batch.segment_ids)
     return lm + mtp_weight * mtp, {"lm_loss": lm.detach(), "mtp_loss": mtp.detach()}
 
 
