@@ -105,6 +105,24 @@ def test_kernel_table_sorts_kernels_into_kinds():
     assert "total 2.000 ms of GPU kernels in 3 launches per step" in table
 
 
+def test_copies_are_traced_back_to_the_operators_that_launched_them():
+    from types import SimpleNamespace
+
+    from dsmoe.bench.profiling import launch_origins
+
+    def op(name, parent=None, shapes=(), kernels=()):
+        return SimpleNamespace(name=name, cpu_parent=parent, input_shapes=list(shapes),
+                               kernels=[SimpleNamespace(name=k, duration=d) for k, d in kernels])
+
+    to = op("aten::to")
+    events = [to, op("aten::copy_", to, [[8, 16], [8, 16], []], [("elementwise_copy_kernel", 300.0)] * 2),
+              op("aten::cat", None, [[4, 2]], [("CatArrayBatchedCopy", 100.0), ("gemm_kernel", 900.0)])]
+    lines = launch_origins(events, steps=2, kind="copies / memsets")
+    assert lines[1].split() == ["0.300", "ms", "1", "aten::to", ">", "aten::copy_", "[[8,", "16],", "[8,", "16]]"]
+    assert lines[2].split()[:4] == ["0.050", "ms", "0", "aten::cat"]  # the GEMM is not a copy
+    assert len(lines) == 3 and launch_origins(events, 2, "attention") == []
+
+
 def test_prefill_benchmark_runs_end_to_end(tmp_path, capsys):
     """dsmoe bench prefill on a tiny model: the engine's and transformers' prompt tokens/s, then the table."""
     from dsmoe.bench import prefill

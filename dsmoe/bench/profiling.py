@@ -1,7 +1,9 @@
 """Where the GPU time goes: per-kernel and per-kind tables of a torch.profiler run, for the benchmarks' --profile.
 
 Kernels are sorted into kinds by name (first matching pattern wins), so a table says at a glance whether a step
-is spent in GEMMs, in the MoE layer's own kernels, in attention, or in the small kernels around them.
+is spent in GEMMs, in the MoE layer's own kernels, in attention, or in the small kernels around them. The
+small kernels' names say little (a copy is a copy), so the table also traces the copies back to the operators
+that launched them, with their input shapes, which is what points at the line of model code to change.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def cuda_profile():
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         yield prof
         torch.cuda.synchronize()
 
@@ -59,4 +61,30 @@ def kernel_table(prof, steps: int, top: int = 14, indent: str = "    ") -> str:
               for kind, (t, n) in sorted(kinds.items(), key=lambda item: -item[1][0])]
     calls = sum(e.count for e in events) / steps
     lines.append(f"{indent}total {total / steps / 1e3:.3f} ms of GPU kernels in {calls:.0f} launches per step")
+    if hasattr(prof, "events"):  # operators recorded (cuda_profile): where the copies come from
+        lines += launch_origins(prof.events(), steps, "copies / memsets", indent=indent)
     return "\n".join(lines)
+
+
+def launch_origins(events, steps: int, kind: str, top: int = 12, indent: str = "    ") -> list[str]:
+    """Lines of a table: the kernels of one kind grouped by the operator that launched them (its outermost
+    caller > itself, and its input shapes), heaviest first, per step."""
+    origins: dict[str, list[float]] = {}
+    for op in events:
+        for kernel in getattr(op, "kernels", ()):
+            if kind_of(kernel.name) != kind:
+                continue
+            root = op
+            while root.cpu_parent is not None:
+                root = root.cpu_parent
+            shapes = [shape for shape in op.input_shapes if shape][:2]
+            origin = f"{op.name} {shapes}" if root is op else f"{root.name[:60]} > {op.name} {shapes}"
+            time_and_count = origins.setdefault(origin, [0.0, 0])
+            time_and_count[0] += kernel.duration
+            time_and_count[1] += 1
+    if not origins:
+        return []
+    lines = [f"{indent}{kind} by the operator that launched them (caller > operator [input shapes]):"]
+    lines += [f"{indent}{t / steps / 1e3:8.3f} ms  {n / steps:5.0f}  {origin[:140]}"
+              for origin, (t, n) in sorted(origins.items(), key=lambda item: -item[1][0])[:top]]
+    return lines
