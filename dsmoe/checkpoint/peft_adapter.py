@@ -23,9 +23,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from dsmoe.atomic import atomic_write, atomic_write_text
 from dsmoe.checkpoint.hf import CheckpointError
+from dsmoe.checkpoint.ranks import barrier, expected_two_step_gathers, rank
 from dsmoe.finetune.lora import DENSE_MLP, LoRASpec, apply_lora, lora_factors
 from dsmoe.json_files import read_json
 
@@ -48,14 +50,14 @@ def _hub_name(name: str) -> str:
 
 def save_adapter(model: torch.nn.Module, folder: str | os.PathLike, spec: LoRASpec, *, base_model: str,
                  task_type: str = "CAUSAL_LM", modules_to_save: dict[str, torch.Tensor] | None = None) -> None:
-    """Write the LoRA factors of `model` (and fully trained extra tensors, dsmoe names) into `folder`."""
+    """Write the LoRA factors of `model` (and fully trained extra tensors, dsmoe names) into `folder`. A sharded
+    model (FSDP2, expert parallel): every rank calls it, the factors are gathered and rank 0 writes."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     target_modules, target_parameters = set(), set()
     for path, delta in lora_factors(model):
         for factor in ("lora_A", "lora_B"):
-            tensors[_peft_key(path, factor)] = getattr(delta, factor).detach()
+            tensors[_peft_key(path, factor)] = getattr(delta, factor)
         module, _, name = path.rpartition(".")
         if module.endswith("mlp.experts"):
             target_parameters.add(f"mlp.experts.{name}")
@@ -63,7 +65,12 @@ def save_adapter(model: torch.nn.Module, folder: str | os.PathLike, spec: LoRASp
             target_modules.add(module.rsplit(".", 1)[-1])
     extra = modules_to_save or {}
     for name, tensor in extra.items():
-        tensors[PREFIX + _hub_name(name)] = tensor.detach()
+        tensors[PREFIX + _hub_name(name)] = tensor
+    with torch.no_grad(), expected_two_step_gathers():  # DTensors: every rank takes part in each gather
+        tensors = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in tensors.items()}
+    if rank() != 0:
+        barrier()  # rank 0 has written the folder when the call returns
+        return
     # PEFT matches modules_to_save by name suffix: "score", and "mlp.gate" for every layer's router
     modules = (n.rsplit(".", 1)[0] for n in extra)
     saved_modules = sorted({m.split(".", 2)[-1] if m.startswith("layers.") else m for m in modules})
@@ -72,9 +79,11 @@ def save_adapter(model: torch.nn.Module, folder: str | os.PathLike, spec: LoRASp
               "init_lora_weights": True, "inference_mode": True, "use_rslora": False, "use_dora": False,
               "target_modules": sorted(target_modules), "target_parameters": sorted(target_parameters) or None,
               "modules_to_save": saved_modules or None}
+    folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(
         {k: v.contiguous().cpu().clone() for k, v in tensors.items()}, tmp, metadata={"format": "pt"}))
     atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    barrier()
 
 
 def read_adapter_config(folder: Path) -> dict:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import Shard
 
 from dsmoe.distributed.expert_parallel import ExpertParallelExperts, apply_ep
 from dsmoe.distributed.mesh import ParallelMesh
 from dsmoe.errors import UserError
+from dsmoe.model.classifier import SequenceClassifier
 from dsmoe.model.moe import MoE
 
 
@@ -77,6 +78,8 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, param_dtype: torch.dtype | 
                         reshard_after_forward=reshard_after_forward)
         fully_shard(block, mesh=mesh.fsdp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh.fsdp_mesh, mp_policy=mp, reshard_after_forward=False)
+    if isinstance(model, SequenceClassifier):  # its entry point is classify(), which FSDP must gather around too
+        register_fsdp_forward_method(model, "classify")
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh | None, *, ac: bool = False, compile: bool = False,

@@ -5,7 +5,10 @@
   dsmoe finetune BASE --task sft --data chats.jsonl --lora-rank 8 --merge      # full hub checkpoint in --out
   dsmoe finetune --resume DIR                                                  # continue exactly
 
-The training flags (--steps, --lr, --micro-batch, --grad-accum, --seq-len, --compile, ...) are dsmoe train's.
+  torchrun --standalone --nproc-per-node 4 -m dsmoe finetune BASE --task sft ... [--ep 2]   # FSDP2 (x EP)
+
+The training flags (--steps, --lr, --micro-batch, --grad-accum, --seq-len, --compile, ...) are dsmoe train's;
+under torchrun --micro-batch and --grad-accum are per rank, as for dsmoe train.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from dsmoe.distributed import flags as parallel_flags
 from dsmoe.errors import UserError
 from dsmoe.json_files import read_json
-from dsmoe.train.cli import _add_field, explicit_config_values
+from dsmoe.train.cli import _add_field, explicit_config_values, start_runtime
 from dsmoe.train.config import TrainConfig
 
 # pretraining-only fields: the base decides the model and tokenizer; --data is finetune's own flag
@@ -53,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     task.add_argument("--stop-after", type=int, metavar="N", help="stop after N steps of this session")
     task.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop (checkpoint saved) after this long")
     task.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parallel_flags.add_arguments(parser, ac_and_compile=False)  # --activation-checkpointing, --compile below
     group = parser.add_argument_group("training (dsmoe train's flags)")
     for f in dataclasses.fields(TrainConfig):
         if f.name not in _NOT_FOR_FINETUNE:
@@ -80,10 +85,20 @@ def resolve(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     cfg, ft, out, resume = resolve(args)
+    rt = start_runtime(args, cfg.device, "finetune")
     from dsmoe.finetune.trainer import FinetuneTrainer
 
-    trainer = FinetuneTrainer(cfg, ft, out, resume=resume, overwrite=args.overwrite, progress=not args.no_progress)
+    trainer = FinetuneTrainer(cfg, ft, out, resume=resume, overwrite=args.overwrite, progress=not args.no_progress,
+                              reducer=rt if rt is not None and rt.world_size > 1 else None)
     summary = trainer.train(stop_after=args.stop_after, time_limit=args.time_limit)
+    if rt is not None:
+        rt.shutdown()  # only after success: a failing rank exits at once, and torchrun stops the others
+    if trainer.main:
+        _print_summary(summary, ft, out)
+    return 0
+
+
+def _print_summary(summary: dict, ft, out: Path) -> None:
     status = "done" if summary["steps"] >= summary["total_steps"] else \
         f"stopped at step {summary['steps']} of {summary['total_steps']} (continue with --resume {out})"
     speed = f", last {summary['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in summary else ""
@@ -95,4 +110,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"eval: loss {summary['val_loss']:.4f} | perplexity {summary['val_ppl']:.2f}")
     written = "adapter (PEFT layout)" if ft.lora_rank and not ft.merge else "model (hub layout)"
     print(f"output: {out} ({written}, tokenizer, metrics.jsonl, checkpoints/)")
-    return 0

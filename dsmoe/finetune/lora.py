@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.utils import parametrize
 
 from dsmoe.errors import UserError
@@ -69,10 +70,13 @@ class LoRADelta(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank * self.num_experts, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default; B = 0 makes the start exact
 
-    def delta(self) -> torch.Tensor:
+    def delta(self, lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None) -> torch.Tensor:
+        """scaling * B @ A per expert, of this module's factors or of the given ones (gathered copies)."""
         E, r = self.num_experts, self.rank
-        A = self.lora_A.view(E, r, -1)  # [E, r, in]
-        B = self.lora_B.view(self.lora_B.shape[0], r, E).permute(2, 0, 1)  # [E, out, r]
+        lora_A = self.lora_A if lora_A is None else lora_A
+        lora_B = self.lora_B if lora_B is None else lora_B
+        A = lora_A.view(E, r, -1)  # [E, r, in]
+        B = lora_B.view(lora_B.shape[0], r, E).permute(2, 0, 1)  # [E, out, r]
         delta = torch.bmm(B, A) * self.scaling
         return delta if E > 1 else delta[0]
 
@@ -116,10 +120,26 @@ def lora_factors(model: nn.Module):
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every delta into its weight and drop the factors (in place): a plain model again."""
-    for path, module in list(model.named_modules()):
-        if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations):
-                with torch.no_grad():
-                    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    """Fold every delta into its weight (in place) and drop the factors: a plain model again. A sharded model
+    (FSDP2, expert parallel: DTensor weights and factors) folds shard by shard, on every rank: the factors, which
+    are small, are gathered, and each rank adds its own slice of the delta to its slice of the weight."""
+    for module in [m for m in model.modules() if parametrize.is_parametrized(m)]:
+        for name in list(module.parametrizations):
+            (delta,) = module.parametrizations[name]
+            original = module.parametrizations[name].original
+            with torch.no_grad():
+                full = delta.delta(_gathered(delta.lora_A), _gathered(delta.lora_B)).to(original.dtype)
+                original.add_(_sliced_like(full, original))  # what forward adds: weight + delta in weight's dtype
+            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
     return model
+
+
+def _gathered(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _sliced_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` (the same on every rank) as a DTensor laid out like `like`: each rank keeps its own slice."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)

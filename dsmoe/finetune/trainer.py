@@ -19,7 +19,6 @@ from dsmoe.atomic import atomic_write_text
 from dsmoe.checkpoint.hf import checkpoint_files, load_pretrained, read_config, save_pretrained
 from dsmoe.checkpoint.peft_adapter import save_adapter
 from dsmoe.data.tokenizer import load_tokenizer
-from dsmoe.distributed.parallelize import parallelize
 from dsmoe.errors import UserError
 from dsmoe.finetune import data as ftdata
 from dsmoe.finetune.classifier import classifier_from_base, pad_id_of
@@ -28,7 +27,7 @@ from dsmoe.finetune.metrics import classification_scores
 from dsmoe.json_files import read_json
 from dsmoe.train.data import TrainingData
 from dsmoe.train.loss import next_token_loss
-from dsmoe.train.model_setup import add_dropout
+from dsmoe.train.model_setup import prepare_and_parallelize, seed_per_rank
 from dsmoe.train.trainer import Trainer
 
 TASKS = ("sft", "classify", "lm")
@@ -64,7 +63,8 @@ class FinetuneConfig:
 
 class FinetuneTrainer(Trainer):
     def __init__(self, cfg, ft: FinetuneConfig, out, *, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, reducer=None):
+        """reducer: None in one process, the dsmoe.distributed Runtime under torchrun (as for Trainer)."""
         self.cfg, self.ft, self.lora, out = cfg, ft, ft.lora(), Path(out)
         saved = out / "finetune_config.json"
         if resume and saved.is_file() and read_json(saved, "restore it or start a new run") != dataclasses.asdict(ft):
@@ -84,9 +84,10 @@ class FinetuneTrainer(Trainer):
         self.base_tokenizer = load_tokenizer(base)
         if ft.task == "lm":  # continued pretraining: the corpus pipeline, with BASE's tokenizer
             cfg.data, cfg.tokenizer = [ft.data], str(base)
-            super().__init__(cfg, out, resume=resume, overwrite=overwrite, progress=progress)
+            super().__init__(cfg, out, resume=resume, overwrite=overwrite, progress=progress, reducer=reducer)
         else:
-            super().__init__(cfg, out, resume=resume, overwrite=overwrite, progress=progress, data=self._read_data(),
+            super().__init__(cfg, out, resume=resume, overwrite=overwrite, progress=progress, reducer=reducer,
+                             data=self._read_data(),
                              loss_fn=self._classify_loss if ft.task == "classify" else self._sft_loss)
         if self.main:
             copy_tokenizer_files(base, out)
@@ -132,14 +133,14 @@ class FinetuneTrainer(Trainer):
 
     # ---- model
     def _build_model(self, sharded_init: bool):
-        if self.distributed:
-            raise UserError("dsmoe finetune runs in one process (one GPU or the CPU); launch it without torchrun")
+        """BASE (every rank loads it whole), the head, LoRA and the frozen parts, then the pretraining path:
+        parallelize() shards it under torchrun (FSDP2, EP; frozen and trainable weights side by side)."""
         cfg, ft = self.cfg, self.ft
         # frozen LoRA bases need no fp32 master copy: bf16 under bf16 autocast (or with --param-dtype bf16)
         bf16 = cfg.param_dtype == "bf16" or (self.lora and self.autocast_dtype == torch.bfloat16)
         dtype = torch.bfloat16 if bf16 else torch.float32
         model = load_pretrained(ft.base, dtype=dtype, device=self.device, moe_impl=cfg.moe_impl)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the head and the LoRA factors: the same draw on every rank
         if ft.task == "classify":
             model = classifier_from_base(model, self.labels)
         if self.lora:
@@ -156,11 +157,9 @@ class FinetuneTrainer(Trainer):
             if any(frozen[f](name) for f in ft.freeze):
                 p.requires_grad_(False)
         self.model_config = model.config
-        model.set_aux_loss_scale(1.0 / self.grad_accum)
-        if cfg.dropout > 0:
-            add_dropout(model, cfg.dropout)
-        return parallelize(model, None, ac=cfg.activation_checkpointing, compile=cfg.compile,
-                           compile_scope=cfg.compile_scope)
+        prepare_and_parallelize(model, cfg, self.reducer, self.grad_accum)
+        seed_per_rank(cfg.seed, self.reducer)
+        return model
 
     def _checkpointed(self):
         return TrainedState(self.model)
@@ -173,34 +172,42 @@ class FinetuneTrainer(Trainer):
         if not self.eval_examples:
             return None
         self.model.eval()
-        # sums stay on the device; the host reads them once, after the last batch
+        # Rank r takes every world_size-th batch; a sharded model needs every rank in every forward, so a rank out
+        # of batches runs one it does not count. Sums stay on the device; the host reads them once, at the end.
+        classify = self.ft.task == "classify"
+        batches = ftdata.eval_batches(self.eval_examples, self.cfg.micro_batch, self.pad_id) if classify else \
+            [(None, b) for b in ftdata.packed_eval_batches(self.eval_examples, self.cfg.micro_batch, self.pad_id,
+                                                           self.cfg.seq_len)]
+        rank, world = self.reducer.rank, self.reducer.world_size
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.int64, device=self.device)
-        predicted = []  # (example indices, predicted classes on the device)
-        if self.ft.task == "classify":
-            for order, batch in ftdata.eval_batches(self.eval_examples, self.cfg.micro_batch, self.pad_id):
-                batch = batch.to(self.device)
-                with self._autocast():
+        # each example's predicted class + 1 on the rank that ran it, 0 elsewhere: summed over ranks, all of them
+        predicted = torch.zeros(len(self.eval_examples), dtype=torch.int64, device=self.device)
+        for i in range(rank, -(-len(batches) // world) * world, world):
+            counted = i < len(batches)
+            order, batch = batches[i if counted else 0]
+            batch = batch.to(self.device)
+            with self._autocast():
+                if classify:
                     logits = self.model.classify(batch.ids, batch.lengths).float()
+                else:
+                    logits = self.model(batch.input_ids, batch.positions, segment_ids=batch.segment_ids).float()
+            if not counted:
+                continue
+            if classify:
                 loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum")
                 count += len(batch.labels)
-                predicted.append((order, logits.argmax(-1)))
-        else:
-            for batch in ftdata.packed_eval_batches(self.eval_examples, self.cfg.micro_batch, self.pad_id,
-                                                    self.cfg.seq_len):
-                batch = batch.to(self.device)
-                with self._autocast():
-                    logits = self.model(batch.input_ids, batch.positions, segment_ids=batch.segment_ids).float()
+                predicted[order] = logits.argmax(-1) + 1
+            else:
                 loss_sum += F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(),
                                             ignore_index=ftdata.IGNORE, reduction="sum")
                 count += (batch.labels != ftdata.IGNORE).sum()
         self.model.train()
-        loss_sum, count = loss_sum.item(), int(count)
-        predictions = {i: p for order, classes in predicted for i, p in zip(order, classes.tolist())}
+        loss_sum, count = self.reducer.sum(loss_sum).item(), int(self.reducer.sum(count))
         result = {"step": self.step, "val_loss": loss_sum / max(count, 1)}
         if self.ft.task == "classify":
-            gold = [e.labels for e in self.eval_examples]
-            result.update(classification_scores([predictions[i] for i in range(len(gold))], gold, len(self.labels)))
+            predictions = (self.reducer.sum(predicted) - 1).tolist()
+            result.update(classification_scores(predictions, [e.labels for e in self.eval_examples], len(self.labels)))
         else:
             result["val_ppl"] = float(np.exp(min(result["val_loss"], 50.0)))
             result["val_tokens"] = count
@@ -249,7 +256,7 @@ class FinetuneTrainer(Trainer):
         return (f"fine-tune {self.ft.base} ({c.model_type}, {c.num_params() / 1e6:.1f}M parameters) for {self.ft.task}: "
                 f"{mode}{frozen}; {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters train\n"
                 f"data: {self.data.description}\n"
-                f"plan: {self.total_steps} steps x {self.sequences_per_step} {rows} on {self.device} "
+                f"plan: {self.total_steps} steps x {self.sequences_per_step} {rows} on {self._placement()} "
                 f"({'bf16 autocast' if self.autocast_dtype else 'fp32'}) -> {self.out}")
 
 

@@ -114,26 +114,9 @@ def run(args: argparse.Namespace) -> int:
     stop_after, time_limit = getattr(args, "stop_after", None), getattr(args, "time_limit", None)
     if stop_after is not None and stop_after < 1:
         raise UserError("--stop-after must be at least 1")
-    under_torchrun = "WORLD_SIZE" in os.environ
-    if not under_torchrun and (args.ep != 1 or args.dp_shard not in (-1, 1) or args.sharded_init):
-        raise UserError("--ep, --dp-shard and --sharded-init need several processes: launch with "
-                        "torchrun --nproc-per-node N -m dsmoe train ...")
-    from dsmoe.devices import resolve_device  # torch loads only once the flags are valid
+    rt = start_runtime(args, cfg.device, "train", sharded_init=args.sharded_init)
     from dsmoe.train.trainer import Trainer
 
-    rt = None
-    if under_torchrun:  # every rank joins the process group and owns its device (LOCAL_RANK)
-        from dsmoe.distributed.runtime import init_from_env
-
-        rt = init_from_env(ep=args.ep, dp_shard=args.dp_shard, timeout_s=args.dist_timeout,
-                           device_type=resolve_device(cfg.device).type)
-        if rt.world_size > 1 and cfg.device.startswith("cuda:"):
-            raise UserError(f"--device {cfg.device}: under torchrun each rank uses the GPU of its LOCAL_RANK; "
-                            "use --device cuda or auto")
-        if args.sharded_init and (rt.world_size == 1 or rt.device.type != "cuda"):
-            # DTensor draws distinct random numbers per shard only on GPUs; on the CPU every shard repeats them
-            raise UserError("--sharded-init needs more than one rank on GPUs; drop it (every rank then builds the "
-                            "whole model once before sharding it)")
     cache_dir = getattr(args, "cache_dir", None)
     trainer = Trainer(cfg, out, resume=resume, overwrite=getattr(args, "overwrite", False),
                       reducer=rt if rt is not None and rt.world_size > 1 else None, sharded_init=args.sharded_init,
@@ -145,6 +128,31 @@ def run(args: argparse.Namespace) -> int:
     if trainer.main:
         _print_summary(summary, out)
     return 0
+
+
+def start_runtime(args: argparse.Namespace, device: str, command: str, sharded_init: bool = False):
+    """Under torchrun: join the process group (every rank owns the device of its LOCAL_RANK) and build the mesh
+    of --ep / --dp-shard -> the trainer's reducer; None in one process. Parallel flags without torchrun, or a
+    fixed --device under it, are one clear error."""
+    under_torchrun = "WORLD_SIZE" in os.environ
+    if not under_torchrun and (args.ep != 1 or args.dp_shard not in (-1, 1) or sharded_init):
+        raise UserError(f"--ep, --dp-shard{' and --sharded-init' if command == 'train' else ''} need several "
+                        f"processes: launch with torchrun --nproc-per-node N -m dsmoe {command} ...")
+    if not under_torchrun:
+        return None
+    from dsmoe.devices import resolve_device  # torch loads only once the flags are valid
+    from dsmoe.distributed.runtime import init_from_env
+
+    rt = init_from_env(ep=args.ep, dp_shard=args.dp_shard, timeout_s=args.dist_timeout,
+                       device_type=resolve_device(device).type)
+    if rt.world_size > 1 and device.startswith("cuda:"):
+        raise UserError(f"--device {device}: under torchrun each rank uses the GPU of its LOCAL_RANK; "
+                        "use --device cuda or auto")
+    if sharded_init and (rt.world_size == 1 or rt.device.type != "cuda"):
+        # DTensor draws distinct random numbers per shard only on GPUs; on the CPU every shard repeats them
+        raise UserError("--sharded-init needs more than one rank on GPUs; drop it (every rank then builds the "
+                        "whole model once before sharding it)")
+    return rt
 
 
 def _print_summary(summary: dict, out: Path) -> None:

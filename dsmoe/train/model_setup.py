@@ -34,17 +34,29 @@ def build_training_model(config: ModelConfig, cfg: TrainConfig, device: torch.de
         model = build_model(config, device, dtype=param_dtype, moe_impl=cfg.moe_impl)
         if cfg.paired_init:
             seed_weights_by_name(model, cfg.seed)
-    model.set_aux_loss_scale(1.0 / grad_accum)
-    if cfg.dropout > 0:
-        add_dropout(model, cfg.dropout)
-    parallelize(model, reducer.mesh if distributed else None, ac=cfg.activation_checkpointing, compile=cfg.compile,
-                compile_scope=cfg.compile_scope)
+    prepare_and_parallelize(model, cfg, reducer, grad_accum)
     if distributed and sharded_init:
         model.to_empty(device=device)
         model.init_weights()
-    if distributed:  # the ranks drew the same weights; from here on each rank draws its own dropout masks
-        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, reducer.rank]).generate_state(1)[0]))
+    seed_per_rank(cfg.seed, reducer)
     return model
+
+
+def prepare_and_parallelize(model: Transformer, cfg: TrainConfig, reducer, grad_accum: int) -> Transformer:
+    """What every trained model gets, pretrained from the seed or fine-tuned from a base: the balance loss scaled
+    for gradient accumulation, dropout, then parallelize() (EP and FSDP2 over reducer's mesh under torchrun)."""
+    model.set_aux_loss_scale(1.0 / grad_accum)
+    if cfg.dropout > 0:
+        add_dropout(model, cfg.dropout)
+    mesh = reducer.mesh if reducer.world_size > 1 else None
+    return parallelize(model, mesh, ac=cfg.activation_checkpointing, compile=cfg.compile,
+                       compile_scope=cfg.compile_scope)
+
+
+def seed_per_rank(seed: int, reducer) -> None:
+    """The ranks drew the same weights; from here on each rank draws its own dropout masks."""
+    if reducer.world_size > 1:
+        torch.manual_seed(int(np.random.SeedSequence([seed, reducer.rank]).generate_state(1)[0]))
 
 
 @torch.no_grad()

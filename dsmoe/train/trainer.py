@@ -379,17 +379,21 @@ class Trainer:
     def describe(self) -> str:
         c, cfg = self.model_config, self.cfg
         precision = "bf16 weights" if cfg.param_dtype == "bf16" else "bf16 autocast" if self.autocast_dtype else "fp32"
-        where = str(self.device)
-        if self.distributed:
-            dims = self.reducer.mesh.dims
-            where = f"{self.reducer.world_size} ranks ({self.device.type}, expert parallel {dims.ep} x data parallel " \
-                    f"{dims.dp}, {self.grad_accum} micro-batches of {cfg.micro_batch} per rank)"
+        where = self._placement()
         compiled = f", compiled ({cfg.compile_scope})" if cfg.compile else ""
         return (f"model: {cfg.preset} preset, {c.num_params() / 1e6:.1f}M parameters "
                 f"({c.num_params(active=True) / 1e6:.1f}M active), vocab {c.vocab_size}\n"
                 f"data: {self.data.description}\n"
                 f"plan: {self.total_steps} steps x {self.sequences_per_step * cfg.seq_len:,} tokens on "
                 f"{where} ({precision}{compiled}) -> {self.out}")
+
+    def _placement(self) -> str:
+        """Where the steps run: the device, or the ranks and their layout under torchrun."""
+        if not self.distributed:
+            return str(self.device)
+        dims = self.reducer.mesh.dims
+        return (f"{self.reducer.world_size} ranks ({self.device.type}, expert parallel {dims.ep} x data parallel "
+                f"{dims.dp}, {self.grad_accum} micro-batches of {self.cfg.micro_batch} per rank)")
 
     def _say(self, text: str) -> None:
         if self.main:
