@@ -1,7 +1,8 @@
 """`dsmoe finetune` under torchrun: 2 CPU processes (gloo) running the CLI as torchrun's ranks do. A LoRA SFT
-and a LoRA classifier (merged) on 2 ranks (FSDP2) give one process's losses, evaluation and saved files; the
-adapter written under FSDP loads in PEFT and in dsmoe with equal logits; a full fine-tune with expert
-parallelism resumes on the same 2 ranks bit for bit and on 1 process as the 2 ranks continue.
+on the experts with expert parallelism (stopped and resumed) and a merged LoRA classifier with FSDP2 data
+parallelism give one process's losses, evaluation and saved files; the adapter written by the sharded run loads
+in PEFT and in dsmoe with equal logits; a full fine-tune with expert parallelism resumes on the same 2 ranks bit
+for bit and on 1 process as the 2 ranks continue.
 
 One process accumulates the 2 ranks' micro-batches (--grad-accum 2). Micro-batches of one example keep the
 comparison exact: each step's examples are sorted by length per rank, so larger micro-batches group them
@@ -70,12 +71,15 @@ def assert_same_files(a, b, name: str, atol: float = 1e-6) -> dict[str, torch.Te
     return x
 
 
-def test_lora_sft_on_two_ranks_equals_one_process_and_its_adapter_loads_in_peft(model_dir, chats, tmp_path):
+def test_expert_parallel_lora_sft_resumed_equals_one_process_and_its_adapter_loads_in_peft(model_dir, chats, tmp_path):
     argv = ["finetune", str(model_dir), "--task", "sft", "--data", str(chats), "--eval-data", str(chats),
             "--steps", "3", "--eval-interval", "3", "--lora-rank", "2", "--bias-update-gamma", "0.01", *FAST]
-    on_two_ranks([*argv, "--out", str(tmp_path / "two")])
+    two = str(tmp_path / "two")  # expert parallel: each rank holds half the experts and their LoRA factors
+    on_two_ranks([*argv, "--ep", "2", "--out", two, "--stop-after", "2"])
+    on_two_ranks(["finetune", "--resume", two, "--ep", "2", "--no-progress", "--dist-timeout", "60"])
     assert main([*argv, "--grad-accum", "2", "--out", str(tmp_path / "one")]) == 0
-    assert_same_run(tmp_path / "two", tmp_path / "one", ("lm_loss", "aux_loss", "grad_norm", "val_loss"))
+    assert_same_run(tmp_path / "two", tmp_path / "one", ("lm_loss", "aux_loss", "grad_norm"))
+    assert records(tmp_path / "two", "val_loss")[3] == pytest.approx(records(tmp_path / "one", "val_loss")[3])
     adapter = assert_same_files(tmp_path / "two", tmp_path / "one", "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in adapter.items())  # the factors trained
     config = json.loads((tmp_path / "two" / "adapter_config.json").read_text())

@@ -61,16 +61,16 @@ def test_merged_equals_unmerged_and_nonzero_factors_change_the_output(tiny_model
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
 
 
-def test_expert_delta_is_per_expert_in_pefts_factor_layout(tiny_model):
+def test_expert_delta_is_per_expert_in_expert_major_factors(tiny_model):
     model = tiny_model()
     apply_lora(model, LoRASpec(rank=2, alpha=2, targets=("experts",)))
     randomize_factors(model)
     experts = model.moe_layers()[0].experts
     delta = experts.parametrizations.gate_up_proj[0]
     E, r = delta.num_experts, delta.rank
-    for e in (0, E - 1):  # expert e: A rows e*r..(e+1)*r, B columns e, e+E, ... (PEFT reshapes B to [out, r, E])
+    for e in (0, E - 1):  # expert e: A rows e*r..(e+1)*r, B columns e*r..(e+1)*r (PEFT's files: e, e+E, ...)
         A = delta.lora_A[e * r:(e + 1) * r]
-        B = delta.lora_B[:, e::E]
+        B = delta.lora_B[:, e * r:(e + 1) * r]
         torch.testing.assert_close(delta.delta()[e], B @ A * delta.scaling)
 
 

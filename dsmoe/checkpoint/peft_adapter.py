@@ -54,10 +54,12 @@ def save_adapter(model: torch.nn.Module, folder: str | os.PathLike, spec: LoRASp
     model (FSDP2, expert parallel): every rank calls it, the factors are gathered and rank 0 writes."""
     folder = Path(folder)
     tensors: dict[str, torch.Tensor] = {}
+    experts: dict[str, int] = {}  # lora_B keys of stacked experts -> number of experts (their columns reorder)
     target_modules, target_parameters = set(), set()
     for path, delta in lora_factors(model):
         for factor in ("lora_A", "lora_B"):
             tensors[_peft_key(path, factor)] = getattr(delta, factor)
+        experts[_peft_key(path, "lora_B")] = delta.num_experts
         module, _, name = path.rpartition(".")
         if module.endswith("mlp.experts"):
             target_parameters.add(f"mlp.experts.{name}")
@@ -68,6 +70,7 @@ def save_adapter(model: torch.nn.Module, folder: str | os.PathLike, spec: LoRASp
         tensors[PREFIX + _hub_name(name)] = tensor
     with torch.no_grad(), expected_two_step_gathers():  # DTensors: every rank takes part in each gather
         tensors = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in tensors.items()}
+    tensors = {k: _to_peft_columns(v, experts[k]) if k in experts else v for k, v in tensors.items()}
     if rank() != 0:
         barrier()  # rank 0 has written the folder when the call returns
         return
@@ -84,6 +87,15 @@ def save_adapter(model: torch.nn.Module, folder: str | os.PathLike, spec: LoRASp
         {k: v.contiguous().cpu().clone() for k, v in tensors.items()}, tmp, metadata={"format": "pt"}))
     atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     barrier()
+
+
+def _to_peft_columns(lora_B: torch.Tensor, experts: int) -> torch.Tensor:
+    """Stacked experts' lora_B [out, E * r]: dsmoe's expert-major columns (e * r + j) -> PEFT's (j * E + e)."""
+    return lora_B.view(lora_B.shape[0], experts, -1).transpose(1, 2).reshape(lora_B.shape[0], -1)
+
+
+def _from_peft_columns(lora_B: torch.Tensor, experts: int) -> torch.Tensor:
+    return lora_B.view(lora_B.shape[0], -1, experts).transpose(1, 2).reshape(lora_B.shape[0], -1)
 
 
 def read_adapter_config(folder: Path) -> dict:
@@ -114,6 +126,7 @@ def load_adapter(model: torch.nn.Module, folder: str | os.PathLike) -> dict[str,
     apply_lora(model, spec)
     expected = {_peft_key(path, f): getattr(delta, f) for path, delta in lora_factors(model)
                 for f in ("lora_A", "lora_B")}
+    experts = {_peft_key(path, "lora_B"): delta.num_experts for path, delta in lora_factors(model)}
     extra: dict[str, torch.Tensor] = {}
     base = config.get("base_model_name_or_path") or "its base model"
     with safe_open(file, "pt") as f, torch.no_grad():
@@ -129,7 +142,7 @@ def load_adapter(model: torch.nn.Module, folder: str | os.PathLike) -> dict[str,
                     raise CheckpointError(f"{folder} is an adapter for another model ({base}): {key} has shape "
                                           f"{list(tensor.shape)}, this model needs {list(expected[key].shape)}; "
                                           "pass the base model it was trained on")
-                expected[key].copy_(tensor)
+                expected[key].copy_(_from_peft_columns(tensor, experts[key]) if key in experts else tensor)
             elif key.startswith(PREFIX) and ".lora_" not in key:
                 name = key[len(PREFIX):]
                 extra[name[len("model."):] if name.startswith("model.") else name] = tensor

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
+from torch.nn.utils import parametrize
 
 from dsmoe.kernels import ops
 from dsmoe.model.moe import Experts, MoE
@@ -82,12 +83,18 @@ class ExpertParallelExperts(nn.Module):
         # Every rank keeps its own slice of the weights it already holds (ranks built from one seed hold the
         # same full weights; a meta model has meta slices): no communication. The slice is copied so the
         # full tensor can be freed.
-        rank = ep_mesh.get_local_rank()
         for name in ("gate_up_proj", "down_proj"):
-            weight = getattr(experts, name)
-            local = weight.detach().chunk(self.ep, dim=0)[rank].clone()
-            sharded = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)
-            self.register_parameter(name, nn.Parameter(sharded, requires_grad=weight.requires_grad))
+            if not parametrize.is_parametrized(experts, name):
+                self.register_parameter(name, self._shard(getattr(experts, name), 0))
+                continue
+            # A LoRA adapter (dsmoe.finetune.lora): the frozen weight and the factors, each split over the experts
+            # the same way, so each rank adds its own experts' deltas. The adapter module itself moves over.
+            plist = experts.parametrizations[name]
+            self.register_parameter(name, self._shard(plist.original, 0))
+            for adapter in plist:
+                for factor, dim in adapter.expert_dims.items():
+                    setattr(adapter, factor, self._shard(getattr(adapter, factor), dim))
+                parametrize.register_parametrization(self, name, adapter, unsafe=True)
         # Optional timing hook (the scale benchmark): a callable (nbytes) -> context manager, entered around
         # the dispatch all-to-all of the hidden states.
         self.dispatch_timer = None
@@ -96,6 +103,12 @@ class ExpertParallelExperts(nn.Module):
         self.last_send_pairs: list[int] = []
         self.last_recv_pairs: list[int] = []
         self.last_ranks_per_token: torch.Tensor | None = None
+
+    def _shard(self, weight: torch.Tensor, dim: int) -> nn.Parameter:
+        """This rank's contiguous block of experts along `dim`, as a DTensor of the global shape."""
+        local = weight.detach().chunk(self.ep, dim=dim)[self.ep_mesh.get_local_rank()].clone()
+        sharded = DTensor.from_local(local, self.ep_mesh, [Shard(dim)], run_check=False)
+        return nn.Parameter(sharded, requires_grad=weight.requires_grad)
 
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.gate_up_proj, std=std)

@@ -4,11 +4,15 @@ Each adapted weight gets a `LoRADelta` parametrization (torch.nn.utils.parametri
 W + delta, so every consumer of the weight is unchanged - nn.Linear, and the routed experts through
 `kernels.ops.moe_experts` on whichever path runs (reference, grouped, Triton). For the stacked experts
 [E, out, in] the delta of all E experts is one batched GEMM (E x [out, r] @ [r, in]), never a Python loop
-over experts. This is the formulation PEFT uses for `target_parameters` (its ParamWrapper), and the factors
-are stored exactly as PEFT stores them, so an adapter is a renaming away from PEFT's files:
+over experts. This is the formulation PEFT uses for `target_parameters` (its ParamWrapper), with its factor
+shapes:
 
-  lora_A [r * E, in], lora_B [out, r * E]; expert e uses A_e = lora_A[e*r:(e+1)*r] and
-  B_e = lora_B[:, e::E] (PEFT reshapes lora_B to [out, r, E]); E = 1 for a dense projection.
+  lora_A [E * r, in], lora_B [out, E * r]; expert e uses A_e = lora_A[e*r:(e+1)*r] and
+  B_e = lora_B[:, e*r:(e+1)*r]; E = 1 for a dense projection.
+
+Both factors are expert-major, so expert parallelism shards them like the expert weights (contiguous experts
+per rank, `LoRADelta.expert_dims`). PEFT orders lora_B's columns rank-major (B_e = lora_B[:, e::E]); the
+adapter files are in PEFT's order (dsmoe.checkpoint.peft_adapter converts).
 
 Cost: the delta is materialised once per forward (and in backward the full weight gradient is formed and
 projected onto A, B), so LoRA saves the optimizer state and gradients of the frozen weights, not backward FLOPs.
@@ -60,14 +64,16 @@ class LoRASpec:
 class LoRADelta(nn.Module):
     """The parametrization weight -> weight + scaling * B @ A (per expert for a 3-D weight)."""
 
+    expert_dims = {"lora_A": 0, "lora_B": 1}  # the dimension of each factor that runs over the experts
+
     def __init__(self, weight: torch.Tensor, rank: int, scaling: float):
         super().__init__()
         self.num_experts = weight.shape[0] if weight.dim() == 3 else 1
         out_features, in_features = weight.shape[-2:]
         self.rank, self.scaling = rank, scaling
         factory = dict(device=weight.device, dtype=torch.float32)
-        self.lora_A = nn.Parameter(torch.empty(rank * self.num_experts, in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank * self.num_experts, **factory))
+        self.lora_A = nn.Parameter(torch.empty(self.num_experts * rank, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, self.num_experts * rank, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default; B = 0 makes the start exact
 
     def delta(self, lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,7 +82,7 @@ class LoRADelta(nn.Module):
         lora_A = self.lora_A if lora_A is None else lora_A
         lora_B = self.lora_B if lora_B is None else lora_B
         A = lora_A.view(E, r, -1)  # [E, r, in]
-        B = lora_B.view(lora_B.shape[0], r, E).permute(2, 0, 1)  # [E, out, r]
+        B = lora_B.view(lora_B.shape[0], E, r).transpose(0, 1)  # [E, out, r]
         delta = torch.bmm(B, A) * self.scaling
         return delta if E > 1 else delta[0]
 
@@ -130,8 +136,23 @@ def merge_lora(model: nn.Module) -> nn.Module:
             with torch.no_grad():
                 full = delta.delta(_gathered(delta.lora_A), _gathered(delta.lora_B)).to(original.dtype)
                 original.add_(_sliced_like(full, original))  # what forward adds: weight + delta in weight's dtype
-            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+            _unparametrize(module, name)
     return model
+
+
+def _unparametrize(module: nn.Module, name: str) -> None:
+    """torch's remove_parametrizations(leave_parametrized=False), also for a module whose class was subclassed
+    after it was parametrized (FSDP2's fully_shard does that to expert-parallel experts): the weight's property
+    then sits on a base class, which torch's version does not look for."""
+    original = module.parametrizations[name].original
+    owner = next(c for c in type(module).__mro__ if isinstance(vars(c).get(name), property))
+    delattr(owner, name)
+    del module.parametrizations[name]
+    module.register_parameter(name, original)
+    if not len(module.parametrizations):
+        delattr(module, "parametrizations")
+        if owner is type(module):
+            module.__class__ = owner.__bases__[0]
 
 
 def _gathered(t: torch.Tensor) -> torch.Tensor:
