@@ -9,7 +9,10 @@ comparison exact: each step's examples are sorted by length per rank, so larger 
 differently on 1 and on 2 ranks (the same examples, other token weights in the SFT mean)."""
 
 import json
+import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -137,3 +140,30 @@ def test_expert_parallel_fine_tune_resumes_exactly_on_two_ranks_and_on_one(model
     assert main(["finetune", "--resume", str(tmp_path / "on_one"), "--no-progress"]) == 0
     assert_same_run(tmp_path / "on_one", tmp_path / "straight", ("lm_loss", "grad_norm"))
     assert_same_files(tmp_path / "on_one", tmp_path / "straight", "model.safetensors", atol=1e-5)
+
+
+def _torchrun(argv: list[str]) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dsmoe",
+               *argv]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+@pytest.mark.multi_gpu
+def test_two_gpus_equal_one_and_bf16_compiled_lora_runs(model_dir, chats, tmp_path):
+    """NCCL on 2 GPUs through the real torchrun: fp32 expert-parallel LoRA equals one GPU; then bf16 autocast (a
+    bf16 frozen base beside fp32 factors in one FSDP group) with activation checkpointing and compile runs and
+    writes an adapter dsmoe loads."""
+    argv = ["finetune", str(model_dir), "--task", "sft", "--data", str(chats), "--eval-data", str(chats), "--steps",
+            "3", "--eval-interval", "3", "--lora-rank", "2", "--device", "cuda", *FAST]
+    _torchrun([*argv, "--dtype", "fp32", "--ep", "2", "--out", str(tmp_path / "two")])
+    assert main([*argv, "--dtype", "fp32", "--grad-accum", "2", "--out", str(tmp_path / "one")]) == 0
+    assert_same_run(tmp_path / "two", tmp_path / "one", ("lm_loss", "grad_norm", "val_loss"), rel=1e-4)
+    assert_same_files(tmp_path / "two", tmp_path / "one", "adapter_model.safetensors", atol=1e-5)
+
+    _torchrun([*argv, "--dtype", "bf16", "--activation-checkpointing", "--compile", "--out", str(tmp_path / "bf16")])
+    from dsmoe.checkpoint.hf import load_pretrained
+    from dsmoe.checkpoint.peft_adapter import load_adapter
+
+    assert load_adapter(load_pretrained(model_dir), tmp_path / "bf16")  # the router travels with the adapter
+    assert all(math.isfinite(v) for v in records(tmp_path / "bf16", "lm_loss").values())
