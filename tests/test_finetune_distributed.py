@@ -4,9 +4,9 @@ parallelism give one process's losses, evaluation and saved files; the adapter w
 in PEFT and in dsmoe with equal logits; a full fine-tune with expert parallelism resumes on the same 2 ranks bit
 for bit and on 1 process as the 2 ranks continue.
 
-One process accumulates the 2 ranks' micro-batches (--grad-accum 2). Micro-batches of one example keep the
-comparison exact: each step's examples are sorted by length per rank, so larger micro-batches group them
-differently on 1 and on 2 ranks (the same examples, other token weights in the SFT mean)."""
+One process accumulates the 2 ranks' micro-batches (--grad-accum 2). Micro-batches of one row: a classifier's
+step examples are sorted by length per rank, so larger micro-batches would group them differently on 1 and on
+2 ranks (the same mean loss, but other groups for the batch-wise balance loss)."""
 
 import json
 import math
@@ -43,7 +43,8 @@ def chats(tmp_path_factory):
 def spam(tmp_path_factory):
     rows = [{"text": f"win a prize now {i}", "label": "spam"} if i % 3 == 0 else
             {"text": f"see you at lunch {i}", "label": "ham"} for i in range(24)]
-    return write(tmp_path_factory.mktemp("spam") / "train.jsonl", rows)
+    folder = tmp_path_factory.mktemp("spam")
+    return write(folder / "train.jsonl", rows), write(folder / "test.jsonl", rows[:9])
 
 
 def _cli(rank: int, world: int, argv: list[str]) -> None:
@@ -109,11 +110,13 @@ def test_expert_parallel_lora_sft_resumed_equals_one_process_and_its_adapter_loa
 
 
 def test_lora_classifier_on_two_ranks_merges_as_one_process_does(model_dir, spam, tmp_path):
-    argv = ["finetune", str(model_dir), "--task", "classify", "--data", str(spam), "--eval-data", str(spam),
+    train, test = spam
+    argv = ["finetune", str(model_dir), "--task", "classify", "--data", str(train), "--eval-data", str(test),
             "--steps", "3", "--eval-interval", "3", "--lora-rank", "2", "--merge", *FAST]
     on_two_ranks([*argv, "--out", str(tmp_path / "two")])
     assert main([*argv, "--grad-accum", "2", "--out", str(tmp_path / "one")]) == 0
-    # 24 evaluation examples in 24 batches of one: each rank evaluates 12 and the predictions are gathered
+    # 9 evaluation examples in batches of one: rank 0 counts 5, rank 1 counts 4 (and runs a fifth forward that it
+    # does not count, as FSDP needs every rank in every forward); the predictions are gathered
     assert_same_run(tmp_path / "two", tmp_path / "one", ("cls_loss", "grad_norm", "val_loss", "accuracy", "macro_f1"))
     merged = assert_same_files(tmp_path / "two", tmp_path / "one", "model.safetensors")
     assert "score.weight" in merged and not any("lora" in k for k in merged)
