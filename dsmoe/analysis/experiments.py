@@ -9,7 +9,9 @@ the weights outside the FFNs (`paired_init`), so a difference between arms withi
   + m*E - 1 routed experts of width F/(2m), top-(2m - 1)); equal active parameters per token. Both MoE arms use
   the paper's softmax gate with the expert-level balance loss (alpha 0.01), so only the architecture differs.
 - balancing (loss-free balancing paper): the DeepSeekMoE architecture with V3's sigmoid gate, balanced by the
-  aux loss only (alpha 0.001), by the bias update only (u 0.001), or by both.
+  aux loss only (alpha 0.001), by the bias update only, or by both. The bias moves by u per step, so it can
+  travel u x steps: the paper's u = 0.001 is set for long runs, and a run of a few hundred steps also gets
+  u = 0.01 (on the CPU scale u = 0.003-0.01 balanced best, u = 0.03 oscillated).
 - shared-experts: the DeepSeekMoE architecture with 0, 1 or 2 shared experts (equal active and total params).
 - granularity: m = 1, 2, 4, 8 (no shared expert; equal active and total params).
 - adaptive-routing: the DeepSeekMoE architecture with V3's gate, fixed top-k vs top-p routing (p 0.5, 1 to 2k
@@ -94,6 +96,7 @@ def arms(name: str, s: Scale) -> dict[str, dict]:
         model = moe(s, m, 1, "sigmoid")
         return {"aux-loss": {"model": model, "aux_loss_alpha": 0.001, "bias_update_gamma": 0.0},
                 "aux-free": {"model": model, "aux_loss_alpha": 0.0, "bias_update_gamma": 0.001},
+                "aux-free-u0.01": {"model": model, "aux_loss_alpha": 0.0, "bias_update_gamma": 0.01},
                 "both": {"model": model, "aux_loss_alpha": 0.001, "bias_update_gamma": 0.001}}
     if name == "shared-experts":
         return {f"shared-{k}": {"model": moe(s, m, k, "sigmoid"), "aux_loss_alpha": 0.0, "bias_update_gamma": 0.001}
