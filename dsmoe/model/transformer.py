@@ -87,7 +87,8 @@ class Transformer(nn.Module):
         for k, module in enumerate(self.mtp, 1):
             real = None if token_mask is None else shifted_inputs(token_mask, k)  # False past the end
             if segment_ids is not None:  # and where the token k ahead belongs to the next packed example
-                real = real & (shifted_inputs(segment_ids, k) == segment_ids)
+                same = shifted_inputs(segment_ids, k) == segment_ids
+                real = same if real is None else real & same
             h = module(h, self.embed_tokens(shifted_inputs(input_ids, k)), cos, sin, token_mask=real,
                        attn_mask=attn_mask)
             out.append(self.logits(module.shared_head.norm(h)))
