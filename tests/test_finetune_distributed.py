@@ -145,6 +145,15 @@ def test_expert_parallel_fine_tune_resumes_exactly_on_two_ranks_and_on_one(model
     assert_same_files(tmp_path / "on_one", tmp_path / "straight", "model.safetensors", atol=1e-5)
 
 
+def test_parallel_flags_without_torchrun_are_one_clear_error(model_dir, chats, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["finetune", str(model_dir), "--task", "sft", "--data", str(chats), "--ep", "2", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "launch with torchrun --nproc-per-node N -m dsmoe finetune" in err and err.count("error:") == 1
+    assert not out.exists()
+
+
 def _torchrun(argv: list[str]) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dsmoe",
                *argv]
