@@ -5,6 +5,7 @@ Without a GPU the kernels run in Triton's interpreter in fp32 (tests/conftest.py
 marked `gpu` add bf16 at DeepSeek-V2-Lite dims and CUDA-graph capture.
 """
 
+import json
 import os
 
 import pytest
@@ -224,3 +225,27 @@ def test_quantize_flag_on_the_cli(tmp_path, model_dir, command, capsys):
     if command == "eval":  # int8 moves the loss by well under a percent on this model
         losses = [float(o.split("loss ")[1].split()[0]) for o in outputs]
         assert losses[0] != losses[1] and abs(losses[1] - losses[0]) < 0.01 * losses[0]
+
+
+def test_quantize_benchmark_compares_memory_perplexity_and_greedy_continuations(tmp_path, model_dir, capsys):
+    """dsmoe bench quantize: the unquantized reference agrees with itself, the quantized rows are smaller and
+    their perplexity and continuations are measured against it."""
+    from dsmoe.bench.quantize import agreement
+    from dsmoe.cli import main
+
+    assert agreement([[1, 2, 3], [4, 5]], [[1, 2, 4], [4, 5]]) == (0.5, 2.0)
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"def f{i}(x):\n    return x * {i} + len(str(x))\n\n" for i in range(60)))
+    out = tmp_path / "q.json"
+    assert main(["bench", "quantize", str(model_dir), "--text", str(text), "--num-prompts", "3", "--prompt-len", "6",
+                 "--new-tokens", "5", "--seq-len", "64", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| float32 |" in table and "| fp8 |" in table and "| int8 |" in table
+    results = json.loads(out.read_text())["results"]
+    assert results["float32"]["identical_continuations"] == 1.0 and results["float32"]["mean_agreeing_tokens"] == 5
+    for scheme in ("fp8", "int8"):
+        r = results[scheme]
+        assert r["weights_gb"] < 0.8 * results["float32"]["weights_gb"]
+        assert r["perplexity"] != results["float32"]["perplexity"]
+        assert abs(r["perplexity"] / results["float32"]["perplexity"] - 1) < 0.05
+        assert 0 <= r["identical_continuations"] <= 1 and 0 <= r["mean_agreeing_tokens"] <= 5

@@ -13,6 +13,7 @@ BENCHMARKS = {
     "moe": "one MoE layer forward+backward: dense-GEMM ceiling, transformers, dsmoe reference/grouped/triton",
     "train": "whole-model training step: tokens/s and MFU of dsmoe vs transformers",
     "decode": "decode tokens/s at batch 1 and 32 vs transformers generate and the bandwidth bound",
+    "quantize": "--quantize fp8/int8 vs unquantized: weights memory, perplexity, identical greedy continuations",
     "prefill": "prompt tokens/s of the engine's prefill vs transformers' forward on the same weights",
     "speculative": "decode tokens/s with MTP self-speculative decoding vs plain, and the drafts' acceptance",
     "scale": "expert-parallel weak scaling and all-to-all bandwidth under torchrun",
