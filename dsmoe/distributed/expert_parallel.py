@@ -1,23 +1,25 @@
 """Expert parallelism: each rank of the EP group owns E / ep routed experts; tokens travel by all-to-all.
 
 `apply_ep` replaces every MoE layer's `experts` module from outside with `ExpertParallelExperts`, which is
-called exactly like `dsmoe.model.moe.Experts` (x_TD, topk_idx_TK, topk_weight_TK) -> y_TD, so `MoE.forward`
-reads the same on one device and on many. Its weights keep the global names and shapes in the state dict
-(DTensors sharded Shard(0) over the EP mesh), so checkpoints reshard between world sizes.
+called exactly like `dsmoe.model.moe.Experts` (x_TD, topk_idx_TK, topk_weight_TK, impl, shared) -> y_TD, so
+`MoE.forward` reads the same on one device and on many. Its weights keep the global names and shapes in the
+state dict (DTensors sharded Shard(0) over the EP mesh), so checkpoints reshard between world sizes.
 
 Experts are placed contiguously: rank r holds experts [r * E/ep, (r+1) * E/ep). A token is sent once to
 every rank that holds at least one of its experts (not once per expert), and that rank returns one row:
 the weighted sum over its own experts. So device-limited routing (group-limited routing whose groups are
 the devices, DeepSeek-V2's M of D) bounds the traffic at M rows per token, as in the paper.
 
-One forward, on every rank of the EP group (P = token-rank pairs, shape suffix R = EP ranks):
-  1. pairs (token, rank) for every rank a token reaches, ordered by rank; counts exchanged by all-to-all,
-     then read on the host once (the variable split sizes of the next all-to-alls)
+One forward, on every rank of the EP group (shape suffixes: R EP ranks, S send slots, P received slots, N expert
+rows):
+  1. the plan (ep_dispatch.py): which (token, rank) pair takes which send slot, and the split sizes; exact
+     (variable splits read on the host, never drops) or, in training with a capacity factor, capacity-bounded
+     (fixed splits, no host read, drops what overflows)
   2. all-to-all the pairs' hidden states and their [weights; local expert ids] (autograd-aware)
-  3. local experts on the received rows (dsmoe.kernels.ops: the same kernels as one device)
+  3. local experts on the received (pair, own expert) rows (dsmoe.kernels.ops: the same kernels as one device)
   4. weighted sum per pair (fp32), all-to-all back, sum over ranks per token (fp32)
 Backward runs the all-to-alls in reverse. Every rank takes part in every collective, also when it sends or
-receives nothing.
+receives nothing. The shared experts run between 1 and 2, while the exact plan's counts travel.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.nn.utils import parametrize
 
+from dsmoe.distributed.ep_dispatch import ExactPlan, all_to_all, capacity_plan, slot_sources
 from dsmoe.kernels import ops
 from dsmoe.model.moe import Experts, MoE
 
@@ -42,44 +45,23 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with variable splits; backward sends the gradients back the way the rows came.
-    (Public c10d API, so it behaves the same on every torch version, on gloo and on NCCL.)"""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad_in = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(grad_in, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return grad_in, None, None, None
-
-
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    """Rows x[sum(in_splits[:r]) : ...] go to rank r; out_splits[r] rows arrive from rank r."""
-    return _AllToAll.apply(x, out_splits, in_splits, group)
-
-
-def _first_true(mask: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices of the first n True entries of a flat bool mask, in order; n is already known on the host,
-    so unlike nonzero() this does not synchronise with the device."""
-    return torch.sort(mask.logical_not().to(torch.uint8), stable=True).indices[:n]
-
-
 class ExpertParallelExperts(nn.Module):
-    """Drop-in for `Experts` holding this rank's E / ep experts (see the module docstring)."""
+    """Drop-in for `Experts` holding this rank's E / ep experts (see the module docstring).
 
-    def __init__(self, experts: Experts, ep_mesh: DeviceMesh):
+    capacity_factor None: the exact dispatch (variable splits, one host read per forward, never drops).
+    A number F: in training, the capacity-bounded dispatch (fixed splits, no host read; drops what overflows F
+    times the balanced share, see ep_dispatch); evaluation stays exact. max_ranks_per_token: the most EP ranks
+    one token can reach (the balanced share of token rows is T x that / ep)."""
+
+    def __init__(self, experts: Experts, ep_mesh: DeviceMesh, capacity_factor: float | None = None,
+                 max_ranks_per_token: int | None = None):
         super().__init__()
         self.ep_mesh = ep_mesh
         self.num_experts = experts.gate_up_proj.shape[0]
         self.ep = ep_mesh.size()
         self.local_experts = self.num_experts // self.ep
+        self.capacity_factor = capacity_factor
+        self.max_ranks_per_token = max_ranks_per_token or self.ep
         # Every rank keeps its own slice of the weights it already holds (ranks built from one seed hold the
         # same full weights; a meta model has meta slices): no communication. The slice is copied so the
         # full tensor can be freed.
@@ -95,11 +77,15 @@ class ExpertParallelExperts(nn.Module):
                 for factor, dim in adapter.expert_dims.items():
                     setattr(adapter, factor, self._shard(getattr(adapter, factor), dim))
                 parametrize.register_parametrization(self, name, adapter, unsafe=True)
+        # The share of this rank's routing decisions (token, expert) that the last capacity-bounded forward
+        # dropped, on the device (the trainer logs it as ep_dropped, see dropped_share).
+        self.register_buffer("dropped_share", torch.zeros((), device=experts.gate_up_proj.device), persistent=False)
         # Optional timing hook (the scale benchmark): a callable (nbytes) -> context manager, entered around
         # the dispatch all-to-all of the hidden states.
         self.dispatch_timer = None
-        # Dispatch statistics of the last forward: rows sent to / received from each EP rank, the number of
-        # ranks each token reached (tests and benchmarks read them).
+        # Dispatch statistics of the last forward: the rows of the dispatch all-to-all to / from each EP rank
+        # (host split sizes: the pairs on the exact plan, the capacity on the bounded one), the number of ranks
+        # each token reached (tests and benchmarks read them).
         self.last_send_pairs: list[int] = []
         self.last_recv_pairs: list[int] = []
         self.last_ranks_per_token: torch.Tensor | None = None
@@ -113,57 +99,68 @@ class ExpertParallelExperts(nn.Module):
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.gate_up_proj, std=std)
         nn.init.normal_(self.down_proj, std=std)
+        self.dropped_share.zero_()
+
+    @property
+    def bounded(self) -> bool:
+        """Whether a forward now takes the capacity-bounded dispatch (training with a capacity factor)."""
+        return self.capacity_factor is not None and self.training
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                impl: str) -> torch.Tensor:
+                impl: str, shared: nn.Module | None = None) -> torch.Tensor:
         T, K = topk_idx_TK.shape
         D = x_TD.shape[1]
         R, L = self.ep, self.local_experts
         group = self.ep_mesh.get_group()
 
-        # 1. token-rank pairs, and how many pairs / expert rows go to each rank
+        # 1. token-rank pairs (the expert rows each token has on each rank) and their send slots
         dest_TK = topk_idx_TK // L
-        reach_TR = torch.zeros(T, R, dtype=torch.bool, device=x_TD.device).scatter_(1, dest_TK, True)
-        rows_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_TD.device)
-        rows_E.scatter_add_(0, topk_idx_TK.flatten(), torch.ones_like(topk_idx_TK.flatten()))
-        send_counts = torch.cat([reach_TR.sum(0, dtype=torch.int64)[:, None], rows_E.view(R, L)], dim=1)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=group)
-        host = torch.cat([send_counts[:, 0], recv_counts[:, 0], recv_counts[:, 1:].sum().view(1)]).tolist()
-        send_pairs, recv_pairs, recv_rows = host[:R], host[R:2 * R], host[2 * R]
-        self.last_send_pairs, self.last_recv_pairs = send_pairs, recv_pairs
-        self.last_ranks_per_token = reach_TR.sum(1).detach()
+        rows_TR = torch.zeros(T, R, dtype=torch.int64, device=x_TD.device)
+        rows_TR.scatter_add_(1, dest_TK, torch.ones_like(dest_TK))
+        self.last_ranks_per_token = (rows_TR > 0).sum(1).detach()
+        if self.bounded:
+            plan = capacity_plan(rows_TR.t(), K, L, self.capacity_factor, self.max_ranks_per_token)
+            self.dropped_share.copy_(plan.dropped_share)
+        else:
+            plan = ExactPlan(rows_TR.t(), group)
+        shared_TD = shared(x_TD) if shared is not None else None  # runs while the exact plan's counts travel
+        send, recv, n_rows = plan.split_sizes()  # the exact plan reads them on the host here
+        self.last_send_pairs, self.last_recv_pairs = send, recv
 
-        pair_P = _first_true(reach_TR.t().flatten(), sum(send_pairs))  # rank-major: r * T + t
-        pair_rank_P, pair_token_P = pair_P // T, pair_P % T
-        idx_PK = topk_idx_TK[pair_token_P]
-        on_rank_PK = dest_TK[pair_token_P] == pair_rank_P[:, None]
-        weight_PK = torch.where(on_rank_PK, topk_weight_TK[pair_token_P].float(), 0.0)
-        local_idx_PK = torch.where(on_rank_PK, idx_PK % L, -1).float()  # -1: that expert lives elsewhere
+        pair_S, filled_S = slot_sources(plan.slot_RT.flatten(), sum(send))  # rank-major: r * T + t
+        pair_rank_S, pair_token_S = pair_S // T, pair_S % T
+        on_rank_SK = (dest_TK[pair_token_S] == pair_rank_S[:, None]) & filled_S[:, None]
+        weight_SK = torch.where(on_rank_SK, topk_weight_TK[pair_token_S].float(), 0.0)
+        local_idx_SK = torch.where(on_rank_SK, topk_idx_TK[pair_token_S] % L, -1).float()  # -1: not here
 
         # 2. dispatch (weights travel with their ids in one fp32 tensor; ids < 2^24 are exact)
-        x_send = x_TD[pair_token_P]
+        x_send = x_TD[pair_token_S]
         timer = self.dispatch_timer(x_send.numel() * x_send.element_size()) if self.dispatch_timer else nullcontext()
         with timer:
-            x_recv = all_to_all(x_send, recv_pairs, send_pairs, group)
-        meta_recv = all_to_all(torch.cat([weight_PK, local_idx_PK], dim=1), recv_pairs, send_pairs, group)
+            x_recv = all_to_all(x_send, recv, send, group)
+        meta_recv = all_to_all(torch.cat([weight_SK, local_idx_SK], dim=1), recv, send, group)
 
         # 3. this rank's experts on every (received pair, own expert) row, weighted in fp32
-        y_pair = self._local_experts(x_recv, meta_recv, K, recv_rows, impl)
+        y_pair = self._local_experts(x_recv, meta_recv, K, n_rows, impl)
 
-        # 4. combine: back to the source ranks, then the sum over ranks per token
-        y_back = all_to_all(y_pair, send_pairs, recv_pairs, group)
-        y_TD = torch.zeros(T, D, dtype=torch.float32, device=x_TD.device)
-        return y_TD.index_add(0, pair_token_P, y_back.float()).to(x_TD.dtype)
+        # 4. combine: back to the source ranks, then the sum over ranks per token (unfilled slots: row T, cut)
+        y_back = all_to_all(y_pair, send, recv, group)
+        y_TD = torch.zeros(T + 1, D, dtype=torch.float32, device=x_TD.device)
+        y_TD = y_TD.index_add(0, torch.where(filled_S, pair_token_S, T), y_back.float())[:T].to(x_TD.dtype)
+        return y_TD if shared_TD is None else y_TD + shared_TD
 
     def _local_experts(self, x_recv: torch.Tensor, meta_recv: torch.Tensor, K: int, n_rows: int,
                        impl: str) -> torch.Tensor:
+        """n_rows: the rows to compute, the exact count or the capacity (unfilled rows compute with weight 0
+        into a row that is cut)."""
         P, D = x_recv.shape
         weight_flat = meta_recv[:, :K].flatten()
         idx_flat = meta_recv[:, K:].detach().flatten().long()
-        row_N = _first_true(idx_flat >= 0, n_rows)
+        here = idx_flat >= 0
+        row_N, filled_N = slot_sources(torch.where(here, here.cumsum(0) - 1, -1), n_rows)
         pair_N = row_N // K
-        x_rows, w_rows = x_recv[pair_N], weight_flat[row_N]
+        x_rows = x_recv[pair_N]
+        w_rows = torch.where(filled_N, weight_flat[row_N], 0.0)
         gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)
         if n_rows == 0:
             # Nothing for this rank's experts. The output still depends on everything received and on the
@@ -171,29 +168,45 @@ class ExpertParallelExperts(nn.Module):
             # gradient, which keeps FSDP's reduce-scatter identical across ranks.
             tie = x_rows.sum() + w_rows.sum() + gate_up.sum() + down.sum()
             return x_recv.new_zeros(P, D) + (tie * 0).to(x_recv.dtype)
-        y_rows = ops.moe_experts(x_rows, idx_flat[row_N][:, None], w_rows[:, None], gate_up, down, impl)
-        y_pair = torch.zeros(P, D, dtype=torch.float32, device=x_recv.device)
-        return y_pair.index_add(0, pair_N, y_rows.float()).to(x_recv.dtype)
+        idx_rows = torch.where(filled_N, idx_flat[row_N], 0)
+        y_rows = ops.moe_experts(x_rows, idx_rows[:, None], w_rows[:, None], gate_up, down, impl)
+        y_pair = torch.zeros(P + 1, D, dtype=torch.float32, device=x_recv.device)
+        y_pair = y_pair.index_add(0, torch.where(filled_N, pair_N, P), y_rows.float())[:P]
+        return y_pair.to(x_recv.dtype)
 
 
-def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
+def apply_ep(model: nn.Module, ep_mesh: DeviceMesh, capacity_factor: float | None = None) -> None:
     """Give every MoE layer expert-parallel experts over `ep_mesh`, and tell the layer its real
-    expert-to-device layout (the device-level and communication balance losses use it)."""
+    expert-to-device layout (the device-level and communication balance losses use it). capacity_factor:
+    see ExpertParallelExperts (None: the exact dispatch)."""
     ep = ep_mesh.size()
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     for moe in moes:
         E = moe.config.n_routed_experts
         if E % ep:
             raise ValueError(f"ep={ep} does not divide the {E} routed experts")
-        moe.experts = ExpertParallelExperts(moe.experts, ep_mesh)
         moe.experts_per_device = E // ep
+        moe.experts = ExpertParallelExperts(moe.experts, ep_mesh, capacity_factor, moe.max_devices_per_token())
     if moes and (not dist.is_initialized() or dist.get_rank() == 0):
         c = moes[0].config
         limited = c.topk_method != "greedy" and c.n_group > 1
-        log.info("expert parallel: %d experts per rank over %d ranks; a token reaches at most %d ranks%s",
+        log.info("expert parallel: %d experts per rank over %d ranks; a token reaches at most %d ranks%s; %s",
                  c.n_routed_experts // ep, ep, moes[0].max_devices_per_token(),
-                 f" (group-limited routing: {c.topk_group} of {c.n_group} groups)" if limited else "")
+                 f" (group-limited routing: {c.topk_group} of {c.n_group} groups)" if limited else "",
+                 "exact dispatch (variable splits)" if capacity_factor is None else
+                 f"sync-free dispatch in training, capacity factor {capacity_factor:g}")
         if limited and c.n_group % ep and ep % c.n_group:
             log.warning("the %d routing groups straddle the %d EP ranks, so group-limited routing bounds the "
                         "ranks per token only loosely: choose --ep dividing or divided by n_group=%d",
                         c.n_group, ep, c.n_group)
+
+
+def ep_layers(model: nn.Module) -> list[ExpertParallelExperts]:
+    return [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
+
+
+def dropped_share(layers: list[ExpertParallelExperts]) -> torch.Tensor:
+    """The share of this rank's routing decisions that the last training forward dropped, over the given layers,
+    on the device (0 from a layer with the exact dispatch)."""
+    return torch.stack([m.dropped_share if m.capacity_factor is not None else torch.zeros_like(m.dropped_share)
+                        for m in layers]).mean()

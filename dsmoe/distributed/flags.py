@@ -14,6 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser, ac_and_compile: bool = True) 
     g = parser.add_argument_group("parallelism (under torchrun)")
     g.add_argument("--ep", type=int, default=1, help="expert-parallel degree (divides the world size and the "
                    "number of routed experts)")
+    g.add_argument("--ep-capacity-factor", type=float, metavar="F", help="sync-free expert-parallel dispatch in "
+                   "training: fixed all-to-all buffers of F x the balanced share per rank, no host read per MoE "
+                   "layer (CUDA-graphable); what overflows is dropped and logged as ep_dropped (--ep or more never "
+                   "drops). Default: the exact dispatch (variable splits, never drops)")
     g.add_argument("--dp-shard", type=int, default=-1, help="ranks sharing the same experts (FSDP degree of the "
                    "expert weights); -1 = world size / ep")
     if ac_and_compile:

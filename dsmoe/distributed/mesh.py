@@ -22,11 +22,14 @@ from dsmoe.errors import UserError
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Degrees of parallelism. dp_shard = -1 means "whatever is left": world_size // ep."""
+    """Degrees of parallelism. dp_shard = -1 means "whatever is left": world_size // ep. ep_capacity_factor: the
+    expert-parallel dispatch in training, None = exact (variable splits), F = sync-free with a capacity of F times
+    the balanced share (dsmoe.distributed.ep_dispatch)."""
 
     world_size: int
     ep: int = 1
     dp_shard: int = -1
+    ep_capacity_factor: float | None = None
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -39,6 +42,9 @@ class ParallelDims:
         if self.dp_shard != -1 and self.dp_shard * self.ep != self.world_size:
             raise UserError(f"--dp-shard {self.dp_shard} x --ep {self.ep} = {self.dp_shard * self.ep} but the world "
                             f"size is {self.world_size}: use --dp-shard {self.world_size // self.ep} (or -1)")
+        if self.ep_capacity_factor is not None and not self.ep_capacity_factor > 0:
+            raise UserError(f"--ep-capacity-factor {self.ep_capacity_factor} must be positive (1.25: a quarter above "
+                            f"the balanced share; {self.ep} or more never drops); leave it out for the exact dispatch")
 
     @property
     def dp(self) -> int:

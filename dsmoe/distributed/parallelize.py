@@ -34,9 +34,10 @@ COMPILE_SCOPES = ("blocks", "model")
 
 def apply_compile(model: nn.Module, backend: str = "inductor", scope: str = "blocks") -> None:
     """torch.compile in place (names unchanged). scope "blocks": each block on its own, as torchtitan does (every
-    block has the same code, so one compilation serves them all; the MoE layer's expert-parallel dispatch reads
-    split sizes on the host, so dynamo breaks the graph there and compiles the pieces around it). scope "model":
-    the whole forward in one graph, one process only (kept to measure it against "blocks")."""
+    block has the same code, so one compilation serves them all; the exact expert-parallel dispatch reads split
+    sizes on the host, so dynamo breaks the graph there and compiles the pieces around it; the capacity-bounded
+    one reads nothing on the host). scope "model": the whole forward in one graph, one process only (kept to
+    measure it against "blocks")."""
     if scope == "model":
         model.compile(backend=backend)
         return
@@ -94,7 +95,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh | None, *, ac: bool = False
     if distributed:
         mesh.dims.check_experts(model.config.n_routed_experts)
         if mesh.dims.ep > 1:
-            apply_ep(model, mesh.ep_mesh)
+            apply_ep(model, mesh.ep_mesh, mesh.dims.ep_capacity_factor)
     if ac:
         apply_ac(model)
     if compile:

@@ -96,11 +96,12 @@ class Runtime:
 
 
 def init_from_env(ep: int = 1, dp_shard: int = -1, timeout_s: float = DEFAULT_TIMEOUT_S,
-                  device_type: str | None = None) -> Runtime:
+                  device_type: str | None = None, ep_capacity_factor: float | None = None) -> Runtime:
     """Start (or join an already started) process group from torchrun's environment and build the mesh."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dims = ParallelDims(world_size, ep=ep, dp_shard=dp_shard)  # fails early on degrees that do not fit
+    # fails early on degrees that do not fit
+    dims = ParallelDims(world_size, ep=ep, dp_shard=dp_shard, ep_capacity_factor=ep_capacity_factor)
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type == "cuda":
         if local_rank >= torch.cuda.device_count():

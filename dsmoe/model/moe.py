@@ -3,7 +3,7 @@
 Shape suffixes: B batch, S sequence, T = B*S tokens, D model dim, E routed experts, K experts per token,
 F expert hidden dim.
 
-y_TD = sum_k w_tk * Expert_{idx_tk}(x_t) + SharedMLP(x_t)
+y_TD = sum_k w_tk * Expert_{idx_tk}(x_t) + SharedMLP(x_t)   (the experts module adds the shared term)
 
 After each forward the layer keeps, in buffers, the tokens each expert received (`expert_counts`) and
 its balance loss (`aux_loss`, 0 outside training), so a trainer reads statistics through
@@ -24,11 +24,18 @@ from dsmoe.model.layers import MLP
 from dsmoe.model.router import Router, Routing
 
 
+def plus_shared(y_TD: torch.Tensor, x_TD: torch.Tensor, shared: nn.Module | None) -> torch.Tensor:
+    """The routed experts' output plus the shared experts' (when the layer has them)."""
+    return y_TD if shared is None else y_TD + shared(x_TD)
+
+
 class Experts(nn.Module):
     """The routed experts as stacked weights: gate_up_proj [E, 2F, D] (rows [gate; up]), down_proj [E, D, F].
 
     Expert parallelism replaces this module from outside with one holding E/ep experts and an
-    all-to-all around the same call, so `MoE.forward` reads the same on one device and on many.
+    all-to-all around the same call, so `MoE.forward` reads the same on one device and on many. The shared
+    experts are handed in and added here rather than in `MoE.forward`, so that expert parallelism can run
+    them while its split sizes travel between the ranks.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
@@ -37,9 +44,11 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                impl: str) -> torch.Tensor:
-        """impl: the resolved implementation (`ops.resolve_impl`), chosen once per layer forward by `MoE`."""
-        return ops.moe_experts(x_TD, topk_idx_TK, topk_weight_TK, self.gate_up_proj, self.down_proj, impl)
+                impl: str, shared: nn.Module | None = None) -> torch.Tensor:
+        """impl: the resolved implementation (`ops.resolve_impl`), chosen once per layer forward by `MoE`;
+        shared: the layer's shared experts, added to the output."""
+        y_TD = ops.moe_experts(x_TD, topk_idx_TK, topk_weight_TK, self.gate_up_proj, self.down_proj, impl)
+        return plus_shared(y_TD, x_TD, shared)
 
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.gate_up_proj, std=std)
@@ -90,9 +99,7 @@ class MoE(nn.Module):
         routing = self.gate(x_TD, impl)
         if token_mask is not None:
             routing = only_real_tokens(routing, token_mask.reshape(B * S))
-        y_TD = self.experts(x_TD, routing.topk_idx_TK, routing.topk_weight_TK, impl)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+        y_TD = self.experts(x_TD, routing.topk_idx_TK, routing.topk_weight_TK, impl, self.shared_experts)
         with torch.no_grad():
             self.expert_counts.copy_(routing.counts_E)
         c = self.config

@@ -135,16 +135,17 @@ def start_runtime(args: argparse.Namespace, device: str, command: str, sharded_i
     of --ep / --dp-shard -> the trainer's reducer; None in one process. Parallel flags without torchrun, or a
     fixed --device under it, are one clear error."""
     under_torchrun = "WORLD_SIZE" in os.environ
-    if not under_torchrun and (args.ep != 1 or args.dp_shard not in (-1, 1) or sharded_init):
-        raise UserError(f"--ep, --dp-shard{' and --sharded-init' if command == 'train' else ''} need several "
-                        f"processes: launch with torchrun --nproc-per-node N -m dsmoe {command} ...")
+    if not under_torchrun and (args.ep != 1 or args.dp_shard not in (-1, 1) or sharded_init
+                               or args.ep_capacity_factor is not None):
+        raise UserError(f"--ep, --ep-capacity-factor, --dp-shard{' and --sharded-init' if command == 'train' else ''} "
+                        f"need several processes: launch with torchrun --nproc-per-node N -m dsmoe {command} ...")
     if not under_torchrun:
         return None
     from dsmoe.devices import resolve_device  # torch loads only once the flags are valid
     from dsmoe.distributed.runtime import init_from_env
 
     rt = init_from_env(ep=args.ep, dp_shard=args.dp_shard, timeout_s=args.dist_timeout,
-                       device_type=resolve_device(device).type)
+                       device_type=resolve_device(device).type, ep_capacity_factor=args.ep_capacity_factor)
     if rt.world_size > 1 and device.startswith("cuda:"):
         raise UserError(f"--device {device}: under torchrun each rank uses the GPU of its LOCAL_RANK; "
                         "use --device cuda or auto")

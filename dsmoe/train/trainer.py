@@ -162,6 +162,11 @@ class Trainer:
         self.window: list[dict] = []  # host records of the steps since the last log record
         self.last_eval: dict | None = None
         self.last_record: dict | None = None
+        self.ep_layers: list = []  # the model's expert-parallel experts (their dispatch statistics)
+        if self.distributed:
+            from dsmoe.distributed.expert_parallel import ep_layers
+
+            self.ep_layers = ep_layers(self.model)
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
@@ -180,6 +185,7 @@ class Trainer:
         for batch in batches:
             with self._autocast():
                 loss, metrics = self.loss_fn(model, batch.to(self.device))
+            metrics = {**metrics, **self._dispatch_metrics()}
             step_counts, aux = model.routing_stats()  # this micro-batch's, before the next forward rewrites them
             self.metric_names = list(metrics)
             values = torch.stack([loss.detach().float(), aux.float().to(self.device),
@@ -229,6 +235,15 @@ class Trainer:
         self.pending.clear()
         self.window += records
         return records
+
+    def _dispatch_metrics(self) -> dict[str, torch.Tensor]:
+        """Under expert parallelism, ep_dropped: the share of the micro-batch's routing decisions that the
+        capacity-bounded dispatch dropped (--ep-capacity-factor; 0 with the exact dispatch)."""
+        if not self.ep_layers:
+            return {}
+        from dsmoe.distributed.expert_parallel import dropped_share
+
+        return {"ep_dropped": dropped_share(self.ep_layers)}
 
     def _clip_grad_norm(self, parameters, max_norm: float) -> torch.Tensor:
         """torch's in one process; sharded gradients (FSDP2 and expert-parallel DTensors on different meshes)
