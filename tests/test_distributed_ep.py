@@ -1,7 +1,10 @@
 """Expert parallelism (+ FSDP2) on 2 and 4 CPU processes equals one process: forward output, loss, every
-gradient; device-limited routing bounds the ranks a token reaches; ranks and experts without tokens work."""
+gradient, with the exact dispatch and with the sync-free one at a capacity that cannot overflow; device-limited
+routing bounds the ranks a token reaches; ranks and experts without tokens work."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -13,21 +16,24 @@ from dsmoe.distributed.mesh import ParallelDims, build_mesh
 from dsmoe.distributed.parallelize import parallelize
 from dsmoe.distributed.testing import run_distributed
 
-SCENARIOS = {  # name -> (config, skewed routing)
-    "balanced": (CFG, False),
-    "skewed": (CFG, True),  # experts 4-7 and the ranks holding them get no tokens
-    "unlimited": (CFG.replace(topk_group=CFG.n_group), False),  # no device limit: shows the bound can fail
+SCENARIOS = {  # name -> (config, skewed routing, sync-free dispatch with capacity factor = EP degree: no drops)
+    "balanced": (CFG, False, False),
+    "skewed": (CFG, True, False),  # experts 4-7 and the ranks holding them get no tokens
+    "unlimited": (CFG.replace(topk_group=CFG.n_group), False, False),  # no device limit: shows the bound can fail
+    "skewed, sync-free": (CFG, True, True),
 }
 
 
 def _ep_worker(rank: int, world: int, out_file: str) -> None:
     mesh = build_mesh(ParallelDims(world, ep=world), "cpu")
     results = {}
-    for name, (config, skewed) in SCENARIOS.items():
+    for name, (config, skewed, bounded) in SCENARIOS.items():
         model = make_model(config=config)
         if skewed:
             skew_routing(model)
-        parallelize(model, mesh)
+        dims = ParallelDims(world, ep=world, ep_capacity_factor=world if bounded else None)
+        parallelize(model, dataclasses.replace(mesh, dims=dims))
+        assert all(m.experts.bounded == bounded for m in model.moe_layers())
         loss, logits = lm_loss(model, micro_batch(0, rank))
         loss.backward()
         # per MoE layer: most ranks one token reached, pairs sent, sum of ranks reached, pairs received
@@ -51,8 +57,8 @@ def test_expert_parallel_equals_one_process(world, tmp_path):
     run_distributed(_ep_worker, world, str(out_file), timeout_s=90)
     results = torch.load(out_file, weights_only=True)
 
-    for name in ("balanced", "skewed"):
-        config, skewed = SCENARIOS[name]
+    for name in ("balanced", "skewed", "skewed, sync-free"):
+        config, skewed, _ = SCENARIOS[name]
         ref = make_model(config=config)
         if skewed:
             skew_routing(ref)
@@ -74,7 +80,8 @@ def test_expert_parallel_equals_one_process(world, tmp_path):
     # stats: [rank, MoE layer, (max ranks per token, pairs sent, sum of ranks per token, pairs received)]
     for name, got in results.items():
         stats = got["stats"]
-        assert torch.equal(stats[..., 1], stats[..., 2]), name  # one row per (token, rank) reached
+        if "sync-free" not in name:  # (its splits are the capacity)
+            assert torch.equal(stats[..., 1], stats[..., 2]), name  # one row per (token, rank) reached
         assert stats[..., 1].sum() == stats[..., 3].sum(), name  # every row sent arrives
     limit = min(CFG.num_experts_per_tok, CFG.topk_group * -(-world // CFG.n_group))
     assert results["balanced"]["stats"][..., 0].max() <= limit

@@ -36,6 +36,8 @@ def test_degrees_must_fit_the_world():
         ParallelDims(4, ep=2, dp_shard=3)
     with pytest.raises(UserError, match="must divide the number of routed experts"):
         ParallelDims(6, ep=6).check_experts(64)
+    with pytest.raises(UserError, match="--ep-capacity-factor 0 must be positive"):
+        ParallelDims(4, ep=2, ep_capacity_factor=0)
 
 
 def test_one_process_runtime_is_the_identity(monkeypatch):

@@ -1,5 +1,5 @@
-"""`dsmoe train` under torchrun: 2 CPU processes (gloo), expert parallel 2. Its steps equal one process's steps
-on the same global batch; its sharded checkpoint resumes in one process and continues as the one-process run
+"""`dsmoe train` under torchrun: 2 CPU processes (gloo), expert parallel 2. Its steps (with the sync-free dispatch
+at a capacity that cannot overflow: ep_dropped 0) equal one process's steps on the same global batch; its sharded checkpoint resumes in one process and continues as the one-process run
 does; its exported run folder loads with load_pretrained and gives the same logits; resumed on the same 2
 ranks it continues bit for bit, dropout included (each rank's RNG states travel with the checkpoint); a
 one-process checkpoint (the same layout) resumes on 2 ranks."""
@@ -70,7 +70,7 @@ def test_torchrun_training_equals_one_process_resumes_in_one_and_exports(corpus,
     run = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dsmoe",
                "train", "--ep", "2", "--dist-timeout", "60", "--data", data, "--out", str(run), *cli_flags(CONFIG),
-               "--stop-after", "3", "--no-progress", "--activation-checkpointing"]
+               "--stop-after", "3", "--no-progress", "--activation-checkpointing", "--ep-capacity-factor", "2"]
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -82,6 +82,7 @@ def test_torchrun_training_equals_one_process_resumes_in_one_and_exports(corpus,
         expected = [s[key] for s in steps]
         assert [records(run, key)[i] for i in (1, 2, 3)] == pytest.approx(expected, rel=1e-5, abs=1e-7), key
     assert records(run, "val_loss")[3] == pytest.approx(reference.evaluate()["val_loss"], rel=1e-6)
+    assert records(run, "ep_dropped") == {1: 0.0, 2: 0.0, 3: 0.0}
 
     # the export of the sharded model (rank 0 writes, one parameter gathered at a time)
     exported = load_pretrained(run, moe_impl="grouped").eval()
@@ -144,6 +145,7 @@ def test_the_global_batch_survives_a_change_of_world_size_or_the_resume_is_refus
     with pytest.raises(UserError, match="resume on a number of ranks that divides 4"):
         micro_batches_per_rank(micro_batch=2, sequences_per_step=8, world_size=3)
     assert main(["train", "--ep", "2", "--steps", "1", "--out", "/nonexistent/run"]) == 2  # no torchrun
+    assert main(["train", "--ep-capacity-factor", "2", "--steps", "1", "--out", "/nonexistent/run"]) == 2
     assert "launch with torchrun" in capsys.readouterr().err
 
 
