@@ -140,7 +140,7 @@ def test_bench_scale_one_process(monkeypatch, capsys):
 
 def _bench_worker(rank: int, world: int, out_file: str) -> None:
     with open(out_file if rank == 0 else "/dev/null", "w") as f, contextlib.redirect_stdout(f):
-        assert _bench(BENCH_ARGS) == 0
+        assert _bench([*BENCH_ARGS, "--ep-capacity-factor", "2"]) == 0
 
 
 @pytest.mark.slow
@@ -152,4 +152,6 @@ def test_bench_scale_two_processes(tmp_path):
     for row in ("| 2 GPUs tokens/s per GPU", "| weak scaling", "| dispatch / bare all-to-all", "(rel",
                 "| backward ms, host enqueue / wall: 1 GPU | 2 GPUs"):
         assert row in out, row
-    assert "MISMATCH" not in out
+        assert f"| sync-free (capacity factor 2): {row[2:]}" in out or row == "(rel", row  # both dispatches timed
+    assert re.search(r"\| sync-free \(capacity factor 2\): routing decisions dropped \(last steps\) +\| 0\.00% ", out)
+    assert out.count(") ok ") == 2 and "MISMATCH" not in out  # both equal one GPU's loss

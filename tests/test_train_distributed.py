@@ -76,6 +76,7 @@ def test_torchrun_training_equals_one_process_resumes_in_one_and_exports(corpus,
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert done.stdout.count("stopped at step 3 of 6") == 1  # rank 0 alone reports
     assert "on 2 ranks (cpu, expert parallel 2 x data parallel 1, 1 micro-batches of 2 per rank)" in done.stdout
+    assert "sync-free dispatch in training, capacity factor 2" in done.stdout + done.stderr  # the flag arrived
 
     steps = run_steps(reference, 3)
     for key in ("lm_loss", "aux_loss", "grad_norm", "lr"):

@@ -15,6 +15,10 @@ schedule, aux-free update, on-device skip, its metrics record):
   4. on both, a few more steps split into the trainer's phases (loss forward, backward, clip + optimizer), each
      phase with a device sync after it: the host time to enqueue a phase next to its wall time shows whether the
      host (Python, launches, host syncs) or the device bounds it.
+  5. with --ep-capacity-factor F, steps 2-4 again on the same N-GPU model with the sync-free dispatch
+     (dsmoe.distributed.ep_dispatch: fixed buffers, no host read per MoE layer), after the exact dispatch: the
+     table then has one block per dispatch, with the share of routing decisions dropped (its loss is compared
+     with one GPU's when nothing was dropped).
 The table comes last. Weak scaling = tokens/s per GPU at EP = N over tokens/s on one GPU (goal >= 0.85);
 dispatch bandwidth over the replay's (goal >= 0.9).
 
@@ -196,23 +200,45 @@ def _profile_split(trainer, args, rt) -> dict:
 
 
 def _many_gpus(args, rt) -> dict:
-    from dsmoe.bench.scale_timing import DispatchRecorder, replay_all_to_all
-    from dsmoe.distributed.expert_parallel import ExpertParallelExperts
+    """The N-GPU Trainer with the exact dispatch and, with --ep-capacity-factor, the sync-free one (switched on the
+    same model): {mode: loss check and measurements}, peak_gib."""
+    from dsmoe.distributed.expert_parallel import dropped_share, ep_layers
 
     local = args.baseline == "local"
     trainer = _trainer(args, rt, _model_overrides(args), distributed=True, sharded_init=local)
-    out = {}
-    if not local:
-        loss = _loss(trainer, _batch(trainer, CHECK_STEP, rt.rank, rt.world_size))
-        out["loss"] = rt.reduce(loss, "mean").item()
+    layers = ep_layers(trainer.model)
+    modes = {"exact": None}
+    if args.ep_capacity_factor is not None:
+        modes[f"sync-free (capacity factor {args.ep_capacity_factor:g})"] = args.ep_capacity_factor
+    out: dict = {"modes": {mode: {} for mode in modes}}
+    for phase in ("loss", "measure"):  # every loss check before the first training step
+        for mode, factor in modes.items():
+            for layer in layers:
+                layer.capacity_factor = factor
+            result = out["modes"][mode]
+            if phase == "measure":
+                result.update(_measure(trainer, args, rt))
+            elif not local:
+                loss = _loss(trainer, _batch(trainer, CHECK_STEP, rt.rank, rt.world_size))
+                result["loss"] = rt.reduce(loss, "mean").item()
+                result["loss_dropped"] = rt.reduce(dropped_share(layers), "mean").item() if layers else 0.0
+    out["peak_gib"] = rt.reduce(torch.tensor(_peak_gib(rt.device)), "max").item()
+    return out
+
+
+def _measure(trainer, args, rt) -> dict:
+    """Warm-up, timed steps with every dispatch all-to-all recorded and replayed bare, phases, profile split."""
+    from dsmoe.bench.scale_timing import DispatchRecorder, replay_all_to_all
+    from dsmoe.distributed.expert_parallel import ep_layers
+
     recorder = DispatchRecorder(rt.device)
-    recorder.attach(m for m in trainer.model.modules() if isinstance(m, ExpertParallelExperts))
+    recorder.attach(ep_layers(trainer.model))
     _run(trainer, args.warmup)
     recorder.enabled = True
     seconds = _run(trainer, args.steps)
     recorder.enabled = False
-    out["seconds"] = rt.reduce(torch.tensor(seconds), "max").item()
-    out["mfu"] = trainer.last_record.get("mfu")
+    out = {"seconds": rt.reduce(torch.tensor(seconds), "max").item(), "mfu": trainer.last_record.get("mfu"),
+           "dropped": trainer.last_record.get("ep_dropped")}
     calls = recorder.calls()
     if calls:
         sent = sum(c[3] for c in calls)
@@ -228,14 +254,12 @@ def _many_gpus(args, rt) -> dict:
     if split:
         shares = rt.reduce(torch.tensor([split["compute"], split["exposed_comm"], split["idle"]]), "mean")
         out["split"] = dict(zip(("compute", "exposed_comm", "idle"), shares.tolist()))
-    out["peak_gib"] = rt.reduce(torch.tensor(_peak_gib(rt.device)), "max").item()
     return out
 
 
 def _table(args, rt, config, one: dict, many: dict) -> tuple[str, bool]:
     tokens = args.batch * args.seq
     tps_one = tokens * args.steps / one["seconds"]
-    tps_many = tokens * args.steps / many["seconds"]
     ep = rt.mesh.dims.ep if rt.mesh else 1
     bf16 = args.param_dtype == "bf16" or args.dtype == "bf16" or (args.dtype == "auto" and rt.device.type == "cuda")
     precision = f"{args.param_dtype} weights" + (", bf16 compute" if bf16 else "")
@@ -244,31 +268,13 @@ def _table(args, rt, config, one: dict, many: dict) -> tuple[str, bool]:
             ("model", f"{described}, {config.num_hidden_layers} layers", ""),
             ("GPUs / EP / dp_shard", f"{rt.world_size} / {ep} / {rt.world_size // ep}", ""),
             ("per-GPU micro-batch", f"{args.batch} x {args.seq} = {tokens} tokens, {precision}", ""),
-            ("1 GPU tokens/s" + (" (E/N experts)" if args.baseline == "local" else ""), f"{tps_one:,.0f}", ""),
-            (f"{rt.world_size} GPUs tokens/s per GPU", f"{tps_many:,.0f}", ""),
-            ("weak scaling", f"{tps_many / tps_one:.3f}", ">= 0.85")]
-    if many.get("mfu") is not None:
-        rows.append(("MFU (vs measured dense): 1 GPU / per GPU", f"{one['mfu']:.1%} / {many['mfu']:.1%}", ""))
-    if "dispatch_gbps" in many:
-        rows += [("dispatch all-to-all GB/s per rank", f"{many['dispatch_gbps']:.3g}", ""),
-                 ("bare all_to_all_single, same bytes, GB/s", f"{many['replay_gbps']:.3g}", ""),
-                 ("dispatch / bare all-to-all", f"{many['dispatch_gbps'] / many['replay_gbps']:.3f}", ">= 0.9")]
-    if "split" in many:
-        s = many["split"]
-        rows += [("step time: exposed communication", f"{s['exposed_comm']:.1%}", ""),
-                 ("step time: compute / idle", f"{s['compute']:.1%} / {s['idle']:.1%}", "")]
+            ("1 GPU tokens/s" + (" (E/N experts)" if args.baseline == "local" else ""), f"{tps_one:,.0f}", "")]
     ok = True
-    if "loss" in one and "loss" in many:
-        tol = 2e-2 if bf16 else 1e-4
-        diff = abs(one["loss"] - many["loss"]) / max(1e-9, abs(one["loss"]))
-        ok = diff <= tol and math.isfinite(many["loss"])
-        rows.append(("loss, global batch: N GPUs vs 1 GPU",
-                     f"{many['loss']:.4f} vs {one['loss']:.4f} (rel {diff:.1e}) {'ok' if ok else 'MISMATCH'}",
-                     f"rel <= {tol:g}"))
-    for name in PHASES:
-        (h1, w1), (hn, wn) = one["phases"][name], many["phases"][name]
-        rows.append((f"{name} ms, host enqueue / wall: 1 GPU | {rt.world_size} GPUs",
-                     f"{h1:.1f} / {w1:.1f} | {hn:.1f} / {wn:.1f}", ""))
+    for mode, result in many["modes"].items():
+        prefix = "" if mode == "exact" else f"{mode}: "
+        mode_rows, mode_ok = _mode_rows(prefix, args, rt, one, result, tps_one, bf16)
+        rows += [(f"EP dispatch: {mode}", "", "")] + mode_rows
+        ok &= mode_ok
     rows.append(("peak memory GiB: 1 GPU / per GPU", f"{one['peak_gib']:.1f} / {many['peak_gib']:.1f}", ""))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, width)) + " |" for r in rows]
@@ -276,10 +282,46 @@ def _table(args, rt, config, one: dict, many: dict) -> tuple[str, bool]:
     return "\n".join(lines), ok
 
 
+def _mode_rows(prefix: str, args, rt, one: dict, many: dict, tps_one: float, bf16: bool) -> tuple[list, bool]:
+    """The rows of one dispatch mode of the N-GPU run (prefix: the mode's name, empty for the exact one)."""
+    tps_many = args.batch * args.seq * args.steps / many["seconds"]
+    rows = [(f"{prefix}{rt.world_size} GPUs tokens/s per GPU", f"{tps_many:,.0f}", ""),
+            (f"{prefix}weak scaling", f"{tps_many / tps_one:.3f}", ">= 0.85")]
+    if many.get("mfu") is not None:
+        rows.append((f"{prefix}MFU (vs measured dense): 1 GPU / per GPU", f"{one['mfu']:.1%} / {many['mfu']:.1%}", ""))
+    if prefix and many.get("dropped") is not None:
+        rows.append((f"{prefix}routing decisions dropped (last steps)", f"{many['dropped']:.2%}", ""))
+    if "dispatch_gbps" in many:
+        rows += [(f"{prefix}dispatch all-to-all GB/s per rank", f"{many['dispatch_gbps']:.3g}", ""),
+                 (f"{prefix}bare all_to_all_single, same bytes, GB/s", f"{many['replay_gbps']:.3g}", ""),
+                 (f"{prefix}dispatch / bare all-to-all", f"{many['dispatch_gbps'] / many['replay_gbps']:.3f}", ">= 0.9")]
+    if "split" in many:
+        s = many["split"]
+        rows += [(f"{prefix}step time: exposed communication", f"{s['exposed_comm']:.1%}", ""),
+                 (f"{prefix}step time: compute / idle", f"{s['compute']:.1%} / {s['idle']:.1%}", "")]
+    ok = True
+    if "loss" in one and "loss" in many:
+        tol = 2e-2 if bf16 else 1e-4
+        diff = abs(one["loss"] - many["loss"]) / max(1e-9, abs(one["loss"]))
+        check = f"{many['loss']:.4f} vs {one['loss']:.4f} (rel {diff:.1e})"
+        if many["loss_dropped"] > 0:  # dropped routing decisions change the loss: not comparable
+            check += f", {many['loss_dropped']:.2%} of routing decisions dropped: not compared"
+        else:
+            ok = diff <= tol and math.isfinite(many["loss"])
+            check += " ok" if ok else " MISMATCH"
+        rows.append((f"{prefix}loss, global batch: N GPUs vs 1 GPU", check, f"rel <= {tol:g}"))
+    for name in PHASES:
+        (h1, w1), (hn, wn) = one["phases"][name], many["phases"][name]
+        rows.append((f"{prefix}{name} ms, host enqueue / wall: 1 GPU | {rt.world_size} GPUs",
+                     f"{h1:.1f} / {w1:.1f} | {hn:.1f} / {wn:.1f}", ""))
+    return rows, ok
+
+
 def run(args: argparse.Namespace) -> int:
     from dsmoe.distributed.runtime import init_from_env
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    # the dispatch mode is switched on the model (exact first, then --ep-capacity-factor): not in the mesh
     rt = init_from_env(ep=world if args.ep == -1 else args.ep, dp_shard=args.dp_shard, timeout_s=args.dist_timeout)
     try:
         config = get_preset(args.preset).replace(**_model_overrides(args))
