@@ -3,7 +3,8 @@ running `Experts` over every rank's tokens, fp32: forward and every gradient (hi
 weights) for the exact dispatch and for the capacity-bounded one with a capacity that cannot overflow, under
 skewed routing (experts without tokens, ranks that receive nothing), T = 1 and a shared MLP; with a small capacity
 the dropped share equals an independent count and the output equals one process with the same decisions dropped;
-the bounded dispatch never reads a tensor on the host in forward or backward (the exact one does)."""
+the bounded dispatch never reads a tensor on the host in forward or backward (the exact one does); ranks whose
+micro-batches differ in length agree on buffers sized for the longest."""
 
 from __future__ import annotations
 
@@ -22,15 +23,16 @@ from dsmoe.model.moe import Experts
 
 E, K, D, F = 8, 3, 16, 8
 # name -> (tokens per rank, capacity factor (None: exact; "never": the EP degree, which cannot overflow), routing,
-# with a shared MLP)
+# with a shared MLP, ragged: rank r routes 3r tokens fewer and the capacity is sized for the longest)
 CASES = {
-    "exact": (12, None, "random", False),
-    "exact, skewed": (12, None, "skewed", False),
-    "bounded": (12, "never", "random", True),
-    "bounded, skewed": (12, "never", "skewed", False),
-    "bounded, one token": (1, "never", "random", False),
-    "bounded, small capacity": (24, 0.75, "random", True),
-    "bounded, small capacity, skewed": (12, 1.0, "skewed", False),
+    "exact": (12, None, "random", False, False),
+    "exact, skewed, ragged": (12, None, "skewed", False, True),
+    "bounded": (12, "never", "random", True, False),
+    "bounded, skewed": (12, "never", "skewed", False, False),
+    "bounded, one token": (1, "never", "random", False, False),
+    "bounded, small capacity": (24, 0.75, "random", True, False),
+    "bounded, small capacity, skewed": (12, 1.0, "skewed", False, False),
+    "bounded, small capacity, ragged": (24, 1.0, "random", False, True),
 }
 
 
@@ -54,13 +56,13 @@ def _inputs(rank: int, tokens: int, routing: str):
     return x, idx, torch.rand(idx.shape, generator=g), torch.randn(tokens, D, generator=g)
 
 
-def _keep_reference(idx: torch.Tensor, world: int, factor: float | None) -> torch.Tensor:
+def _keep_reference(idx: torch.Tensor, world: int, factor: float | None, budget: int) -> torch.Tensor:
     """[T, K] whether each decision survives: pairs to each rank first come, first served, while both the pair
     count and the row count stay within the capacity (a loop over tokens, independent of the dispatch code)."""
     if factor is None:
         return torch.ones(idx.shape, dtype=torch.bool)
     T, k = idx.shape
-    pairs, rows = capacities(T, k, world, E // world, factor, world)
+    pairs, rows = capacities(budget, k, world, E // world, factor, world)
     keep = torch.zeros(idx.shape, dtype=torch.bool)
     for rank in range(world):
         placed = used = 0
@@ -112,14 +114,16 @@ def _run(module, x, idx, w, g, shared, impl="grouped"):
 def _worker(rank: int, world: int) -> None:
     mesh = build_mesh(ParallelDims(world, ep=world), "cpu")
     L = E // world
-    for name, (tokens, factor, routing, with_shared) in CASES.items():
+    for name, (tokens, factor, routing, with_shared, ragged) in CASES.items():
         factor = world if factor == "never" else factor
         torch.manual_seed(0)
         experts = Experts(E, D, F)
         experts.reset_parameters(0.3)
         shared = MLP(D, F) if with_shared else None
-        ep = ExpertParallelExperts(experts, mesh.ep_mesh, factor, max_ranks_per_token=world)
-        ranks = [_inputs(r, tokens, routing) for r in range(world)]
+        ep = ExpertParallelExperts(experts, mesh.ep_mesh, factor, max_ranks_per_token=world,
+                                   capacity_tokens=tokens if ragged else None)
+        lengths = [tokens - 3 * r if ragged else tokens for r in range(world)]
+        ranks = [_inputs(r, n, routing) for r, n in enumerate(lengths)]
         x, idx, w, g = ranks[rank]
         if factor is None:
             y, dx, dw = _run(ep, x, idx, w, g, shared)
@@ -128,10 +132,10 @@ def _worker(rank: int, world: int) -> None:
                 y, dx, dw = _run(ep, x, idx, w, g, shared)
 
         # one process: every rank's tokens, the dropped decisions' weights zeroed
-        keep = torch.cat([_keep_reference(r[1], world, factor) for r in ranks])
+        keep = torch.cat([_keep_reference(r[1], world, factor, tokens) for r in ranks])
         cat = [torch.cat(parts) for parts in zip(*ranks)]
         reference = _run(lambda x, idx, w, *rest: experts(x, idx, w * keep, *rest), *cat, shared)
-        rows = slice(rank * tokens, (rank + 1) * tokens)
+        rows = slice(sum(lengths[:rank]), sum(lengths[:rank + 1]))
         for got, want, what in zip((y, dx, dw), reference, ("output", "d hidden", "d gate weights")):
             torch.testing.assert_close(got, want[rows], atol=1e-5, rtol=1e-5, msg=f"{name}: {what}")
         for pname in ("gate_up_proj", "down_proj"):

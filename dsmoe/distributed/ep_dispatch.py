@@ -8,7 +8,8 @@ One host read per forward; never drops.
 
 capacity_plan: fixed splits, no host read: to each rank at most C_pairs token rows carrying at most C_rows expert
 rows, both F times the balanced share (T * M / R pairs and T * K / R rows, M = the most ranks one token reaches),
-capped at T and T * min(K, L), the bounds that never drop. Every shape follows from T, so the step can be captured
+capped at T and T * min(K, L), the bounds that never drop (T: the most tokens a rank routes per forward, the same
+number on every rank so that the buffers agree). Every shape follows from T, so the step can be captured
 in a CUDA graph. Pairs beyond either capacity are dropped first come, first served (in token order, as GShard and
 Switch drop): the token loses that rank's experts and keeps its other ranks', its shared experts and the residual.
 The receiving rank computes R * C_rows expert rows, the unfilled ones with weight 0: the capacity is paid in padded
@@ -104,11 +105,12 @@ class CapacityPlan:
 
 
 def capacity_plan(rows_RT: torch.Tensor, top_k: int, local_experts: int, factor: float,
-                  max_ranks_per_token: int) -> CapacityPlan:
-    """The pairs each rank keeps are a prefix in token order (both running counts only grow), so a kept pair's
-    place among the pairs to its rank is its place among the kept ones."""
+                  max_ranks_per_token: int, budget_tokens: int) -> CapacityPlan:
+    """budget_tokens (>= T): the token count the capacities are sized for. The pairs each rank keeps are a prefix
+    in token order (both running counts only grow), so a kept pair's place among the pairs to its rank is its
+    place among the kept ones."""
     R, T = rows_RT.shape
-    pairs, rows = capacities(T, top_k, R, local_experts, factor, max_ranks_per_token)
+    pairs, rows = capacities(budget_tokens, top_k, R, local_experts, factor, max_ranks_per_token)
     reach_RT = rows_RT > 0
     place_RT = reach_RT.cumsum(1)  # 1-based place among the pairs to that rank
     keep_RT = reach_RT & (place_RT <= pairs) & (rows_RT.cumsum(1) <= rows)

@@ -51,10 +51,12 @@ class ExpertParallelExperts(nn.Module):
     capacity_factor None: the exact dispatch (variable splits, one host read per forward, never drops).
     A number F: in training, the capacity-bounded dispatch (fixed splits, no host read; drops what overflows F
     times the balanced share, see ep_dispatch); evaluation stays exact. max_ranks_per_token: the most EP ranks
-    one token can reach (the balanced share of token rows is T x that / ep)."""
+    one token can reach (the balanced share of token rows is T x that / ep). capacity_tokens: the most tokens
+    one forward routes on any rank; the bounded buffers are sized from it, so that they agree on every rank
+    when the ranks' micro-batches differ in length (None: from this forward's T, the same on every rank)."""
 
     def __init__(self, experts: Experts, ep_mesh: DeviceMesh, capacity_factor: float | None = None,
-                 max_ranks_per_token: int | None = None):
+                 max_ranks_per_token: int | None = None, capacity_tokens: int | None = None):
         super().__init__()
         self.ep_mesh = ep_mesh
         self.num_experts = experts.gate_up_proj.shape[0]
@@ -62,6 +64,7 @@ class ExpertParallelExperts(nn.Module):
         self.local_experts = self.num_experts // self.ep
         self.capacity_factor = capacity_factor
         self.max_ranks_per_token = max_ranks_per_token or self.ep
+        self.capacity_tokens = capacity_tokens
         # Every rank keeps its own slice of the weights it already holds (ranks built from one seed hold the
         # same full weights; a meta model has meta slices): no communication. The slice is copied so the
         # full tensor can be freed.
@@ -119,7 +122,11 @@ class ExpertParallelExperts(nn.Module):
         rows_TR.scatter_add_(1, dest_TK, torch.ones_like(dest_TK))
         self.last_ranks_per_token = (rows_TR > 0).sum(1).detach()
         if self.bounded:
-            plan = capacity_plan(rows_TR.t(), K, L, self.capacity_factor, self.max_ranks_per_token)
+            budget = self.capacity_tokens or T
+            if T > budget:
+                raise ValueError(f"a micro-batch of {T} tokens is more than the {budget} the expert-parallel "
+                                 "capacity was sized for")
+            plan = capacity_plan(rows_TR.t(), K, L, self.capacity_factor, self.max_ranks_per_token, budget)
             self.dropped_share.copy_(plan.dropped_share)
         else:
             plan = ExactPlan(rows_TR.t(), group)
@@ -175,10 +182,11 @@ class ExpertParallelExperts(nn.Module):
         return y_pair.to(x_recv.dtype)
 
 
-def apply_ep(model: nn.Module, ep_mesh: DeviceMesh, capacity_factor: float | None = None) -> None:
+def apply_ep(model: nn.Module, ep_mesh: DeviceMesh, capacity_factor: float | None = None,
+             capacity_tokens: int | None = None) -> None:
     """Give every MoE layer expert-parallel experts over `ep_mesh`, and tell the layer its real
-    expert-to-device layout (the device-level and communication balance losses use it). capacity_factor:
-    see ExpertParallelExperts (None: the exact dispatch)."""
+    expert-to-device layout (the device-level and communication balance losses use it). capacity_factor,
+    capacity_tokens: see ExpertParallelExperts (None: the exact dispatch)."""
     ep = ep_mesh.size()
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     for moe in moes:
@@ -186,7 +194,8 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh, capacity_factor: float | Non
         if E % ep:
             raise ValueError(f"ep={ep} does not divide the {E} routed experts")
         moe.experts_per_device = E // ep
-        moe.experts = ExpertParallelExperts(moe.experts, ep_mesh, capacity_factor, moe.max_devices_per_token())
+        moe.experts = ExpertParallelExperts(moe.experts, ep_mesh, capacity_factor, moe.max_devices_per_token(),
+                                            capacity_tokens)
     if moes and (not dist.is_initialized() or dist.get_rank() == 0):
         c = moes[0].config
         limited = c.topk_method != "greedy" and c.n_group > 1

@@ -85,9 +85,10 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, param_dtype: torch.dtype | 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh | None, *, ac: bool = False, compile: bool = False,
                 param_dtype: torch.dtype | None = None, compile_backend: str = "inductor",
-                compile_scope: str = "blocks") -> nn.Module:
-    """Apply everything, in the fixed order. mesh None (or one rank): only AC and compile. Returns the
-    model, changed in place."""
+                compile_scope: str = "blocks", ep_tokens: int | None = None) -> nn.Module:
+    """Apply everything, in the fixed order. mesh None (or one rank): only AC and compile. ep_tokens: the most
+    tokens one forward routes on a rank (sizes the buffers of the capacity-bounded dispatch, when the mesh asks
+    for it). Returns the model, changed in place."""
     distributed = mesh is not None and mesh.dims.world_size > 1
     if compile and distributed and compile_scope != "blocks":
         raise UserError(f"--compile-scope {compile_scope} is for one process; under torchrun each block is "
@@ -95,7 +96,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh | None, *, ac: bool = False
     if distributed:
         mesh.dims.check_experts(model.config.n_routed_experts)
         if mesh.dims.ep > 1:
-            apply_ep(model, mesh.ep_mesh, mesh.dims.ep_capacity_factor)
+            apply_ep(model, mesh.ep_mesh, mesh.dims.ep_capacity_factor, ep_tokens)
     if ac:
         apply_ac(model)
     if compile:

@@ -50,7 +50,7 @@ def prepare_and_parallelize(model: Transformer, cfg: TrainConfig, reducer, grad_
         add_dropout(model, cfg.dropout)
     mesh = reducer.mesh if reducer.world_size > 1 else None
     return parallelize(model, mesh, ac=cfg.activation_checkpointing, compile=cfg.compile,
-                       compile_scope=cfg.compile_scope)
+                       compile_scope=cfg.compile_scope, ep_tokens=cfg.micro_batch * cfg.seq_len)
 
 
 def seed_per_rank(seed: int, reducer) -> None:
