@@ -59,7 +59,8 @@ class ExpertParallelExperts(nn.Module):
                  max_ranks_per_token: int | None = None, capacity_tokens: int | None = None):
         super().__init__()
         self.ep_mesh = ep_mesh
-        self.num_experts = experts.gate_up_proj.shape[0]
+        full = experts.gate_up_proj  # (computed once if parametrized: read before the weights become DTensors)
+        self.num_experts = full.shape[0]
         self.ep = ep_mesh.size()
         self.local_experts = self.num_experts // self.ep
         self.capacity_factor = capacity_factor
@@ -82,7 +83,7 @@ class ExpertParallelExperts(nn.Module):
                 parametrize.register_parametrization(self, name, adapter, unsafe=True)
         # The share of this rank's routing decisions (token, expert) that the last capacity-bounded forward
         # dropped, on the device (the trainer logs it as ep_dropped, see dropped_share).
-        self.register_buffer("dropped_share", torch.zeros((), device=experts.gate_up_proj.device), persistent=False)
+        self.register_buffer("dropped_share", torch.zeros((), device=full.device), persistent=False)
         # Optional timing hook (the scale benchmark): a callable (nbytes) -> context manager, entered around
         # the dispatch all-to-all of the hidden states.
         self.dispatch_timer = None
