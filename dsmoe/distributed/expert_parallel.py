@@ -138,11 +138,11 @@ class ExpertParallelExperts(nn.Module):
         pair_S, filled_S = slot_sources(plan.slot_RT.flatten(), sum(send))  # rank-major: r * T + t
         pair_rank_S, pair_token_S = pair_S // T, pair_S % T
         on_rank_SK = (dest_TK[pair_token_S] == pair_rank_S[:, None]) & filled_S[:, None]
-        weight_SK = torch.where(on_rank_SK, topk_weight_TK[pair_token_S].float(), 0.0)
+        weight_SK = torch.where(on_rank_SK, topk_weight_TK.index_select(0, pair_token_S).float(), 0.0)
         local_idx_SK = torch.where(on_rank_SK, topk_idx_TK[pair_token_S] % L, -1).float()  # -1: not here
 
         # 2. dispatch (weights travel with their ids in one fp32 tensor; ids < 2^24 are exact)
-        x_send = x_TD[pair_token_S]
+        x_send = x_TD.index_select(0, pair_token_S)  # (backward: index_add, no host sync)
         timer = self.dispatch_timer(x_send.numel() * x_send.element_size()) if self.dispatch_timer else nullcontext()
         with timer:
             x_recv = all_to_all(x_send, recv, send, group)
@@ -167,8 +167,8 @@ class ExpertParallelExperts(nn.Module):
         here = idx_flat >= 0
         row_N, filled_N = slot_sources(torch.where(here, here.cumsum(0) - 1, -1), n_rows)
         pair_N = row_N // K
-        x_rows = x_recv[pair_N]
-        w_rows = torch.where(filled_N, weight_flat[row_N], 0.0)
+        x_rows = x_recv.index_select(0, pair_N)
+        w_rows = torch.where(filled_N, weight_flat.index_select(0, row_N), 0.0)
         gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)
         if n_rows == 0:
             # Nothing for this rank's experts. The output still depends on everything received and on the
