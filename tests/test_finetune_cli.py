@@ -57,7 +57,7 @@ def test_classify_lora_writes_a_peft_adapter_and_merge_writes_a_classifier(base,
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
 
 
-def test_sft_resume_is_exact_and_the_router_bias_moves_unless_frozen(base, chats, tmp_path):
+def test_sft_resume_is_exact_and_the_router_bias_moves_unless_frozen(base, chats, tmp_path, capsys):
     args = ["finetune", str(base), "--task", "sft", "--data", str(chats), "--steps", "4", "--checkpoint-interval",
             "2", "--bias-update-gamma", "0.01", *FAST]
     lora = ["--lora-rank", "2", "--merge"]  # the checkpoint holds factors, router and biases; the rest is BASE's
@@ -81,6 +81,13 @@ def test_sft_resume_is_exact_and_the_router_bias_moves_unless_frozen(base, chats
         assert torch.equal(frozen[key], start[key]), key
     lines = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("maxvio") for r in lines)
+
+    options = tmp_path / "split" / "finetune_config.json"  # as an older dsmoe wrote it: no checkpoint_format
+    older = {k: v for k, v in json.loads(options.read_text()).items() if k != "checkpoint_format"}
+    options.write_text(json.dumps(older))
+    capsys.readouterr()
+    assert main(["finetune", "--resume", str(tmp_path / "split"), "--no-progress"]) != 0
+    assert "written by an older dsmoe" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["malformed", "no_assistant", "bad_label", "bad_base"])

@@ -144,7 +144,8 @@ def test_packed_steps_are_pure_functions_of_the_step_that_visit_each_example_onc
     for step in range(steps):
         seen += step_rows(source, step)
     later = step_rows(fresh(), steps - 1)  # a resumed run starts at its step, with no history
-    assert all(torch.equal(x[0], y[0]) for x, y in zip(later, step_rows(source, steps - 1)))
+    again = step_rows(source, steps - 1)
+    assert len(later) == len(again) == 4 * dp_size and all(torch.equal(x[0], y[0]) for x, y in zip(later, again))
     first_epoch = seen[:source.rows_per_epoch[0]]
     packed_sizes = [int((seg == j).sum()) for _, seg in first_epoch for j in range(int(seg.max()) + 1)]
     assert sorted(packed_sizes) == sorted(len(e.ids) - 1 for e in examples)

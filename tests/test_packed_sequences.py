@@ -44,7 +44,7 @@ def test_each_packed_example_computes_what_it_computes_alone(attention):
     model = build_model(config(attention), dtype=torch.float32).train()
     batch = ftdata.packed_batch([examples()], pad_id=0, width=64)
     logits = model(batch.input_ids, batch.positions, token_mask=batch.token_mask, segment_ids=batch.segment_ids)
-    packed_counts = model.routing_stats()[0]  # main layers and the MTP module's
+    packed_counts = model.routing_stats()[0]
     counts, at = 0, 0
     for e in examples():
         ids, _ = alone(e)

@@ -45,7 +45,11 @@ def cuda_profile():
 
 def kernel_table(prof, steps: int, top: int = 14, indent: str = "    ") -> str:
     """The `top` kernels by GPU time and the time per kind, both per step, with each one's share."""
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    from torch.autograd import DeviceType
+
+    # kernel rows only: with CPU activity recorded, the operator that launched a kernel also carries its time
+    events = [e for e in prof.key_averages()
+              if e.self_device_time_total > 0 and getattr(e, "device_type", None) != DeviceType.CPU]
     total = sum(e.self_device_time_total for e in events) or 1.0
     events.sort(key=lambda e: -e.self_device_time_total)
     kinds: dict[str, list[float]] = {}

@@ -71,8 +71,12 @@ def run(args: argparse.Namespace) -> int:
 
     formats = [None, *[f for f in args.formats.split(",") if f]]
     bad = [f for f in formats[1:] if f not in ("fp8", "int8")]
-    if bad:
-        raise UserError(f"--formats {bad[0]}: choose from fp8, int8")
+    if bad or len(set(formats)) < len(formats):
+        raise UserError(f"--formats {args.formats}: give fp8 and/or int8, each once")
+    small = [flag for flag in ("num_prompts", "prompt_len", "new_tokens", "seq_len", "batch_size")
+             if getattr(args, flag) < 1]
+    if small:
+        raise UserError(f"--{small[0].replace('_', '-')} must be at least 1")
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # activations, as generate/eval use
     tokenizer = load_tokenizer(args.path)

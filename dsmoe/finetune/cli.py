@@ -19,7 +19,6 @@ from pathlib import Path
 
 from dsmoe.distributed import flags as parallel_flags
 from dsmoe.errors import UserError
-from dsmoe.json_files import read_json
 from dsmoe.train.cli import _add_field, explicit_config_values, start_runtime
 from dsmoe.train.config import TrainConfig
 
@@ -66,12 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve(args: argparse.Namespace):
-    from dsmoe.finetune.trainer import FinetuneConfig
+    from dsmoe.finetune.trainer import FinetuneConfig, saved_options
 
     given = {k: v for k, v in explicit_config_values(args).items() if k not in _NOT_FOR_FINETUNE}
     if args.resume:
         out = Path(args.resume)
-        ft_values = read_json(out / "finetune_config.json", "pass the --out folder of a fine-tune to --resume")
+        ft_values = saved_options(out, "pass the --out folder of a fine-tune to --resume")
         return TrainConfig.from_dict({**TrainConfig.load(out).to_dict(), **given}), FinetuneConfig(**ft_values), \
             out, True
     if not args.base or not args.task or not args.data:

@@ -12,7 +12,7 @@ Batches. sft: packed. Each epoch's examples (a fresh permutation) are packed, fi
 within chunks of that order, into rows of --seq-len positions, as pretraining fills its rows; positions restart at
 0 in every example and attention stays inside it (`segment_ids` -> attention.document_mask), so each example's
 logits are those of a forward of that example alone, with no compute spent on padding (a micro-batch of short
-padded examples kept a GPU waiting on the host). classify: padded, one example per row (the head reads each
+padded examples likely kept a GPU waiting on the host). classify: padded, one example per row (the head reads each
 row's last real token), right-padded to the longest of its micro-batch rounded up to a multiple of 64 (see
 padded_width), after sorting each step's examples by length. The order is a pure function of (seed, step):
 resume is exact.

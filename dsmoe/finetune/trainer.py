@@ -31,7 +31,19 @@ from dsmoe.train.model_setup import prepare_and_parallelize, seed_per_rank
 from dsmoe.train.trainer import Trainer
 
 TASKS = ("sft", "classify", "lm")
+# 2: packed SFT rows and expert-major LoRA factors; a checkpoint of another format does not resume
+CHECKPOINT_FORMAT = 2
 FREEZABLE = ("router", "experts", "embeddings")
+
+
+def saved_options(out: Path, fix: str) -> dict:
+    """The FinetuneConfig fields a fine-tune in `out` started with; a folder of another checkpoint format cannot
+    resume (one clear error)."""
+    options = read_json(Path(out) / "finetune_config.json", fix)
+    if options.pop("checkpoint_format", 1) != CHECKPOINT_FORMAT:
+        raise UserError(f"{out} was written by an older dsmoe (padded SFT batches, LoRA expert factors laid out "
+                        "otherwise), so its checkpoints cannot resume; start a new run with --out NEW_FOLDER")
+    return options
 
 
 @dataclass
@@ -67,7 +79,7 @@ class FinetuneTrainer(Trainer):
         """reducer: None in one process, the dsmoe.distributed Runtime under torchrun (as for Trainer)."""
         self.cfg, self.ft, self.lora, out = cfg, ft, ft.lora(), Path(out)
         saved = out / "finetune_config.json"
-        if resume and saved.is_file() and read_json(saved, "restore it or start a new run") != dataclasses.asdict(ft):
+        if resume and saved.is_file() and saved_options(out, "restore it or start a new run") != dataclasses.asdict(ft):
             raise UserError(f"{out} was fine-tuned with other finetune options ({saved}); resume with the same "
                             "ones, or start a new run with --out NEW_FOLDER")
         base = Path(ft.base)
@@ -92,7 +104,8 @@ class FinetuneTrainer(Trainer):
         if self.main:
             copy_tokenizer_files(base, out)
             if not resume:
-                atomic_write_text(saved, json.dumps(dataclasses.asdict(ft), indent=2) + "\n")
+                options = {**dataclasses.asdict(ft), "checkpoint_format": CHECKPOINT_FORMAT}
+                atomic_write_text(saved, json.dumps(options, indent=2) + "\n")
 
     # ---- data
     def _read_data(self) -> TrainingData:
@@ -190,8 +203,8 @@ class FinetuneTrainer(Trainer):
             with self._autocast():
                 if classify:
                     logits = self.model.classify(batch.ids, batch.lengths).float()
-                else:
-                    logits = self.model(batch.input_ids, batch.positions, segment_ids=batch.segment_ids).float()
+                else:  # the training loss's chunked head: no (B, S, V) logits
+                    mean, _ = next_token_loss(self.model, batch, main_only=True)
             if not counted:
                 continue
             if classify:
@@ -199,9 +212,9 @@ class FinetuneTrainer(Trainer):
                 count += len(batch.labels)
                 predicted[order] = logits.argmax(-1) + 1
             else:
-                loss_sum += F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(),
-                                            ignore_index=ftdata.IGNORE, reduction="sum")
-                count += (batch.labels != ftdata.IGNORE).sum()
+                labelled = (batch.labels != ftdata.IGNORE).sum()
+                loss_sum += mean.double() * labelled
+                count += labelled
         self.model.train()
         loss_sum, count = self.reducer.sum(loss_sum).item(), int(self.reducer.sum(count))
         result = {"step": self.step, "val_loss": loss_sum / max(count, 1)}

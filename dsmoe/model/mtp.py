@@ -60,6 +60,13 @@ def shifted_inputs(input_ids: torch.Tensor, k: int) -> torch.Tensor:
     return F.pad(input_ids[:, k:], (0, k), value=0)
 
 
+def same_segment_ahead(segment_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, S) bool: position t and position t+k belong to the same packed example (False past the end)."""
+    same = torch.zeros_like(segment_ids, dtype=torch.bool)
+    same[:, :-k] = segment_ids[:, k:] == segment_ids[:, :-k]
+    return same
+
+
 def mtp_loss(mtp_logits: list[torch.Tensor], targets: torch.Tensor, ignore_index: int = -100,
              segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(1/D) sum_k CE(depth k) (spec eq 25 without lambda). targets (B, S) are the main model's (token t+1 at
@@ -74,7 +81,7 @@ def mtp_loss(mtp_logits: list[torch.Tensor], targets: torch.Tensor, ignore_index
     for k, logits in enumerate(mtp_logits, 1):
         ahead = targets[:, k:]
         if segment_ids is not None:
-            ahead = ahead.masked_fill(segment_ids[:, k:] != segment_ids[:, : S - k], ignore_index)
+            ahead = ahead.masked_fill(~same_segment_ahead(segment_ids, k)[:, : S - k], ignore_index)
         losses.append(F.cross_entropy(logits[:, : S - k].flatten(0, 1).float(), ahead.flatten(),
                                       ignore_index=ignore_index))
     return torch.stack(losses).mean()

@@ -81,13 +81,13 @@ class Transformer(nn.Module):
                    attn_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The MTP modules over a whole sequence (training): h (B, S, D) the main model's final-normed
         hidden states -> one (B, S, V) logits tensor per depth."""
-        from dsmoe.model.mtp import shifted_inputs
+        from dsmoe.model.mtp import same_segment_ahead, shifted_inputs
 
         out = []
         for k, module in enumerate(self.mtp, 1):
             real = None if token_mask is None else shifted_inputs(token_mask, k)  # False past the end
             if segment_ids is not None:  # and where the token k ahead belongs to the next packed example
-                same = shifted_inputs(segment_ids, k) == segment_ids
+                same = same_segment_ahead(segment_ids, k)
                 real = same if real is None else real & same
             h = module(h, self.embed_tokens(shifted_inputs(input_ids, k)), cos, sin, token_mask=real,
                        attn_mask=attn_mask)

@@ -137,8 +137,10 @@ def start_runtime(args: argparse.Namespace, device: str, command: str, sharded_i
     under_torchrun = "WORLD_SIZE" in os.environ
     if not under_torchrun and (args.ep != 1 or args.dp_shard not in (-1, 1) or sharded_init
                                or args.ep_capacity_factor is not None):
-        raise UserError(f"--ep, --ep-capacity-factor, --dp-shard{' and --sharded-init' if command == 'train' else ''} "
-                        f"need several processes: launch with torchrun --nproc-per-node N -m dsmoe {command} ...")
+        flags = "--ep, --ep-capacity-factor, --dp-shard and --sharded-init" if command == "train" else \
+            "--ep, --ep-capacity-factor and --dp-shard"
+        raise UserError(f"{flags} need several processes: launch with torchrun --nproc-per-node N -m dsmoe "
+                        f"{command} ...")
     if not under_torchrun:
         return None
     from dsmoe.devices import resolve_device  # torch loads only once the flags are valid

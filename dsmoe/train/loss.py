@@ -54,12 +54,14 @@ LossFn = Callable[[torch.nn.Module, object], "tuple[torch.Tensor, dict[str, torc
 
 
 def next_token_loss(model: torch.nn.Module, batch: Batch, mtp_weight: float = 0.0,
-                    chunk_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    chunk_tokens: int | None = None, main_only: bool = False
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean next-token cross-entropy of the labelled positions; the logits are never materialised whole: the
     output projection and the loss run chunk by chunk (cross_entropy.py). A model with MTP modules adds
-    mtp_weight x their mean cross-entropy (DeepSeek-V3's lambda; model/mtp.py), from their full logits."""
+    mtp_weight x their mean cross-entropy (DeepSeek-V3's lambda; model/mtp.py), from their full logits, unless
+    main_only (evaluation: the main model's loss alone)."""
     inputs = dict(positions=batch.positions, token_mask=batch.token_mask, segment_ids=batch.segment_ids)
-    if not model.config.num_nextn_predict_layers:
+    if main_only or not model.config.num_nextn_predict_layers:
         hidden = model(batch.input_ids, return_hidden=True, **inputs)
         # read after the forward: under FSDP the root's forward has gathered the whole head (kept until backward)
         head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
