@@ -66,6 +66,32 @@ def test_counts_equal_routing_stats_and_the_tables_agree(tiny):
     assert totals.domain_loss[0] == evaluate_loss(model, windows[0], batch_size=4, device=CPU)[0]
 
 
+@torch.no_grad()
+def test_routed_and_shared_output_norms_against_a_direct_computation(tiny):
+    """The experts module adds the shared experts' output to the routed one: the collector must split them."""
+    model, tok, files, _ = tiny
+    windows = domain_windows(files, tok, "text", 32, 256)
+    totals = collect_routing(model, windows, batch_size=4, device=CPU)
+    moes = model.moe_layers()
+    routed, shared, inputs = np.zeros(len(moes)), np.zeros(len(moes)), {}
+    hooks = [moe.register_forward_pre_hook(lambda m, args, l=l: inputs.__setitem__(l, args[0]))
+             for l, moe in enumerate(moes)]
+    try:
+        for ws in windows:
+            for start in range(0, len(ws), 4):
+                model(torch.from_numpy(np.stack(ws[start:start + 4])[:, :-1]))
+                for l, moe in enumerate(moes):
+                    x = inputs[l].reshape(-1, inputs[l].shape[-1])
+                    r = moe.gate(x, "reference")
+                    routed[l] += moe.experts(x, r.topk_idx_TK, r.topk_weight_TK, "reference").norm(dim=-1).sum()
+                    shared[l] += moe.shared_experts(x).norm(dim=-1).sum()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    np.testing.assert_allclose(totals.routed_norm_L, routed, rtol=1e-5)
+    np.testing.assert_allclose(totals.shared_norm_L, shared, rtol=1e-5)
+
+
 def test_information_measures_against_hand_computations():
     assert mutual_information_bits(np.array([[5, 0], [0, 5]])) == pytest.approx(1.0)  # expert = domain
     assert mutual_information_bits(np.array([[3, 6], [1, 2]])) == pytest.approx(0.0, abs=1e-12)  # independent

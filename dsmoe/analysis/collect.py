@@ -63,16 +63,16 @@ class RoutingCollector:
         self.tokens = 0
         self.domain = 0
         self._ids_T: torch.Tensor | None = None
+        self._shared_out: dict[int, torch.Tensor] = {}
         self._handles: list = []
 
     def __enter__(self) -> RoutingCollector:
         self._handles.append(self.model.register_forward_pre_hook(self._on_input))
         for layer, moe in enumerate(self.moes):
             self._handles.append(moe.gate.register_forward_hook(partial(self._on_routing, layer)))
-            self._handles.append(moe.experts.register_forward_hook(partial(self._on_norm, self.routed_norm_L, layer)))
+            self._handles.append(moe.experts.register_forward_hook(partial(self._on_routed, layer)))
             if moe.shared_experts is not None:
-                self._handles.append(moe.shared_experts.register_forward_hook(
-                    partial(self._on_norm, self.shared_norm_L, layer)))
+                self._handles.append(moe.shared_experts.register_forward_hook(partial(self._on_shared, layer)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -104,9 +104,20 @@ class RoutingCollector:
         k_T = used_TK.sum(dim=1).long()
         self.experts_per_token_LK[layer].scatter_add_(0, k_T, torch.ones_like(k_T))
 
+    @staticmethod
+    def _norm_sum(y: torch.Tensor) -> torch.Tensor:
+        return y.float().reshape(-1, y.shape[-1]).norm(dim=-1).sum().double()
+
     @torch.no_grad()
-    def _on_norm(self, total_L: torch.Tensor, layer: int, module, args, output) -> None:
-        total_L[layer] += output.float().reshape(-1, output.shape[-1]).norm(dim=-1).sum().double()
+    def _on_shared(self, layer: int, module, args, output) -> None:
+        self.shared_norm_L[layer] += self._norm_sum(output)
+        self._shared_out[layer] = output
+
+    @torch.no_grad()
+    def _on_routed(self, layer: int, module, args, output) -> None:
+        # the experts module adds the shared experts' output (run inside its forward, so seen just before)
+        shared = self._shared_out.pop(layer, None)
+        self.routed_norm_L[layer] += self._norm_sum(output if shared is None else output - shared)
 
 
 def collect_routing(model: Transformer, windows_by_domain: list[list[np.ndarray]], *, batch_size: int,
