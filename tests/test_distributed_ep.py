@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed_common import (CFG, full, gather_rows, lm_loss, make_model, micro_batch, reference_step,
-                                skew_routing)
+from distributed_common import (CFG, MICRO_BATCH, SEQ, full, gather_rows, lm_loss, make_model, micro_batch,
+                                reference_step, skew_routing)
 from dsmoe.distributed.mesh import ParallelDims, build_mesh
 from dsmoe.distributed.parallelize import parallelize
 from dsmoe.distributed.testing import run_distributed
@@ -32,7 +32,7 @@ def _ep_worker(rank: int, world: int, out_file: str) -> None:
         if skewed:
             skew_routing(model)
         dims = ParallelDims(world, ep=world, ep_capacity_factor=world if bounded else None)
-        parallelize(model, dataclasses.replace(mesh, dims=dims))
+        parallelize(model, dataclasses.replace(mesh, dims=dims), ep_tokens=MICRO_BATCH * SEQ)
         assert all(m.experts.bounded == bounded for m in model.moe_layers())
         loss, logits = lm_loss(model, micro_batch(0, rank))
         loss.backward()

@@ -12,7 +12,6 @@ import contextlib
 
 import pytest
 import torch
-from torch import nn
 
 from dsmoe.distributed.ep_dispatch import capacities
 from dsmoe.distributed.expert_parallel import ExpertParallelExperts
@@ -23,16 +22,19 @@ from dsmoe.model.moe import Experts
 
 E, K, D, F = 8, 3, 16, 8
 # name -> (tokens per rank, capacity factor (None: exact; "never": the EP degree, which cannot overflow), routing,
-# with a shared MLP, ragged: rank r routes 3r tokens fewer and the capacity is sized for the longest)
+# with a shared MLP, ragged: rank r routes 3r tokens fewer and the capacity is sized for the longest, padded: the
+# first half of the tokens are padding (their decisions do not count, so they must neither travel nor take capacity))
 CASES = {
-    "exact": (12, None, "random", False, False),
-    "exact, skewed, ragged": (12, None, "skewed", False, True),
-    "bounded": (12, "never", "random", True, False),
-    "bounded, skewed": (12, "never", "skewed", False, False),
-    "bounded, one token": (1, "never", "random", False, False),
-    "bounded, small capacity": (24, 0.75, "random", True, False),
-    "bounded, small capacity, skewed": (12, 1.0, "skewed", False, False),
-    "bounded, small capacity, ragged": (24, 1.0, "random", False, True),
+    "exact": (12, None, "random", False, False, False),
+    "exact, skewed, ragged": (12, None, "skewed", False, True, False),
+    "exact, padded": (12, None, "random", True, False, True),
+    "bounded": (12, "never", "random", True, False, False),
+    "bounded, skewed": (12, "never", "skewed", False, False, False),
+    "bounded, one token": (1, "never", "random", False, False, False),
+    "bounded, small capacity": (24, 0.75, "random", True, False, False),
+    "bounded, small capacity, skewed": (12, 1.0, "skewed", False, False, False),
+    "bounded, small capacity, ragged": (24, 1.0, "random", False, True, False),
+    "bounded, balanced capacity, padded": (24, 1.0, "random", False, False, True),
 }
 
 
@@ -56,18 +58,20 @@ def _inputs(rank: int, tokens: int, routing: str):
     return x, idx, torch.rand(idx.shape, generator=g), torch.randn(tokens, D, generator=g)
 
 
-def _keep_reference(idx: torch.Tensor, world: int, factor: float | None, budget: int) -> torch.Tensor:
-    """[T, K] whether each decision survives: pairs to each rank first come, first served, while both the pair
-    count and the row count stay within the capacity (a loop over tokens, independent of the dispatch code)."""
+def _keep_reference(idx: torch.Tensor, active: torch.Tensor, world: int, factor: float | None,
+                    budget: int) -> torch.Tensor:
+    """[T, K] whether each decision survives: the active ones, pairs to each rank first come, first served, while
+    both the pair count and the row count stay within the capacity (a loop over tokens, independent of the
+    dispatch code)."""
     if factor is None:
-        return torch.ones(idx.shape, dtype=torch.bool)
+        return active.clone()
     T, k = idx.shape
     pairs, rows = capacities(budget, k, world, E // world, factor, world)
     keep = torch.zeros(idx.shape, dtype=torch.bool)
     for rank in range(world):
         placed = used = 0
         for t in range(T):
-            mine = (idx[t] // (E // world)) == rank
+            mine = ((idx[t] // (E // world)) == rank) & active[t]
             if not mine.any():
                 continue
             placed, used = placed + 1, used + int(mine.sum())
@@ -104,9 +108,9 @@ def _patched(owner, name, value):
             setattr(owner, name, old)
 
 
-def _run(module, x, idx, w, g, shared, impl="grouped"):
+def _run(module, x, idx, w, g, shared, active=None, impl="grouped"):
     x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y = module(x, idx, w, impl, shared)
+    y = module(x, idx, w, impl, shared, active)
     (y * g).sum().backward()
     return y.detach(), x.grad, w.grad
 
@@ -114,7 +118,7 @@ def _run(module, x, idx, w, g, shared, impl="grouped"):
 def _worker(rank: int, world: int) -> None:
     mesh = build_mesh(ParallelDims(world, ep=world), "cpu")
     L = E // world
-    for name, (tokens, factor, routing, with_shared, ragged) in CASES.items():
+    for name, (tokens, factor, routing, with_shared, ragged, padded) in CASES.items():
         factor = world if factor == "never" else factor
         torch.manual_seed(0)
         experts = Experts(E, D, F)
@@ -124,17 +128,19 @@ def _worker(rank: int, world: int) -> None:
                                    capacity_tokens=tokens if ragged else None)
         lengths = [tokens - 3 * r if ragged else tokens for r in range(world)]
         ranks = [_inputs(r, n, routing) for r, n in enumerate(lengths)]
+        actives = [torch.arange(n)[:, None].expand(n, r[1].shape[1]) >= (n // 2 if padded else 0)
+                   for n, r in zip(lengths, ranks)]
         x, idx, w, g = ranks[rank]
         if factor is None:
-            y, dx, dw = _run(ep, x, idx, w, g, shared)
+            y, dx, dw = _run(ep, x, idx, w, g, shared, actives[rank] if padded else None)
         else:
             with no_host_reads():
-                y, dx, dw = _run(ep, x, idx, w, g, shared)
+                y, dx, dw = _run(ep, x, idx, w, g, shared, actives[rank] if padded else None)
 
-        # one process: every rank's tokens, the dropped decisions' weights zeroed
-        keep = torch.cat([_keep_reference(r[1], world, factor, tokens) for r in ranks])
+        # one process: every rank's tokens, the dropped (and padding's) decisions' weights zeroed
+        keep = torch.cat([_keep_reference(r[1], a, world, factor, tokens) for r, a in zip(ranks, actives)])
         cat = [torch.cat(parts) for parts in zip(*ranks)]
-        reference = _run(lambda x, idx, w, *rest: experts(x, idx, w * keep, *rest), *cat, shared)
+        reference = _run(lambda x, idx, w, *rest: experts(x, idx, w * keep, *rest[:2]), *cat, shared)
         rows = slice(sum(lengths[:rank]), sum(lengths[:rank + 1]))
         for got, want, what in zip((y, dx, dw), reference, ("output", "d hidden", "d gate weights")):
             torch.testing.assert_close(got, want[rows], atol=1e-5, rtol=1e-5, msg=f"{name}: {what}")
@@ -142,11 +148,13 @@ def _worker(rank: int, world: int) -> None:
             got = getattr(ep, pname).grad.to_local()
             want = getattr(experts, pname).grad[rank * L:(rank + 1) * L]
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"{name}: d {pname}")
-        dropped = 1 - keep[rows].float().mean()
+        dropped = 1 - keep[rows].float().sum() / actives[rank].float().sum()
         if factor is not None:
             assert ep.dropped_share.item() == pytest.approx(dropped.item(), abs=1e-6), name
         if "small capacity" in name and rank == 0:
             assert dropped > 0, f"{name}: the scenario drops nothing"
+        if "balanced capacity, padded" in name:  # the capacity of 24 tokens holds the 12 real ones
+            assert ep.dropped_share.item() == 0, name
         if "skewed" in name:
             assert (idx // L == 0).all(), name  # every token stays on rank 0: the others receive nothing
 

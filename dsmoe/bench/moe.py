@@ -292,8 +292,8 @@ def _skew_rows(L, shape, layer, tokens, impls, results, make_step, inputs, args,
     counts = torch.bincount(idx.flatten().cpu(), minlength=shape.experts)
     experts_forward = type(layer.experts).forward
 
-    def skewed(x_TD, topk_idx_TK, topk_weight_TK, impl, shared=None):  # same router work, then the skewed choice
-        return experts_forward(layer.experts, x_TD, idx, topk_weight_TK, impl, shared)
+    def skewed(x_TD, topk_idx_TK, topk_weight_TK, impl, shared=None, active_TK=None):  # the skewed choice
+        return experts_forward(layer.experts, x_TD, idx, topk_weight_TK, impl, shared, active_TK)
 
     layer.experts.forward = skewed
     try:

@@ -1,19 +1,21 @@
 """The expert-parallel dispatch plans: which (token, rank) pair takes which slot of the all-to-all, and the split
 sizes. Shape suffixes: R EP ranks, T tokens, K experts per token, L experts per rank.
 
-exact_plan: every pair travels, packed rank by rank (variable splits). The split sizes must reach the host (the
+ExactPlan: every pair travels, packed rank by rank (variable splits). The split sizes must reach the host (the
 all-to-all takes them as lists), so the per-rank counts are exchanged by an async all-to-all and read when
 `split_sizes()` is called: whatever the caller enqueues in between (the shared experts) runs while they travel.
 One host read per forward; never drops.
 
-capacity_plan: fixed splits, no host read: to each rank at most C_pairs token rows carrying at most C_rows expert
+CapacityPlan: fixed splits, no host read: to each rank at most C_pairs token rows carrying at most C_rows expert
 rows, both F times the balanced share (T * M / R pairs and T * K / R rows, M = the most ranks one token reaches),
 capped at T and T * min(K, L), the bounds that never drop (T: the most tokens a rank routes per forward, the same
 number on every rank so that the buffers agree). Every shape follows from T, so the step can be captured
 in a CUDA graph. Pairs beyond either capacity are dropped first come, first served (in token order, as GShard and
 Switch drop): the token loses that rank's experts and keeps its other ranks', its shared experts and the residual.
 The receiving rank computes R * C_rows expert rows, the unfilled ones with weight 0: the capacity is paid in padded
-compute and traffic. Every rank must route the same number of tokens per forward (the buffers must agree).
+compute and traffic. Every rank sizes its buffers for the same token count (the trainer's micro-batch), so they
+agree even when the ranks route different numbers of tokens. Only the decisions that count take capacity:
+padding and adaptive routing's unused slots never travel.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ class CapacityPlan:
     slot_RT: torch.Tensor  # send slot of each (rank, token) pair, r * C_pairs + its place; -1: absent or dropped
     pairs: int  # C_pairs
     rows: int  # C_rows
-    dropped_share: torch.Tensor  # of the T * K routing decisions, on the device
+    dropped_share: torch.Tensor  # of the routing decisions that count, on the device
 
     def split_sizes(self) -> tuple[list[int], list[int], int]:
         """(rows sent to each rank, rows received from each rank, expert rows to compute): constants."""
@@ -105,10 +107,11 @@ class CapacityPlan:
 
 
 def capacity_plan(rows_RT: torch.Tensor, top_k: int, local_experts: int, factor: float,
-                  max_ranks_per_token: int, budget_tokens: int) -> CapacityPlan:
-    """budget_tokens (>= T): the token count the capacities are sized for. The pairs each rank keeps are a prefix
-    in token order (both running counts only grow), so a kept pair's place among the pairs to its rank is its
-    place among the kept ones."""
+                  max_ranks_per_token: int, budget_tokens: int, decisions: torch.Tensor) -> CapacityPlan:
+    """budget_tokens (>= T): the token count the capacities are sized for; decisions: how many routing decisions
+    count (rows_RT counts only those), the denominator of the dropped share. The pairs each rank keeps are a
+    prefix in token order (both running counts only grow), so a kept pair's place among the pairs to its rank is
+    its place among the kept ones."""
     R, T = rows_RT.shape
     pairs, rows = capacities(budget_tokens, top_k, R, local_experts, factor, max_ranks_per_token)
     reach_RT = rows_RT > 0
@@ -117,4 +120,4 @@ def capacity_plan(rows_RT: torch.Tensor, top_k: int, local_experts: int, factor:
     first = torch.arange(R, device=rows_RT.device)[:, None] * pairs
     slot_RT = torch.where(keep_RT, first + place_RT - 1, -1)
     kept_rows = (rows_RT * keep_RT).sum()
-    return CapacityPlan(slot_RT, pairs, rows, 1.0 - kept_rows.float() / (T * top_k))
+    return CapacityPlan(slot_RT, pairs, rows, 1.0 - kept_rows.float() / decisions.clamp(min=1).float())

@@ -111,7 +111,7 @@ class ExpertParallelExperts(nn.Module):
         return self.capacity_factor is not None and self.training
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                impl: str, shared: nn.Module | None = None) -> torch.Tensor:
+                impl: str, shared: nn.Module | None = None, active_TK: torch.Tensor | None = None) -> torch.Tensor:
         T, K = topk_idx_TK.shape
         D = x_TD.shape[1]
         R, L = self.ep, self.local_experts
@@ -120,14 +120,17 @@ class ExpertParallelExperts(nn.Module):
         # 1. token-rank pairs (the expert rows each token has on each rank) and their send slots
         dest_TK = topk_idx_TK // L
         rows_TR = torch.zeros(T, R, dtype=torch.int64, device=x_TD.device)
-        rows_TR.scatter_add_(1, dest_TK, torch.ones_like(dest_TK))
+        # padding and unused adaptive slots do not travel: they would take real tokens' places in the capacity
+        counted_TK = torch.ones_like(dest_TK) if active_TK is None else active_TK.long()
+        rows_TR.scatter_add_(1, dest_TK, counted_TK)
         self.last_ranks_per_token = (rows_TR > 0).sum(1).detach()
         if self.bounded:
             budget = self.capacity_tokens or T
             if T > budget:
                 raise ValueError(f"a micro-batch of {T} tokens is more than the {budget} the expert-parallel "
                                  "capacity was sized for")
-            plan = capacity_plan(rows_TR.t(), K, L, self.capacity_factor, self.max_ranks_per_token, budget)
+            plan = capacity_plan(rows_TR.t(), K, L, self.capacity_factor, self.max_ranks_per_token, budget,
+                                 counted_TK.sum())
             self.dropped_share.copy_(plan.dropped_share)
         else:
             plan = ExactPlan(rows_TR.t(), group)
@@ -138,6 +141,8 @@ class ExpertParallelExperts(nn.Module):
         pair_S, filled_S = slot_sources(plan.slot_RT.flatten(), sum(send))  # rank-major: r * T + t
         pair_rank_S, pair_token_S = pair_S // T, pair_S % T
         on_rank_SK = (dest_TK[pair_token_S] == pair_rank_S[:, None]) & filled_S[:, None]
+        if active_TK is not None:
+            on_rank_SK &= active_TK.index_select(0, pair_token_S)
         weight_SK = torch.where(on_rank_SK, topk_weight_TK.index_select(0, pair_token_S).float(), 0.0)
         local_idx_SK = torch.where(on_rank_SK, topk_idx_TK[pair_token_S] % L, -1).float()  # -1: not here
 
@@ -176,7 +181,8 @@ class ExpertParallelExperts(nn.Module):
             # gradient, which keeps FSDP's reduce-scatter identical across ranks.
             tie = x_rows.sum() + w_rows.sum() + gate_up.sum() + down.sum()
             return x_recv.new_zeros(P, D) + (tie * 0).to(x_recv.dtype)
-        idx_rows = torch.where(filled_N, idx_flat[row_N], 0)
+        spread = torch.arange(n_rows, device=idx_flat.device) % self.local_experts
+        idx_rows = torch.where(filled_N, idx_flat[row_N], spread)  # unfilled rows over every expert, not one
         y_rows = ops.moe_experts(x_rows, idx_rows[:, None], w_rows[:, None], gate_up, down, impl)
         y_pair = torch.zeros(P + 1, D, dtype=torch.float32, device=x_recv.device)
         y_pair = y_pair.index_add(0, torch.where(filled_N, pair_N, P), y_rows.float())[:P]
@@ -188,6 +194,9 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh, capacity_factor: float | Non
     """Give every MoE layer expert-parallel experts over `ep_mesh`, and tell the layer its real
     expert-to-device layout (the device-level and communication balance losses use it). capacity_factor,
     capacity_tokens: see ExpertParallelExperts (None: the exact dispatch)."""
+    if capacity_factor is not None and capacity_tokens is None:
+        raise ValueError("the capacity-bounded dispatch needs capacity_tokens (the most tokens a rank routes per "
+                         "forward): every rank must size its all-to-all buffers the same")
     ep = ep_mesh.size()
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     for moe in moes:

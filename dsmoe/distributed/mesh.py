@@ -12,6 +12,8 @@ the global rank and world size (`Runtime.data_rank`, `Runtime.data_size`).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -42,7 +44,11 @@ class ParallelDims:
         if self.dp_shard != -1 and self.dp_shard * self.ep != self.world_size:
             raise UserError(f"--dp-shard {self.dp_shard} x --ep {self.ep} = {self.dp_shard * self.ep} but the world "
                             f"size is {self.world_size}: use --dp-shard {self.world_size // self.ep} (or -1)")
-        if self.ep_capacity_factor is not None and not self.ep_capacity_factor > 0:
+        if self.ep_capacity_factor is not None and self.ep == 1:
+            raise UserError("--ep-capacity-factor bounds the expert-parallel dispatch: give --ep > 1 too, or leave "
+                            "it out")
+        if self.ep_capacity_factor is not None and not (math.isfinite(self.ep_capacity_factor)
+                                                        and self.ep_capacity_factor > 0):
             raise UserError(f"--ep-capacity-factor {self.ep_capacity_factor} must be positive (1.25: a quarter above "
                             f"the balanced share; {self.ep} or more never drops); leave it out for the exact dispatch")
 

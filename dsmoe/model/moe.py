@@ -44,9 +44,11 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                impl: str, shared: nn.Module | None = None) -> torch.Tensor:
+                impl: str, shared: nn.Module | None = None, active_TK: torch.Tensor | None = None) -> torch.Tensor:
         """impl: the resolved implementation (`ops.resolve_impl`), chosen once per layer forward by `MoE`;
-        shared: the layer's shared experts, added to the output."""
+        shared: the layer's shared experts, added to the output. active_TK: the decisions that count (False for
+        padding and adaptive routing's unused slots); one device computes them all (their outputs are unused or
+        weigh 0), expert parallelism does not send them."""
         y_TD = ops.moe_experts(x_TD, topk_idx_TK, topk_weight_TK, self.gate_up_proj, self.down_proj, impl)
         return plus_shared(y_TD, x_TD, shared)
 
@@ -99,7 +101,8 @@ class MoE(nn.Module):
         routing = self.gate(x_TD, impl)
         if token_mask is not None:
             routing = only_real_tokens(routing, token_mask.reshape(B * S))
-        y_TD = self.experts(x_TD, routing.topk_idx_TK, routing.topk_weight_TK, impl, self.shared_experts)
+        y_TD = self.experts(x_TD, routing.topk_idx_TK, routing.topk_weight_TK, impl, self.shared_experts,
+                            routing.active_TK)
         with torch.no_grad():
             self.expert_counts.copy_(routing.counts_E)
         c = self.config

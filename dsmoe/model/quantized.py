@@ -56,7 +56,7 @@ class QuantExperts(nn.Module):
         return cls(ops.quantize(experts.gate_up_proj.detach(), scheme), ops.quantize(experts.down_proj.detach(), scheme))
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                impl: str, shared: nn.Module | None = None) -> torch.Tensor:
+                impl: str, shared: nn.Module | None = None, active_TK: torch.Tensor | None = None) -> torch.Tensor:
         """impl: the layer's resolved implementation, for the dequantised (prefill) path; shared: as `Experts`."""
         y_TD = ops.quant_moe_experts(x_TD, topk_idx_TK, topk_weight_TK, self.gate_up_proj, self.gate_up_proj_scale,
                                      self.down_proj, self.down_proj_scale, impl)
