@@ -27,6 +27,9 @@ _NOT_FOR_FINETUNE = {"preset", "model", "data", "text_field", "corpus_limit_mb",
                      "vocab_size"}
 DEFAULTS = {"lr": 1e-3, "steps": 200, "warmup_steps": 10, "eval_interval": 50, "checkpoint_interval": 100,
             "weight_decay": 0.0}
+# what the batch shape flags mean here: sft packs examples into rows, classify pads one example per row
+HELP = {"seq_len": "sft: tokens per packed row (longer examples are cut to it); classify: the longest text kept",
+        "micro_batch": "sft: packed rows per forward/backward; classify: examples per forward/backward"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name not in _NOT_FOR_FINETUNE:
             default = DEFAULTS.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
-            _add_field(group, f, default)
+            _add_field(group, f, default, HELP.get(f.name))
 
 
 def resolve(args: argparse.Namespace):

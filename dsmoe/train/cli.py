@@ -51,10 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         _add_field(group, f, f.default if f.default is not dataclasses.MISSING else f.default_factory())
 
 
-def _add_field(group, f: dataclasses.Field, default: Any) -> None:
+def _add_field(group, f: dataclasses.Field, default: Any, text: str | None = None) -> None:
+    """The flag of one TrainConfig field; `text` replaces the field's help (a command that reads it otherwise)."""
     flag = "--" + f.name.replace("_", "-")
     shown = "none" if default in (None, [], {}) else default
-    kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {shown})")
+    kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
+                              help=f"{text or f.metadata['help']} (default: {shown})")
     if "choices" in f.metadata:
         kw["choices"] = f.metadata["choices"]
     if "metavar" in f.metadata:
