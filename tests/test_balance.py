@@ -29,6 +29,19 @@ def test_hand_computed_imbalance():
     assert expert_balance_loss(probs, idx, alpha=1.0).item() == pytest.approx(1.5)
 
 
+def test_sequence_form_over_packed_rows_averages_per_example():
+    """Rows of 6 tokens holding examples of 2+3 tokens (and one pad) and 6 tokens: the loss is the mean of the
+    three examples' losses, each computed alone; the pad counts in none."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(12, 5, generator=g).softmax(-1)
+    idx = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(12)])
+    segments = torch.tensor([[0, 0, 1, 1, 1, -1], [0, 0, 0, 0, 0, 0]])
+    active = (segments >= 0).reshape(-1, 1).expand(12, 2)
+    packed = expert_balance_loss(probs, idx, 1.0, seq_len=6, active_TK=active, segment_ids=segments)
+    alone = [expert_balance_loss(probs[s], idx[s], 1.0, seq_len=None) for s in (slice(0, 2), slice(2, 5), slice(6, 12))]
+    assert packed.item() == pytest.approx(sum(a.item() for a in alone) / 3, rel=1e-6)
+
+
 def test_sequence_form_averages_per_sequence():
     # sequence 0 all on expert 0, sequence 1 all on expert 1; batch-wise that is balanced, per sequence not
     probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])

@@ -1,6 +1,6 @@
 """Packed sequences (several examples per row, positions restarting per example, attention kept inside each
-example by segment ids): every example's logits, MTP logits, losses, gradients and routing counts equal those
-of the examples run alone, for MLA and MHA models."""
+example by segment ids): every example's logits, MTP logits, losses, gradients (the sequence-wise balance loss's
+included) and routing counts equal those of the examples run alone, for MLA and MHA models."""
 
 import pytest
 import torch
@@ -16,10 +16,9 @@ LENGTHS = [6, 3, 9]  # tokens per example; a row of width 64 holds all three wit
 
 
 def config(attention: str, mtp: int = 0):
-    # no balance loss: its sequence-wise form sees a packed row as one sequence (as pretraining's rows of
-    # several documents), where the examples alone are one sequence each
+    # a large sequence-wise balance loss: each packed example must be its own sequence, as when run alone
     cfg = PRESETS["tiny"].replace(vocab_size=61, num_hidden_layers=2, num_nextn_predict_layers=mtp,
-                                  aux_loss_alpha=0.0)
+                                  aux_loss_alpha=0.1, seq_aux=True)
     if attention == "mha":
         cfg = cfg.replace(kv_lora_rank=None, q_lora_rank=None, num_key_value_heads=2)
     return cfg
@@ -71,6 +70,7 @@ def test_packed_losses_and_gradients_equal_the_examples_alone(attention):
         mtp = mtp_loss(mtp_logits, labels, IGNORE_INDEX, segment_ids) * n_mtp  # mean -> sum
         return lm, mtp, n_mtp
 
+    model.set_aux_loss_scale(1.0)  # the balance loss is a mean over sequences: 3 packed ones = 3 x 1/3 alone
     lm, mtp, n_mtp = token_sums(*model(batch.input_ids, batch.positions, with_mtp=True,
                                        token_mask=batch.token_mask, segment_ids=batch.segment_ids),
                                 batch.labels, batch.segment_ids)
@@ -79,6 +79,7 @@ def test_packed_losses_and_gradients_equal_the_examples_alone(attention):
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     lm_alone = mtp_alone = n_alone = counts = 0
+    model.set_aux_loss_scale(1.0 / len(LENGTHS))
     for e in examples():
         ids, labels = alone(e)
         a, b, n = token_sums(*model(ids, with_mtp=True, token_mask=torch.ones_like(ids, dtype=torch.bool)), labels)

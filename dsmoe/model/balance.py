@@ -25,37 +25,54 @@ def _slot_weights(topk_idx_TK: torch.Tensor, active_TK: torch.Tensor | None) -> 
     return active_TK.float()
 
 
-def _mean_probs(probs_TE: torch.Tensor, active_TK: torch.Tensor | None, B: int = 1) -> torch.Tensor:
-    """P: the mean affinity over the tokens that count (those with a used slot: padding has none), per each
-    of B equal runs of tokens -> (B, E) fp32."""
+def _token_groups(T: int, seq_len: int | None, segment_ids: torch.Tensor | None,
+                  device: torch.device) -> tuple[torch.Tensor, int]:
+    """Each token's group for the expert-level loss, and the number of groups: one group (batch-level); its
+    sequence of seq_len tokens (sequence-wise); or, in packed rows (segment_ids), its example within the row,
+    since a packed example is the sequence. Padding (segment -1) joins a group it never counts in (inactive)."""
+    if seq_len is None:
+        return torch.zeros(T, dtype=torch.long, device=device), 1
+    sequence = torch.arange(T, device=device) // seq_len
+    if segment_ids is None:
+        return sequence, T // seq_len
+    return sequence * seq_len + segment_ids.reshape(-1).clamp_min(0), T
+
+
+def _mean_probs(probs_TE: torch.Tensor, active_TK: torch.Tensor | None, group_T: torch.Tensor | None = None,
+                groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """P: the mean affinity over the tokens that count (those with a used slot: padding has none), per group
+    -> ((groups, E) fp32, the tokens counted per group (groups,))."""
     T, E = probs_TE.shape
-    probs = probs_TE.float().reshape(B, T // B, E)
-    if active_TK is None:
-        return probs.mean(dim=1)
-    counted = active_TK.any(dim=-1).float().reshape(B, T // B, 1)
-    return (probs * counted).sum(dim=1) / counted.sum(dim=1).clamp_min(1)
+    counted_T = torch.ones(T, device=probs_TE.device) if active_TK is None else active_TK.any(dim=-1).float()
+    if group_T is None:
+        group_T = torch.zeros(T, dtype=torch.long, device=probs_TE.device)
+    sums = torch.zeros(groups, E, device=probs_TE.device).index_add_(0, group_T, probs_TE.float() * counted_T[:, None])
+    tokens = torch.zeros(groups, device=probs_TE.device).index_add_(0, group_T, counted_T)
+    return sums / tokens.clamp_min(1)[:, None], tokens
 
 
 def expert_balance_loss(
     probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, alpha: float, seq_len: int | None = None,
-    active_TK: torch.Tensor | None = None,
+    active_TK: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Expert-level loss. `seq_len` set: computed per sequence of that length and averaged (DeepSeek's
-    `seq_aux`, V3's sequence-wise loss); None: over the whole batch of tokens.
+    `seq_aux`, V3's sequence-wise loss), per packed example when `segment_ids` mark them; None: over the whole
+    batch of tokens.
 
     f_i = E / (K * T) * #(tokens choosing i) uses the experts actually selected (after group limits); under
-    adaptive routing K * T is the number of decisions actually used (`active_TK`).
+    adaptive routing K * T is the number of decisions actually used (`active_TK`). Groups without a counted
+    token (none in a batch without whole rows of padding) are left out of the mean.
     """
     T, E = probs_TE.shape
-    K = topk_idx_TK.shape[1]
-    S = T if seq_len is None else seq_len
-    B = T // S
-    used = _slot_weights(topk_idx_TK, active_TK).reshape(B, S * K)
-    counts_BE = torch.zeros(B, E, device=probs_TE.device, dtype=torch.float32)
-    counts_BE.scatter_add_(1, topk_idx_TK.reshape(B, S * K), used)
-    f_BE = counts_BE * (E / used.sum(dim=1, keepdim=True).clamp_min(1))
-    P_BE = _mean_probs(probs_TE, active_TK, B)
-    return alpha * (f_BE * P_BE).sum(dim=1).mean()
+    group_T, groups = _token_groups(T, seq_len, segment_ids, probs_TE.device)
+    used_TK = _slot_weights(topk_idx_TK, active_TK)
+    cells = (group_T[:, None] * E + topk_idx_TK).flatten()
+    counts_GE = torch.zeros(groups * E, device=probs_TE.device).index_add_(0, cells, used_TK.flatten())
+    decisions_G = torch.zeros(groups, device=probs_TE.device).index_add_(0, group_T, used_TK.sum(dim=1))
+    f_GE = counts_GE.view(groups, E) * (E / decisions_G.clamp_min(1))[:, None]
+    P_GE, tokens_G = _mean_probs(probs_TE, active_TK, group_T, groups)
+    present_G = (tokens_G > 0).float()
+    return alpha * ((f_GE * P_GE).sum(dim=1) * present_G).sum() / present_G.sum().clamp_min(1)
 
 
 def device_balance_loss(
@@ -68,7 +85,7 @@ def device_balance_loss(
     D = num_devices
     used = _slot_weights(topk_idx_TK, active_TK).flatten()
     f_E = torch.zeros(E, device=probs_TE.device).scatter_add_(0, topk_idx_TK.flatten(), used) * (E / used.sum().clamp_min(1))
-    P_E = _mean_probs(probs_TE, active_TK)[0]
+    P_E = _mean_probs(probs_TE, active_TK)[0][0]
     experts_per_device = torch.zeros(D, device=probs_TE.device).scatter_add_(
         0, expert_device_E, torch.ones(E, device=probs_TE.device))
     f_D = torch.zeros(D, device=probs_TE.device).scatter_add_(0, expert_device_E, f_E) / experts_per_device
@@ -88,7 +105,8 @@ def communication_balance_loss(
     sent_TD.scatter_reduce_(1, expert_device_E[topk_idx_TK], _slot_weights(topk_idx_TK, active_TK), "amax")
     tokens = T if active_TK is None else active_TK.any(dim=-1).sum().clamp_min(1)
     f_D = sent_TD.sum(dim=0) * D / (max_devices * tokens)
-    P_D = torch.zeros(D, device=probs_TE.device).scatter_add_(0, expert_device_E, _mean_probs(probs_TE, active_TK)[0])
+    P_E = _mean_probs(probs_TE, active_TK)[0][0]
+    P_D = torch.zeros(D, device=probs_TE.device).scatter_add_(0, expert_device_E, P_E)
     return alpha * (f_D * P_D).sum()
 
 

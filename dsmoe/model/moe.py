@@ -91,10 +91,12 @@ class MoE(nn.Module):
                              persistent=False)
         self.register_buffer("aux_loss", torch.zeros(()), persistent=False)
 
-    def forward(self, x_BSD: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, token_mask: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """token_mask (B, S) bool: the real tokens of a padded batch. Padding is routed and computed like any
         token (its outputs are never read), but the statistics (expert counts, hence MaxVio and the
-        aux-loss-free bias update, and the balance losses) count only the real tokens."""
+        aux-loss-free bias update, and the balance losses) count only the real tokens. segment_ids (B, S): the
+        examples of packed rows, each one sequence of the sequence-wise balance loss."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         impl = ops.resolve_impl(self.impl, x_TD, self.experts.gate_up_proj, self.experts.down_proj)
@@ -108,19 +110,20 @@ class MoE(nn.Module):
         c = self.config
         alphas = (c.aux_loss_alpha, c.device_aux_loss_alpha, c.comm_aux_loss_alpha, c.routing_k_loss_alpha)
         if self.training and max(alphas) > 0 and torch.is_grad_enabled():
-            aux = self.balance_loss(routing, S)
+            aux = self.balance_loss(routing, S, segment_ids)
             y_TD = AddAuxiliaryLoss.apply(y_TD, aux * self.aux_loss_scale)
             self.aux_loss.copy_(aux.detach())
         return y_TD.view(B, S, D)
 
-    def balance_loss(self, routing: Routing, seq_len: int) -> torch.Tensor:
+    def balance_loss(self, routing: Routing, seq_len: int, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The sum of the enabled balance losses of one forward (spec sections 5.1, 5.2, 5.4)."""
         c = self.config
         probs = affinity_probs(routing.scores_TE, c.scoring_func)
         idx, active = routing.topk_idx_TK, routing.active_TK
         aux = probs.new_zeros((), dtype=torch.float32)
         if c.aux_loss_alpha > 0:
-            aux = aux + expert_balance_loss(probs, idx, c.aux_loss_alpha, seq_len if c.seq_aux else None, active)
+            aux = aux + expert_balance_loss(probs, idx, c.aux_loss_alpha, seq_len if c.seq_aux else None, active,
+                                            segment_ids)
         if c.device_aux_loss_alpha > 0 or c.comm_aux_loss_alpha > 0:
             device_E = torch.arange(c.n_routed_experts, device=idx.device) // self.experts_per_device
             num_devices = c.n_routed_experts // self.experts_per_device

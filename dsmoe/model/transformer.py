@@ -31,10 +31,11 @@ class Block(nn.Module):
             MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
-                token_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                token_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask)
         h_norm = self.post_attention_layernorm(h)
-        return h + (self.mlp(h_norm, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h_norm))
+        return h + (self.mlp(h_norm, token_mask, segment_ids) if isinstance(self.mlp, MoE) else self.mlp(h_norm))
 
 
 class Transformer(nn.Module):
@@ -70,7 +71,7 @@ class Transformer(nn.Module):
         attn_mask = None if segment_ids is None else document_mask(segment_ids)
         h = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, None if cache is None else cache[i], token_mask, attn_mask)
+            h = layer(h, cos, sin, None if cache is None else cache[i], token_mask, attn_mask, segment_ids)
         h = self.norm(h[:, -1:] if last_only else h)
         if with_mtp:
             return self.logits(h), self.mtp_logits(h, input_ids, cos, sin, token_mask, segment_ids, attn_mask)
@@ -90,7 +91,7 @@ class Transformer(nn.Module):
                 same = same_segment_ahead(segment_ids, k)
                 real = same if real is None else real & same
             h = module(h, self.embed_tokens(shifted_inputs(input_ids, k)), cos, sin, token_mask=real,
-                       attn_mask=attn_mask)
+                       attn_mask=attn_mask, segment_ids=segment_ids)
             out.append(self.logits(module.shared_head.norm(h)))
         return out
 
