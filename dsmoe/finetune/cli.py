@@ -30,6 +30,9 @@ DEFAULTS = {"lr": 1e-3, "steps": 200, "warmup_steps": 10, "eval_interval": 50, "
 # what the batch shape flags mean here: sft packs examples into rows, classify pads one example per row
 HELP = {"seq_len": "sft: tokens per packed row (longer examples are cut to it); classify: the longest text kept",
         "micro_batch": "sft: packed rows per forward/backward; classify: examples per forward/backward"}
+# --seq-len when not given: the base's context up to this. Cutting to pretraining's 256 would drop most QA and
+# summarisation examples (their targets come last), and packed rows cost nothing for being long.
+SEQ_LEN_CAP = 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name not in _NOT_FOR_FINETUNE:
             default = DEFAULTS.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            if f.name == "seq_len":
+                default = f"the base's max_position_embeddings, at most {SEQ_LEN_CAP}"
             _add_field(group, f, default, HELP.get(f.name))
 
 
@@ -78,6 +83,10 @@ def resolve(args: argparse.Namespace):
             out, True
     if not args.base or not args.task or not args.data:
         raise UserError("give BASE, --task and --data (or --resume DIR)")
+    if "seq_len" not in given:
+        from dsmoe.checkpoint.hf import read_config
+
+        given["seq_len"] = min(SEQ_LEN_CAP, read_config(Path(args.base))[0].max_position_embeddings)
     cfg = TrainConfig(**{**DEFAULTS, **given})
     ft = FinetuneConfig(base=args.base, task=args.task, data=args.data, eval_data=args.eval_data,
                         field_map=args.field_map, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
