@@ -294,7 +294,8 @@ def _mode_rows(prefix: str, args, rt, one: dict, many: dict, tps_one: float, bf1
     if "dispatch_gbps" in many:
         rows += [(f"{prefix}dispatch all-to-all GB/s per rank", f"{many['dispatch_gbps']:.3g}", ""),
                  (f"{prefix}bare all_to_all_single, same bytes, GB/s", f"{many['replay_gbps']:.3g}", ""),
-                 (f"{prefix}dispatch / bare all-to-all", f"{many['dispatch_gbps'] / many['replay_gbps']:.3f}", ">= 0.9")]
+                 (f"{prefix}dispatch / bare all-to-all", f"{many['dispatch_gbps'] / many['replay_gbps']:.3f}",
+                  ">= 0.9")]
     if "split" in many:
         s = many["split"]
         rows += [(f"{prefix}step time: exposed communication", f"{s['exposed_comm']:.1%}", ""),

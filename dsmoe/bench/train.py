@@ -125,8 +125,8 @@ def _train_config(args, device, **changes):
     never = 10**9  # no evaluation or checkpoint inside the timed steps
     vocab = {"vocab_size": get_preset(args.preset).vocab_size}  # padded past a smaller trained tokenizer's
     values = dict(preset=args.preset, model=vocab, seq_len=args.seq_len, micro_batch=args.micro_batch, grad_accum=1,
-                  steps=args.warmup + args.steps + 1 + (PROFILED_STEPS if args.profile else 0), device=str(device), eval_interval=never,
-                  checkpoint_interval=never, log_interval=never, **changes)
+                  steps=args.warmup + args.steps + 1 + (PROFILED_STEPS if args.profile else 0), device=str(device),
+                  eval_interval=never, checkpoint_interval=never, log_interval=never, **changes)
     return TrainConfig.from_dict({**values, **dict(args.set)}, "--set")
 
 
