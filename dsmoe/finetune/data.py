@@ -333,11 +333,16 @@ class PackedSource:
                 dp_size: int = 1) -> list[Batch]:
         per_rank = micro_batch * grad_accum
         rows = self._rows((step * dp_size + dp_rank) * per_rank, per_rank)
-        return [packed_batch([[self.examples[i] for i in row] for row in rows[j:j + micro_batch]], self.pad_id,
-                             self.width) for j in range(0, per_rank, micro_batch)]
+        return batches_of_rows(self.examples, rows, micro_batch, self.pad_id, self.width)
+
+
+def batches_of_rows(examples: list[Example], rows: list[list[int]], rows_per_batch: int, pad_id: int,
+                    width: int) -> list[Batch]:
+    """Rows of example indices -> packed batches of `rows_per_batch` rows each."""
+    return [packed_batch([[examples[i] for i in row] for row in rows[j:j + rows_per_batch]], pad_id, width)
+            for j in range(0, len(rows), rows_per_batch)]
 
 
 def packed_eval_batches(examples: list[Example], rows_per_batch: int, pad_id: int, width: int) -> list[Batch]:
     rows = pack(np.array([positions_of(e) for e in examples], dtype=np.int64), width)
-    return [packed_batch([[examples[i] for i in row] for row in rows[j:j + rows_per_batch]], pad_id, width)
-            for j in range(0, len(rows), rows_per_batch)]
+    return batches_of_rows(examples, rows, rows_per_batch, pad_id, width)
