@@ -55,7 +55,6 @@ def agreement(outputs: list[list[int]], reference: list[list[int]]) -> tuple[flo
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
     from dsmoe.checkpoint.hf import load_pretrained
@@ -81,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # activations, as generate/eval use
     tokenizer = load_tokenizer(args.path)
     docs = read_documents([args.text], args.text_field)
-    tokens = np.asarray([t for ids in tokenizer.encode_documents([d.text for d in docs]) for t in ids])
+    tokens = tokenizer.encode_stream([d.text for d in docs])
     windows = eval_windows(tokens, args.seq_len, args.max_tokens)
     if not windows:
         raise UserError(f"{args.text} has fewer than 2 tokens to score; pass more text")

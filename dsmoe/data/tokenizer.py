@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -115,6 +116,11 @@ class Tokenizer:
                             "tokenizer_config.json naming eos_token next to its tokenizer.json")
         encoded = self.backend.encode_batch_fast(texts, add_special_tokens=False)
         return [[self.bos_id, *e.ids, self.eos_id] for e in encoded]
+
+    def encode_stream(self, texts: list[str]) -> np.ndarray:
+        """The documents' tokens (`encode_documents`) one after another: the text that evaluation cuts into
+        windows."""
+        return np.asarray([t for ids in self.encode_documents(texts) for t in ids], dtype=np.int64)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -135,7 +135,6 @@ def _loss(model, windows) -> float:
 
 
 def _calibration(args, source: Path, vocab_size: int):
-    import numpy as np
 
     from dsmoe.data.batches import eval_windows
     from dsmoe.data.prepare import read_documents
@@ -145,7 +144,7 @@ def _calibration(args, source: Path, vocab_size: int):
         return None
     tokenizer = load_tokenizer(source)
     docs = read_documents(args.data, args.text_field)
-    tokens = np.asarray([t for ids in tokenizer.encode_documents([d.text for d in docs]) for t in ids])
+    tokens = tokenizer.encode_stream([d.text for d in docs])
     windows = [w for w in eval_windows(tokens, args.seq_len, args.max_tokens) if len(w) == args.seq_len + 1]
     if not windows:
         raise UserError(f"the calibration text has fewer than {args.seq_len + 1} tokens; pass more or lower --seq-len")

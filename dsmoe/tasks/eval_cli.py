@@ -46,7 +46,6 @@ def run(args: argparse.Namespace) -> int:
         if args.task and args.lm_eval:
             raise UserError("pass --task or --lm-eval, not both")
         return run_suite(args) if args.task else run_lm_eval(args)
-    import numpy as np
     import torch
 
     from dsmoe.checkpoint.hf import load_pretrained
@@ -82,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.data:
         docs = read_documents(args.data, args.text_field)
-        tokens = np.asarray([t for ids in tokenizer.encode_documents([d.text for d in docs]) for t in ids])
+        tokens = tokenizer.encode_stream([d.text for d in docs])
         tokens_per_byte = len(tokens) / max(sum(len(d.text.encode()) for d in docs), 1)
         max_tokens, source = args.max_tokens, " ".join(args.data)
     elif train_cfg is not None:
