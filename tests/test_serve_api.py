@@ -183,7 +183,8 @@ def scrape(server) -> dict[str, float]:
                 continue
             labels = dict(s.labels)
             assert labels.pop("model_name") == "tiny"
-            out[s.name + "".join(f"{{{v}}}" for k, v in labels.items() if k == "finished_reason")] = s.value
+            out[s.name + "".join(f"{{{v}}}" for k, v in labels.items() if k in ("finished_reason", "position"))] = \
+                s.value
     return out
 
 
@@ -212,3 +213,19 @@ def test_metrics_move_as_requests_run_and_complete(server, local):
     assert 1 <= delta["dsmoe:time_per_output_token_seconds_count"] <= 199  # one per output after the first
     assert delta["dsmoe:request_success_total{length}"] == 1
     assert after["dsmoe:num_requests_running"] == 0 and after["dsmoe:num_requests_waiting"] == 0
+
+
+def test_a_server_with_prompt_lookup_answers_as_plain_decoding_and_counts_drafts(model_dir, serve, tmp_path, server):
+    """`dsmoe serve --speculative ngram`: greedy completions equal the plain server's; /metrics counts the drafts
+    verified and kept (vLLM's spec_decode counters), in total and per draft position."""
+    prompt = "def f(x):\n    return x\ndef f(x):\n"
+    request = {"model": "tiny", "prompt": prompt, "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    plain = httpx.post(server.url + "/v1/completions", json=request, timeout=60).json()["choices"][0]["text"]
+    with serve(model_dir, tmp_path / "spec.log", "--speculative", "ngram", "--prompt-lookup-min", "1") as spec:
+        http = httpx.Client(base_url=spec.url, timeout=60)
+        assert http.post("/v1/completions", json=request).json()["choices"][0]["text"] == plain
+        after = scrape(spec)
+        assert 0 < after["dsmoe:spec_decode_num_accepted_tokens_total"] <= after[
+            "dsmoe:spec_decode_num_draft_tokens_total"]
+        per_position = [after[f"dsmoe:spec_decode_num_accepted_tokens_per_pos_total{{{j}}}"] for j in range(4)]
+        assert sum(per_position) == after["dsmoe:spec_decode_num_accepted_tokens_total"]

@@ -1,6 +1,7 @@
-"""Self-speculative decoding with the MTP module: greedy output equals plain greedy token for token (batched,
-chunked prefill, requests joining mid-way, 1-3 drafts), sampled output follows the main model's distribution
-(chi-square on a 32-token vocabulary), and rolling back leaves the KV cache as plain decoding builds it."""
+"""Speculative decoding with MTP drafts and with prompt-lookup (n-gram) drafts: greedy output equals plain greedy
+token for token (batched, chunked prefill, requests joining mid-way, 1-4 drafts), sampled output follows the main
+model's distribution (chi-square on a 32-token vocabulary), and rolling back leaves the KV cache as plain decoding
+builds it."""
 
 import pytest
 import torch
@@ -73,16 +74,21 @@ def run(engine, prompts, params, join_after=None):
     return [out[i] for i in ids]
 
 
-@pytest.mark.parametrize("drafts", [1, 3])
-def test_greedy_speculative_equals_plain_greedy(model_and_data, drafts):
+@pytest.mark.parametrize("method, drafts", [("mtp", 1), ("mtp", 3), ("ngram", 2), ("ngram", 4)])
+def test_greedy_speculative_equals_plain_greedy(model_and_data, method, drafts):
     model, prompts = model_and_data
     plain = generate(model, prompts, GREEDY, max_batch=3, prefill_chunk=4)
-    engine = Engine(model, max_batch=3, max_model_len=64, prefill_chunk=4, speculative="mtp",
-                    num_speculative_tokens=drafts)
+    engine = Engine(model, max_batch=3, max_model_len=64, prefill_chunk=4, speculative=method,
+                    num_speculative_tokens=drafts, prompt_lookup=(1, 3))
+    widths = []
+    for runner in engine.spec.verify:
+        runner.step = lambda B, L, step=runner.step, width=runner.width: widths.append(width) or step(B, L)
     assert run(engine, prompts, GREEDY, join_after=2) == plain
     stats = engine.speculation_stats()
     assert 0 < stats["accepted"][0] < stats["proposed"][0]  # drafts were both kept and rejected
     assert len(stats["acceptance_rate"]) == drafts
+    # MTP always verifies N drafts; a lookup step only as many as some row found (none: a plain decode step)
+    assert set(widths) == {drafts + 1} if method == "mtp" else {1, drafts + 1} <= set(widths)
 
 
 def test_requests_without_drafts_and_stop_tokens_mid_step(model_and_data):
@@ -104,11 +110,13 @@ def test_requests_without_drafts_and_stop_tokens_mid_step(model_and_data):
     assert out[rids[2]] == plain[2][:5]
 
 
-def test_cache_after_rollback_equals_plain_decoding(model_and_data):
+@pytest.mark.parametrize("method", ["mtp", "ngram"])
+def test_cache_after_rollback_equals_plain_decoding(model_and_data, method):
     model, prompts = model_and_data
     params = SamplingParams(max_new_tokens=9, temperature=0)
     plain = Engine(model, max_batch=2, max_model_len=48)
-    spec = Engine(model, max_batch=2, max_model_len=48, speculative="mtp", num_speculative_tokens=3)
+    spec = Engine(model, max_batch=2, max_model_len=48, speculative=method, num_speculative_tokens=3,
+                  prompt_lookup=(1, 2))
     for engine in (plain, spec):
         outs = run(engine, prompts[1:3], params)
     for slot, (prompt, out) in enumerate(zip(prompts[1:3], outs)):
@@ -143,11 +151,13 @@ def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(df / 2.0), stat / 2))  # the chi2 survival function
 
 
-def test_sampled_speculative_follows_the_main_models_distribution(model_and_data):
+@pytest.mark.parametrize("method", ["mtp", "ngram"])
+def test_sampled_speculative_follows_the_main_models_distribution(model_and_data, method):
     model, prompts = model_and_data
     prompt, n = prompts[2], 400
     marginals = exact_marginals(model, prompt, 3)
-    engine = Engine(model, max_batch=64, max_model_len=16, speculative="mtp", num_speculative_tokens=2)
+    engine = Engine(model, max_batch=64, max_model_len=16, speculative=method, num_speculative_tokens=2,
+                    prompt_lookup=(1, 2))
     out = run(engine, [prompt] * n, SamplingParams(max_new_tokens=3, temperature=1.0, top_p=1.0, seed=None))
     stats = engine.speculation_stats()
     assert 0 < stats["accepted"][0] < stats["proposed"][0]
@@ -207,4 +217,53 @@ def test_bench_speculative_runs_from_the_command_line(model_dir, tmp_path, capsy
     assert main(["bench", "speculative", str(folder), "--prompts", str(prompts), "--batch-sizes", "1",
                  "--num-speculative-tokens", "1", "--new-tokens", "4", "--prompt-len", "8", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "mtp x1" in out and "plain" in out
+    assert "mtp x1" in out and "ngram x1" in out and "plain" in out  # both methods for a model with MTP
+
+
+def test_generate_cli_with_prompt_lookup_prints_the_same_text_on_a_model_without_mtp(model_dir, capsys):
+    from dsmoe.cli import main
+
+    args = ["generate", str(model_dir), "--prompt", "for x in xs: print(x)\nfor x in xs:", "--max-new-tokens", "16",
+            "--temperature", "0"]
+    assert main(args) == 0
+    plain = capsys.readouterr()
+    assert main(args + ["--speculative", "ngram", "--prompt-lookup-min", "1"]) == 0
+    spec = capsys.readouterr()
+    assert spec.out == plain.out and "speculative (ngram): drafts kept per position" in spec.err
+    assert main(args + ["--speculative", "mtp"]) == 2
+    assert "--speculative ngram" in capsys.readouterr().err  # no MTP modules: the error names the other method
+
+
+def reference_lookup(tokens: list[int], lo: int, hi: int, N: int) -> list[int]:
+    """The most recent earlier occurrence of the last n tokens, longest n first, by plain list comparison."""
+    for n in range(min(hi, len(tokens) - 1), lo - 1, -1):
+        for i in range(len(tokens) - 1 - n, -1, -1):
+            if tokens[i:i + n] == tokens[-n:]:
+                return tokens[i + n:i + n + N]
+    return []
+
+
+def test_prompt_lookup_finds_the_latest_longest_match_on_token_boundaries():
+    """Token values whose int32 bytes also match across token boundaries (1 = 01 00 00 00 inside 256 = 00 01 00
+    00 followed by 0 ...): the byte search must only take matches that start on a token."""
+    from types import SimpleNamespace
+
+    from dsmoe.infer.drafters import PromptLookupDrafter
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.tensor([0, 1, 256, 65536, 16777216, 257])
+    drafter = PromptLookupDrafter(SimpleNamespace(N=3), 1, 3)
+    misaligned = 0
+    for i in range(400):
+        tokens = values[torch.randint(0, len(values), (int(torch.randint(1, 30, (1,), generator=g)),),
+                                      generator=g)].tolist()
+        cut = int(torch.randint(0, len(tokens), (1,), generator=g)) + 1  # prompt / output split: the same sequence
+        req = SimpleNamespace(id=f"r{i}", slot=0, prompt=tokens[:cut], output=tokens[cut:])
+        assert drafter.lookup(req) == reference_lookup(tokens, 1, 3, 3), tokens
+        raw = bytes(drafter.history[0][1])
+        misaligned += any(raw.startswith(raw[-4:], k) for k in range(len(raw) - 4) if k % 4)
+    assert misaligned > 50  # the byte-level false matches were there to be skipped
+    req.output = req.output + [1, 1]  # the history grows in place as the request's output does
+    assert drafter.lookup(req) == reference_lookup(req.prompt + req.output, 1, 3, 3)
+    with pytest.raises(UserError, match="prompt-lookup-min"):
+        PromptLookupDrafter(SimpleNamespace(N=3), 3, 2)

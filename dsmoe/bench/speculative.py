@@ -1,11 +1,12 @@
-"""`dsmoe bench speculative RUN --prompts FILE`: decode tokens/s of a model with an MTP module, plain vs
-self-speculative (--speculative mtp), and how often each draft position is kept.
+"""`dsmoe bench speculative RUN --prompts FILE`: decode tokens/s, plain vs speculative (MTP drafts when the model
+has an MTP module, prompt-lookup drafts for any model), and how often each draft position is kept.
 
 Prompts are the first --prompt-len tokens of documents of a text or JSONL file (real text: a trained model's
 drafts are kept far more often on text than on random ids), tokenized with the run folder's tokenizer. For each
 batch size the engine decodes --new-tokens greedy tokens per sequence (the timing loop of `dsmoe bench decode`,
-CUDA graphs after a warm-up run), once plainly and once per --num-speculative-tokens value; the table gives
-tokens/s, the speed-up over plain decoding and the acceptance rate of every draft position.
+CUDA graphs after a warm-up run), once plainly and once per method and --num-speculative-tokens value; the table
+gives tokens/s, the speed-up over plain decoding and the acceptance rate of every draft position. Prompt lookup
+pays when the output repeats its context: time it with long prompts (--prompt-len) of the text you serve.
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="model folder with MTP layers (a run of `dsmoe train --mtp-layers 1`)")
+    parser.add_argument("path", help="model folder (with MTP layers, e.g. a run of `dsmoe train --mtp-layers 1`, "
+                                     "for the mtp method)")
     parser.add_argument("--prompts", required=True, help="text or .jsonl file the prompts are cut from")
     parser.add_argument("--text-field", default="text")
     parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated: mtp, ngram (default: both when the model has MTP modules, else ngram)")
     parser.add_argument("--num-speculative-tokens", default="1,2", help="comma-separated draft counts to time")
+    parser.add_argument("--prompt-lookup-min", type=int, default=2)
+    parser.add_argument("--prompt-lookup-max", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--device", default="auto")
@@ -55,9 +61,12 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, device = load_for_inference(args)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     drafts = [int(n) for n in args.num_speculative_tokens.split(",")]
+    methods = args.methods.split(",") if args.methods else ["mtp", "ngram"] if len(model.mtp) else ["ngram"]
+    lookup = (args.prompt_lookup_min, args.prompt_lookup_max)
     prompts = text_prompts(args.prompts, args.text_field, tokenizer, max(batches), args.prompt_len)
     cuda_graphs = not args.no_cuda_graphs and device.type == "cuda"
-    print(f"{args.path}: {len(model.mtp)} MTP module(s), {device}, prompts of {args.prompt_len} tokens from "
+    print(f"{args.path}: {len(model.mtp)} MTP module(s), {device}, methods {', '.join(methods)}, "
+          f"prompts of {args.prompt_len} tokens from "
           f"{args.prompts}, {args.new_tokens} new tokens per sequence (greedy)", flush=True)
     results, rows = {}, []
     for batch in batches:
@@ -65,14 +74,15 @@ def run(args: argparse.Namespace) -> int:
                            prompts=prompts[:batch])
         results[f"batch{batch}-plain"] = plain
         rows.append((batch, "plain", plain["tokens_per_s"], 1.0, ""))
-        for n in drafts:
+        for method, n in ((m, n) for m in methods for n in drafts):
             spec = time_dsmoe(model, batch, args.prompt_len, args.new_tokens, cuda_graphs, compile=False,
-                              prompts=prompts[:batch], speculative="mtp", num_speculative_tokens=n)
-            results[f"batch{batch}-mtp{n}"] = spec
-            rates = " ".join(f"{r:.2f}" for r in spec["speculation"]["acceptance_rate"])
-            rows.append((batch, f"mtp x{n}", spec["tokens_per_s"], spec["tokens_per_s"] / plain["tokens_per_s"],
+                              prompts=prompts[:batch], speculative=method, num_speculative_tokens=n,
+                              prompt_lookup=lookup)
+            results[f"batch{batch}-{method}{n}"] = spec
+            rates = " ".join("-" if r is None else f"{r:.2f}" for r in spec["speculation"]["acceptance_rate"])
+            rows.append((batch, f"{method} x{n}", spec["tokens_per_s"], spec["tokens_per_s"] / plain["tokens_per_s"],
                          rates))
-        for row in rows[-1 - len(drafts):]:
+        for row in rows[-1 - len(drafts) * len(methods):]:
             print(f"  batch {row[0]:>3} {row[1]:<8} {row[2]:10.1f} tokens/s  x{row[3]:.2f}  {row[4]}", flush=True)
     print("\n| batch | decoding | tokens/s | vs plain | acceptance per draft position |")
     print("|---:|---|---:|---:|---|")

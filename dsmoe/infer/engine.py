@@ -11,9 +11,9 @@ Each running sequence owns a slot of a static KV cache. Every `step()`:
 3. reads back the tokens of the step *before* the one just launched (one step in flight): the host checks
    stop tokens and lengths while the device computes. A sequence that stops is dropped from the next
    launch; the one extra token the in-flight step computed for it is discarded.
-With `speculative="mtp"` step 2 is a speculative step instead (speculative.py): the MTP module's drafts are
-verified in one forward and each sequence advances by 1..N+1 tokens; the step is read back at once (no step in
-flight: the next launch depends on how many drafts were kept).
+With `speculative="mtp"` or `"ngram"` step 2 is a speculative step instead (speculative.py): drafts (of the MTP
+module, or looked up in the sequence itself) are verified in one forward and each sequence advances by 1..N+1
+tokens; the step is read back at once (no step in flight: the next launch depends on how many drafts were kept).
 Requests join and leave at any step; `cancel()` ends one at once. Stop *strings* need text, so they are
 checked by the caller (dsmoe.infer.text), which cancels the request when one appears.
 """
@@ -39,12 +39,13 @@ class Engine:
     def __init__(self, model, *, max_batch: int = 8, max_model_len: int | None = None, prefill_chunk: int = 512,
                  eos_token_ids: tuple[int, ...] | list[int] = (), cuda_graphs: bool = True,
                  overlap: bool | None = None, compile: bool = False, speculative: str | None = None,
-                 num_speculative_tokens: int = 1):
+                 num_speculative_tokens: int = 1, prompt_lookup: tuple[int, int] = (2, 4)):
         """overlap: keep one decode step in flight while the host reads the previous one (default: on CUDA,
         where host and device run concurrently; on the CPU it only exercises the same bookkeeping).
         compile: run the decode step's blocks through torch.compile (see runner.py).
-        speculative: "mtp" = self-speculative decoding with num_speculative_tokens drafts of the model's MTP
-        module per step (speculative.py); overlap does not apply."""
+        speculative: up to num_speculative_tokens drafts per step, verified by the model (speculative.py): "mtp"
+        drafts with the model's MTP module, "ngram" by prompt lookup with n-grams of prompt_lookup = (min, max)
+        tokens (drafters.py); overlap does not apply."""
         config = model.config
         self.model = model.eval()
         self.device = next(model.parameters()).device
@@ -65,7 +66,7 @@ class Engine:
         self.slots = SlotState(max_batch, self.cache.trash, self.device)
         self.runner = DecodeRunner(model, self.cache, self.slots,
                                    cuda_graphs=cuda_graphs and self.device.type == "cuda", compile=compile)
-        self.spec = Speculator(self, speculative, num_speculative_tokens) if speculative else None
+        self.spec = Speculator(self, speculative, num_speculative_tokens, prompt_lookup) if speculative else None
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request, prefilled and decoding
         self.prefilling: Request | None = None
@@ -109,7 +110,7 @@ class Engine:
         if self.spec is None:
             if params.speculative:
                 raise UserError("this request asks for speculative decoding but the engine runs without it: "
-                                "start it with --speculative mtp")
+                                "start it with --speculative mtp or ngram")
             return
         if params.num_speculative_tokens is not None and params.num_speculative_tokens > self.spec.N:
             raise UserError(f"num_speculative_tokens={params.num_speculative_tokens} is more than the engine's "
@@ -150,9 +151,15 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[StepOutput]:
         self._prefill_step()
+        if self.spec is not None and self.spec.drafter.on_host:  # prompt lookup reads every token up to the last
+            self.ready += self._process_pending(keep=0)
         launched = self._launch_decode()
-        keep = 1 if launched and self.overlap else 0
         outputs, self.ready = self.ready, []
+        return outputs + self._process_pending(keep=1 if launched and self.overlap else 0)
+
+    def _process_pending(self, keep: int) -> list[StepOutput]:
+        """Read back launched steps, oldest first, until `keep` remain in flight."""
+        outputs = []
         while len(self.pending) > keep:
             outputs += self._process(self.pending.popleft())
         return outputs
@@ -190,10 +197,11 @@ class Engine:
 
     def _batchable(self, req: Request) -> bool:
         """Whether a request's prefill may share a forward with others'. These are prefilled alone, in chunks:
-        with speculative decoding (the MTP module's prefill follows each request's own forward over its hidden
+        with MTP drafts (the MTP module's prefill follows each request's own forward over its hidden
         states), with prompt_logprobs (every position's logits, gathered per request), and with max_new_tokens=0
         (it samples nothing: a scoring request)."""
-        return self.spec is None and req.params.prompt_logprobs is None and req.params.max_new_tokens > 0
+        return ((self.spec is None or self.spec.drafter.batched_prefill) and req.params.prompt_logprobs is None
+                and req.params.max_new_tokens > 0)
 
     def _admit(self) -> Request | None:
         if not self.waiting or not self.free_slots:
@@ -243,7 +251,7 @@ class Engine:
                 req.prompt_logprobs += _host_logprobs(lp, targets)
             logits = logits[-1:]
         if self.spec is not None and end < P:
-            self.spec.prefill(req, start, end, hidden, None, self._flags([req]))
+            self.spec.prefill(reqs, start, end, hidden, None, self._flags(reqs))
         for r, e in zip(reqs, ends):
             r.prefilled = e
         self.prefilling = req if end < P else None  # only a lone request's chunk leaves part of a prompt
@@ -258,7 +266,7 @@ class Engine:
         positions = torch.tensor([len(r.prompt) for r in reqs], device=self.device)
         tokens, lp = self._sample(logits, rows, reqs, positions)
         if self.spec is not None:
-            self.spec.prefill(req, start, end, hidden, tokens[0], self._flags([req]))
+            self.spec.prefill(reqs, start, end, hidden, tokens, self._flags(reqs))
         self.slots.input_ids[rows] = tokens
         self.slots.positions[rows] = positions
         for r in reqs:
@@ -280,7 +288,7 @@ class Engine:
         B = self.runner.batch_bucket(max(r.slot for r in live) + 1)
         if self.spec is not None:
             L = self.runner.length_bucket(max(r.next_pos for r in live) + self.spec.width)
-            tokens, counts = self.spec.step(B, L, self._flags(live))
+            tokens, counts = self.spec.step(B, L, live, self._flags(live))
             self.pending.append(self._launched([(r.slot, r) for r in live], tokens, None, counts))
             return True
         L = self.runner.length_bucket(max(r.next_pos for r in live) + 1)

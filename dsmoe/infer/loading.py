@@ -14,6 +14,9 @@ from dsmoe.kernels.ops import IMPLS
 
 log = logging.getLogger(__name__)
 
+# drafts per step: one MTP module drafts well one token ahead; a looked-up continuation is often right for several
+DEFAULT_DRAFTS = {"mtp": 1, "ngram": 4}
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="model folder: a dsmoe run folder or a Hugging Face DeepSeek checkpoint")
@@ -26,10 +29,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (faster decode; each batch/length bucket compiles once)")
     add_quantize_argument(parser)
-    parser.add_argument("--speculative", choices=["mtp"], default=None,
-                        help="self-speculative decoding: the model's MTP module drafts, the model verifies "
-                             "(needs num_nextn_predict_layers >= 1; no logprobs or repetition penalty)")
-    parser.add_argument("--num-speculative-tokens", type=int, default=1, help="drafts per step with --speculative")
+    parser.add_argument("--speculative", choices=["mtp", "ngram"], default=None,
+                        help="speculative decoding, the model verifies drafts: mtp = its MTP module drafts (needs "
+                             "num_nextn_predict_layers >= 1), ngram = prompt lookup, the tokens that followed the "
+                             "last n tokens where they occurred before (any model; pays when output copies input). "
+                             "No logprobs or repetition penalty")
+    parser.add_argument("--num-speculative-tokens", type=int, default=None,
+                        help="drafts per step with --speculative (default: 1 for mtp, 4 for ngram)")
+    parser.add_argument("--prompt-lookup-min", type=int, default=2, help="shortest n-gram --speculative ngram matches")
+    parser.add_argument("--prompt-lookup-max", type=int, default=4, help="longest n-gram --speculative ngram matches")
 
 
 def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +48,11 @@ def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
 
 def speculative_options(args: argparse.Namespace) -> dict:
     """The Engine keyword arguments of the --speculative flags."""
-    return {"speculative": args.speculative, "num_speculative_tokens": args.num_speculative_tokens}
+    n = args.num_speculative_tokens
+    if n is None:
+        n = DEFAULT_DRAFTS.get(args.speculative, 1)
+    return {"speculative": args.speculative, "num_speculative_tokens": n,
+            "prompt_lookup": (args.prompt_lookup_min, args.prompt_lookup_max)}
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, temperature: float, max_new_tokens: int) -> None:

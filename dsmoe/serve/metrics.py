@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from dsmoe.infer.async_engine import AsyncEngine
 
@@ -58,6 +59,8 @@ class ServerMetrics:
         self.e2e = histogram("dsmoe:e2e_request_latency_seconds", "Time from submission to the last token.",
                              E2E_BUCKETS)
         self.model_name = model_name
+        if inner.spec is not None:
+            reg.register(SpeculationCollector(inner, model_name))
 
     def start(self, prompt_tokens: int) -> "RequestTimer":
         return RequestTimer(self, prompt_tokens)
@@ -91,3 +94,25 @@ class RequestTimer:
         m = self.metrics
         m.e2e.observe(time.perf_counter() - self.start)
         m.finished.labels(m.model_name, reason).inc()
+
+
+class SpeculationCollector:
+    """vLLM's speculative-decoding counters, read from the engine's own tallies when scraped (drafts verified and
+    kept per draft position since the server started)."""
+
+    def __init__(self, engine, model_name: str):
+        self.engine, self.model_name = engine, model_name
+
+    def collect(self):
+        stats = self.engine.speculation_stats()
+        proposed, accepted = list(stats["proposed"]), list(stats["accepted"])
+        for name, doc, value in (("dsmoe:spec_decode_num_draft_tokens", "Draft tokens verified.", sum(proposed)),
+                                 ("dsmoe:spec_decode_num_accepted_tokens", "Draft tokens kept.", sum(accepted))):
+            metric = CounterMetricFamily(name, doc, labels=["model_name"])
+            metric.add_metric([self.model_name], value)
+            yield metric
+        metric = CounterMetricFamily("dsmoe:spec_decode_num_accepted_tokens_per_pos", "Draft tokens kept, by draft "
+                                     "position (0 = the first draft of a step).", labels=["model_name", "position"])
+        for position, value in enumerate(accepted):
+            metric.add_metric([self.model_name, str(position)], value)
+        yield metric
