@@ -99,3 +99,27 @@ def test_scoring_graphs_equal_the_eager_forward(model):
         got = forward(ids).float()
         assert (B, W) in forward.graphs and got.shape == (b, w, eager.shape[-1])
         assert ((got - eager).norm() / eager.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("method", ["mtp", "ngram"])
+def test_speculative_steps_capture_and_equal_eager_ones(method):
+    """The whole speculative step (verify, acceptance, the MTP drafts) is one CUDA graph per bucket: it captures
+    (no host sync), greedy output equals plain greedy decoding, and sampled output equals the eager engine's."""
+    cfg = get_preset("small").replace(num_hidden_layers=4, vocab_size=4096, initializer_range=0.05,
+                                      num_nextn_predict_layers=1)
+    torch.manual_seed(0)
+    model = build_model(cfg, device="cuda", dtype=torch.bfloat16).eval()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 64, (n,), generator=gen).tolist() for n in (5, 40, 17, 90, 3)]  # repeats to find
+    greedy = SamplingParams(max_new_tokens=24, temperature=0)
+    sampled = SamplingParams(max_new_tokens=24, temperature=0.8, top_p=0.9, seed=5)
+    spec = dict(speculative=method, num_speculative_tokens=2, prompt_lookup=(1, 3))
+    graphs = Engine(model, max_batch=4, max_model_len=128, **spec)
+    assert graphs.overlap == (method == "mtp")
+    assert run(graphs, prompts, greedy) == run(Engine(model, max_batch=4, max_model_len=128), prompts, greedy)
+    eager = Engine(model, max_batch=4, max_model_len=128, cuda_graphs=False, **spec)
+    eager.runner.bucketed = True  # same shapes as the graphs, so the same kernels run
+    assert run(graphs, prompts, sampled) == run(eager, prompts, sampled)
+    runners = graphs.spec.runners.values()
+    assert any(r.graphs for r in runners) and not any(r.failed for r in runners)
+    assert graphs.speculation_stats()["accepted"][0] > 0

@@ -74,15 +74,17 @@ def run(engine, prompts, params, join_after=None):
     return [out[i] for i in ids]
 
 
-@pytest.mark.parametrize("method, drafts", [("mtp", 1), ("mtp", 3), ("ngram", 2), ("ngram", 4)])
-def test_greedy_speculative_equals_plain_greedy(model_and_data, method, drafts):
+@pytest.mark.parametrize("method, drafts, overlap", [("mtp", 1, False), ("mtp", 1, True), ("mtp", 3, True),
+                                                     ("ngram", 2, False), ("ngram", 4, False)])
+def test_greedy_speculative_equals_plain_greedy(model_and_data, method, drafts, overlap):
+    """overlap: a step stays in flight while the host reads the one before (MTP drafts; on CUDA by default)."""
     model, prompts = model_and_data
     plain = generate(model, prompts, GREEDY, max_batch=3, prefill_chunk=4)
     engine = Engine(model, max_batch=3, max_model_len=64, prefill_chunk=4, speculative=method,
-                    num_speculative_tokens=drafts, prompt_lookup=(1, 3))
-    widths = []
-    for runner in engine.spec.verify:
-        runner.step = lambda B, L, step=runner.step, width=runner.width: widths.append(width) or step(B, L)
+                    num_speculative_tokens=drafts, prompt_lookup=(1, 3), overlap=overlap)
+    assert engine.overlap == overlap
+    widths, compute = [], engine.spec.compute
+    engine.spec.compute = lambda B, L, width, flags: widths.append(width) or compute(B, L, width, flags)
     assert run(engine, prompts, GREEDY, join_after=2) == plain
     stats = engine.speculation_stats()
     assert 0 < stats["accepted"][0] < stats["proposed"][0]  # drafts were both kept and rejected
@@ -91,12 +93,14 @@ def test_greedy_speculative_equals_plain_greedy(model_and_data, method, drafts):
     assert set(widths) == {drafts + 1} if method == "mtp" else {1, drafts + 1} <= set(widths)
 
 
-def test_requests_without_drafts_and_stop_tokens_mid_step(model_and_data):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_requests_without_drafts_and_stop_tokens_mid_step(model_and_data, overlap):
     model, prompts = model_and_data
     plain = generate(model, prompts, GREEDY, max_batch=3)
     stop = plain[0][5]
     with_stop = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=(stop,))
-    engine = Engine(model, max_batch=3, max_model_len=64, speculative="mtp", num_speculative_tokens=2)
+    engine = Engine(model, max_batch=3, max_model_len=64, speculative="mtp", num_speculative_tokens=2,
+                    overlap=overlap)
     rids = [engine.add_request(prompts[0], with_stop),
             engine.add_request(prompts[1], SamplingParams(max_new_tokens=12, temperature=0, speculative=False)),
             engine.add_request(prompts[2], SamplingParams(max_new_tokens=5, temperature=0,
@@ -116,7 +120,7 @@ def test_cache_after_rollback_equals_plain_decoding(model_and_data, method):
     params = SamplingParams(max_new_tokens=9, temperature=0)
     plain = Engine(model, max_batch=2, max_model_len=48)
     spec = Engine(model, max_batch=2, max_model_len=48, speculative=method, num_speculative_tokens=3,
-                  prompt_lookup=(1, 2))
+                  prompt_lookup=(1, 2), overlap=method == "mtp")
     for engine in (plain, spec):
         outs = run(engine, prompts[1:3], params)
     for slot, (prompt, out) in enumerate(zip(prompts[1:3], outs)):
@@ -157,7 +161,7 @@ def test_sampled_speculative_follows_the_main_models_distribution(model_and_data
     prompt, n = prompts[2], 400
     marginals = exact_marginals(model, prompt, 3)
     engine = Engine(model, max_batch=64, max_model_len=16, speculative=method, num_speculative_tokens=2,
-                    prompt_lookup=(1, 2))
+                    prompt_lookup=(1, 2), overlap=method == "mtp")
     out = run(engine, [prompt] * n, SamplingParams(max_new_tokens=3, temperature=1.0, top_p=1.0, seed=None))
     stats = engine.speculation_stats()
     assert 0 < stats["accepted"][0] < stats["proposed"][0]
@@ -267,3 +271,29 @@ def test_prompt_lookup_finds_the_latest_longest_match_on_token_boundaries():
     assert drafter.lookup(req) == reference_lookup(req.prompt + req.output, 1, 3, 3)
     with pytest.raises(UserError, match="prompt-lookup-min"):
         PromptLookupDrafter(SimpleNamespace(N=3), 3, 2)
+
+
+@pytest.mark.parametrize("drafts, temperature", [(1, 0.0), (3, 0.0), (3, 1.0)])
+def test_the_device_step_leaves_its_inputs_alone(model_and_data, drafts, temperature):
+    """What a CUDA-graph capture needs of the speculative step (its warm-up runs execute it before the capture):
+    run twice from the same state it gives the same outputs, writes the same cache entries and staged drafts,
+    and leaves the slots' positions, inputs and draft distributions as they were (commit applies them)."""
+    model, prompts = model_and_data
+    engine = Engine(model, max_batch=3, max_model_len=48, speculative="mtp", num_speculative_tokens=drafts)
+    for p in prompts[:3]:
+        engine.add_request(p, SamplingParams(max_new_tokens=20, temperature=temperature, seed=1))
+    for _ in range(4):
+        engine.step()
+    spec, flags = engine.spec, {"any_random": temperature > 0, "any_filtered": False}
+    state = lambda: [t.clone() for t in (engine.slots.positions, spec.tokens, spec.draft_probs, spec.max_drafts)]
+    staged = lambda: [t.clone() for t in (spec.next_drafts, spec.next_probs,
+                                          *(b for layer in (*engine.cache.layers, *spec.drafter.cache.layers)
+                                            for b in layer))]
+    before = state()
+    spec.next_drafts.fill_(-1)
+    first = [t.clone() for t in spec.compute(3, 48, spec.width, flags)]
+    after_first = staged()
+    second = spec.compute(3, 48, spec.width, flags)
+    for a, b in zip(first + after_first + before, [*second, *staged(), *state()]):
+        assert torch.equal(a, b)
+    assert (after_first[0] >= 0).all() and (first[2] > before[0]).all()  # it staged drafts, positions advance

@@ -5,9 +5,9 @@
   verify it runs over the same N + 1 positions with the main model's hidden states h_{p+j} and the tokens that
   follow them (the kept drafts, then the new token), which writes its own cache entries for the kept positions;
   its output at the last kept index drafts the next d_1, and further drafts chain the same module on its own
-  hidden state (DeepSeek-V3 ships one MTP module; vLLM chains it the same way). Both passes are CUDA-graph
-  captured per (batch, length) bucket like plain decode; drafts are sampled with each request's parameters,
-  and their distributions q_j kept for the acceptance test.
+  hidden state (DeepSeek-V3 ships one MTP module; vLLM chains it the same way). Both passes are part of the
+  speculative step's CUDA graph; drafts are sampled with each request's parameters, and their distributions q_j
+  kept for the acceptance test.
 - `PromptLookupDrafter` (--speculative ngram): no draft model (prompt lookup decoding, Saxena 2023; vLLM's
   "ngram"). The last n tokens of a sequence (prompt + output; n from --prompt-lookup-max down to
   --prompt-lookup-min) are looked up at their most recent earlier occurrence, and the tokens that followed it
@@ -24,29 +24,13 @@ from array import array
 import torch
 
 from dsmoe.errors import UserError
-from dsmoe.infer.runner import DecodeRunner
 from dsmoe.infer.sampling import processed_logits, sample
 
 _DRAFT_SALT = 0x5DEECE66D  # keys the drafts' noise apart from the emitted tokens'
 
 
-class _MTPRunner(DecodeRunner):
-    """The MTP module over `width` tokens per row, from position start[b] on -> (logits, MTP hidden)."""
-
-    def __init__(self, spec, drafter: "MTPDrafter", width: int, start: torch.Tensor, **kw):
-        super().__init__(spec.model, drafter.cache, spec.slots, **kw)
-        self.spec, self.drafter, self.width, self.start = spec, drafter, width, start
-        D = spec.model.config.hidden_size
-        self.ids = torch.zeros(spec.num_slots, width, dtype=torch.int64, device=start.device)
-        self.hidden = torch.zeros(spec.num_slots, width, D, dtype=spec.dtype, device=start.device)
-
-    def step(self, B: int, L: int):
-        positions = self.spec.positions(self.start[:B], self.width)
-        return self.drafter.mtp(self.hidden[:B], self.ids[:B], positions, self.cache.decode(positions, L)[0])
-
-
 class MTPDrafter:
-    on_host = False  # drafts are made on the device right after each verify
+    on_host = False  # drafts are made on the device, within the speculative step
     batched_prefill = False  # its prefill follows each request's own forward over the prompt's hidden states
 
     def __init__(self, spec):
@@ -59,16 +43,21 @@ class MTPDrafter:
                             "or drop --speculative")
         self.spec, self.model = spec, model
         self.cache = KVCache(model.mtp[:1], spec.num_slots, spec.cache.max_len, spec.device, spec.dtype)
-        self.chain_start = torch.full((spec.num_slots,), spec.cache.trash, dtype=torch.int64, device=spec.device)
-        graphs = dict(cuda_graphs=spec.cuda_graphs)
-        self.extend = _MTPRunner(spec, self, spec.width, spec.slots.positions, **graphs)
-        self.chain = _MTPRunner(spec, self, 1, self.chain_start, **graphs) if spec.N > 1 else None
+        D, n, z = model.config.hidden_size, spec.num_slots, lambda *shape: torch.zeros(*shape, device=spec.device)
+        # inputs of the MTP passes (intermediates of the step: rewritten from its inputs each time)
+        self.ids, self.hidden = z(n, spec.width).long(), z(n, spec.width, D).to(spec.dtype)
+        self.chain_start = torch.full((n,), spec.cache.trash, dtype=torch.int64, device=spec.device)
 
     def mtp(self, h_prev: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, layer_cache):
         model, module = self.model, self.model.mtp[0]
         cos, sin = model.rotary(positions)
         h = module(h_prev, model.embed_tokens(ids), cos, sin, layer_cache)
         return model.logits(module.shared_head.norm(h)), h
+
+    def _run(self, B: int, L: int, start: torch.Tensor, width: int):
+        """The MTP module over `width` tokens of rows 0..B-1 from position start[b] on (ids and hidden as staged)."""
+        positions = self.spec.positions(start[:B], width)
+        return self.mtp(self.hidden[:B, :width], self.ids[:B, :width], positions, self.cache.decode(positions, L)[0])
 
     def prefill(self, req, start: int, end: int, hidden: torch.Tensor, first_token: torch.Tensor | None,
                 flags: dict) -> None:
@@ -82,9 +71,11 @@ class MTPDrafter:
         view = self.cache.prefill(req.slot, start, end - start)
         logits, h = self.mtp(hidden, following[None], positions, view[0])
         if first_token is not None:
-            slot = req.slot
-            self._draft(slot, slot + 1, logits[0, -1:], h[0, -1:],
-                        torch.full((1,), len(req.prompt), device=spec.device), flags)
+            slot, P = req.slot, len(req.prompt)
+            L = min(P + spec.width + spec.N, spec.cache.max_len)  # eager: no bucket
+            self._draft(slot, slot + 1, L, logits[0, -1:], h[0, -1:], torch.full((1,), P, device=spec.device),
+                        flags)
+            spec.commit(slot, None, None, flags)
 
     def after_verify(self, B: int, L: int, h: torch.Tensor, tokens: torch.Tensor, kept: torch.Tensor,
                      next_pos: torch.Tensor, flags: dict) -> None:
@@ -92,37 +83,35 @@ class MTPDrafter:
         the new token); its output at the last kept index drafts the next step."""
         spec, N = self.spec, self.spec.N
         rows = torch.arange(B, device=spec.device)
-        ids = self.extend.ids
-        ids[:B, :N] = spec.tokens[:B, 1:]
-        ids[rows, kept] = tokens[rows, kept]
-        self.extend.hidden[:B] = h
-        mtp_logits, mtp_h = self.extend(B, L)
-        self._draft(0, B, mtp_logits[rows, kept], mtp_h[rows, kept], next_pos, flags)
+        self.ids[:B, :N] = spec.tokens[:B, 1:]
+        self.ids[rows, kept] = tokens[rows, kept]
+        self.hidden[:B] = h
+        mtp_logits, mtp_h = self._run(B, L, spec.slots.positions, spec.width)
+        self._draft(0, B, L, mtp_logits[rows, kept], mtp_h[rows, kept], next_pos, flags)
 
-    def _draft(self, lo: int, hi: int, logits: torch.Tensor, h: torch.Tensor, next_pos: torch.Tensor,
+    def _draft(self, lo: int, hi: int, L: int, logits: torch.Tensor, h: torch.Tensor, next_pos: torch.Tensor,
                flags: dict) -> None:
         """Rows lo..hi-1 (slots): logits (n, V) and MTP hidden (n, D) at each row's position next_pos - 1 ->
-        the N drafts for the next verify (tokens[:, 1:]) and their distributions."""
+        the N drafts of the next step and their distributions, staged (spec.next_drafts / next_probs). L bounds
+        the positions the chain reaches (next_pos + N - 2)."""
         spec, s = self.spec, self.spec.slots
         sl = slice(lo, hi)
         for j in range(spec.N):
             logits = logits.float()
             seed = s.seed[sl] ^ _DRAFT_SALT
             token = sample(logits, s.temperature[sl], s.top_k[sl], s.top_p[sl], seed, next_pos + j + 1, **flags)
-            spec.tokens[sl, j + 1] = token
+            spec.next_drafts[sl, j] = token
             if flags["any_random"]:
-                spec.draft_probs[sl, j] = processed_logits(logits, s.temperature[sl], s.top_k[sl], s.top_p[sl],
-                                                           any_filtered=flags["any_filtered"]).softmax(-1)
+                spec.next_probs[sl, j] = processed_logits(logits, s.temperature[sl], s.top_k[sl], s.top_p[sl],
+                                                          any_filtered=flags["any_filtered"]).softmax(-1)
             if j + 1 == spec.N:
                 return
             # chain: the MTP module again, at the position after, on its own hidden state and this draft
             self.chain_start.fill_(spec.cache.trash)
             self.chain_start[sl] = next_pos + j
-            self.chain.ids[sl, 0] = token
-            self.chain.hidden[sl, 0] = h
-            B = self.chain.batch_bucket(hi)
-            L = self.chain.length_bucket(min(int(self.chain_start[sl].max()) + 1, spec.cache.max_len))
-            logits, h = self.chain(B, L)
+            self.ids[sl, 0] = token
+            self.hidden[sl, 0] = h
+            logits, h = self._run(hi, L, self.chain_start, 1)
             logits, h = logits[sl, 0], h[sl, 0]
 
 

@@ -13,7 +13,9 @@ Each running sequence owns a slot of a static KV cache. Every `step()`:
    launch; the one extra token the in-flight step computed for it is discarded.
 With `speculative="mtp"` or `"ngram"` step 2 is a speculative step instead (speculative.py): drafts (of the MTP
 module, or looked up in the sequence itself) are verified in one forward and each sequence advances by 1..N+1
-tokens; the step is read back at once (no step in flight: the next launch depends on how many drafts were kept).
+tokens. With MTP drafts the step is all on the device, so one stays in flight as in plain decoding; the host
+then knows each sequence's length only within bounds (at least one token per step, at most N+1), which is
+enough to stop launching and to size the attention; prompt lookup reads every step back before the next.
 Requests join and leave at any step; `cancel()` ends one at once. Stop *strings* need text, so they are
 checked by the caller (dsmoe.infer.text), which cancels the request when one appears.
 """
@@ -45,7 +47,7 @@ class Engine:
         compile: run the decode step's blocks through torch.compile (see runner.py).
         speculative: up to num_speculative_tokens drafts per step, verified by the model (speculative.py): "mtp"
         drafts with the model's MTP module, "ngram" by prompt lookup with n-grams of prompt_lookup = (min, max)
-        tokens (drafters.py); overlap does not apply."""
+        tokens (drafters.py; no overlap: the lookup reads every token)."""
         config = model.config
         self.model = model.eval()
         self.device = next(model.parameters()).device
@@ -58,7 +60,6 @@ class Engine:
         if prefill_chunk < 1 or max_batch < 1:
             raise UserError("max_batch and prefill_chunk must be >= 1")
         self.prefill_chunk = prefill_chunk
-        self.overlap = (self.device.type == "cuda" if overlap is None else overlap) and speculative is None
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids if t is not None)
         self.cache_dtype = dtype = model.embed_tokens.weight.dtype
         drafts = num_speculative_tokens if speculative else 0  # a verify may write that far past the last token
@@ -67,6 +68,9 @@ class Engine:
         self.runner = DecodeRunner(model, self.cache, self.slots,
                                    cuda_graphs=cuda_graphs and self.device.type == "cuda", compile=compile)
         self.spec = Speculator(self, speculative, num_speculative_tokens, prompt_lookup) if speculative else None
+        # prompt lookup needs every token on the host before it drafts: no step in flight then
+        self.overlap = ((self.device.type == "cuda" if overlap is None else overlap)
+                        and (self.spec is None or not self.spec.drafter.on_host))
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request, prefilled and decoding
         self.prefilling: Request | None = None
@@ -287,8 +291,15 @@ class Engine:
             return False
         B = self.runner.batch_bucket(max(r.slot for r in live) + 1)
         if self.spec is not None:
-            L = self.runner.length_bucket(max(r.next_pos for r in live) + self.spec.width)
+            # next_pos is an upper bound while steps are in flight; the chain of MTP drafts reaches N - 1 further
+            width = self.spec.width
+            L = self.runner.length_bucket(min(max(r.next_pos for r in live) + width + self.spec.N,
+                                              self.cache.max_len))
             tokens, counts = self.spec.step(B, L, live, self._flags(live))
+            for req in live:  # bounds until the step is read back: at least one token, at most `width`
+                req.in_flight += 1
+                req.launched += 1
+                req.next_pos += width
             self.pending.append(self._launched([(r.slot, r) for r in live], tokens, None, counts))
             return True
         L = self.runner.length_bucket(max(r.next_pos for r in live) + 1)
@@ -364,8 +375,9 @@ class Engine:
                 n = req.params.logprobs
                 logprobs = [TokenLogprobs(emitted[0], lp[0][row], list(zip(lp[1][row][:n], lp[2][row][:n])))]
             if counts is not None:  # speculative: the host learns here how far the sequence advanced
-                req.launched = len(req.output)
-                req.next_pos = len(req.prompt) + len(req.output) - 1
+                req.in_flight -= 1
+                req.launched = len(req.output) + req.in_flight
+                req.next_pos = len(req.prompt) + len(req.output) - 1 + req.in_flight * self.spec.width
             prompt_lp = None if req.reported_prompt else req.prompt_logprobs
             req.reported_prompt = True
             outputs.append(StepOutput(req.id, emitted, logprobs, prompt_lp, reason))

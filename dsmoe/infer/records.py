@@ -27,8 +27,9 @@ class Request:
     seed: int
     slot: int | None = None
     prefilled: int = 0  # prompt tokens already in the cache
-    launched: int = 0  # generated tokens whose computation has been launched
-    next_pos: int = 0  # position of the next decode input token
+    launched: int = 0  # generated tokens whose computation has been launched (speculative: a lower bound)
+    next_pos: int = 0  # position of the next decode input token (an upper bound while speculative steps are in flight)
+    in_flight: int = 0  # speculative steps launched and not yet read back
     output: list[int] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     finished: str | None = None

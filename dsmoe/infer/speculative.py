@@ -29,19 +29,18 @@ METHODS = ("mtp", "ngram")
 _ACCEPT_SALT = 0x2545F4914F6CDD1D
 
 
-class _VerifyRunner(DecodeRunner):
-    """The main model over `width` tokens per row (the input and width - 1 drafts) -> (logits (B, width, V),
-    final-normed hidden (B, width, D))."""
+class _StepRunner(DecodeRunner):
+    """The device part of a speculative step (verify, accept, the next drafts) at one verify width and one set of
+    sampling switches: one CUDA graph per (batch, length) bucket. It only writes the KV caches (the same entries
+    with the same values each time) and staging buffers, never its own inputs, so the capture's warm-up runs
+    leave the engine's state as it was; Speculator.commit applies the result."""
 
-    def __init__(self, spec: "Speculator", width: int, **kw):
+    def __init__(self, spec: "Speculator", width: int, flags: dict, **kw):
         super().__init__(spec.model, spec.cache, spec.slots, **kw)
-        self.spec, self.width = spec, width
+        self.spec, self.width, self.flags = spec, width, flags
 
     def step(self, B: int, L: int):
-        positions = self.spec.positions(self.slots.positions[:B], self.width)
-        ids = self.spec.tokens[:B, :self.width]
-        h = self.model(ids, positions, cache=self.cache.decode(positions, L), return_hidden=True)
-        return self.model.logits(h), h
+        return self.spec.compute(B, L, self.width, self.flags)
 
 
 class Speculator:
@@ -61,9 +60,11 @@ class Speculator:
         self.tokens = z(self.num_slots, self.width)  # verify input per slot: [x_p, d_1 .. d_N]
         self.draft_probs = z(self.num_slots, self.N, self.vocab_size, dtype=torch.float32)  # q_j for sampled rows
         self.max_drafts = z(self.num_slots)  # per slot: the drafts offered this step (0..N)
-        # verify forwards by width: MTP always offers N drafts; a lookup step runs 1 + the most drafts a row found
+        # staging: the next step's drafts and their distributions, as the device step computes them
+        self.next_drafts = z(self.num_slots, self.N)
+        self.next_probs = torch.zeros_like(self.draft_probs)
         self.cuda_graphs = engine.runner.cuda_graphs
-        self.verify = [_VerifyRunner(self, w, cuda_graphs=self.cuda_graphs) for w in range(1, self.width + 1)]
+        self.runners: dict[tuple[int, bool, bool], _StepRunner] = {}
         self.drafter = MTPDrafter(self) if method == "mtp" else PromptLookupDrafter(self, *prompt_lookup)
         self.caps = [0] * self.num_slots  # per slot: its request's cap on drafts per step
         self.offered = [0] * self.num_slots  # per slot: drafts offered in the latest step (host copy of max_drafts)
@@ -90,23 +91,44 @@ class Speculator:
 
     @torch.no_grad()
     def step(self, B: int, L: int, live: list, flags: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """One draft-verify-accept step for rows 0..B-1 (`live`: their requests) -> (tokens (B, N+1): the kept
-        drafts then the new token, counts (B,): how many of them each row emits)."""
-        s = self.slots
+        """One draft-verify-accept step for rows 0..B-1 (`live`: their requests) -> (tokens (B, width): the kept
+        drafts then the new token, counts (B,): how many of them each row emits). Nothing is read back: with MTP
+        drafts the next step may be launched before this one's tokens reach the host."""
         width = self.width
         if self.drafter.on_host:
             self.offered = self.drafter.propose(live, flags)
             width = 1 + max(self.offered)
-        logits, h = self.verify[width - 1](B, L)
-        p_pos = self.positions(s.positions[:B], width) + 1  # position of the token each index generates
-        tokens, kept = self.accept(logits.float(), B, p_pos, flags)
+        key = (width, flags["any_random"], flags["any_filtered"])
+        if key not in self.runners:
+            self.runners[key] = _StepRunner(self, width, dict(flags), cuda_graphs=self.cuda_graphs)
+        tokens, counts, next_pos, next_input = self.runners[key](B, L)
+        self.commit(slice(0, B), next_pos, next_input, flags)
+        return tokens, counts
+
+    def compute(self, B: int, L: int, width: int, flags: dict):
+        """The device step (see _StepRunner) -> (tokens (B, width), counts (B,), next positions (B,), next inputs
+        (B,)); the drafter stages the next drafts."""
+        s = self.slots
+        positions = self.positions(s.positions[:B], width)
+        h = self.model(self.tokens[:B, :width], positions, cache=self.cache.decode(positions, L), return_hidden=True)
+        tokens, kept = self.accept(self.model.logits(h).float(), B, positions + 1, flags)
         rows = torch.arange(B, device=self.device)
         live_rows = s.positions[:B] != self.cache.trash
         next_pos = torch.where(live_rows, s.positions[:B] + kept + 1, s.positions[:B])
-        self.tokens[:B, 0] = tokens[rows, kept]
+        next_input = tokens[rows, kept]
         self.drafter.after_verify(B, L, h, tokens, kept, next_pos, flags)
-        s.positions[:B] = next_pos
-        return tokens, kept + 1
+        return tokens, kept + 1, next_pos, next_input
+
+    def commit(self, rows: slice | int, next_pos: torch.Tensor | None, next_input: torch.Tensor | None,
+               flags: dict) -> None:
+        """Make staged results the slots' state: positions and next inputs (when given), staged drafts (MTP)."""
+        if next_pos is not None:
+            self.slots.positions[rows] = next_pos
+            self.tokens[rows, 0] = next_input
+        if not self.drafter.on_host:
+            self.tokens[rows, 1:] = self.next_drafts[rows]
+            if flags["any_random"]:
+                self.draft_probs[rows] = self.next_probs[rows]
 
     def accept(self, logits: torch.Tensor, B: int, p_pos: torch.Tensor, flags: dict):
         """logits (B, n+1, V) of the verify forward over n drafts -> (tokens (B, n+1), kept (B,) drafts kept per
