@@ -1,13 +1,14 @@
 """Hugging Face checkpoints: `load_pretrained` and `save_pretrained` in the hub layout.
 
 Reads `config.json` plus `model.safetensors` or a sharded `model.safetensors.index.json`; accepts the hub's
-per-expert keys and transformers 5's fused `experts.gate_up_proj` / `experts.down_proj`; dequantises
-DeepSeek-V3 FP8 (e4m3) weights with their 128x128 `weight_scale_inv` blocks. V3's MTP modules are the layers
-`model.layers.{num_hidden_layers + k}.*` (dsmoe `mtp.{k}.*`); their copies of the embedding and the output head
-(`embed_tokens`, `shared_head.head`) are written on save and not read back (the model shares its own); a
-config.json that announces MTP layers the files do not hold (transformers saves none) loads without them. The model is built on the meta device and each tensor is streamed
-from the memory-mapped files into its place, so the weights are never held twice. Nothing is read with
-pickle. `save_pretrained` writes per-expert keys and a hub-spelling config.json, which transformers loads.
+per-expert keys and transformers 5's fused `experts.gate_up_proj` / `experts.down_proj` (the key map:
+hub_keys.py); dequantises DeepSeek-V3 FP8 (e4m3) weights with their 128x128 `weight_scale_inv` blocks. V3's MTP
+layers' copies of the embedding and output head are written on save and not read back (the model shares its
+own); a config.json that announces MTP layers the files do not hold (transformers saves none) loads without them.
+The model is built on the meta device and each tensor is streamed from the memory-mapped files into its place,
+so the weights are never held twice; a model sharded before it is filled (`build_pretrained`, then FSDP2 / expert
+parallelism) reads into each rank only the slices it holds. Nothing is read with pickle. `save_pretrained` writes
+per-expert keys and a hub-spelling config.json, which transformers loads.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import os
 import re
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,8 +35,9 @@ from dsmoe.checkpoint.hub_files import (
     read_config_json,
     read_tensor,
 )
+from dsmoe.checkpoint.hub_keys import MTP_COPY, hub_to_ours, ours_to_hub
 from dsmoe.checkpoint.quantized import QuantizedTargets
-from dsmoe.checkpoint.ranks import barrier, expected_two_step_gathers, rank
+from dsmoe.checkpoint.ranks import barrier, expected_two_step_gathers, local_part, rank
 from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.errors import CheckpointError, UserError
 from dsmoe.kernels.quant import dequantize
@@ -43,103 +46,6 @@ from dsmoe.model.classifier import SequenceClassifier, classifier_hub_fields, cl
 from dsmoe.model.transformer import Transformer, cast_model
 
 log = logging.getLogger(__name__)
-
-# One map, both directions: dsmoe name pattern -> hub name pattern. "{}" is a layer index or a module
-# name; "{e}" (hub side only) is an expert index, for the stacked expert tensors.
-KEY_MAP: dict[str, str] = {
-    "embed_tokens.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "lm_head.weight": "lm_head.weight",
-    "score.weight": "score.weight",  # the head of a sequence classifier (dsmoe.model.classifier)
-    "layers.{}.input_layernorm.weight": "model.layers.{}.input_layernorm.weight",
-    "layers.{}.post_attention_layernorm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "layers.{}.self_attn.{}.weight": "model.layers.{}.self_attn.{}.weight",
-    "layers.{}.mlp.{}.weight": "model.layers.{}.mlp.{}.weight",  # dense gate/up/down_proj and the router
-    "layers.{}.mlp.gate.e_score_correction_bias": "model.layers.{}.mlp.gate.e_score_correction_bias",
-    "layers.{}.mlp.shared_experts.{}.weight": "model.layers.{}.mlp.shared_experts.{}.weight",
-    "layers.{}.mlp.experts.gate_up_proj": "model.layers.{}.mlp.experts.{e}.{gate,up}_proj.weight",
-    "layers.{}.mlp.experts.down_proj": "model.layers.{}.mlp.experts.{e}.down_proj.weight",
-    # MTP modules (mtp.{k} in dsmoe = layers.{num_hidden_layers + k} here; see _mtp_name)
-    "layers.{}.enorm.weight": "model.layers.{}.enorm.weight",
-    "layers.{}.hnorm.weight": "model.layers.{}.hnorm.weight",
-    "layers.{}.eh_proj.weight": "model.layers.{}.eh_proj.weight",
-    "layers.{}.shared_head.norm.weight": "model.layers.{}.shared_head.norm.weight",
-}
-# The MTP layers' copies of the shared embedding and output head: written on save, skipped on load.
-MTP_SHARED_COPIES = {"embed_tokens.weight": "model.layers.{}.embed_tokens.weight",
-                     "lm_head.weight": "model.layers.{}.shared_head.head.weight"}
-_MTP_COPY = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$")
-# transformers 5 keeps the experts fused in memory; its files (and some converted checkpoints) may too.
-FUSED_EXPERT_KEYS = {
-    "model.layers.{}.mlp.experts.gate_up_proj": "layers.{}.mlp.experts.gate_up_proj",
-    "model.layers.{}.mlp.experts.down_proj": "layers.{}.mlp.experts.down_proj",
-}
-
-
-def _pattern(template: str) -> re.Pattern:
-    parts = re.split(r"(\{\}|\{e\}|\{gate,up\})", template)
-    groups = {"{}": r"([A-Za-z0-9_]+)", "{e}": r"(?P<e>\d+)", "{gate,up}": r"(?P<part>gate|up)"}
-    return re.compile("".join(groups.get(p, re.escape(p)) for p in parts) + "$")
-
-
-_HUB_TO_OURS = [(_pattern(hub), ours) for ours, hub in KEY_MAP.items()] + \
-               [(_pattern(hub), ours) for hub, ours in FUSED_EXPERT_KEYS.items()]
-
-
-def _mtp_name(name: str, num_hidden_layers: int, to_ours: bool) -> str:
-    """layers.{L + k}.X <-> mtp.{k}.X (L = num_hidden_layers); other names unchanged."""
-    m = re.match(r"(layers|mtp)\.(\d+)\.(.*)", name)
-    if not m:
-        return name
-    kind, i, rest = m.group(1), int(m.group(2)), m.group(3)
-    if to_ours and kind == "layers" and i >= num_hidden_layers:
-        return f"mtp.{i - num_hidden_layers}.{rest}"
-    if not to_ours and kind == "mtp":
-        return f"layers.{num_hidden_layers + i}.{rest}"
-    return name
-
-
-def hub_to_ours(key: str, num_hidden_layers: int) -> tuple[str, int | None, str | None] | None:
-    """Hub key -> (dsmoe parameter name, expert index or None, "gate"/"up"/"down" or None)."""
-    for pattern, ours in _HUB_TO_OURS:
-        m = pattern.match(key)
-        if not m:
-            continue
-        groups = [g for i, g in enumerate(m.groups(), 1) if i not in _named_indices(pattern)]
-        name = _mtp_name(ours.format(*groups), num_hidden_layers, to_ours=True)
-        e = m.groupdict().get("e")
-        part = m.groupdict().get("part") or ("down" if e is not None else None)
-        return name, (int(e) if e is not None else None), part
-    return None
-
-
-def _named_indices(pattern: re.Pattern) -> set[int]:
-    return set(pattern.groupindex.values())
-
-
-def ours_to_hub(name: str, tensor: torch.Tensor, config: ModelConfig):
-    """dsmoe parameter -> [(hub key, tensor)], splitting stacked experts into per-expert tensors and adding the
-    MTP layers' copies of the embedding and head."""
-    L = config.num_hidden_layers
-    copies = [name] + (["lm_head.weight"] if name == "embed_tokens.weight" and config.tie_word_embeddings else [])
-    for shared in copies:
-        if shared in MTP_SHARED_COPIES:
-            for k in range(config.num_nextn_predict_layers):
-                yield MTP_SHARED_COPIES[shared].format(L + k), tensor
-    name = _mtp_name(name, L, to_ours=False)
-    layer = name.split(".")[1] if name.startswith("layers.") else None
-    if name.endswith("mlp.experts.gate_up_proj"):
-        F = tensor.shape[1] // 2
-        for e in range(tensor.shape[0]):
-            yield f"model.layers.{layer}.mlp.experts.{e}.gate_proj.weight", tensor[e, :F]
-            yield f"model.layers.{layer}.mlp.experts.{e}.up_proj.weight", tensor[e, F:]
-        return
-    if name.endswith("mlp.experts.down_proj"):
-        for e in range(tensor.shape[0]):
-            yield f"model.layers.{layer}.mlp.experts.{e}.down_proj.weight", tensor[e]
-        return
-    yield (name if name in ("lm_head.weight", "score.weight") else f"model.{name}"), tensor
-
 
 # ---------------------------------------------------------------- loading
 
@@ -169,6 +75,18 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     config.json on the meta device first, so a broken folder fails with a CheckpointError before any memory is
     allocated.
     """
+    model, weights = build_pretrained(path, dtype, moe_impl, quantize)
+    model.to_empty(device=device or "cpu")
+    weights.fill(model)
+    return model
+
+
+def build_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, moe_impl: str = "auto",
+                     quantize: str | None = None) -> tuple[Transformer, HubWeights]:
+    """`load_pretrained` in two halves: the model on the meta device, checked against the files, and the
+    HubWeights that fill it. In between the caller may add modules and shard the model (fine-tuning under
+    torchrun: a head, LoRA, then FSDP2 and expert parallelism); `model.to_empty(device=...)` and
+    `HubWeights.fill(model)` then read into each rank only the slices it holds."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder: pass the folder that holds config.json")
@@ -191,35 +109,81 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
             quantize_model(model, quantize)  # on the meta device: no full-precision copy is ever made
         quantized = QuantizedTargets(model, quantize, block) if quantize else None  # names and shapes only
         plan = _plan_copies(path, _targets(model, quantized), key_files, handles, config)
-        model.to_empty(device=device or "cpu")
-        quantized = QuantizedTargets(model, quantize, block) if quantize else None
+    return model, HubWeights(path, plan, block, quantize)
+
+
+@dataclass
+class HubWeights:
+    """What fills a model built by `build_pretrained`: (hub key, file, dsmoe name, expert, part) per tensor."""
+
+    path: Path
+    plan: list[tuple[str, Path, str, int | None, str | None]]
+    block: tuple[int, int]
+    quantize: str | None = None
+
+    @torch.no_grad()
+    def fill(self, model: Transformer) -> list[str]:
+        """Copy the checkpoint into `model` after its `to_empty`: a plain tensor whole; of a sharded one (a DTensor:
+        FSDP2 rows, expert-parallel experts) only what this rank holds, read as slices of the files (an FP8 slice
+        with the scale blocks it touches). Buffers start at zero (statistics; a V2-style checkpoint carries no
+        router biases: unbiased), the derived ones are recomputed. Tensors the model no longer has (a classifier's
+        replaced LM head) are not read. Returns the parameters the checkpoint did not fill: those the caller
+        added since `build_pretrained` and must initialise itself."""
+        quantized = QuantizedTargets(model, self.quantize, self.block) if self.quantize else None
         targets = _targets(model, quantized)
-        with torch.no_grad():
-            for key, file, name, expert, part in plan:
-                tensor, scale_inv = read_tensor(handles[file], file, key), None
-                if tensor.dtype == torch.float8_e4m3fn:
-                    scale_file = key_files[key + "_scale_inv"]
-                    scale_inv = read_tensor(handles[scale_file], scale_file, key + "_scale_inv")
+        for buffer in model.buffers():
+            buffer.zero_()
+        with ExitStack() as stack:
+            key_files, handles = open_checkpoint(self.path, stack)
+            for key, file, name, expert, part in self.plan:
+                if name not in targets:
+                    continue  # replaced since build_pretrained (a classifier's LM head)
                 if quantized and name in quantized:
+                    tensor, scale_inv = _read(handles, key_files, file, key, None, None)
                     quantized.take(name, tensor, scale_inv, expert, part,
                                    lambda dest, t, e, p: _destination(dest, e, p).copy_(t))
                     continue
+                piece = _local_piece(targets[name], expert, part)
+                if piece is None:
+                    continue  # another rank's slice
+                box, dest = piece
+                tensor, scale_inv = _read(handles, key_files, file, key, box, self.block)
                 if scale_inv is not None:
-                    tensor = dequantize(tensor, scale_inv, torch.float32, block)
-                _destination(targets[name], expert, part).copy_(tensor)
-            filled = {name for _, _, name, _, _ in plan}
-            for name, tensor in targets.items():
-                if name not in filled:
-                    tensor.zero_()  # only router biases get here: V2-style checkpoints carry none, start unbiased
-    model.init_buffers()
-    return model
+                    offset = (0, 0) if box is None else (box[-2].start % self.block[0], box[-1].start % self.block[1])
+                    tensor = dequantize(tensor, scale_inv, torch.float32, self.block, offset)
+                dest.copy_(tensor)
+        model.init_buffers()
+        filled = {name for _, _, name, _, _ in self.plan}
+        return [name for name in dict(model.named_parameters()) if _unparametrized(name) not in filled]
+
+
+def _read(handles: dict, key_files: dict[str, Path], file: Path, key: str, box: tuple[slice, ...] | None,
+          block: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(a checkpoint tensor or its part `box`, the FP8 weight_scale_inv blocks that part touches or None)."""
+    tensor = read_tensor(handles[file], file, key, box)
+    if tensor.dtype != torch.float8_e4m3fn:
+        return tensor, None
+    scale_key = key + "_scale_inv"
+    scale_box = None
+    if box is not None:
+        (rows, cols), (b0, b1) = box[-2:], block
+        scale_box = (*box[:-2], slice(rows.start // b0, -(-rows.stop // b0)),
+                     slice(cols.start // b1, -(-cols.stop // b1)))
+    return tensor, read_tensor(handles[key_files[scale_key]], key_files[scale_key], scale_key, scale_box)
 
 
 def _targets(model: Transformer, quantized: QuantizedTargets | None) -> dict[str, torch.Tensor]:
-    targets = dict(model.named_parameters())
+    """dsmoe name -> the tensor a checkpoint fills: parameters (a LoRA-adapted weight under its own name, not
+    its parametrization's), router biases and quantized codes."""
+    targets = {_unparametrized(n): p for n, p in model.named_parameters()}
     targets.update((n, b) for n, b in model.named_buffers()
                    if (quantized is not None and n in quantized) or n.endswith("e_score_correction_bias"))
     return targets
+
+
+def _unparametrized(name: str) -> str:
+    """x.parametrizations.weight.original -> x.weight (torch.nn.utils.parametrize keeps the weight there)."""
+    return name.replace(".parametrizations.", ".").removesuffix(".original") if ".parametrizations." in name else name
 
 
 def _plan_copies(path: Path, targets: dict[str, torch.Tensor], key_files: dict[str, Path], handles: dict,
@@ -237,7 +201,7 @@ def _plan_copies(path: Path, targets: dict[str, torch.Tensor], key_files: dict[s
         if layer and int(layer.group(1)) >= L + config.num_nextn_predict_layers:
             mtp_skipped += 1
             continue
-        if _MTP_COPY.match(key):
+        if MTP_COPY.match(key):
             continue  # the MTP layer's copy of the embedding or head: the model shares its own
         mapped = hub_to_ours(key, L)
         if mapped is None or mapped[0] not in targets:
@@ -270,17 +234,42 @@ def _plan_copies(path: Path, targets: dict[str, torch.Tensor], key_files: dict[s
     return plan
 
 
+def _hub_box(shape: torch.Size, expert: int | None, part: str | None) -> list[slice]:
+    """Where one hub tensor lies in the dsmoe tensor of `shape`, a slice per dimension (an expert's hub tensor
+    is one index of the stacked experts' dimension 0, its gate / up half the first / second half of dim 1)."""
+    if expert is None:
+        return [slice(0, n) for n in shape]
+    F = shape[1] // 2
+    rows = {"down": slice(0, shape[1]), "gate": slice(0, F), "up": slice(F, 2 * F)}[part]
+    return [slice(expert, expert + 1), rows, slice(0, shape[2])]
+
+
 def _destination(target: torch.Tensor, expert: int | None, part: str | None, file: Path | None = None,
                  key: str = "") -> torch.Tensor:
     """The part of a dsmoe tensor that one hub tensor fills (a view; shapes only on the meta device)."""
-    if expert is None:
-        return target
-    if expert >= target.shape[0]:
+    if expert is not None and expert >= target.shape[0]:
         raise CheckpointError(f"{file}: {key} names expert {expert} but config.json has {target.shape[0]}")
-    if part == "down":
-        return target[expert]
-    F = target.shape[1] // 2
-    return target[expert, :F] if part == "gate" else target[expert, F:]
+    view = target[tuple(_hub_box(target.shape, expert, part))]
+    return view if expert is None else view[0]
+
+
+def _local_piece(target: torch.Tensor, expert: int | None, part: str | None
+                 ) -> tuple[tuple[slice, ...] | None, torch.Tensor] | None:
+    """(the slices of one hub tensor that this process holds of `target`, None for all of it; the view of its
+    local tensor they fill), or None when it holds none of it. A plain tensor holds all (the _destination)."""
+    local, offset = local_part(target)
+    spans = _hub_box(target.shape, expert, part)
+    box, dest = [], []
+    for dim, (span, start, size) in enumerate(zip(spans, offset, local.shape)):
+        lo, hi = max(span.start, start), min(span.stop, start + size)
+        if lo >= hi:
+            return None
+        dest.append(slice(lo - start, hi - start))
+        if expert is None or dim > 0:  # the expert index is no dimension of its hub tensor
+            box.append(slice(lo - span.start, hi - span.start))
+    whole = all(s.stop - s.start == span.stop - span.start for s, span in zip(box, spans[expert is not None:]))
+    view = local[tuple(dest)]
+    return (None if whole else tuple(box)), (view if expert is None else view[0])
 
 
 # ---------------------------------------------------------------- saving

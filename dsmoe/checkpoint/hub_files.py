@@ -105,9 +105,11 @@ def check_weight_dtype(file: Path, key: str, dtype: str) -> None:
                               "(FP8 with weight_scale_inv blocks): convert the checkpoint to one of them")
 
 
-def read_tensor(handle, file: Path, key: str) -> torch.Tensor:
+def read_tensor(handle, file: Path, key: str, box: tuple[slice, ...] | None = None) -> torch.Tensor:
+    """The tensor, or only the part `box` selects (one slice per dimension): safetensors then reads just those
+    bytes of the memory-mapped file."""
     try:
-        return handle.get_tensor(key)
+        return handle.get_tensor(key) if box is None else handle.get_slice(key)[box]
     except (SafetensorError, OSError, TypeError, ValueError) as e:
         raise CheckpointError(f"{file}: {key} cannot be read ({_reason(e)}); {RESTORE}") from None
 

@@ -57,3 +57,21 @@ def expected_two_step_gathers() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+def local_part(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(the part of `t` this process holds, where that part starts in the global tensor): a plain tensor whole,
+    a DTensor's local shard (FSDP2's row chunks and the expert-parallel blocks of experts, also both at once, are
+    boxes of the global tensor, so one offset places them)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t, (0,) * t.dim()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    local = t.to_local()
+    if tuple(local.shape) != tuple(shape):
+        raise RuntimeError(f"a local shard of shape {tuple(local.shape)} where its placements "
+                           f"{t.placements} imply {tuple(shape)}")
+    return local, tuple(offset)

@@ -30,10 +30,15 @@ def classifier_from_base(base: Transformer, labels: list[str]) -> SequenceClassi
         classifier = SequenceClassifier(config, labels, _moe_impl(base))
     classifier.embed_tokens, classifier.layers, classifier.norm = base.embed_tokens, base.layers, base.norm
     classifier.rotary = base.rotary
-    weight = base.embed_tokens.weight
-    classifier.score = nn.Linear(base.config.hidden_size, len(labels), bias=False, device=weight.device)
-    nn.init.normal_(classifier.score.weight, std=base.config.initializer_range)
+    classifier.score = new_score(base.config, len(labels), base.embed_tokens.weight.device)
     return classifier
+
+
+def new_score(config, num_labels: int, device: torch.device) -> nn.Linear:
+    """A fresh head, N(0, initializer_range), drawn from `device`'s generator (on the meta device: nothing drawn)."""
+    score = nn.Linear(config.hidden_size, num_labels, bias=False, device=device)
+    nn.init.normal_(score.weight, std=config.initializer_range)
+    return score
 
 
 def _moe_impl(model: Transformer) -> str:

@@ -69,12 +69,18 @@ class LoRADelta(nn.Module):
     def __init__(self, weight: torch.Tensor, rank: int, scaling: float):
         super().__init__()
         self.num_experts = weight.shape[0] if weight.dim() == 3 else 1
-        out_features, in_features = weight.shape[-2:]
+        self.out_features, self.in_features = weight.shape[-2:]
         self.rank, self.scaling = rank, scaling
-        factory = dict(device=weight.device, dtype=torch.float32)
-        self.lora_A = nn.Parameter(torch.empty(self.num_experts * rank, in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, self.num_experts * rank, **factory))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default; B = 0 makes the start exact
+        for name, factor in self.new_factors(weight.device).items():
+            setattr(self, name, nn.Parameter(factor))
+
+    def new_factors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Fresh factors of every expert, fp32: A as PEFT draws it (from `device`'s generator; on the meta device
+        nothing is drawn), B = 0, which makes the start exact."""
+        factory = dict(device=device, dtype=torch.float32)
+        lora_A = torch.empty(self.num_experts * self.rank, self.in_features, **factory)
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        return {"lora_A": lora_A, "lora_B": torch.zeros(self.out_features, self.num_experts * self.rank, **factory)}
 
     def delta(self, lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None) -> torch.Tensor:
         """scaling * B @ A per expert, of this module's factors or of the given ones (gathered copies)."""

@@ -16,15 +16,17 @@ import torch
 import torch.nn.functional as F
 
 from dsmoe.atomic import atomic_write_text
-from dsmoe.checkpoint.hf import checkpoint_files, load_pretrained, read_config, save_pretrained
+from dsmoe.checkpoint.hf import build_pretrained, checkpoint_files, load_pretrained, read_config, save_pretrained
 from dsmoe.checkpoint.peft_adapter import save_adapter
+from dsmoe.checkpoint.ranks import local_part
 from dsmoe.data.tokenizer import load_tokenizer
 from dsmoe.errors import UserError
 from dsmoe.finetune import data as ftdata
-from dsmoe.finetune.classifier import classifier_from_base, pad_id_of
-from dsmoe.finetune.lora import LoRASpec, apply_lora, merge_lora
+from dsmoe.finetune.classifier import classifier_from_base, new_score, pad_id_of
+from dsmoe.finetune.lora import LoRASpec, apply_lora, lora_factors, merge_lora
 from dsmoe.finetune.metrics import classification_scores
 from dsmoe.json_files import read_json
+from dsmoe.model.classifier import SequenceClassifier
 from dsmoe.train.data import TrainingData
 from dsmoe.train.loss import next_token_loss
 from dsmoe.train.model_setup import prepare_and_parallelize, seed_per_rank
@@ -146,13 +148,19 @@ class FinetuneTrainer(Trainer):
 
     # ---- model
     def _build_model(self, sharded_init: bool):
-        """BASE (every rank loads it whole), the head, LoRA and the frozen parts, then the pretraining path:
-        parallelize() shards it under torchrun (FSDP2, EP; frozen and trainable weights side by side)."""
+        """BASE, the head, LoRA and the frozen parts, then the pretraining path: parallelize() shards it under
+        torchrun (FSDP2, EP; frozen and trainable weights side by side). One process loads BASE whole first; under
+        torchrun all of this happens on the meta device and each rank then reads only its own shards of BASE and
+        draws the head and LoRA factors as one process does, keeping its slices (a base larger than one rank's
+        memory fits)."""
         cfg, ft = self.cfg, self.ft
         # frozen LoRA bases need no fp32 master copy: bf16 under bf16 autocast (or with --param-dtype bf16)
         bf16 = cfg.param_dtype == "bf16" or (self.lora and self.autocast_dtype == torch.bfloat16)
         dtype = torch.bfloat16 if bf16 else torch.float32
-        model = load_pretrained(ft.base, dtype=dtype, device=self.device, moe_impl=cfg.moe_impl)
+        if self.distributed:
+            model, base_weights = build_pretrained(ft.base, dtype=dtype, moe_impl=cfg.moe_impl)
+        else:
+            model, base_weights = load_pretrained(ft.base, dtype=dtype, device=self.device, moe_impl=cfg.moe_impl), None
         torch.manual_seed(cfg.seed)  # the head and the LoRA factors: the same draw on every rank
         if ft.task == "classify":
             model = classifier_from_base(model, self.labels)
@@ -171,6 +179,10 @@ class FinetuneTrainer(Trainer):
                 p.requires_grad_(False)
         self.model_config = model.config
         prepare_and_parallelize(model, cfg, self.reducer, self.grad_accum)
+        if base_weights is not None:
+            model.to_empty(device=self.device)
+            not_in_base = base_weights.fill(model)
+            redraw_new_weights(model, cfg.seed, self.device, not_in_base)
         seed_per_rank(cfg.seed, self.reducer)
         return model
 
@@ -294,6 +306,29 @@ class TrainedState:
             name = sorted(set(state) ^ set(expected))[0]
             raise UserError(f"the checkpoint does not fit this fine-tune ({name}); resume with the same options")
         self.model.load_state_dict(state, strict=False)
+
+
+@torch.no_grad()
+def redraw_new_weights(model: torch.nn.Module, seed: int, device: torch.device, names: list[str]) -> None:
+    """The head and the LoRA factors of a model sharded before it was filled, `names` (what BASE did not fill),
+    with the values one process draws for them: the same seed, the same draws in the same order, whole on the
+    same device; each rank keeps its slice (one factor at a time: a rank never holds all of them whole)."""
+    torch.manual_seed(seed)
+    drawn = []
+    if isinstance(model, SequenceClassifier):
+        drawn.append(_keep_slice(model.score.weight, new_score(model.config, len(model.labels), device).weight))
+    for _, delta in lora_factors(model):
+        drawn += [_keep_slice(getattr(delta, name), full) for name, full in delta.new_factors(device).items()]
+    params = dict(model.named_parameters())
+    undrawn = [n for n in names if not any(params[n] is p for p in drawn)]
+    if undrawn:
+        raise RuntimeError(f"{undrawn[0]} is neither in the base checkpoint nor drawn by the fine-tune")
+
+
+def _keep_slice(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    local, offset = local_part(param)
+    local.copy_(full[tuple(slice(start, start + size) for start, size in zip(offset, local.shape))])
+    return param
 
 
 def copy_tokenizer_files(base: Path, out: Path) -> None:

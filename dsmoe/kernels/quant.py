@@ -55,11 +55,12 @@ def quantize(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
-               block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)) -> torch.Tensor:
+               block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK), offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """The weight the codes stand for, [..., N, K] in `dtype` (the reference every kernel is tested against).
-    The scheme follows from the codes' dtype; fp8 edge blocks may be partial."""
+    The scheme follows from the codes' dtype; fp8 edge blocks may be partial. offset: for a slice of a larger fp8
+    weight, where its first code sits inside its first scale block (`scale` then holds the blocks it touches)."""
     if q.dtype == torch.int8:
         return (q.float() * scale.float()[..., None]).to(dtype)
-    N, K = q.shape[-2:]
-    s = scale.float().repeat_interleave(block[0], -2)[..., :N, :].repeat_interleave(block[1], -1)[..., :K]
+    (N, K), (r, c) = q.shape[-2:], offset
+    s = scale.float().repeat_interleave(block[0], -2)[..., r:r + N, :].repeat_interleave(block[1], -1)[..., c:c + K]
     return (q.float() * s).to(dtype)
