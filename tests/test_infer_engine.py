@@ -14,6 +14,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0)
 SAMPLED = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.3, seed=11)
+FILTERED = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, top_p=0.9, seed=11)  # drawn inside the step
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +42,37 @@ def test_greedy_equals_full_forward_argmax_loop(model, prompts):
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
-@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED, FILTERED], ids=["greedy", "sampled", "filtered"])
 def test_batched_generation_equals_one_by_one(model, prompts, params, overlap):
     """overlap=True runs the CUDA schedule (one step in flight, results read a step late) on the CPU."""
     batched = generate(model, prompts, params, max_batch=4, prefill_chunk=4, overlap=overlap)
     assert batched == [alone(model, p, params) for p in prompts]
     assert all(len(out) == params.max_new_tokens for out in batched)
+
+
+@pytest.mark.parametrize("params", [GREEDY, FILTERED], ids=["greedy", "filtered"])
+def test_the_step_samples_inside_unless_a_request_needs_logits(model, prompts, params):
+    """Without logprobs or a repetition penalty the decode step draws its tokens inside (one CUDA graph holds it
+    all); a request that needs logits sends the whole batch through the host-side sampler: the same tokens."""
+    engine = Engine(model, max_batch=4, max_model_len=64)
+    inside, sampling_runner = [], engine.sampling_runner
+    engine.sampling_runner = lambda flags: inside.append(flags) or sampling_runner(flags)
+    alone_outputs = [generate_with(engine, [p], params)[0] for p in prompts[:3]]
+    assert len(inside) == 3 * (params.max_new_tokens - 1)  # every decode step (the prefill samples the first)
+    inside.clear()
+    with_logprobs = SamplingParams(max_new_tokens=10, temperature=0, logprobs=2)
+    together = generate_with(engine, prompts[:3] + [prompts[3]], params, last=with_logprobs)
+    assert together[:3] == alone_outputs and not inside
+
+
+def generate_with(engine, prompts, params, last=None):
+    ids = [engine.add_request(p, last if last is not None and i == len(prompts) - 1 else params)
+           for i, p in enumerate(prompts)]
+    out = {i: [] for i in ids}
+    while engine.has_work():
+        for s in engine.step():
+            out[s.request_id] += s.token_ids
+    return [out[i] for i in ids]
 
 
 def test_seeded_sampling_repeats_and_seeds_differ(model, prompts):

@@ -1,5 +1,6 @@
-"""CUDA-graph decode equals eager decode (GPU only): every bucket captures (no host sync in the step), a replay
-gives the eager step's logits, and whole generations match an eager engine run at the same bucket sizes."""
+"""CUDA-graph decode equals eager decode (GPU only): every bucket captures (no host sync in the step, the sampling
+included), a replay gives the eager step's logits, and whole generations match an eager engine run at the same
+bucket sizes."""
 
 import pytest
 import torch
@@ -54,7 +55,9 @@ def test_graph_generation_equals_eager_generation(model, params):
     eager = Engine(model, max_batch=4, max_model_len=128, cuda_graphs=False)
     eager.runner.bucketed = True  # same shapes as the graphs, so the same kernels run
     assert run(graphs, prompts, params) == run(eager, prompts, params)
-    assert graphs.runner.graphs and not graphs.runner.failed and not eager.runner.graphs
+    samplers = graphs.samplers.values()  # the steps sampled inside their graphs
+    assert any(r.graphs for r in samplers) and not any(r.failed for r in samplers)
+    assert not any(r.graphs for r in eager.samplers.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -73,7 +76,10 @@ def test_compiled_graph_step_equals_eager_step(dtype):
     with torch.no_grad():
         expected = eager.runner.forward(4, 64).float()
         got = compiled.runner(4, 64).float()
+        sampler = compiled.sampling_runner({"any_random": False, "any_filtered": False})
+        tokens = sampler(4, 64)  # the same compiled blocks, captured with the argmax
     assert (4, 64) in compiled.runner.graphs and not compiled.runner.failed
+    assert (4, 64) in sampler.graphs and not sampler.failed and torch.equal(tokens, got.argmax(-1))
     if dtype == torch.float32:
         assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
     else:

@@ -163,8 +163,13 @@ def time_dsmoe(model, batch: int, prompt_len: int, new_tokens: int, cuda_graphs:
             "kernels_per_step": kernels_per_step(prof, cuda),
             "profile": kernel_table(prof, steps=1, top=25) if profile and cuda else None,
             "step_bytes": step_bytes(model, engine.cache, batch, context),
-            "graphs": sorted(engine.runner.graphs), "graph_failures": dict(engine.runner.failed),
+            "graphs": sorted(step_runner(engine).graphs), "graph_failures": dict(step_runner(engine).failed),
             "speculation": engine.speculation_stats()}
+
+
+def step_runner(engine):
+    """The decode step the benchmark's greedy requests run (it samples inside its graph)."""
+    return engine.sampling_runner({"any_random": False, "any_filtered": False})
 
 
 def profile_step(engine, B: int, L: int):
@@ -174,7 +179,7 @@ def profile_step(engine, B: int, L: int):
 
     cuda = engine.device.type == "cuda"
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        engine.runner.forward(B, L)
+        step_runner(engine).forward(B, L)
         if cuda:
             torch.cuda.synchronize()
     return prof

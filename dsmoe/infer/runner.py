@@ -7,6 +7,9 @@ routing, experts, attention) is one launch with no host synchronisation. B is ro
 mix of running sequences; rows past the live ones write to the cache's trash position (see cache.py). Inputs
 are read from the slot buffers in place, so a replay sees whatever the previous step or a prefill wrote there.
 
+`SamplingRunner` is the same step with the next tokens drawn inside it (one graph then holds the whole step, the
+sampling too), for batches whose requests need no logits on the host (no logprobs, no repetition penalty).
+
 With `compile=True` the model's blocks are compiled in place (regional compilation: one compiled graph per
 block kind and shape, so compile time does not grow with depth; inductor fuses the norms, rotary, softmax and
 routing glue that otherwise cost a kernel each) and the decode step runs them before capture. Every step is
@@ -20,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from dsmoe.infer.graphs import try_capture
+from dsmoe.infer.sampling import sample
 
 # compiled entries: a few block kinds x the (B, L) buckets; dynamo's default limit (8) would fall back to eager
 RECOMPILE_LIMIT = 256
@@ -97,3 +101,19 @@ class DecodeRunner:
         graph, out = self.graphs[key]
         graph.replay()
         return out
+
+
+class SamplingRunner(DecodeRunner):
+    """The decode step and the sampling of its next tokens -> tokens (B,), for one set of the sampler's switches
+    (any_random, any_filtered). Shares the plain runner's compiled blocks and graph memory pool."""
+
+    def __init__(self, runner: DecodeRunner, flags: dict):
+        super().__init__(runner.model, runner.cache, runner.slots, runner.cuda_graphs, runner.bucketed)
+        self.compiled, self.pool = runner.compiled, runner.pool
+        self.flags = dict(flags)
+
+    def step(self, B: int, L: int) -> torch.Tensor:
+        s = self.slots
+        logits = super().step(B, L).float()
+        return sample(logits, s.temperature[:B], s.top_k[:B], s.top_p[:B], s.seed[:B], s.positions[:B] + 1,
+                      **self.flags)
