@@ -177,3 +177,16 @@ def test_each_rank_reads_and_holds_half_of_the_model(ran, model_dir):
     model_bytes = sum(t.numel() * t.element_size() for t in gathered.values())
     assert sum(r["held_bytes"] for r in ranks) == model_bytes
     assert all(r["held_bytes"] < 0.52 * model_bytes for r in ranks)
+
+
+def test_a_tensor_replaced_by_one_of_another_shape_after_the_build_is_left_to_the_caller(model_dir):
+    """A classifier base fine-tuned over other labels gets a new head: BASE's head is not read into it."""
+    from dsmoe.checkpoint.hf import build_pretrained, load_pretrained
+
+    model, weights = build_pretrained(model_dir)
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, 7, bias=False, device="meta")
+    model.to_empty(device="cpu")
+    assert weights.fill(model) == ["lm_head.weight"]
+    whole = dict(load_pretrained(model_dir).named_parameters())
+    for name, p in model.named_parameters():
+        assert name == "lm_head.weight" or torch.equal(p, whole[name]), name

@@ -108,16 +108,19 @@ def build_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, 
         if quantize:
             quantize_model(model, quantize)  # on the meta device: no full-precision copy is ever made
         quantized = QuantizedTargets(model, quantize, block) if quantize else None  # names and shapes only
-        plan = _plan_copies(path, _targets(model, quantized), key_files, handles, config)
-    return model, HubWeights(path, plan, block, quantize)
+        targets = _targets(model, quantized)
+        plan = _plan_copies(path, targets, key_files, handles, config)
+    return model, HubWeights(path, plan, {name: tuple(t.shape) for name, t in targets.items()}, block, quantize)
 
 
 @dataclass
 class HubWeights:
-    """What fills a model built by `build_pretrained`: (hub key, file, dsmoe name, expert, part) per tensor."""
+    """What fills a model built by `build_pretrained`: (hub key, file, dsmoe name, expert, part) per tensor, and
+    the shapes of the tensors they fill."""
 
     path: Path
     plan: list[tuple[str, Path, str, int | None, str | None]]
+    shapes: dict[str, tuple[int, ...]]
     block: tuple[int, int]
     quantize: str | None = None
 
@@ -126,18 +129,19 @@ class HubWeights:
         """Copy the checkpoint into `model` after its `to_empty`: a plain tensor whole; of a sharded one (a DTensor:
         FSDP2 rows, expert-parallel experts) only what this rank holds, read as slices of the files (an FP8 slice
         with the scale blocks it touches). Buffers start at zero (statistics; a V2-style checkpoint carries no
-        router biases: unbiased), the derived ones are recomputed. Tensors the model no longer has (a classifier's
-        replaced LM head) are not read. Returns the parameters the checkpoint did not fill: those the caller
-        added since `build_pretrained` and must initialise itself."""
+        router biases: unbiased), the derived ones are recomputed. Tensors replaced since `build_pretrained` by
+        others of another shape, or gone (a classifier's new head over other labels; the LM head and MTP modules
+        of a classifier built from a language model), are not read. Returns the parameters the checkpoint did not
+        fill: those the caller added or replaced and must initialise itself."""
         quantized = QuantizedTargets(model, self.quantize, self.block) if self.quantize else None
         targets = _targets(model, quantized)
         for buffer in model.buffers():
             buffer.zero_()
         with ExitStack() as stack:
             key_files, handles = open_checkpoint(self.path, stack)
-            for key, file, name, expert, part in self.plan:
-                if name not in targets:
-                    continue  # replaced since build_pretrained (a classifier's LM head)
+            plan = [entry for entry in self.plan
+                    if entry[2] in targets and tuple(targets[entry[2]].shape) == self.shapes[entry[2]]]
+            for key, file, name, expert, part in plan:
                 if quantized and name in quantized:
                     tensor, scale_inv = _read(handles, key_files, file, key, None, None)
                     quantized.take(name, tensor, scale_inv, expert, part,
@@ -153,7 +157,7 @@ class HubWeights:
                     tensor = dequantize(tensor, scale_inv, torch.float32, self.block, offset)
                 dest.copy_(tensor)
         model.init_buffers()
-        filled = {name for _, _, name, _, _ in self.plan}
+        filled = {name for _, _, name, _, _ in plan}
         return [name for name in dict(model.named_parameters()) if _unparametrized(name) not in filled]
 
 
