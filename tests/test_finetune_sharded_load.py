@@ -2,11 +2,11 @@
 slices of BASE (dsmoe.checkpoint.hf.HubWeights.fill) and draws the head and LoRA factors as one process does,
 keeping its slices. On 2 CPU ranks (gloo): every parameter, gathered, equals bit for bit the one-process whole load
 (FSDP2 with a LoRA classifier, expert parallelism with LoRA on attention, dense MLPs and experts, a full
-classifier with EP, an FP8 base whose 12 x 20 scale blocks straddle the ranks' row chunks); a short fine-tune
-gives the losses and gradient norms of the same ranks loading BASE whole, exactly; each rank reads half of the
-checkpoint's bytes and holds half of the model.
+classifier with EP, an FP8 base whose 12 x 20 scale blocks straddle the ranks' row chunks; and on 4 ranks EP 2 x
+FSDP 2 over the experts); a short fine-tune gives the losses and gradient norms of the same ranks loading BASE
+whole, exactly; each rank reads half of the checkpoint's bytes and holds half of the model.
 
-One distributed run (module fixture) does every job; the tests read what it left behind."""
+Two distributed runs (a module fixture) do every job; the tests read what they left behind."""
 
 import argparse
 import json
@@ -36,6 +36,11 @@ def jobs(model_dir, fp8_dir, chats, spam) -> dict[str, list[str]]:
         "ep_full_classify": [str(model_dir), *classify, "--ep", "2", "--steps", "1"],
         "fp8_fsdp_sft": [str(fp8_dir), *sft, "--steps", "1"],
     }
+
+
+# On 4 ranks with --ep 2 the experts are also sharded by FSDP over the 2 ranks holding the same ones: each rank's
+# block of experts is a chunk of its EP block (DTensor placements _StridedShard(0) x Shard(0) on the 2-D mesh)
+FOUR_RANKS = ("ep2_dp2_lora_sft",)
 
 
 def parts(argv: list[str]):
@@ -126,14 +131,17 @@ def ran(model_dir, fp8_dir, tmp_path_factory):
     spam.write_text("".join(json.dumps({"text": f"win a prize now {i}", "label": "spam"} if i % 3 == 0 else
                                        {"text": f"see you at lunch {i}", "label": "ham"}) + "\n" for i in range(12)))
     all_jobs = jobs(model_dir, fp8_dir, chats, spam)
+    all_jobs["ep2_dp2_lora_sft"] = all_jobs["ep_lora_sft"]
     out = tmp_path_factory.mktemp("runs")
     for name in all_jobs:
         (out / name).mkdir()
-    run_distributed(_on_each_rank, 2, all_jobs, out, timeout_s=120)
+    run_distributed(_on_each_rank, 2, {k: v for k, v in all_jobs.items() if k not in FOUR_RANKS}, out, timeout_s=120)
+    run_distributed(_on_each_rank, 4, {k: v for k, v in all_jobs.items() if k in FOUR_RANKS}, out, timeout_s=120)
     return all_jobs, out
 
 
-@pytest.mark.parametrize("name", ["fsdp_lora_classify", "ep_lora_sft", "ep_full_classify", "fp8_fsdp_sft"])
+@pytest.mark.parametrize("name", ["fsdp_lora_classify", "ep_lora_sft", "ep_full_classify", "fp8_fsdp_sft",
+                                  "ep2_dp2_lora_sft"])
 def test_each_rank_loads_its_shards_to_the_values_of_the_whole_load(ran, name, tmp_path):
     from dsmoe.finetune.trainer import FinetuneTrainer
 
