@@ -12,12 +12,13 @@ import importlib
 import logging
 import sys
 
+from dsmoe.bench.cli import BENCHMARKS  # the names only: each benchmark's module loads when it runs
 from dsmoe.errors import UserError
 
 SUBCOMMANDS = {
     "train": ("dsmoe.train.cli", "train a model (built-in corpus by default), or resume a run"),
     "finetune": ("dsmoe.finetune.cli", "fine-tune a pretrained model: chat/instruction SFT, classification, LoRA"),
-    "eval": ("dsmoe.tasks.eval_cli", "validation loss and perplexity of a run or checkpoint on a corpus"),
+    "eval": ("dsmoe.tasks.eval_cli", "loss and perplexity on text, task suites (--task), lm-eval tasks (--lm-eval)"),
     "analyze": ("dsmoe.analysis.analyze", "expert statistics of a model on text: load, specialisation, redundancy"),
     "experiment": ("dsmoe.analysis.experiment_cli", "reproduce a DeepSeekMoE claim: train paired configs, table + plot"),
     "generate": ("dsmoe.infer.cli", "generate text from a prompt"),
@@ -25,8 +26,20 @@ SUBCOMMANDS = {
     "serve": ("dsmoe.serve.cli", "OpenAI-compatible HTTP server"),
     "convert": ("dsmoe.checkpoint.convert_cli", "re-save a checkpoint (dtype, shard size) in the hub layout"),
     "experts": ("dsmoe.surgery.cli", "change a model's experts: prune | grow | upcycle"),
-    "bench": ("dsmoe.bench.cli", "benchmarks: moe | train | decode | speculative | scale"),
+    "bench": ("dsmoe.bench.cli", "benchmarks: " + " | ".join(BENCHMARKS)),
 }
+
+
+def names_its_default(help_text: str | None) -> bool:
+    """Whether a flag's help already says what its default is ("(default: ...)", "(default 500, unless ...)")."""
+    return bool(help_text) and ("(default" in help_text or "default:" in help_text)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, unless the help already names it (a None default would read "None")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if names_its_default(action.help) else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     module_name, help_text = SUBCOMMANDS[top.command]
     logging.basicConfig(level=logging.DEBUG if top.verbose else logging.INFO, format="%(message)s")
     module = importlib.import_module(module_name)
-    sub = argparse.ArgumentParser(prog=f"dsmoe {top.command}", description=help_text,
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = argparse.ArgumentParser(prog=f"dsmoe {top.command}", description=help_text, formatter_class=HelpFormatter)
     module.add_arguments(sub)
     args = sub.parse_args(rest)
     try:

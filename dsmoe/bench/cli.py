@@ -15,7 +15,8 @@ BENCHMARKS = {
     "decode": "decode tokens/s at batch 1 and 32 vs transformers generate and the bandwidth bound",
     "quantize": "--quantize fp8/int8 vs unquantized: weights memory, perplexity, identical greedy continuations",
     "prefill": "prompt tokens/s of the engine's prefill vs transformers' forward on the same weights",
-    "speculative": "decode tokens/s with MTP self-speculative decoding vs plain, and the drafts' acceptance",
+    "speculative": "decode tokens/s with speculative decoding (MTP or prompt lookup) vs plain, and the drafts' "
+                   "acceptance",
     "scale": "expert-parallel weak scaling and all-to-all bandwidth under torchrun",
     "tasks": "dsmoe eval --task examples/s per task kind, batched vs one example at a time",
     "lmeval": "lm-eval requests/s of the in-process dsmoe model vs lm-eval's hf model on the same requests",
@@ -32,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"dsmoe.bench.{args.name}")
+    from dsmoe.cli import HelpFormatter
+
     sub = argparse.ArgumentParser(prog=f"dsmoe bench {args.name}", description=BENCHMARKS[args.name],
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                  formatter_class=HelpFormatter)
     module.add_arguments(sub)
     return module.run(sub.parse_args(args.options))

@@ -28,7 +28,8 @@ _NOT_FOR_FINETUNE = {"preset", "model", "data", "text_field", "corpus_limit_mb",
 DEFAULTS = {"lr": 1e-3, "steps": 200, "warmup_steps": 10, "eval_interval": 50, "checkpoint_interval": 100,
             "weight_decay": 0.0}
 # what the batch shape flags mean here: sft packs examples into rows, classify pads one example per row
-HELP = {"seq_len": "sft: tokens per packed row (longer examples are cut to it); classify: the longest text kept",
+HELP = {"steps": "optimizer steps, unless --tokens is given",
+        "seq_len": "sft: tokens per packed row (longer examples are cut to it); classify: the longest text kept",
         "micro_batch": "sft: packed rows per forward/backward; classify: examples per forward/backward"}
 # --seq-len when not given: the base's context up to this. Cutting to pretraining's 256 would drop most QA and
 # summarisation examples (their targets come last), and packed rows cost nothing for being long.

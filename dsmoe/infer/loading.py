@@ -56,11 +56,11 @@ def speculative_options(args: argparse.Namespace) -> dict:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, temperature: float, max_new_tokens: int) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens generated at most")
     parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: 1 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=None, help="fixes the sampled tokens")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (cache slots)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="prompt + generated tokens per request (default: min(4096, the model's maximum))")

@@ -9,6 +9,7 @@ after (for prune also after dropping as many random experts, the baseline usage-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -25,9 +26,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    prune = sub.add_parser("prune", help="remove the least-used routed experts of every MoE layer")
-    grow = sub.add_parser("grow", help="add routed experts split from the busiest ones")
-    up = sub.add_parser("upcycle", help="turn dense FFN layers into DeepSeekMoE layers (fine-grained segments)")
+    action = functools.partial(sub.add_parser, formatter_class=parser.formatter_class)  # help shows defaults
+    prune = action("prune", help="remove the least-used routed experts of every MoE layer")
+    grow = action("grow", help="add routed experts split from the busiest ones")
+    up = action("upcycle", help="turn dense FFN layers into DeepSeekMoE layers (fine-grained segments)")
     for p in (prune, grow, up):
         p.add_argument("path", metavar="MODEL", help="model folder (dsmoe run folder or Hugging Face checkpoint)")
         p.add_argument("--out", required=True, help="folder to write the new model to")

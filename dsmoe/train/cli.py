@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dsmoe.cli import names_its_default
 from dsmoe.distributed import flags as parallel_flags
 from dsmoe.errors import UserError
 from dsmoe.train.config import TrainConfig
@@ -55,8 +56,10 @@ def _add_field(group, f: dataclasses.Field, default: Any, text: str | None = Non
     """The flag of one TrainConfig field; `text` replaces the field's help (a command that reads it otherwise)."""
     flag = "--" + f.name.replace("_", "-")
     shown = "none" if default in (None, [], {}) else default
-    kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
-                              help=f"{text or f.metadata['help']} (default: {shown})")
+    help_text = text or f.metadata["help"]
+    if not names_its_default(help_text):
+        help_text += f" (default: {shown})"
+    kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
     if "choices" in f.metadata:
         kw["choices"] = f.metadata["choices"]
     if "metavar" in f.metadata:
