@@ -77,6 +77,8 @@ def test_bad_inputs_stop_at_once_with_one_sentence(tmp_path, capsys):
     fails(capsys, ["train", "--model", "hidden=3", "--out", out], "not a ModelConfig field")
     fails(capsys, ["train", "--steps", "5", "--tokens", "100", "--out", out], "give one budget")
     fails(capsys, ["train", "--data", SHAKESPEARE, "--out", out, *MICRO, "--vocab-size", "100"], "at least 258")
+    fails(capsys, ["train", "--data", SHAKESPEARE, "--out", out, *MICRO, "--tokenizer", str(tmp_path / "tok.json")],
+          "no tokenizer.json")  # before the run folder: fixing the path must not meet "already holds a run"
     assert not (tmp_path / "new").exists()  # nothing was created by a refused run
     fails(capsys, ["eval", str(tmp_path)], "no config.json")
 

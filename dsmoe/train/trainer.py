@@ -37,7 +37,7 @@ from dsmoe.checkpoint.hf import save_pretrained
 from dsmoe.checkpoint.training import load_checkpoint, read_state, save_checkpoint
 from dsmoe.data.batches import micro_batches_per_rank
 from dsmoe.data.prepare import read_documents
-from dsmoe.data.tokenizer import MIN_VOCAB
+from dsmoe.data.tokenizer import MIN_VOCAB, Tokenizer
 from dsmoe.devices import resolve_device
 from dsmoe.errors import UserError
 from dsmoe.model.balance import max_violation
@@ -86,6 +86,8 @@ class Trainer:
         resume_from = open_run_for_resume(self.out, cfg) if resume else None
         self._setup_batch_layout(resume_from)
         docs = None if data else read_documents(cfg.data, cfg.text_field, cfg.corpus_limit_bytes())  # fails early
+        if not resume and not data and cfg.tokenizer:
+            Tokenizer.load(cfg.tokenizer)  # a wrong --tokenizer fails before the run folder exists
         if not resume and self.main:
             start_run_folder(self.out, cfg, overwrite)
         self.data = data or pretraining_data(cfg, docs, self.reducer, str(self.out) if resume else cfg.tokenizer,
