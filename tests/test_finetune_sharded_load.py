@@ -2,9 +2,9 @@
 slices of BASE (dsmoe.checkpoint.hf.HubWeights.fill) and draws the head and LoRA factors as one process does,
 keeping its slices. On 2 CPU ranks (gloo): every parameter, gathered, equals bit for bit the one-process whole load
 (FSDP2 with a LoRA classifier, expert parallelism with LoRA on attention, dense MLPs and experts, a full
-classifier with EP, an FP8 base whose 12 x 20 scale blocks straddle the ranks' row chunks; and on 4 ranks EP 2 x
-FSDP 2 over the experts); a short fine-tune gives the losses and gradient norms of the same ranks loading BASE
-whole, exactly; each rank reads half of the checkpoint's bytes and holds half of the model.
+classifier with EP, an FP8 base whose 12 x 20 scale blocks straddle the ranks' row chunks, a new MTP module with
+EP; and on 4 ranks EP 2 x FSDP 2 over the experts); a short fine-tune gives the losses and gradient norms of the
+same ranks loading BASE whole, exactly; each rank reads half of the checkpoint's bytes and holds half of the model.
 
 Two distributed runs (a module fixture) do every job; the tests read what they left behind."""
 
@@ -35,6 +35,7 @@ def jobs(model_dir, fp8_dir, chats, spam) -> dict[str, list[str]]:
                         "experts", "--steps", "2"],
         "ep_full_classify": [str(model_dir), *classify, "--ep", "2", "--steps", "1"],
         "fp8_fsdp_sft": [str(fp8_dir), *sft, "--steps", "1"],
+        "ep_mtp_head_sft": [str(model_dir), *sft, "--ep", "2", "--mtp-layers", "1", "--freeze", "main", "--steps", "1"],
     }
 
 
@@ -141,7 +142,7 @@ def ran(model_dir, fp8_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["fsdp_lora_classify", "ep_lora_sft", "ep_full_classify", "fp8_fsdp_sft",
-                                  "ep2_dp2_lora_sft"])
+                                  "ep2_dp2_lora_sft", "ep_mtp_head_sft"])
 def test_each_rank_loads_its_shards_to_the_values_of_the_whole_load(ran, name, tmp_path):
     from dsmoe.finetune.trainer import FinetuneTrainer
 
@@ -153,6 +154,8 @@ def test_each_rank_loads_its_shards_to_the_values_of_the_whole_load(ran, name, t
     assert sharded.keys() == expected.keys()
     for key, tensor in sharded.items():
         assert torch.equal(tensor, expected[key].detach()), key
+    if "mtp" in name:  # a new MTP module (BASE has none), drawn as one process draws it
+        assert any(k.startswith("mtp.0.") for k in sharded) and sharded["mtp.0.eh_proj.weight"].abs().max() > 0
     if "lora" in name:  # the factors were drawn, not left as they came from to_empty
         assert any("lora_A" in k and t.abs().max() > 0 for k, t in sharded.items())
         assert all(not t.any() for k, t in sharded.items() if "lora_B" in k)

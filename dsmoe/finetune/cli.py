@@ -30,7 +30,9 @@ DEFAULTS = {"lr": 1e-3, "steps": 200, "warmup_steps": 10, "eval_interval": 50, "
 # what the batch shape flags mean here: sft packs examples into rows, classify pads one example per row
 HELP = {"steps": "optimizer steps, unless --tokens is given",
         "seq_len": "sft: tokens per packed row (longer examples are cut to it); classify: the longest text kept",
-        "micro_batch": "sft: packed rows per forward/backward; classify: examples per forward/backward"}
+        "micro_batch": "sft: packed rows per forward/backward; classify: examples per forward/backward",
+        "mtp_layers": "MTP modules (default: BASE's); more than BASE has adds fresh ones, trained from scratch "
+                      "(with --freeze main only they train: a draft head for --speculative mtp); fewer drops some"}
 # --seq-len when not given: the base's context up to this. Cutting to pretraining's 256 would drop most QA and
 # summarisation examples (their targets come last), and packed rows cost nothing for being long.
 SEQ_LEN_CAP = 1024
@@ -56,8 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     task.add_argument("--lora-targets", nargs="+", default=[], help="attention, mlp (dense layers and shared "
                       "experts; PEFT cannot load these for DeepSeek), experts (routed, per expert), or module names (default: "
                       "attention experts)")
-    task.add_argument("--freeze", nargs="+", default=[], choices=("router", "experts", "embeddings"),
-                      help="keep these fixed (router: its weights and aux-free bias)")
+    task.add_argument("--freeze", nargs="+", default=[], choices=("router", "experts", "embeddings", "main"),
+                      help="keep these fixed (router: its weights and aux-free bias; main: all but the MTP modules, "
+                           "e.g. to train a draft head for --speculative mtp with --mtp-layers 1)")
     task.add_argument("--merge", action="store_true", help="LoRA: also fold the adapter into a full hub "
                       "checkpoint in --out (the adapter goes to --out/adapter)")
     task.add_argument("--stop-after", type=int, metavar="N", help="stop after N steps of this session")

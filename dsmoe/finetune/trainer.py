@@ -27,6 +27,7 @@ from dsmoe.finetune.lora import LoRASpec, apply_lora, lora_factors, merge_lora
 from dsmoe.finetune.metrics import classification_scores
 from dsmoe.json_files import read_json
 from dsmoe.model.classifier import SequenceClassifier
+from dsmoe.model.mtp import new_mtp_module, set_mtp_depth
 from dsmoe.train.data import TrainingData
 from dsmoe.train.loss import next_token_loss
 from dsmoe.train.model_setup import prepare_and_parallelize, seed_per_rank
@@ -35,7 +36,7 @@ from dsmoe.train.trainer import Trainer
 TASKS = ("sft", "classify", "lm")
 # 2: packed SFT rows and expert-major LoRA factors; a checkpoint of another format does not resume
 CHECKPOINT_FORMAT = 2
-FREEZABLE = ("router", "experts", "embeddings")
+FREEZABLE = ("router", "experts", "embeddings", "main")
 
 
 def saved_options(out: Path, fix: str) -> dict:
@@ -92,8 +93,7 @@ class FinetuneTrainer(Trainer):
                             f"({self.base_config.max_position_embeddings}); lower --seq-len")
         # The preset is not used (the model is BASE); its context check must not refuse BASE's --seq-len.
         cfg.model = {**cfg.model, "max_position_embeddings": self.base_config.max_position_embeddings}
-        if "router" in ft.freeze:
-            cfg.bias_update_gamma = 0.0  # a frozen router keeps its aux-free bias too
+        self._check_mtp_options(cfg, ft)
         self.pad_id = pad_id_of(self.base_config)
         self.base_tokenizer = load_tokenizer(base)
         if ft.task == "lm":  # continued pretraining: the corpus pipeline, with BASE's tokenizer
@@ -108,6 +108,20 @@ class FinetuneTrainer(Trainer):
             if not resume:
                 options = {**dataclasses.asdict(ft), "checkpoint_format": CHECKPOINT_FORMAT}
                 atomic_write_text(saved, json.dumps(options, indent=2) + "\n")
+
+    def _check_mtp_options(self, cfg, ft: FinetuneConfig) -> None:
+        """--mtp-layers N sets BASE's number of MTP modules (new ones train from scratch); --freeze main trains only
+        them (a draft head for speculative decoding on a model that ships none)."""
+        have = self.base_config.num_nextn_predict_layers
+        depth = have if cfg.mtp_layers is None else cfg.mtp_layers
+        if cfg.mtp_layers is not None and ft.task == "classify":
+            raise UserError("--mtp-layers is for --task sft and lm (a classifier predicts no tokens): drop it")
+        if depth > have and self.lora:
+            raise UserError(f"--mtp-layers {depth} adds MTP modules to {ft.base} (it has {have}); new modules train "
+                            "in full: drop --lora-rank, or add them in a full fine-tune first")
+        if "main" in ft.freeze and (self.lora or not depth):
+            raise UserError("--freeze main trains only the MTP modules: give --mtp-layers N (N >= 1) and no "
+                            "--lora-rank")
 
     # ---- data
     def _read_data(self) -> TrainingData:
@@ -161,7 +175,7 @@ class FinetuneTrainer(Trainer):
             model, base_weights = build_pretrained(ft.base, dtype=dtype, moe_impl=cfg.moe_impl)
         else:
             model, base_weights = load_pretrained(ft.base, dtype=dtype, device=self.device, moe_impl=cfg.moe_impl), None
-        torch.manual_seed(cfg.seed)  # the head and the LoRA factors: the same draw on every rank
+        torch.manual_seed(cfg.seed)  # the head, LoRA factors, new MTP modules: the same draws on every rank
         if ft.task == "classify":
             model = classifier_from_base(model, self.labels)
         if self.lora:
@@ -172,8 +186,11 @@ class FinetuneTrainer(Trainer):
                 layer.gate.weight.requires_grad_(True)  # the router trains in full unless frozen below
             if ft.task == "classify":
                 model.score.weight.requires_grad_(True)
+        if cfg.mtp_layers is not None:
+            set_mtp_depth(model, cfg.mtp_layers)  # after the head and LoRA: the draws one process makes, in order
         frozen = {"router": lambda n: n.endswith("mlp.gate.weight"), "experts": lambda n: ".mlp.experts." in n,
-                  "embeddings": lambda n: n.startswith(("embed_tokens.", "lm_head."))}
+                  "embeddings": lambda n: n.startswith(("embed_tokens.", "lm_head.")),
+                  "main": lambda n: not n.startswith("mtp.")}
         for name, p in model.named_parameters():
             if any(frozen[f](name) for f in ft.freeze):
                 p.requires_grad_(False)
@@ -182,7 +199,7 @@ class FinetuneTrainer(Trainer):
         if base_weights is not None:
             model.to_empty(device=self.device)
             not_in_base = base_weights.fill(model)
-            redraw_new_weights(model, cfg.seed, self.device, not_in_base)
+            redraw_new_weights(model, cfg.seed, self.device, dtype, not_in_base)
         seed_per_rank(cfg.seed, self.reducer)
         return model
 
@@ -309,16 +326,22 @@ class TrainedState:
 
 
 @torch.no_grad()
-def redraw_new_weights(model: torch.nn.Module, seed: int, device: torch.device, names: list[str]) -> None:
-    """The head and the LoRA factors of a model sharded before it was filled, `names` (what BASE did not fill),
-    with the values one process draws for them: the same seed, the same draws in the same order, whole on the
-    same device; each rank keeps its slice (one factor at a time: a rank never holds all of them whole)."""
+def redraw_new_weights(model: torch.nn.Module, seed: int, device: torch.device, dtype: torch.dtype,
+                       names: list[str]) -> None:
+    """The head, the LoRA factors and new MTP modules of a model sharded before it was filled, `names` (what BASE
+    did not fill), with the values one process draws for them: the same seed, the same draws in the same order,
+    whole on the same device; each rank keeps its slice (one tensor at a time: a rank never holds all of them
+    whole)."""
     torch.manual_seed(seed)
     drawn = []
     if isinstance(model, SequenceClassifier):
         drawn.append(_keep_slice(model.score.weight, new_score(model.config, len(model.labels), device).weight))
     for _, delta in lora_factors(model):
         drawn += [_keep_slice(getattr(delta, name), full) for name, full in delta.new_factors(device).items()]
+    moes = model.moe_layers()
+    for depth in sorted({int(n.split(".")[1]) for n in names if n.startswith("mtp.")}):
+        fresh = new_mtp_module(model.config, depth, moes[0].impl if moes else "auto", device, dtype)
+        drawn += [_keep_slice(p, full) for p, full in zip(model.mtp[depth].parameters(), fresh.parameters())]
     params = dict(model.named_parameters())
     undrawn = [n for n in names if not any(params[n] is p for p in drawn)]
     if undrawn:

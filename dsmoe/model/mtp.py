@@ -21,7 +21,7 @@ from torch import nn
 
 from dsmoe.config import ModelConfig
 from dsmoe.model.layers import RMSNorm
-from dsmoe.model.transformer import Block
+from dsmoe.model.transformer import Block, cast_model, init_module_weights
 
 
 class SharedHead(nn.Module):
@@ -85,3 +85,32 @@ def mtp_loss(mtp_logits: list[torch.Tensor], targets: torch.Tensor, ignore_index
         losses.append(F.cross_entropy(logits[:, : S - k].flatten(0, 1).float(), ahead.flatten(),
                                       ignore_index=ignore_index))
     return torch.stack(losses).mean()
+
+
+def new_mtp_module(config: ModelConfig, depth: int, moe_impl: str, device: torch.device | str,
+                   dtype: torch.dtype) -> MTPModule:
+    """MTP depth `depth` (0-based) initialised as build_model initialises it (the global RNG's next draws), in
+    `dtype` with the router in fp32; on the meta device: empty, for the caller to fill."""
+    with torch.device("meta"):
+        module = MTPModule(config, depth, moe_impl)
+    if torch.device(device).type != "meta":
+        module.to_empty(device=device)
+        init_module_weights(module, config.initializer_range)
+        cast_model(module, dtype)
+    return module
+
+
+def set_mtp_depth(model, count: int) -> list[int]:
+    """Give `model` exactly `count` MTP modules: drop those past it, or append fresh ones (new_mtp_module, where
+    the model's embedding is) -> the depths added. Updates model.config.num_nextn_predict_layers."""
+    have = len(model.mtp)
+    model.config = model.config.replace(num_nextn_predict_layers=count)
+    if count <= have:
+        del model.mtp[count:]
+        return []
+    moes = model.moe_layers()
+    impl = moes[0].impl if moes else "auto"
+    weight = model.embed_tokens.weight
+    for depth in range(have, count):
+        model.mtp.append(new_mtp_module(model.config, depth, impl, weight.device, weight.dtype))
+    return list(range(have, count))

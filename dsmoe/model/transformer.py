@@ -107,15 +107,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Every weight ~ N(0, initializer_range) (0.006, the papers' value), norms 1, biases 0."""
-        std = self.config.initializer_range
-        in_moe = {id(m) for moe in self.moe_layers() for m in moe.modules() if m is not moe}
-        for module in self.modules():
-            if isinstance(module, MoE):
-                module.reset_parameters(std)  # all of the layer (its shared experts too), once
-            elif isinstance(module, (nn.Linear, nn.Embedding)) and id(module) not in in_moe:
-                nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
+        init_module_weights(self, self.config.initializer_range)
         self.rotary.reset_parameters()
 
     @torch.no_grad()
@@ -147,10 +139,25 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def update_expert_bias(self, counts_LE: torch.Tensor, gamma: float) -> None:
-        """b += gamma * sign(mean(c) - c) per MoE layer from one optimizer step's counts (noaux_tc only)."""
+        """b += gamma * sign(mean(c) - c) per MoE layer from one optimizer step's counts (noaux_tc only). A frozen
+        router (a fine-tune's --freeze router or main) keeps its bias too."""
         for moe, counts in zip(self.moe_layers(), counts_LE):
-            if moe.gate.e_score_correction_bias is not None:
+            if moe.gate.e_score_correction_bias is not None and moe.gate.weight.requires_grad:
                 update_bias(moe.gate.e_score_correction_bias, counts, gamma)
+
+
+@torch.no_grad()
+def init_module_weights(root: nn.Module, std: float) -> None:
+    """Linear and embedding weights of `root` ~ N(0, std), MoE layers by their own rule, norms 1."""
+    moes = [m for m in root.modules() if isinstance(m, MoE)]
+    in_moe = {id(m) for moe in moes for m in moe.modules() if m is not moe}
+    for module in root.modules():
+        if isinstance(module, MoE):
+            module.reset_parameters(std)  # all of the layer (its shared experts too), once
+        elif isinstance(module, (nn.Linear, nn.Embedding)) and id(module) not in in_moe:
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, RMSNorm):
+            module.reset_parameters()
 
 
 def build_model(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,

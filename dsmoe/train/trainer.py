@@ -41,7 +41,7 @@ from dsmoe.data.tokenizer import MIN_VOCAB, Tokenizer
 from dsmoe.devices import resolve_device
 from dsmoe.errors import UserError
 from dsmoe.model.balance import max_violation
-from dsmoe.tasks.perplexity import evaluate_loss, perplexity
+from dsmoe.tasks.perplexity import evaluate_windows, perplexity
 from dsmoe.train.config import TrainConfig
 from dsmoe.train.data import TrainingData, pretraining_data
 from dsmoe.train.flops import dense_tflops, train_flops_per_token
@@ -126,8 +126,10 @@ class Trainer:
 
     def _eval_line(self, result: dict) -> str:
         per_byte = f" | {result['val_nats_per_byte']:.4f} nats/byte" if "val_nats_per_byte" in result else ""
+        mtp = (f" | mtp loss {result['val_mtp_loss']:.4f}, first drafts agree {result['val_draft_agreement']:.1%}"
+               if "val_mtp_loss" in result else "")
         return (f"step {self.step}/{self.total_steps}: val loss {result['val_loss']:.4f} | ppl "
-                f"{result['val_ppl']:.2f}{per_byte} | skipped {self.skipped}")
+                f"{result['val_ppl']:.2f}{per_byte}{mtp} | skipped {self.skipped}")
 
     def _setup_batch_layout(self, resume_from: Path | None) -> None:
         """The global batch (sequences per optimizer step) is fixed when the run starts; resumed on another number
@@ -356,9 +358,13 @@ class Trainer:
     def evaluate(self) -> dict | None:
         if not self.data.val_windows:
             return None
-        loss, n = evaluate_loss(self.model, self.data.val_windows, batch_size=self.cfg.micro_batch,
-                                device=self.device, autocast_dtype=self.autocast_dtype, reducer=self.reducer)
-        result = {"step": self.step, "val_loss": loss, "val_ppl": perplexity(loss), "val_tokens": n}
+        stats = evaluate_windows(self.model, self.data.val_windows, batch_size=self.cfg.micro_batch,
+                                 device=self.device, autocast_dtype=self.autocast_dtype, reducer=self.reducer,
+                                 drafts=len(getattr(self.model, "mtp", ())) > 0)
+        loss = stats["loss"]
+        result = {"step": self.step, "val_loss": loss, "val_ppl": perplexity(loss), "val_tokens": stats["tokens"]}
+        if "mtp_loss" in stats:
+            result.update(val_mtp_loss=stats["mtp_loss"], val_draft_agreement=stats["draft_agreement"])
         if self.data.val_tokens_per_byte is not None:
             result["val_nats_per_byte"] = loss * self.data.val_tokens_per_byte
         return result
