@@ -55,8 +55,8 @@ def test_the_step_samples_inside_unless_a_request_needs_logits(model, prompts, p
     """Without logprobs or a repetition penalty the decode step draws its tokens inside (one CUDA graph holds it
     all); a request that needs logits sends the whole batch through the host-side sampler: the same tokens."""
     engine = Engine(model, max_batch=4, max_model_len=64)
-    inside, sampling_runner = [], engine.sampling_runner
-    engine.sampling_runner = lambda flags: inside.append(flags) or sampling_runner(flags)
+    inside, sampling = [], engine.runner.sampling
+    engine.runner.sampling = lambda flags: inside.append(flags) or sampling(flags)
     alone_outputs = [generate_with(engine, [p], params)[0] for p in prompts[:3]]
     assert len(inside) == 3 * (params.max_new_tokens - 1)  # every decode step (the prefill samples the first)
     inside.clear()

@@ -55,9 +55,9 @@ def test_graph_generation_equals_eager_generation(model, params):
     eager = Engine(model, max_batch=4, max_model_len=128, cuda_graphs=False)
     eager.runner.bucketed = True  # same shapes as the graphs, so the same kernels run
     assert run(graphs, prompts, params) == run(eager, prompts, params)
-    samplers = graphs.samplers.values()  # the steps sampled inside their graphs
+    samplers = graphs.runner.samplers.values()  # the steps sampled inside their graphs
     assert any(r.graphs for r in samplers) and not any(r.failed for r in samplers)
-    assert not any(r.graphs for r in eager.samplers.values())
+    assert not any(r.graphs for r in eager.runner.samplers.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -76,7 +76,7 @@ def test_compiled_graph_step_equals_eager_step(dtype):
     with torch.no_grad():
         expected = eager.runner.forward(4, 64).float()
         got = compiled.runner(4, 64).float()
-        sampler = compiled.sampling_runner({"any_random": False, "any_filtered": False})
+        sampler = compiled.runner.sampling({"any_random": False, "any_filtered": False})
         tokens = sampler(4, 64)  # the same compiled blocks, captured with the argmax
     assert (4, 64) in compiled.runner.graphs and not compiled.runner.failed
     assert (4, 64) in sampler.graphs and not sampler.failed and torch.equal(tokens, got.argmax(-1))

@@ -169,7 +169,7 @@ def time_dsmoe(model, batch: int, prompt_len: int, new_tokens: int, cuda_graphs:
 
 def step_runner(engine):
     """The decode step the benchmark's greedy requests run (it samples inside its graph)."""
-    return engine.sampling_runner({"any_random": False, "any_filtered": False})
+    return engine.runner.sampling({"any_random": False, "any_filtered": False})
 
 
 def profile_step(engine, B: int, L: int):

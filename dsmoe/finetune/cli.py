@@ -56,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     task.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
     task.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: 2 x rank)")
     task.add_argument("--lora-targets", nargs="+", default=[], help="attention, mlp (dense layers and shared "
-                      "experts; PEFT cannot load these for DeepSeek), experts (routed, per expert), or module names (default: "
-                      "attention experts)")
+                      "experts; PEFT cannot load these for DeepSeek), experts (routed, per expert), or module names "
+                      "(default: attention experts)")
     task.add_argument("--freeze", nargs="+", default=[], choices=("router", "experts", "embeddings", "main"),
                       help="keep these fixed (router: its weights and aux-free bias; main: all but the MTP modules, "
                            "e.g. to train a draft head for --speculative mtp with --mtp-layers 1)")

@@ -295,7 +295,8 @@ class FinetuneTrainer(Trainer):
         frozen = f", frozen: {', '.join(self.ft.freeze)}" if self.ft.freeze else ""
         rows = f"rows of {cfg.seq_len} tokens (examples packed)" if self.ft.task == "sft" else \
             f"sequences of <= {cfg.seq_len} tokens"
-        return (f"fine-tune {self.ft.base} ({c.model_type}, {c.num_params() / 1e6:.1f}M parameters) for {self.ft.task}: "
+        return (f"fine-tune {self.ft.base} ({c.model_type}, {c.num_params() / 1e6:.1f}M parameters) for "
+                f"{self.ft.task}: "
                 f"{mode}{frozen}; {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters train\n"
                 f"data: {self.data.description}\n"
                 f"plan: {self.total_steps} steps x {self.sequences_per_step} {rows} on {self._placement()} "
@@ -314,7 +315,8 @@ class TrainedState:
         return self.model.parameters()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        keep = {n for n, p in self.model.named_parameters() if p.requires_grad} | dict(self.model.named_buffers()).keys()
+        trained = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        keep = trained | dict(self.model.named_buffers()).keys()
         return {k: v for k, v in self.model.state_dict().items() if k in keep}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -8,7 +8,7 @@ Each running sequence owns a slot of a static KV cache. Every `step()`:
 2. launches one decode step for every running sequence: rows 0..B-1 of the batch are slots 0..B-1, each
    reading its next input token and position from device buffers the previous step (or the prefill) wrote,
    so consecutive steps need no round trip through the host; the step samples its next tokens inside its
-   CUDA graph (runner.SamplingRunner) unless a request needs the logits (logprobs, repetition penalty);
+   CUDA graph (DecodeRunner.sampling) unless a request needs the logits (logprobs, repetition penalty);
 3. reads back the tokens of the step *before* the one just launched (one step in flight): the host checks
    stop tokens and lengths while the device computes. A sequence that stops is dropped from the next
    launch; the one extra token the in-flight step computed for it is discarded.
@@ -32,7 +32,7 @@ import torch
 from dsmoe.errors import UserError
 from dsmoe.infer.cache import KVCache
 from dsmoe.infer.records import Launched, Request, SlotState, StepOutput
-from dsmoe.infer.runner import DecodeRunner, SamplingRunner
+from dsmoe.infer.runner import DecodeRunner
 from dsmoe.infer.speculative import Speculator
 from dsmoe.infer.sampling import (SamplingParams, TokenLogprobs, apply_repetition_penalty, sample,
                                   to_token_logprobs, token_logprobs)
@@ -68,7 +68,6 @@ class Engine:
         self.slots = SlotState(max_batch, self.cache.trash, self.device)
         self.runner = DecodeRunner(model, self.cache, self.slots,
                                    cuda_graphs=cuda_graphs and self.device.type == "cuda", compile=compile)
-        self.samplers: dict[tuple[bool, ...], SamplingRunner] = {}
         self.spec = Speculator(self, speculative, num_speculative_tokens, prompt_lookup) if speculative else None
         # prompt lookup needs every token on the host before it drafts: no step in flight then
         self.overlap = ((self.device.type == "cuda" if overlap is None else overlap)
@@ -310,7 +309,7 @@ class Engine:
         if any(r.params.logprobs is not None or r.params.repetition_penalty != 1 for r in live):
             tokens, lp = self._sample(self.runner(B, L), slice(0, B), live, next_positions)  # logits needed here
         else:
-            tokens, lp = self.sampling_runner(self._flags(live))(B, L), None
+            tokens, lp = self.runner.sampling(self._flags(live))(B, L), None
         s.input_ids[:B] = tokens
         s.positions[:B] = next_positions.clamp_(max=self.cache.trash)
         for req in live:
@@ -318,13 +317,6 @@ class Engine:
             req.next_pos += 1
         self.pending.append(self._launched([(r.slot, r) for r in live], tokens, lp))
         return True
-
-    def sampling_runner(self, flags: dict) -> SamplingRunner:
-        """The decode step that samples inside it (its CUDA graph holds the whole step), for these switches."""
-        key = tuple(sorted(flags.items()))
-        if key not in self.samplers:
-            self.samplers[key] = SamplingRunner(self.runner, flags)
-        return self.samplers[key]
 
     def _sample(self, logits: torch.Tensor, rows: slice | torch.Tensor, reqs: list[Request], positions: torch.Tensor):
         """logits (n, V) of the slots `rows` (a slice or an index tensor, as cache.index gives them) -> tokens (n,)

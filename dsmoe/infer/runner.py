@@ -58,6 +58,14 @@ class DecodeRunner:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.failed: dict[tuple[int, int], str] = {}  # buckets whose capture failed: run eagerly, say why
         self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        self.samplers: dict[tuple, SamplingRunner] = {}
+
+    def sampling(self, flags: dict) -> "SamplingRunner":
+        """This step with its next tokens drawn inside it (one CUDA graph holds it all), for these sampler switches."""
+        key = tuple(sorted(flags.items()))
+        if key not in self.samplers:
+            self.samplers[key] = SamplingRunner(self, flags)
+        return self.samplers[key]
 
     def batch_bucket(self, n: int) -> int:
         return next(b for b in self.batch_sizes if b >= n) if self.bucketed else n
