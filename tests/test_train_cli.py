@@ -53,6 +53,27 @@ def test_config_file_reruns_a_run_with_overrides(short_run, tmp_path):
     assert cfg.data == [SHAKESPEARE] and out == tmp_path / "again" and not resume
 
 
+def test_repeated_list_and_mapping_flags_add_up(tmp_path):
+    import argparse
+
+    from dsmoe.train.cli import add_arguments, resolve_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--data", "a.txt", "b.txt", "--data", "c.txt", "--model", "hidden_size=32",
+                              "--model", "num_hidden_layers=3", "--out", str(tmp_path / "r")])
+    cfg, _, _ = resolve_config(args)
+    assert cfg.data == ["a.txt", "b.txt", "c.txt"]
+    assert (cfg.model["hidden_size"], cfg.model["num_hidden_layers"]) == (32, 3)
+    from dsmoe.finetune.cli import add_arguments as finetune_arguments
+
+    parser = argparse.ArgumentParser()
+    finetune_arguments(parser)
+    args = parser.parse_args(["base", "--freeze", "router", "--freeze", "experts", "--lora-targets", "attention",
+                              "--lora-targets", "experts"])
+    assert (args.freeze, args.lora_targets) == (["router", "experts"], ["attention", "experts"])
+
+
 def fails(capsys, argv, message):
     brief = argv[0] == "train" and "--resume" not in argv
     assert main([*argv, "--steps", "1"] if brief else argv) == 2  # had it started, it would have been brief

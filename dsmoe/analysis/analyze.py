@@ -25,7 +25,7 @@ from dsmoe.errors import UserError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="a run folder or Hugging Face checkpoint folder")
-    parser.add_argument("--data", nargs="+", required=True, metavar="PATH",
+    parser.add_argument("--data", nargs="+", action="extend", required=True, metavar="PATH",
                         help="one domain per argument: text files, folders, globs or .jsonl")
     parser.add_argument("--out", help="output folder (default: MODEL/analysis)")
     parser.add_argument("--text-field", default="text", help="field of each .jsonl record that holds the text")

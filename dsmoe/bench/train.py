@@ -44,10 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moe-impl", nargs="+", default=["auto"], metavar="IMPL",
                         choices=("auto", "grouped", "triton", "reference"),
                         help="dsmoe expert implementation(s); each trainer variant runs once per implementation")
-    parser.add_argument("--data", nargs="+", metavar="PATH",
+    parser.add_argument("--data", nargs="+", action="extend", metavar="PATH",
                         help="train on this text (as `dsmoe train --data`; a tokenizer of the preset's vocabulary is "
                              "trained on it) instead of random tokens")
-    parser.add_argument("--set", nargs="+", default=[], type=key_value, metavar="KEY=VALUE",
+    parser.add_argument("--set", nargs="+", action="extend", default=[], type=key_value, metavar="KEY=VALUE",
                         help="training config overrides for the trainer variants (TrainConfig field names)")
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to smoke-test the script, with --preset tiny)")
     parser.add_argument("--profile", action="store_true",

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "continued pretraining on text")
     task.add_argument("--data", help="training records (.jsonl; for --task lm any text file dsmoe train reads)")
     task.add_argument("--eval-data", help="held-out records, evaluated every --eval-interval steps")
-    task.add_argument("--field-map", nargs="+", default=[], metavar="KEY=FIELD",
+    task.add_argument("--field-map", nargs="+", action="extend", default=[], metavar="KEY=FIELD",
                       help="build the fields a task reads from others: KEY=FIELD, KEY=TEMPLATE ('{question}' "
                            "placeholders), or a preset: qa, translation, summarization")
     task.add_argument("--out", help="output folder (default: runs/finetune-TASK)")
@@ -55,10 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     task.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out first")
     task.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
     task.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: 2 x rank)")
-    task.add_argument("--lora-targets", nargs="+", default=[], help="attention, mlp (dense layers and shared "
+    task.add_argument("--lora-targets", nargs="+", action="extend", default=[], help="attention, mlp (dense layers and shared "
                       "experts; PEFT cannot load these for DeepSeek), experts (routed, per expert), or module names "
                       "(default: attention experts)")
-    task.add_argument("--freeze", nargs="+", default=[], choices=("router", "experts", "embeddings", "main"),
+    task.add_argument("--freeze", nargs="+", action="extend", default=[], choices=("router", "experts", "embeddings", "main"),
                       help="keep these fixed (router: its weights and aux-free bias; main: all but the MTP modules, "
                            "e.g. to train a draft head for --speculative mtp with --mtp-layers 1)")
     task.add_argument("--merge", action="store_true", help="LoRA: also fold the adapter into a full hub "

@@ -67,10 +67,10 @@ def _add_field(group, f: dataclasses.Field, default: Any, text: str | None = Non
     kind = str(f.type)
     if kind == "bool":
         kw["action"] = argparse.BooleanOptionalAction
-    elif kind.startswith("list"):
-        kw["nargs"] = "+"
+    elif kind.startswith("list"):  # repeated flags add up: --data a.txt --data b.txt
+        kw.update(nargs="+", action="extend")
     elif kind.startswith("dict"):
-        kw.update(nargs="+", type=key_value)
+        kw.update(nargs="+", type=key_value, action="extend")
     else:
         kw["type"] = _TYPES[kind.split(" | ")[0]]
     group.add_argument(flag, **kw)
