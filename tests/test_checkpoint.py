@@ -65,7 +65,8 @@ def test_fp8_block_checkpoint_is_dequantised(model, tmp_path):
         if t.dim() == 2 and not any(s in key for s in NOT_QUANTIZED):
             q, s = quantize_fp8(t)
             fp8[key], fp8[key + "_scale_inv"] = q, s
-            expected[key] = q.float() * s.repeat_interleave(128, 0)[:t.shape[0]].repeat_interleave(128, 1)[:, :t.shape[1]]
+            scale = s.repeat_interleave(128, 0)[:t.shape[0]].repeat_interleave(128, 1)[:, :t.shape[1]]
+            expected[key] = q.float() * scale
         else:
             fp8[key] = t
     assert any(t.shape[0] > 128 and t.shape[1] > 128 for t in expected.values())  # partial edge blocks covered
@@ -80,7 +81,8 @@ def test_fp8_block_checkpoint_is_dequantised(model, tmp_path):
     loaded = load_pretrained(out, dtype=torch.float32)
     layer = loaded.layers[1]
     torch.testing.assert_close(layer.self_attn.kv_b_proj.weight, expected["model.layers.1.self_attn.kv_b_proj.weight"])
-    torch.testing.assert_close(layer.mlp.experts.down_proj[3], expected["model.layers.1.mlp.experts.3.down_proj.weight"])
+    torch.testing.assert_close(layer.mlp.experts.down_proj[3],
+                               expected["model.layers.1.mlp.experts.3.down_proj.weight"])
     assert load_pretrained(out).embed_tokens.weight.dtype == torch.bfloat16  # FP8 checkpoints load as bf16
     # the dequantised model is close to the original (fp8 keeps ~2 significant digits)
     a, b = logits(model), logits(loaded)
@@ -112,8 +114,8 @@ def test_transformers5_fused_expert_keys_are_accepted(model, tmp_path):
     for i in CFG.moe_layer_ids:
         p = f"model.layers.{i}.mlp.experts."
         E = CFG.n_routed_experts
-        gate_up = torch.stack([torch.cat([tensors.pop(f"{p}{e}.gate_proj.weight"), tensors.pop(f"{p}{e}.up_proj.weight")])
-                               for e in range(E)])
+        gate_up = torch.stack([torch.cat([tensors.pop(f"{p}{e}.gate_proj.weight"),
+                                          tensors.pop(f"{p}{e}.up_proj.weight")]) for e in range(E)])
         tensors[p + "gate_up_proj"] = gate_up
         tensors[p + "down_proj"] = torch.stack([tensors.pop(f"{p}{e}.down_proj.weight") for e in range(E)])
     save_file(tensors, tmp_path / "model.safetensors")
@@ -152,7 +154,8 @@ def test_wrong_shape_names_file_and_key(model, tmp_path):
     tensors = load_file(tmp_path / "model.safetensors")
     tensors["model.layers.1.self_attn.o_proj.weight"] = torch.zeros(3, 3)
     save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: model\.layers\.1\.self_attn\.o_proj\.weight has shape"):
+    with pytest.raises(CheckpointError,
+                       match=r"model\.safetensors: model\.layers\.1\.self_attn\.o_proj\.weight has shape"):
         load_pretrained(tmp_path)
 
 

@@ -77,7 +77,8 @@ def _load_and_resume(rank: int, world: int, folder: str) -> None:
     loss = torch.tensor(distributed_step(model, opt, rt, STEPS))
     params = {n: full(p) for n, p in model.named_parameters()}
     if rank == 0:
-        torch.save({"extra": [extra["step"], extra["note"]], "logits": logits, "loss": loss, "params": params}, f"{folder}/two.pt")
+        torch.save({"extra": [extra["step"], extra["note"]], "logits": logits, "loss": loss, "params": params},
+                   f"{folder}/two.pt")
 
 
 @pytest.mark.slow

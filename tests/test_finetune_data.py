@@ -62,7 +62,8 @@ def test_bad_records_are_one_clear_error_each(tok, tmp_path, chat_template):
     bad_json = write(tmp_path / "bad.jsonl", [{"text": "a", "label": "x"}, "", "{not json"])
     with pytest.raises(ftdata.DataError, match=r"bad.jsonl:3: not valid JSON"):
         ftdata.read_jsonl(bad_json, {})
-    no_assistant = ftdata.read_jsonl(write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "x"}]}]), {})
+    no_assistant_file = write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "x"}]}])
+    no_assistant = ftdata.read_jsonl(no_assistant_file, {})
     with pytest.raises(ftdata.DataError, match=r"c.jsonl:1: the conversation has no assistant turn"):
         ftdata.encode_sft(no_assistant, tok, chat_template, 64)
     records = ftdata.read_jsonl(write(tmp_path / "l.jsonl", [{"text": "a", "label": "spam"},

@@ -107,7 +107,8 @@ def reference_forward(t, cfg, ids):
 def test_16b_config_maps_to_mha_v1_routing():
     c = ModelConfig.from_hf_dict(HUB_CONFIG)
     assert not c.use_mla and not c.router_fp32 and not c.rope_interleaved
-    assert (c.scoring_func, c.topk_method, c.norm_topk_prob, c.routed_scaling_factor) == ("softmax", "greedy", False, 1.0)
+    assert (c.scoring_func, c.topk_method, c.norm_topk_prob, c.routed_scaling_factor) == (
+        "softmax", "greedy", False, 1.0)
 
 
 @pytest.mark.parametrize("impl", ["reference", "grouped"])

@@ -70,7 +70,8 @@ def test_wq_matmul_equals_dequantize_then_linear(scheme, M, N, K):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("T,D,F,E,K,empty", [(1, 128, 64, 4, 2, ()), (3, 160, 136, 5, 2, (1,)), (4, 72, 40, 6, 3, (0, 5))])
+@pytest.mark.parametrize("T,D,F,E,K,empty", [(1, 128, 64, 4, 2, ()), (3, 160, 136, 5, 2, (1,)),
+                                              (4, 72, 40, 6, 3, (0, 5))])
 def test_wq_moe_experts_equals_the_reference_on_dequantized_weights(scheme, T, D, F, E, K, empty):
     tq = _kernels()
     g = torch.Generator().manual_seed(T + D + F)

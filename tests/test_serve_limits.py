@@ -140,6 +140,7 @@ def test_oversized_body_413_is_read_by_curl(server, tmp_path, expect):
 
 
 def test_server_is_still_up_and_clean(server):
-    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "def ", "max_tokens": 3}, timeout=30)
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "def ", "max_tokens": 3},
+                   timeout=30)
     assert r.status_code == 200 and server.proc.poll() is None
     assert "Traceback" not in server.log.read_text()

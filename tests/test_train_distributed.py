@@ -1,8 +1,8 @@
 """`dsmoe train` under torchrun: 2 CPU processes (gloo), expert parallel 2. Its steps (with the sync-free dispatch
-at a capacity that cannot overflow: ep_dropped 0) equal one process's steps on the same global batch; its sharded checkpoint resumes in one process and continues as the one-process run
-does; its exported run folder loads with load_pretrained and gives the same logits; resumed on the same 2
-ranks it continues bit for bit, dropout included (each rank's RNG states travel with the checkpoint); a
-one-process checkpoint (the same layout) resumes on 2 ranks."""
+at a capacity that cannot overflow: ep_dropped 0) equal one process's steps on the same global batch; its sharded
+checkpoint resumes in one process and continues as the one-process run does; its exported run folder loads with
+load_pretrained and gives the same logits; resumed on the same 2 ranks it continues bit for bit, dropout included
+(each rank's RNG states travel with the checkpoint); a one-process checkpoint (the same layout) resumes on 2 ranks."""
 
 import json
 import os

@@ -86,8 +86,9 @@ def redundancy_probe(model: Transformer, windows: list[np.ndarray], counts_LE: n
             mask[torch.arange(L)[:, None], chosen] = True
             with experts_disabled(model, mask):
                 random_losses.append(evaluate_loss(model, windows, **eval_kw)[0])
+        random_loss = float(np.mean(random_losses))
         rows.append({"disabled": n, "top_loss": top_loss, "top_rise": top_loss - baseline,
-                     "random_loss": float(np.mean(random_losses)), "random_rise": float(np.mean(random_losses)) - baseline,
+                     "random_loss": random_loss, "random_rise": random_loss - baseline,
                      "random_spread": float(np.std(random_losses)), "random_draws": random_draws,
                      "load_share_disabled": float(np.take_along_axis(counts_LE, busiest, 1).sum() / counts_LE.sum())})
     return rows

@@ -100,8 +100,8 @@ def experts_per_token(totals: RoutingTotals, layer: int, tokenizer: Tokenizer, t
         seen = np.flatnonzero(freq >= min_count)
         per_token = used_V[seen] / freq[seen]
         order = seen[np.argsort(-per_token)[:top]]
-        out["tokens_taking_most_experts"] = [{"token": tokenizer.decode([int(v)]), "experts": float(used_V[v] / freq[v])}
-                                             for v in order]
+        out["tokens_taking_most_experts"] = [
+            {"token": tokenizer.decode([int(v)]), "experts": float(used_V[v] / freq[v])} for v in order]
     return out
 
 
@@ -126,7 +126,8 @@ def markdown(report: dict) -> str:
     lines = [f"# dsmoe analyze: {report['model']}", "",
              f"{report['tokens']:,} tokens from {len(report['domains'])} domain(s); loss {report['loss']:.4f} "
              f"({domains}).", "",
-             f"Mean over MoE layers: MaxVio {fmt(s['maxvio_mean'])}, routing entropy {fmt(s['routing_entropy_share_mean'])}"
+             f"Mean over MoE layers: MaxVio {fmt(s['maxvio_mean'])}, "
+             f"routing entropy {fmt(s['routing_entropy_share_mean'])}"
              f" of log E, expert-domain MI {fmt(s['domain_mi_bits_mean'])} bits (specialisation "
              f"{fmt(s['specialisation_mean'])}), shared experts' share of the output norm "
              f"{fmt(s['shared_norm_share_mean'])}.", ""]

@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
             agree = sum(a == b for a, b in zip(ours["answers"], hf["answers"])) / len(reqs)
         else:
             first = (lambda x: x[0]) if kind == "loglikelihood" else (lambda x: x)
-            diffs = [abs(first(a) - first(b)) / max(abs(first(b)), 1e-9) for a, b in zip(ours["answers"], hf["answers"])]
+            diffs = [abs(first(a) - first(b)) / max(abs(first(b)), 1e-9)
+                     for a, b in zip(ours["answers"], hf["answers"])]
             agree = max(diffs)
         rows.append({"request": kind, "requests": len(reqs), "dsmoe_per_s": len(reqs) / ours["seconds"],
                      "hf_per_s": len(reqs) / hf["seconds"], "speedup": hf["seconds"] / ours["seconds"],

@@ -76,8 +76,9 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         impl = r["impl"] + (" [graph]" if r.get("mode") == "graph" else "")
         print(f"{r['shape']:<8} {r['tokens']:>6} {impl:<26} {_fmt(r.get('ms'), '9.3f')} "
-              f"{_fmt(r.get('tflops'), '8.1f')} {_fmt(r.get('x_dense'), '8.2f')} {_fmt(r.get('x_hf_grouped'), '8.2f')} "
-              f"{_fmt(r.get('peak_gb'), '8.2f')} {_fmt(r.get('act_gb'), '7.2f')} {_fmt(r.get('max_rel_err'), '12.2e')}  "
+              f"{_fmt(r.get('tflops'), '8.1f')} {_fmt(r.get('x_dense'), '8.2f')} "
+              f"{_fmt(r.get('x_hf_grouped'), '8.2f')} {_fmt(r.get('peak_gb'), '8.2f')} {_fmt(r.get('act_gb'), '7.2f')} "
+              f"{_fmt(r.get('max_rel_err'), '12.2e')}  "
               f"{r.get('note', '')}")
 
 

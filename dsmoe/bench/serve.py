@@ -142,9 +142,9 @@ def summarize(server: str, rate: float, results: list[RequestResult], duration: 
     output = sum(r.output_tokens for r in ok)
     ttfts = [r.ttft * 1e3 for r in ok]
     itls = [x * 1e3 for r in ok for x in r.itls]
-    return RateResult(server, f"{rate:g}", len(results), len(results) - len(ok), duration, sum(r.prompt_tokens for r in ok),
-                      output, output / duration, len(ok) / duration, percentile(ttfts, 50), percentile(ttfts, 99),
-                      percentile(itls, 50), percentile(itls, 99))
+    return RateResult(server, f"{rate:g}", len(results), len(results) - len(ok), duration,
+                      sum(r.prompt_tokens for r in ok), output, output / duration, len(ok) / duration,
+                      percentile(ttfts, 50), percentile(ttfts, 99), percentile(itls, 50), percentile(itls, 99))
 
 
 def random_model_folder(preset: str, root: Path) -> Path:

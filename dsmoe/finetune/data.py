@@ -36,8 +36,9 @@ from dsmoe.train.loss import Batch
 IGNORE = -100
 # The shared QA / translation / summarisation files as instruction data, with the prompts `dsmoe eval --task`
 # scores them with (dsmoe.tasks.specs), so a fine-tune learns the format it is evaluated in.
-FIELD_MAP_PRESETS = {preset: {"prompt": BUILTIN[task].prompt, "completion": " {%s}" % BUILTIN[task].answer}
-                     for preset, task in (("qa", "xquad_en"), ("translation", "ntrex128"), ("summarization", "scitldr"))}
+FIELD_MAP_PRESETS = {
+    preset: {"prompt": BUILTIN[task].prompt, "completion": " {%s}" % BUILTIN[task].answer}
+    for preset, task in (("qa", "xquad_en"), ("translation", "ntrex128"), ("summarization", "scitldr"))}
 
 
 class DataError(UserError):

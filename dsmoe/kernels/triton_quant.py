@@ -67,7 +67,8 @@ def _row_scale(s_ptr, e, rows, rows_ok, k0, s_stride_e, s_stride_r, FP8: tl.cons
 
 @triton.jit
 def _wq_moe_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, h_ptr, s_stride_e, s_stride_r, TOP_K: tl.constexpr,
-                      F: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+                      F: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr, BLOCK_F: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
     n = tl.program_id(1)
     token = n // TOP_K
     e = tl.load(idx_ptr + n).to(tl.int64)

@@ -84,7 +84,8 @@ def device_balance_loss(
     T, E = probs_TE.shape
     D = num_devices
     used = _slot_weights(topk_idx_TK, active_TK).flatten()
-    f_E = torch.zeros(E, device=probs_TE.device).scatter_add_(0, topk_idx_TK.flatten(), used) * (E / used.sum().clamp_min(1))
+    f_E = torch.zeros(E, device=probs_TE.device).scatter_add_(
+        0, topk_idx_TK.flatten(), used) * (E / used.sum().clamp_min(1))
     P_E = _mean_probs(probs_TE, active_TK)[0][0]
     experts_per_device = torch.zeros(D, device=probs_TE.device).scatter_add_(
         0, expert_device_E, torch.ones(E, device=probs_TE.device))

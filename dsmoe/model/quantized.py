@@ -53,7 +53,8 @@ class QuantExperts(nn.Module):
 
     @classmethod
     def from_experts(cls, experts: nn.Module, scheme: str) -> QuantExperts:
-        return cls(ops.quantize(experts.gate_up_proj.detach(), scheme), ops.quantize(experts.down_proj.detach(), scheme))
+        return cls(ops.quantize(experts.gate_up_proj.detach(), scheme),
+                   ops.quantize(experts.down_proj.detach(), scheme))
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
                 impl: str, shared: nn.Module | None = None, active_TK: torch.Tensor | None = None) -> torch.Tensor:

@@ -33,8 +33,8 @@ class APIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with this HTTP status."""
 
     TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-             408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
-             429: "rate_limit_error", 500: "server_error", 503: "server_unavailable"}
+             408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+             422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):

@@ -146,7 +146,8 @@ def grow_experts(model: Transformer, add: int, counts_LE: torch.Tensor, noise: f
             parents = ranked[torch.arange(add_per_group) % size] + grp * size
             order += [torch.arange(grp * size, (grp + 1) * size), parents]
         source = torch.cat(order)
-        is_child = torch.cat([torch.cat([torch.zeros(size), torch.ones(add_per_group)]) for _ in range(c.n_group)]).bool()
+        child_in_group = torch.cat([torch.zeros(size), torch.ones(add_per_group)])
+        is_child = torch.cat([child_in_group for _ in range(c.n_group)]).bool()
         for name, key in keys.items():
             if key not in state:
                 continue

@@ -100,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
     autocast = torch.bfloat16 if device.type == "cuda" else None
     loss, n = evaluate_loss(model, windows, batch_size=args.batch_size, device=device, autocast_dtype=autocast)
     if not math.isfinite(loss):
-        raise UserError(f"{path} scores a loss of {loss} on {source}: its weights hold NaN or inf (a run that diverged, "
-                        "or a bad --lr); evaluate an earlier checkpoint, RUN/checkpoints/step_N")
+        raise UserError(f"{path} scores a loss of {loss} on {source}: its weights hold NaN or inf "
+                        "(a run that diverged, or a bad --lr); evaluate an earlier checkpoint, RUN/checkpoints/step_N")
     print(f"{source}: loss {loss:.4f} | perplexity {perplexity(loss):.2f} | {loss * tokens_per_byte:.4f} nats/byte "
           f"| {n:,} tokens in windows of {seq_len}")
     return 0

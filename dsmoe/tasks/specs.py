@@ -109,7 +109,8 @@ def get_task(name: str) -> TaskSpec:
         known = {f.name for f in dataclasses.fields(TaskSpec)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise UserError(f"{path}: unknown field(s) {', '.join(unknown)}; a task spec has {', '.join(sorted(known))}")
+            raise UserError(f"{path}: unknown field(s) {', '.join(unknown)}; "
+                            f"a task spec has {', '.join(sorted(known))}")
         for key in ("labels", "stop"):
             if key in data:
                 data[key] = tuple(data[key])

@@ -47,9 +47,9 @@ class TokenWindows:
 
 def pretraining_data(cfg: TrainConfig, docs: list[Document], reducer, tokenizer_path: str | None,
                      cache_dir: Path | None, run_folder: Path | None) -> TrainingData:
-    """The corpus (read_documents of cfg.data), tokenized once, prepared in waves under torchrun: rank 0 trains (or loads) the
-    tokenizer, fills its node's token cache and saves the tokenizer into `run_folder`; then the first rank of
-    every other node fills that node's cache with it; then the rest find everything cached. The waits have no
+    """The corpus (read_documents of cfg.data), tokenized once, prepared in waves under torchrun: rank 0 trains
+    (or loads) the tokenizer, fills its node's token cache and saves the tokenizer into `run_folder`; then the first
+    rank of every other node fills that node's cache with it; then the rest find everything cached. The waits have no
     collective timeout: a large corpus may take longer."""
     wave = 0 if reducer.is_main else 1 if reducer.local_rank == 0 else 2
     corpus = None
