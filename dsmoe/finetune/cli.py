@@ -55,10 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     task.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out first")
     task.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
     task.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: 2 x rank)")
-    task.add_argument("--lora-targets", nargs="+", action="extend", default=[], help="attention, mlp (dense layers and shared "
-                      "experts; PEFT cannot load these for DeepSeek), experts (routed, per expert), or module names "
-                      "(default: attention experts)")
-    task.add_argument("--freeze", nargs="+", action="extend", default=[], choices=("router", "experts", "embeddings", "main"),
+    task.add_argument("--lora-targets", nargs="+", action="extend", default=[],
+                      help="attention, mlp (dense layers and shared experts; PEFT cannot load these for DeepSeek), "
+                      "experts (routed, per expert), or module names (default: attention experts)")
+    task.add_argument("--freeze", nargs="+", action="extend", default=[],
+                      choices=("router", "experts", "embeddings", "main"),
                       help="keep these fixed (router: its weights and aux-free bias; main: all but the MTP modules, "
                            "e.g. to train a draft head for --speculative mtp with --mtp-layers 1)")
     task.add_argument("--merge", action="store_true", help="LoRA: also fold the adapter into a full hub "

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("path", metavar="MODEL", help="model folder (dsmoe run folder or Hugging Face checkpoint)")
         p.add_argument("--out", required=True, help="folder to write the new model to")
         p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-        p.add_argument("--data", nargs="+", action="extend", metavar="PATH", help="calibration text (files, folders, globs, .jsonl)")
+        p.add_argument("--data", nargs="+", action="extend", metavar="PATH",
+                       help="calibration text (files, folders, globs, .jsonl)")
         p.add_argument("--text-field", default="text", help="field of .jsonl records holding the text")
         p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
         p.add_argument("--max-tokens", type=int, default=65536, help="calibration tokens to read at most")

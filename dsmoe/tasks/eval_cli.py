@@ -22,8 +22,8 @@ from dsmoe.tasks.eval_tasks import add_task_arguments
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="RUN", help="run folder, RUN/checkpoints/step_N, or a Hugging Face "
                         "checkpoint folder")
-    parser.add_argument("--data", nargs="+", action="extend", metavar="PATH", help="text files, folders, globs or .jsonl to score "
-                        "(default: the run's validation split)")
+    parser.add_argument("--data", nargs="+", action="extend", metavar="PATH",
+                        help="text files, folders, globs or .jsonl to score (default: the run's validation split)")
     parser.add_argument("--text-field", default="text", help="field of each .jsonl record that holds the text")
     parser.add_argument("--tokenizer", help="tokenizer.json or its folder (default: the one in RUN)")
     parser.add_argument("--seq-len", type=int, help="tokens per window (default: the run's, else 1024)")
