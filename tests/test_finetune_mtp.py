@@ -65,12 +65,14 @@ def test_fewer_mtp_layers_drop_modules_and_bad_combinations_are_one_error(model_
     assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
     assert len(load_pretrained(out).mtp) == 1
     capsys.readouterr()
-    bad = {("--task", "classify", "--mtp-layers", "1"): "for --task sft and lm",
-           ("--task", "lm", "--mtp-layers", "1", "--lora-rank", "2"): "new modules train in full",
-           ("--task", "lm", "--freeze", "main"): "--freeze main trains only the MTP modules"}
-    for flags, message in bad.items():
-        assert main(["finetune", str(model_dir), "--data", str(text), "--out", str(tmp_path / "bad"), *flags,
-                     *FAST]) == 2
+    bad = {(model_dir, "classify", "--mtp-layers", "1"): "for --task sft and lm",
+           (two, "classify", "--freeze", "main"): "for --task sft and lm",  # BASE's MTP modules: not a classifier's
+           (model_dir, "lm", "--mtp-layers", "1", "--lora-rank", "2"): "new modules train in full",
+           (model_dir, "lm", "--freeze", "main"): "--freeze main trains only the MTP modules",
+           (two, "lm", "--freeze", "main", "--mtp-loss-weight", "0"): "a positive --mtp-loss-weight"}
+    for (base, task, *flags), message in bad.items():
+        assert main(["finetune", str(base), "--task", task, "--data", str(text), "--out", str(tmp_path / "bad"),
+                     *flags, *FAST]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()
 

@@ -114,7 +114,8 @@ def test_speculative_steps_capture_and_equal_eager_ones(method):
     cfg = get_preset("small").replace(num_hidden_layers=4, vocab_size=4096, initializer_range=0.05,
                                       num_nextn_predict_layers=1)
     torch.manual_seed(0)
-    model = build_model(cfg, device="cuda", dtype=torch.bfloat16).eval()
+    # fp32: the verify forward runs other GEMM shapes than plain decode; bf16 near-ties could flip a greedy token
+    model = build_model(cfg, device="cuda", dtype=torch.float32).eval()
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 64, (n,), generator=gen).tolist() for n in (5, 40, 17, 90, 3)]  # repeats to find
     greedy = SamplingParams(max_new_tokens=24, temperature=0)

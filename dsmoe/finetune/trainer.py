@@ -114,14 +114,15 @@ class FinetuneTrainer(Trainer):
         them (a draft head for speculative decoding on a model that ships none)."""
         have = self.base_config.num_nextn_predict_layers
         depth = have if cfg.mtp_layers is None else cfg.mtp_layers
-        if cfg.mtp_layers is not None and ft.task == "classify":
-            raise UserError("--mtp-layers is for --task sft and lm (a classifier predicts no tokens): drop it")
+        if ft.task == "classify" and (cfg.mtp_layers is not None or "main" in ft.freeze):
+            raise UserError("--mtp-layers and --freeze main are for --task sft and lm (a classifier predicts no "
+                            "tokens and keeps no MTP modules): drop them")
         if depth > have and self.lora:
             raise UserError(f"--mtp-layers {depth} adds MTP modules to {ft.base} (it has {have}); new modules train "
                             "in full: drop --lora-rank, or add them in a full fine-tune first")
-        if "main" in ft.freeze and (self.lora or not depth):
-            raise UserError("--freeze main trains only the MTP modules: give --mtp-layers N (N >= 1) and no "
-                            "--lora-rank")
+        if "main" in ft.freeze and (self.lora or not depth or not cfg.mtp_loss_weight):
+            raise UserError("--freeze main trains only the MTP modules: give --mtp-layers N (N >= 1), a positive "
+                            "--mtp-loss-weight and no --lora-rank")
 
     # ---- data
     def _read_data(self) -> TrainingData:

@@ -124,7 +124,7 @@ class PromptLookupDrafter:
             raise UserError(f"--prompt-lookup-min {min_ngram} / --prompt-lookup-max {max_ngram}: need "
                             "1 <= min <= max")
         self.spec, self.min_ngram, self.max_ngram = spec, min_ngram, max_ngram
-        self.history: dict[int, tuple[str, bytearray]] = {}  # slot -> (request id, its tokens as int32 bytes)
+        self.history: dict[int, tuple[object, bytearray]] = {}  # slot -> (request, its tokens as int32 bytes)
 
     def prefill(self, *args) -> None:
         """Nothing to run: the first drafts are looked up when the first decode step is launched."""
@@ -168,10 +168,10 @@ class PromptLookupDrafter:
         return []
 
     def _history(self, req) -> bytearray:
-        rid, tokens = self.history.get(req.slot, (None, None))
-        if rid != req.id:
+        owner, tokens = self.history.get(req.slot, (None, None))
+        if owner is not req:
             tokens = bytearray(array("i", req.prompt).tobytes())
-            self.history[req.slot] = (req.id, tokens)
+            self.history[req.slot] = (req, tokens)
         known = len(tokens) // 4 - len(req.prompt)
         tokens += array("i", req.output[known:]).tobytes()
         return tokens

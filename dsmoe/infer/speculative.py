@@ -35,8 +35,10 @@ class _StepRunner(DecodeRunner):
     with the same values each time) and staging buffers, never its own inputs, so the capture's warm-up runs
     leave the engine's state as it was; Speculator.commit applies the result."""
 
-    def __init__(self, spec: "Speculator", width: int, flags: dict, **kw):
-        super().__init__(spec.model, spec.cache, spec.slots, **kw)
+    def __init__(self, spec: "Speculator", width: int, flags: dict, runner: DecodeRunner):
+        super().__init__(spec.model, spec.cache, spec.slots, runner.cuda_graphs, runner.bucketed)
+        # the engine's compiled blocks and graph memory (one stream replays every graph in turn)
+        self.compiled, self.pool = runner.compiled, runner.pool
         self.spec, self.width, self.flags = spec, width, flags
 
     def step(self, B: int, L: int):
@@ -63,7 +65,7 @@ class Speculator:
         # staging: the next step's drafts and their distributions, as the device step computes them
         self.next_drafts = z(self.num_slots, self.N)
         self.next_probs = torch.zeros_like(self.draft_probs)
-        self.cuda_graphs = engine.runner.cuda_graphs
+        self.runner = engine.runner
         self.runners: dict[tuple[int, bool, bool], _StepRunner] = {}
         self.drafter = MTPDrafter(self) if method == "mtp" else PromptLookupDrafter(self, *prompt_lookup)
         self.caps = [0] * self.num_slots  # per slot: its request's cap on drafts per step
@@ -100,7 +102,7 @@ class Speculator:
             width = 1 + max(self.offered)
         key = (width, flags["any_random"], flags["any_filtered"])
         if key not in self.runners:
-            self.runners[key] = _StepRunner(self, width, dict(flags), cuda_graphs=self.cuda_graphs)
+            self.runners[key] = _StepRunner(self, width, dict(flags), self.runner)
         tokens, counts, next_pos, next_input = self.runners[key](B, L)
         self.commit(slice(0, B), next_pos, next_input, flags)
         return tokens, counts
