@@ -3,7 +3,8 @@ slices of BASE (dsmoe.checkpoint.hf.HubWeights.fill) and draws the head and LoRA
 keeping its slices. On 2 CPU ranks (gloo): every parameter, gathered, equals bit for bit the one-process whole load
 (FSDP2 with a LoRA classifier, expert parallelism with LoRA on attention, dense MLPs and experts, a full
 classifier with EP, an FP8 base whose 12 x 20 scale blocks straddle the ranks' row chunks, a new MTP module with
-EP; and on 4 ranks EP 2 x FSDP 2 over the experts); a short fine-tune gives the losses and gradient norms of the
+EP; and on 4 ranks EP 2 x FSDP 2 over the experts, whole experts per rank and, with 3 experts per EP rank, each
+expert's rows split); a short fine-tune gives the losses and gradient norms of the
 same ranks loading BASE whole, exactly; each rank reads half of the checkpoint's bytes and holds half of the model.
 
 Two distributed runs (a module fixture) do every job; the tests read what they left behind."""
@@ -41,7 +42,7 @@ def jobs(model_dir, fp8_dir, chats, spam) -> dict[str, list[str]]:
 
 # On 4 ranks with --ep 2 the experts are also sharded by FSDP over the 2 ranks holding the same ones: each rank's
 # block of experts is a chunk of its EP block (DTensor placements _StridedShard(0) x Shard(0) on the 2-D mesh)
-FOUR_RANKS = ("ep2_dp2_lora_sft",)
+FOUR_RANKS = ("ep2_dp2_lora_sft", "ep2_dp2_rows_sft")
 
 
 def parts(argv: list[str]):
@@ -122,7 +123,21 @@ def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def ran(model_dir, fp8_dir, tmp_path_factory):
+def six_experts_dir(model_dir, tmp_path_factory):
+    """model_dir's shape with 6 routed experts: 3 per EP rank, which 2 FSDP ranks split by rows (Shard(1))."""
+    from dsmoe.checkpoint.hf import load_pretrained, save_pretrained
+    from dsmoe.model.transformer import build_model
+
+    out = tmp_path_factory.mktemp("six")
+    torch.manual_seed(0)
+    save_pretrained(build_model(load_pretrained(model_dir).config.replace(n_routed_experts=6)), out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((model_dir / name).read_bytes())
+    return out
+
+
+@pytest.fixture(scope="module")
+def ran(model_dir, fp8_dir, six_experts_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
     chats = folder / "chats.jsonl"
     chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {i}" + " please" * (i % 4)},
@@ -133,6 +148,7 @@ def ran(model_dir, fp8_dir, tmp_path_factory):
                                        {"text": f"see you at lunch {i}", "label": "ham"}) + "\n" for i in range(12)))
     all_jobs = jobs(model_dir, fp8_dir, chats, spam)
     all_jobs["ep2_dp2_lora_sft"] = all_jobs["ep_lora_sft"]
+    all_jobs["ep2_dp2_rows_sft"] = [str(six_experts_dir), *all_jobs["ep_lora_sft"][1:]]
     out = tmp_path_factory.mktemp("runs")
     for name in all_jobs:
         (out / name).mkdir()
@@ -142,7 +158,7 @@ def ran(model_dir, fp8_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["fsdp_lora_classify", "ep_lora_sft", "ep_full_classify", "fp8_fsdp_sft",
-                                  "ep2_dp2_lora_sft", "ep_mtp_head_sft"])
+                                  "ep2_dp2_lora_sft", "ep2_dp2_rows_sft", "ep_mtp_head_sft"])
 def test_each_rank_loads_its_shards_to_the_values_of_the_whole_load(ran, name, tmp_path):
     from dsmoe.finetune.trainer import FinetuneTrainer
 
