@@ -130,3 +130,18 @@ def test_speculative_steps_capture_and_equal_eager_ones(method):
     runners = graphs.spec.runners.values()
     assert any(r.graphs for r in runners) and not any(r.failed for r in runners)
     assert graphs.speculation_stats()["accepted"][0] > 0
+
+
+def test_compiled_speculative_steps_capture_and_decode_greedily_as_plain():
+    """--compile --speculative mtp: the speculative step runs the engine's compiled blocks inside its graph."""
+    cfg = get_preset("small").replace(num_hidden_layers=4, vocab_size=4096, initializer_range=0.05,
+                                      num_nextn_predict_layers=1)
+    torch.manual_seed(0)
+    model = build_model(cfg, device="cuda", dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 64, (n,), generator=gen).tolist() for n in (7, 30, 12)]
+    greedy = SamplingParams(max_new_tokens=16, temperature=0)
+    compiled = Engine(model, max_batch=4, max_model_len=96, compile=True, speculative="mtp", num_speculative_tokens=2)
+    assert run(compiled, prompts, greedy) == run(Engine(model, max_batch=4, max_model_len=96), prompts, greedy)
+    runners = compiled.spec.runners.values()
+    assert all(r.compiled for r in runners) and any(r.graphs for r in runners) and not any(r.failed for r in runners)
