@@ -89,6 +89,9 @@ def test_greedy_speculative_equals_plain_greedy(model_and_data, method, drafts, 
     stats = engine.speculation_stats()
     assert 0 < stats["accepted"][0] < stats["proposed"][0]  # drafts were both kept and rejected
     assert len(stats["acceptance_rate"]) == drafts
+    decoded = sum(len(o) - 1 for o in plain)  # every token but the prefill's first came from a speculative step
+    assert 1 < stats["tokens_per_step"] <= drafts + 1
+    assert decoded <= engine.spec.advanced < decoded + len(prompts) * (drafts + 1)  # + what stopped rows cut off
     # MTP always verifies N drafts; a lookup step only as many as some row found (none: a plain decode step)
     assert set(widths) == {drafts + 1} if method == "mtp" else {1, drafts + 1} <= set(widths)
 
@@ -233,7 +236,7 @@ def test_generate_cli_with_prompt_lookup_prints_the_same_text_on_a_model_without
     plain = capsys.readouterr()
     assert main(args + ["--speculative", "ngram", "--prompt-lookup-min", "1"]) == 0
     spec = capsys.readouterr()
-    assert spec.out == plain.out and "speculative (ngram): drafts kept per position" in spec.err
+    assert spec.out == plain.out and "speculative (ngram): " in spec.err and "tokens per step" in spec.err
     assert main(args + ["--speculative", "mtp"]) == 2
     assert "--speculative ngram" in capsys.readouterr().err  # no MTP modules: the error names the other method
 

@@ -73,21 +73,23 @@ def run(args: argparse.Namespace) -> int:
         plain = time_dsmoe(model, batch, args.prompt_len, args.new_tokens, cuda_graphs, compile=False,
                            prompts=prompts[:batch])
         results[f"batch{batch}-plain"] = plain
-        rows.append((batch, "plain", plain["tokens_per_s"], 1.0, ""))
+        rows.append((batch, "plain", plain["tokens_per_s"], 1.0, 1.0, ""))
         for method, n in ((m, n) for m in methods for n in drafts):
             spec = time_dsmoe(model, batch, args.prompt_len, args.new_tokens, cuda_graphs, compile=False,
                               prompts=prompts[:batch], speculative=method, num_speculative_tokens=n,
                               prompt_lookup=lookup)
             results[f"batch{batch}-{method}{n}"] = spec
-            rates = " ".join("-" if r is None else f"{r:.2f}" for r in spec["speculation"]["acceptance_rate"])
+            stats = spec["speculation"]
+            rates = " ".join("-" if r is None else f"{r:.2f}" for r in stats["acceptance_rate"])
             rows.append((batch, f"{method} x{n}", spec["tokens_per_s"], spec["tokens_per_s"] / plain["tokens_per_s"],
-                         rates))
+                         stats["tokens_per_step"], rates))
         for row in rows[-1 - len(drafts) * len(methods):]:
-            print(f"  batch {row[0]:>3} {row[1]:<8} {row[2]:10.1f} tokens/s  x{row[3]:.2f}  {row[4]}", flush=True)
-    print("\n| batch | decoding | tokens/s | vs plain | acceptance per draft position |")
-    print("|---:|---|---:|---:|---|")
-    for batch, name, tps, ratio, rates in rows:
-        print(f"| {batch} | {name} | {tps:,.1f} | {ratio:.2f}x | {rates} |")
+            print(f"  batch {row[0]:>3} {row[1]:<8} {row[2]:10.1f} tokens/s  x{row[3]:.2f}  {row[4]:.2f} tokens/step  "
+                  f"{row[5]}", flush=True)
+    print("\n| batch | decoding | tokens/s | vs plain | tokens per step | acceptance per draft position |")
+    print("|---:|---|---:|---:|---:|---|")
+    for batch, name, tps, ratio, per_step, rates in rows:
+        print(f"| {batch} | {name} | {tps:,.1f} | {ratio:.2f}x | {per_step:.2f} | {rates} |")
     if args.json:
         from dsmoe.atomic import atomic_write_text
 

@@ -54,5 +54,6 @@ def run(args: argparse.Namespace) -> int:
     stats = engine.speculation_stats()
     if stats:
         rates = ", ".join("-" if r is None else f"{r:.0%}" for r in stats["acceptance_rate"])
-        print(f"[speculative ({stats['method']}): drafts kept per position {rates}]", file=sys.stderr)
+        per_step = f"{stats['tokens_per_step']:.2f} tokens per step; " if stats["tokens_per_step"] else ""
+        print(f"[speculative ({stats['method']}): {per_step}drafts kept per position {rates}]", file=sys.stderr)
     return 0

@@ -72,6 +72,7 @@ class Speculator:
         self.offered = [0] * self.num_slots  # per slot: drafts offered in the latest step (host copy of max_drafts)
         self.proposed = [0] * self.N  # per draft position, over the run: drafts verified / kept
         self.accepted = [0] * self.N
+        self.row_steps = self.advanced = 0  # over the run: rows verified, tokens they advanced by
 
     def positions(self, start: torch.Tensor, width: int) -> torch.Tensor:
         """(B,) -> (B, width) positions start..start+width-1; rows parked at the trash position stay there."""
@@ -169,6 +170,8 @@ class Speculator:
 
     def record(self, kept_and_slot: list[tuple[int, int]]) -> None:
         for kept, slot in kept_and_slot:
+            self.row_steps += 1
+            self.advanced += kept + 1
             for j in range(self.offered[slot]):
                 self.proposed[j] += 1
                 self.accepted[j] += j < kept
@@ -176,7 +179,8 @@ class Speculator:
     def stats(self) -> dict:
         rates = [a / p if p else None for a, p in zip(self.accepted, self.proposed)]
         return {"method": self.method, "num_speculative_tokens": self.N, "proposed": list(self.proposed),
-                "accepted": list(self.accepted), "acceptance_rate": rates}
+                "accepted": list(self.accepted), "acceptance_rate": rates,
+                "tokens_per_step": self.advanced / self.row_steps if self.row_steps else None}
 
 
 def uniform(seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
