@@ -32,7 +32,8 @@ def text(tmp_path_factory):
 def test_a_draft_head_trains_alone_on_a_base_without_one(model_dir, text, tmp_path, capsys):
     out = tmp_path / "head"
     assert main(["finetune", str(model_dir), "--task", "lm", "--data", str(text), "--out", str(out), "--steps", "6",
-                 "--eval-interval", "3", "--mtp-layers", "1", "--freeze", "main", *FAST]) == 0
+                 "--eval-interval", "3", "--mtp-layers", "1", "--freeze", "main", "--mtp-targets", "tokens",
+                 *FAST]) == 0
     assert "first drafts agree" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
     base, tuned = load_file(model_dir / "model.safetensors"), load_file(out / "model.safetensors")
@@ -100,3 +101,17 @@ def test_validation_draft_agreement_is_the_first_drafts_that_match_the_model(mod
     assert got["mtp_loss"] == pytest.approx(float(sum(depth_losses) / 2), rel=1e-5)
     assert got["loss"] == pytest.approx(float(F.cross_entropy(logits.flatten(0, 1), targets.flatten())), rel=1e-5)
     assert "draft_agreement" not in evaluate_windows(model, windows, batch_size=2, device=torch.device("cpu"))
+
+
+def test_self_distilled_draft_heads_learn_the_models_distribution(model_dir, text, tmp_path):
+    """--mtp-targets model (--freeze main's default) reaches the loss: at the first step (the same weights and
+    batch) the logged MTP loss is the soft cross-entropy against the model ahead, not the token loss."""
+    losses = {}
+    for targets, flags in (("tokens", ["--mtp-targets", "tokens"]), ("model", [])):
+        out = tmp_path / targets
+        assert main(["finetune", str(model_dir), "--task", "lm", "--data", str(text), "--out", str(out), "--steps",
+                     "1", "--log-interval", "1", "--mtp-layers", "1", "--freeze", "main", *flags, *FAST]) == 0
+        first = next(r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "mtp_loss" in r)
+        losses[targets] = first["mtp_loss"]
+        assert json.loads((out / "train_config.json").read_text())["mtp_targets"] == targets
+    assert losses["tokens"] != pytest.approx(losses["model"], rel=1e-3)

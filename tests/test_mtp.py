@@ -68,6 +68,32 @@ def test_mtp_loss_ignores_masked_targets_and_rejects_short_sequences():
         mtp_loss(logits, targets[:, :2])
 
 
+def test_self_distilled_mtp_loss_is_the_soft_cross_entropy_against_the_model_ahead():
+    """mtp_targets "model": depth k at position t learns the main model's distribution at t+k (which predicts the
+    same token), over the positions the token loss counts (ignored labels, other packed segments left out); no
+    gradient reaches the teacher; a teacher certain of the text's tokens gives the token loss."""
+    g = torch.Generator().manual_seed(0)
+    B, S, V = 2, 7, 11
+    mtp_logits = [torch.randn(B, S, V, generator=g, requires_grad=True) for _ in range(2)]
+    teacher = torch.randn(B, S, V, generator=g, requires_grad=True)
+    targets = torch.randint(0, V, (B, S), generator=g)
+    targets[0, 4] = -100
+    segments = torch.tensor([[0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1]])
+    got = mtp_loss(mtp_logits, targets, segment_ids=segments, teacher_logits=teacher)
+    per_depth = []
+    for k, logits in enumerate(mtp_logits, 1):
+        terms = [-(teacher[b, t + k].softmax(-1) * logits[b, t].log_softmax(-1)).sum()
+                 for b in range(B) for t in range(S - k)
+                 if targets[b, t + k] != -100 and segments[b, t] == segments[b, t + k]]
+        per_depth.append(torch.stack(terms).mean())
+    torch.testing.assert_close(got, torch.stack(per_depth).mean())
+    got.backward()
+    assert teacher.grad is None and all(m.grad is not None for m in mtp_logits)
+    certain = torch.full((B, S, V), -1e4).scatter(-1, targets.clamp_min(0)[..., None], 0.0)
+    torch.testing.assert_close(mtp_loss(mtp_logits, targets, segment_ids=segments, teacher_logits=certain),
+                               mtp_loss(mtp_logits, targets, segment_ids=segments))
+
+
 @pytest.mark.parametrize("impl", ["grouped", "triton"])
 def test_mtp_gradients_match_the_reference_expert_path(impl):
     if impl == "grouped" and not hasattr(F, "grouped_mm"):

@@ -32,7 +32,10 @@ HELP = {"steps": "optimizer steps, unless --tokens is given",
         "seq_len": "sft: tokens per packed row (longer examples are cut to it); classify: the longest text kept",
         "micro_batch": "sft: packed rows per forward/backward; classify: examples per forward/backward",
         "mtp_layers": "MTP modules (default: BASE's); more than BASE has adds fresh ones, trained from scratch "
-                      "(with --freeze main only they train: a draft head for --speculative mtp); fewer drops some"}
+                      "(with --freeze main only they train: a draft head for --speculative mtp); fewer drops some",
+        "mtp_targets": "what MTP module k learns: the text's token k+1 ahead (tokens), or the model's own "
+                       "distribution over it (model: self-distillation, what speculative decoding keeps; the "
+                       "default with --freeze main)"}
 # --seq-len when not given: the base's context up to this. Cutting to pretraining's 256 would drop most QA and
 # summarisation examples (their targets come last), and packed rows cost nothing for being long.
 SEQ_LEN_CAP = 1024
@@ -92,6 +95,8 @@ def resolve(args: argparse.Namespace):
         from dsmoe.checkpoint.hf import read_config
 
         given["seq_len"] = min(SEQ_LEN_CAP, read_config(Path(args.base))[0].max_position_embeddings)
+    if "main" in args.freeze and "mtp_targets" not in given:
+        given["mtp_targets"] = "model"  # a draft head learns what the model will accept
     cfg = TrainConfig(**{**DEFAULTS, **given})
     ft = FinetuneConfig(base=args.base, task=args.task, data=args.data, eval_data=args.eval_data,
                         field_map=args.field_map, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,

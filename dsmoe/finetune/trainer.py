@@ -154,7 +154,8 @@ class FinetuneTrainer(Trainer):
 
     # ---- the losses (the trainer's loss seam); "trained_tokens" makes tokens/s count real, unpadded tokens
     def _sft_loss(self, model, batch):
-        loss, metrics = next_token_loss(model, batch, mtp_weight=self.cfg.mtp_loss_weight)
+        loss, metrics = next_token_loss(model, batch, mtp_weight=self.cfg.mtp_loss_weight,
+                                        mtp_targets=self.cfg.mtp_targets)
         return loss, {**metrics, "trained_tokens": batch.token_mask.sum().float()}
 
     def _classify_loss(self, model, batch):

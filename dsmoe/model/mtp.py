@@ -68,10 +68,13 @@ def same_segment_ahead(segment_ids: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def mtp_loss(mtp_logits: list[torch.Tensor], targets: torch.Tensor, ignore_index: int = -100,
-             segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+             segment_ids: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
     """(1/D) sum_k CE(depth k) (spec eq 25 without lambda). targets (B, S) are the main model's (token t+1 at
     position t); depth k's logits at position t predict token t+k+1 = targets[:, t+k]. With segment_ids (packed
-    sequences) a target in another segment than position t is not one of its tokens and is left out."""
+    sequences) a target in another segment than position t is not one of its tokens and is left out. With
+    teacher_logits (the main model's, (B, S, V)) depth k learns the main model's distribution at position t+k,
+    which predicts the same token (self-distillation: the soft cross-entropy, no gradient into the teacher), over
+    the same positions."""
     S = targets.shape[1]
     if not mtp_logits:
         raise ValueError("mtp_loss needs the logits of at least one MTP module")
@@ -82,8 +85,13 @@ def mtp_loss(mtp_logits: list[torch.Tensor], targets: torch.Tensor, ignore_index
         ahead = targets[:, k:]
         if segment_ids is not None:
             ahead = ahead.masked_fill(~same_segment_ahead(segment_ids, k)[:, : S - k], ignore_index)
-        losses.append(F.cross_entropy(logits[:, : S - k].flatten(0, 1).float(), ahead.flatten(),
-                                      ignore_index=ignore_index))
+        if teacher_logits is None:
+            losses.append(F.cross_entropy(logits[:, : S - k].flatten(0, 1).float(), ahead.flatten(),
+                                          ignore_index=ignore_index))
+            continue
+        keep = ahead != ignore_index
+        teacher = teacher_logits[:, k:][keep].detach().float().softmax(-1)
+        losses.append(-(teacher * logits[:, : S - k][keep].float().log_softmax(-1)).sum(-1).mean())
     return torch.stack(losses).mean()
 
 

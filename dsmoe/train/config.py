@@ -22,6 +22,7 @@ from dsmoe.kernels.ops import IMPLS as MOE_IMPLS
 SCHEDULES = ("cosine", "wsd")
 DTYPES = ("auto", "fp32", "bf16")
 BALANCE_SCOPES = ("sequence", "batch")
+MTP_TARGETS = ("tokens", "model")
 COMPILE_SCOPES = ("blocks", "model")  # dsmoe.distributed.parallelize.COMPILE_SCOPES
 PARAM_DTYPES = ("fp32", "bf16")
 # Every numeric field's allowed values ("[" closed, "(" open); the type check has already made each a finite number
@@ -89,6 +90,10 @@ class TrainConfig:
                                       "also predicts the token k+1 ahead, and later drafts for --speculative mtp")
     mtp_loss_weight: float = _f(0.3, "lambda: the loss adds lambda x the mean MTP cross-entropy (V3: 0.3, "
                                      "then 0.1)")
+    mtp_targets: str = _f("tokens", "what MTP module k learns: the text's token k+1 ahead (tokens, V3), or the "
+                                    "model's own distribution over it (model: self-distillation, what speculative "
+                                    "decoding keeps; for draft heads trained with finetune --freeze main)",
+                          choices=MTP_TARGETS)
     # --- execution
     seed: int = _f(0, "seed of the weights and of the batch order")
     paired_init: bool = _f(False, "draw each weight outside the MLP/MoE blocks (embeddings, attention, head) from "

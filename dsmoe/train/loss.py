@@ -54,12 +54,13 @@ LossFn = Callable[[torch.nn.Module, object], "tuple[torch.Tensor, dict[str, torc
 
 
 def next_token_loss(model: torch.nn.Module, batch: Batch, mtp_weight: float = 0.0,
-                    chunk_tokens: int | None = None, main_only: bool = False
+                    chunk_tokens: int | None = None, main_only: bool = False, mtp_targets: str = "tokens"
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean next-token cross-entropy of the labelled positions; the logits are never materialised whole: the
     output projection and the loss run chunk by chunk (cross_entropy.py). A model with MTP modules adds
     mtp_weight x their mean cross-entropy (DeepSeek-V3's lambda; model/mtp.py), from their full logits, unless
-    main_only (evaluation: the main model's loss alone)."""
+    main_only (evaluation: the main model's loss alone); mtp_targets "model" has them learn the main model's own
+    distributions instead of the text's tokens."""
     inputs = dict(positions=batch.positions, token_mask=batch.token_mask, segment_ids=batch.segment_ids)
     if main_only or not model.config.num_nextn_predict_layers:
         hidden = model(batch.input_ids, return_hidden=True, **inputs)
@@ -69,7 +70,8 @@ def next_token_loss(model: torch.nn.Module, batch: Batch, mtp_weight: float = 0.
         return loss, {"lm_loss": loss.detach()}
     logits, mtp_logits = model(batch.input_ids, with_mtp=True, **inputs)
     lm = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE_INDEX)
-    mtp = mtp_loss(mtp_logits, batch.labels, ignore_index=IGNORE_INDEX, segment_ids=batch.segment_ids)
+    mtp = mtp_loss(mtp_logits, batch.labels, ignore_index=IGNORE_INDEX, segment_ids=batch.segment_ids,
+                   teacher_logits=logits if mtp_targets == "model" else None)
     return lm + mtp_weight * mtp, {"lm_loss": lm.detach(), "mtp_loss": mtp.detach()}
 
 

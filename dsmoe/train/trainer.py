@@ -80,7 +80,8 @@ class Trainer:
         train on (default: the pretraining corpus of cfg.data); loss_fn: (model, batch) -> (loss, metrics)
         (default: next-token cross-entropy)."""
         self.cfg, self.out = cfg, Path(out)
-        self.loss_fn = loss_fn or functools.partial(next_token_loss, mtp_weight=cfg.mtp_loss_weight)
+        self.loss_fn = loss_fn or functools.partial(next_token_loss, mtp_weight=cfg.mtp_loss_weight,
+                                                    mtp_targets=cfg.mtp_targets)
         self._setup_process(reducer, progress)
         cfg.model_config(MIN_VOCAB, 0, 1)  # bad overrides or seq_len fail before any work
         resume_from = open_run_for_resume(self.out, cfg) if resume else None
