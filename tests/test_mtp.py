@@ -32,7 +32,7 @@ def make_model(config=CFG, seed=0, moe_impl="auto"):
 def reference_mtp_loss(model, ids):
     """Independent of the model's shifted full-length sequences: depth k runs on the truncated sequence whose
     position t pairs h^{k-1}_t with Emb(x_{t+k}), never padded, with the block written out."""
-    inputs, targets = ids[:, :-1], ids[:, 1:]
+    inputs = ids[:, :-1]
     S = inputs.shape[1]
     h = model(inputs, return_hidden=True)
     losses = []
