@@ -242,11 +242,13 @@ def test_generate_cli_with_prompt_lookup_prints_the_same_text_on_a_model_without
 
 
 def reference_lookup(tokens: list[int], lo: int, hi: int, N: int) -> list[int]:
-    """The most recent earlier occurrence of the last n tokens, longest n first, by plain list comparison."""
-    for n in range(min(hi, len(tokens) - 1), lo - 1, -1):
-        for i in range(len(tokens) - 1 - n, -1, -1):
-            if tokens[i:i + n] == tokens[-n:]:
-                return tokens[i + n:i + n + N]
+    """The most recent earlier occurrence of the last n tokens (longest n first) that N tokens follow, else the
+    most recent one, by plain list comparison."""
+    for ahead in (N, 1):
+        for n in range(min(hi, len(tokens) - ahead), lo - 1, -1):
+            for i in range(len(tokens) - ahead - n, -1, -1):
+                if tokens[i:i + n] == tokens[-n:]:
+                    return tokens[i + n:i + n + N]
     return []
 
 
@@ -272,6 +274,8 @@ def test_prompt_lookup_finds_the_latest_longest_match_on_token_boundaries():
     assert misaligned > 50  # the byte-level false matches were there to be skipped
     req.output = req.output + [1, 1]  # the history grows in place as the request's output does
     assert drafter.lookup(req) == reference_lookup(req.prompt + req.output, 1, 3, 3)
+    loop = SimpleNamespace(id="loop", slot=0, prompt=[7, 5, 5, 5, 5, 5], output=[])
+    assert drafter.lookup(loop) == [5, 5, 5]  # a full continuation, not the one token after the latest match
     with pytest.raises(UserError, match="prompt-lookup-min"):
         PromptLookupDrafter(SimpleNamespace(N=3), 3, 2)
 

@@ -10,8 +10,8 @@
   kept for the acceptance test.
 - `PromptLookupDrafter` (--speculative ngram): no draft model (prompt lookup decoding, Saxena 2023; vLLM's
   "ngram"). The last n tokens of a sequence (prompt + output; n from --prompt-lookup-max down to
-  --prompt-lookup-min) are looked up at their most recent earlier occurrence, and the tokens that followed it
-  there are the drafts. Pays where output copies its input: summaries, answers quoting a document, code edits.
+  --prompt-lookup-min) are looked up at their most recent earlier occurrence that N tokens follow (else the most
+  recent one), and the tokens that followed it there are the drafts. Pays where output copies its input: summaries, answers quoting a document, code edits.
   A draft is certain (q is a point mass), so a sampled row keeps it with probability p(d) and otherwise draws
   from p with d removed: the acceptance rule of speculative.py, unchanged. The lookup runs on the host over each
   sequence's tokens (kept as int32 bytes, searched by bytes.rfind), before the step is launched.
@@ -153,19 +153,27 @@ class PromptLookupDrafter:
 
     def lookup(self, req) -> list[int]:
         """The tokens that followed the most recent earlier occurrence of the sequence's last n tokens (the
-        longest n that occurs), up to N of them."""
+        longest n that occurs), up to N of them. Occurrences that N tokens follow come first: in a repeating
+        stretch the latest occurrence overlaps the end and would offer only one period."""
         tokens = self._history(req)
         width, N = 4, self.spec.N  # int32 bytes per token
         length = len(tokens) // width
-        for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
-            pattern = bytes(tokens[-n * width:])
-            end = len(tokens) - width  # the occurrence must end before the last token
-            while (at := tokens.rfind(pattern, 0, end)) >= 0:
-                if at % width == 0:
+        for ahead in (N, 1):  # tokens that must follow the occurrence
+            for n in range(min(self.max_ngram, length - ahead), self.min_ngram - 1, -1):
+                at = self._find(tokens, bytes(tokens[-n * width:]), len(tokens) - ahead * width)
+                if at >= 0:
                     first = at // width + n
                     return array("i", tokens[first * width: (first + N) * width]).tolist()
-                end = at + len(pattern) - 1  # a match across token boundaries: look further back
         return []
+
+    @staticmethod
+    def _find(tokens: bytearray, pattern: bytes, end: int) -> int:
+        """The last token-aligned occurrence of pattern within tokens[:end], or -1."""
+        while (at := tokens.rfind(pattern, 0, end)) >= 0:
+            if at % 4 == 0:
+                return at
+            end = at + len(pattern) - 1  # a match across token boundaries: look further back
+        return -1
 
     def _history(self, req) -> bytearray:
         owner, tokens = self.history.get(req.slot, (None, None))
