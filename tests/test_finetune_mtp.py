@@ -115,3 +115,27 @@ def test_self_distilled_draft_heads_learn_the_models_distribution(model_dir, tex
         losses[targets] = first["mtp_loss"]
         assert json.loads((out / "train_config.json").read_text())["mtp_targets"] == targets
     assert losses["tokens"] != pytest.approx(losses["model"], rel=1e-3)
+
+
+@pytest.mark.parametrize("case", ["v2_greedy", "v3_noaux_groups_bias"])
+def test_a_checkpoint_with_an_added_draft_head_still_loads_in_transformers(case, tmp_path):
+    """DeepSeek-V2 has no MTP: a V2 folder with a draft head added (layer num_hidden_layers in the hub layout) still
+    loads in transformers, which ignores those keys, with the model's logits; dsmoe loads it back with the head."""
+    pytest.importorskip("transformers")
+    from test_hf_parity import assert_logits_close, make_hf_model
+    from transformers import AutoModelForCausalLM
+
+    from dsmoe.checkpoint.hf import save_pretrained
+    from dsmoe.model.mtp import set_mtp_depth
+
+    make_hf_model(case).save_pretrained(tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf").eval()
+    torch.manual_seed(0)
+    set_mtp_depth(model, 1)
+    save_pretrained(model, tmp_path / "draft")
+    ids = torch.randint(0, 160, (2, 9), generator=torch.Generator().manual_seed(1))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "draft").eval()
+    with torch.no_grad():
+        assert_logits_close(hf(ids).logits, model(ids))
+    again = load_pretrained(tmp_path / "draft")
+    assert len(again.mtp) == 1 and torch.equal(again.mtp[0].eh_proj.weight, model.mtp[0].eh_proj.weight)
