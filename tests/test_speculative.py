@@ -293,11 +293,11 @@ def test_the_device_step_leaves_its_inputs_alone(model_and_data, drafts, tempera
         engine.step()
     spec, flags = engine.spec, {"any_random": temperature > 0, "any_filtered": False}
     state = lambda: [t.clone() for t in (engine.slots.positions, spec.tokens, spec.draft_probs, spec.max_drafts)]
-    staged = lambda: [t.clone() for t in (spec.next_drafts, spec.next_probs,
+    staged = lambda: [t.clone() for t in (spec.drafter.next_drafts, spec.drafter.next_probs,
                                           *(b for layer in (*engine.cache.layers, *spec.drafter.cache.layers)
                                             for b in layer))]
     before = state()
-    spec.next_drafts.fill_(-1)
+    spec.drafter.next_drafts.fill_(-1)
     first = [t.clone() for t in spec.compute(3, 48, spec.width, flags)]
     after_first = staged()
     second = spec.compute(3, 48, spec.width, flags)

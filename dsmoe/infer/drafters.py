@@ -46,6 +46,9 @@ class MTPDrafter:
         D, n, z = model.config.hidden_size, spec.num_slots, lambda *shape: torch.zeros(*shape, device=spec.device)
         # inputs of the MTP passes (intermediates of the step: rewritten from its inputs each time)
         self.ids, self.hidden = z(n, spec.width).long(), z(n, spec.width, D).to(spec.dtype)
+        # staging: the next step's drafts and their distributions, as the device step computes them
+        self.next_drafts = z(n, spec.N).long()
+        self.next_probs = torch.zeros_like(spec.draft_probs)
         self.chain_start = torch.full((n,), spec.cache.trash, dtype=torch.int64, device=spec.device)
 
     def mtp(self, h_prev: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, layer_cache):
@@ -75,7 +78,13 @@ class MTPDrafter:
             L = min(P + spec.width + spec.N, spec.cache.max_len)  # eager: no bucket
             self._draft(slot, slot + 1, L, logits[0, -1:], h[0, -1:], torch.full((1,), P, device=spec.device),
                         flags)
-            spec.commit(slot, None, None, flags)
+            self.commit(slot, flags)
+
+    def commit(self, rows: slice | int, flags: dict) -> None:
+        """The staged drafts (and, for sampled rows, their distributions) become the next verify's."""
+        self.spec.tokens[rows, 1:] = self.next_drafts[rows]
+        if flags["any_random"]:
+            self.spec.draft_probs[rows] = self.next_probs[rows]
 
     def after_verify(self, B: int, L: int, h: torch.Tensor, tokens: torch.Tensor, kept: torch.Tensor,
                      next_pos: torch.Tensor, flags: dict) -> None:
@@ -92,7 +101,7 @@ class MTPDrafter:
     def _draft(self, lo: int, hi: int, L: int, logits: torch.Tensor, h: torch.Tensor, next_pos: torch.Tensor,
                flags: dict) -> None:
         """Rows lo..hi-1 (slots): logits (n, V) and MTP hidden (n, D) at each row's position next_pos - 1 ->
-        the N drafts of the next step and their distributions, staged (spec.next_drafts / next_probs). L bounds
+        the N drafts of the next step and their distributions, staged (next_drafts / next_probs). L bounds
         the positions the chain reaches (next_pos + N - 2)."""
         spec, s = self.spec, self.spec.slots
         sl = slice(lo, hi)
@@ -100,9 +109,9 @@ class MTPDrafter:
             logits = logits.float()
             seed = s.seed[sl] ^ _DRAFT_SALT
             token = sample(logits, s.temperature[sl], s.top_k[sl], s.top_p[sl], seed, next_pos + j + 1, **flags)
-            spec.next_drafts[sl, j] = token
+            self.next_drafts[sl, j] = token
             if flags["any_random"]:
-                spec.next_probs[sl, j] = processed_logits(logits, s.temperature[sl], s.top_k[sl], s.top_p[sl],
+                self.next_probs[sl, j] = processed_logits(logits, s.temperature[sl], s.top_k[sl], s.top_p[sl],
                                                           any_filtered=flags["any_filtered"]).softmax(-1)
             if j + 1 == spec.N:
                 return
@@ -131,6 +140,9 @@ class PromptLookupDrafter:
 
     def after_verify(self, *args) -> None:
         """Nothing to run: the next drafts are looked up on the host once the step's tokens are read back."""
+
+    def commit(self, *args) -> None:
+        """Nothing staged: propose() writes the drafts before the step."""
 
     def propose(self, live: list, flags: dict) -> list[int]:
         """Drafts for the rows of `live` (requests whose tokens the host has up to the last one) written into the

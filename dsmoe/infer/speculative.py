@@ -62,9 +62,6 @@ class Speculator:
         self.tokens = z(self.num_slots, self.width)  # verify input per slot: [x_p, d_1 .. d_N]
         self.draft_probs = z(self.num_slots, self.N, self.vocab_size, dtype=torch.float32)  # q_j for sampled rows
         self.max_drafts = z(self.num_slots)  # per slot: the drafts offered this step (0..N)
-        # staging: the next step's drafts and their distributions, as the device step computes them
-        self.next_drafts = z(self.num_slots, self.N)
-        self.next_probs = torch.zeros_like(self.draft_probs)
         self.runner = engine.runner
         self.runners: dict[tuple[int, bool, bool], _StepRunner] = {}
         self.drafter = MTPDrafter(self) if method == "mtp" else PromptLookupDrafter(self, *prompt_lookup)
@@ -122,16 +119,11 @@ class Speculator:
         self.drafter.after_verify(B, L, h, tokens, kept, next_pos, flags)
         return tokens, kept + 1, next_pos, next_input
 
-    def commit(self, rows: slice | int, next_pos: torch.Tensor | None, next_input: torch.Tensor | None,
-               flags: dict) -> None:
-        """Make staged results the slots' state: positions and next inputs (when given), staged drafts (MTP)."""
-        if next_pos is not None:
-            self.slots.positions[rows] = next_pos
-            self.tokens[rows, 0] = next_input
-        if not self.drafter.on_host:
-            self.tokens[rows, 1:] = self.next_drafts[rows]
-            if flags["any_random"]:
-                self.draft_probs[rows] = self.next_probs[rows]
+    def commit(self, rows: slice, next_pos: torch.Tensor, next_input: torch.Tensor, flags: dict) -> None:
+        """Make the device step's results the slots' state: positions, next inputs, the drafts it staged."""
+        self.slots.positions[rows] = next_pos
+        self.tokens[rows, 0] = next_input
+        self.drafter.commit(rows, flags)
 
     def accept(self, logits: torch.Tensor, B: int, p_pos: torch.Tensor, flags: dict):
         """logits (B, n+1, V) of the verify forward over n drafts -> (tokens (B, n+1), kept (B,) drafts kept per
