@@ -12,9 +12,10 @@
   "ngram"). The last n tokens of a sequence (prompt + output; n from --prompt-lookup-max down to
   --prompt-lookup-min) are looked up at their most recent earlier occurrence that N tokens follow (else the most
   recent one), and the tokens that followed it there are the drafts. Pays where output copies its input:
-  summaries, answers quoting a document, code edits. A draft is certain (q is a point mass), so a sampled row keeps it with probability p(d) and otherwise draws
-  from p with d removed: the acceptance rule of speculative.py, unchanged. The lookup runs on the host over each
-  sequence's tokens (kept as int32 bytes, searched by bytes.rfind), before the step is launched.
+  summaries, answers quoting a document, code edits. A draft is certain (q is a point mass), so a sampled row
+  keeps it with probability p(d) and otherwise draws from p with d removed: the acceptance rule of
+  speculative.py, unchanged. The lookup runs on the host over each sequence's tokens (kept as int32 bytes,
+  searched by bytes.rfind), before the step is launched.
 """
 
 from __future__ import annotations
