@@ -129,7 +129,9 @@ def test_speculative_steps_capture_and_equal_eager_ones(method):
     assert run(graphs, prompts, sampled) == run(eager, prompts, sampled)
     runners = graphs.spec.runners.values()
     assert any(r.graphs for r in runners) and not any(r.failed for r in runners)
-    assert graphs.speculation_stats()["accepted"][0] > 0
+    stats = graphs.speculation_stats()
+    # drafts were verified (the wider graphs ran); a random model keeps MTP drafts but rarely looked-up ones
+    assert stats["proposed"][0] > 0 and (method == "ngram" or stats["accepted"][0] > 0)
 
 
 def test_compiled_speculative_steps_capture_and_decode_greedily_as_plain():
