@@ -43,9 +43,13 @@ def eager():
 
 
 class DecodeRunner:
-    def __init__(self, model, cache, slots, cuda_graphs: bool, bucketed: bool | None = None,
-                 compile: bool = False):
-        """bucketed (default: = cuda_graphs) rounds B and L up to the buckets; eager runs use exact sizes."""
+    def __init__(self, model, cache, slots, cuda_graphs: bool = False, bucketed: bool | None = None,
+                 compile: bool = False, like: "DecodeRunner | None" = None):
+        """bucketed (default: = cuda_graphs) rounds B and L up to the buckets; eager runs use exact sizes.
+        like: another step over the same model (a variant of it): its graph switches, compiled blocks and graph
+        memory pool (one stream replays every graph in turn)."""
+        if like is not None:
+            cuda_graphs, bucketed = like.cuda_graphs, like.bucketed
         self.model, self.cache, self.slots = model, cache, slots
         self.cuda_graphs = cuda_graphs
         self.compiled = compile
@@ -58,6 +62,8 @@ class DecodeRunner:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.failed: dict[tuple[int, int], str] = {}  # buckets whose capture failed: run eagerly, say why
         self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        if like is not None:
+            self.compiled, self.pool = like.compiled, like.pool
         self.samplers: dict[tuple, SamplingRunner] = {}
 
     def sampling(self, flags: dict) -> "SamplingRunner":
@@ -116,8 +122,7 @@ class SamplingRunner(DecodeRunner):
     (any_random, any_filtered). Shares the plain runner's compiled blocks and graph memory pool."""
 
     def __init__(self, runner: DecodeRunner, flags: dict):
-        super().__init__(runner.model, runner.cache, runner.slots, runner.cuda_graphs, runner.bucketed)
-        self.compiled, self.pool = runner.compiled, runner.pool
+        super().__init__(runner.model, runner.cache, runner.slots, like=runner)
         self.flags = dict(flags)
 
     def step(self, B: int, L: int) -> torch.Tensor:

@@ -36,9 +36,7 @@ class _StepRunner(DecodeRunner):
     leave the engine's state as it was; Speculator.commit applies the result."""
 
     def __init__(self, spec: "Speculator", width: int, flags: dict, runner: DecodeRunner):
-        super().__init__(spec.model, spec.cache, spec.slots, runner.cuda_graphs, runner.bucketed)
-        # the engine's compiled blocks and graph memory (one stream replays every graph in turn)
-        self.compiled, self.pool = runner.compiled, runner.pool
+        super().__init__(spec.model, spec.cache, spec.slots, like=runner)
         self.spec, self.width, self.flags = spec, width, flags
 
     def step(self, B: int, L: int):
