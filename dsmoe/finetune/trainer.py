@@ -302,7 +302,7 @@ class FinetuneTrainer(Trainer):
                 f"{mode}{frozen}; {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters train\n"
                 f"data: {self.data.description}\n"
                 f"plan: {self.total_steps} steps x {self.sequences_per_step} {rows} on {self._placement()} "
-                f"({'bf16 autocast' if self.autocast_dtype else 'fp32'}) -> {self.out}")
+                f"({self._execution()}) -> {self.out}")
 
 
 class TrainedState:

@@ -402,14 +402,19 @@ class Trainer:
 
     def describe(self) -> str:
         c, cfg = self.model_config, self.cfg
-        precision = "bf16 weights" if cfg.param_dtype == "bf16" else "bf16 autocast" if self.autocast_dtype else "fp32"
-        where = self._placement()
-        compiled = f", compiled ({cfg.compile_scope})" if cfg.compile else ""
+        mtp = sum(p.numel() for p in self.model.mtp.parameters()) if c.num_nextn_predict_layers else 0
+        mtp = f" + {mtp / 1e6:.1f}M in {c.num_nextn_predict_layers} MTP module(s)" if mtp else ""
         return (f"model: {cfg.preset} preset, {c.num_params() / 1e6:.1f}M parameters "
-                f"({c.num_params(active=True) / 1e6:.1f}M active), vocab {c.vocab_size}\n"
+                f"({c.num_params(active=True) / 1e6:.1f}M active){mtp}, vocab {c.vocab_size}\n"
                 f"data: {self.data.description}\n"
                 f"plan: {self.total_steps} steps x {self.sequences_per_step * cfg.seq_len:,} tokens on "
-                f"{where} ({precision}{compiled}) -> {self.out}")
+                f"{self._placement()} ({self._execution()}) -> {self.out}")
+
+    def _execution(self) -> str:
+        """How each step computes: the precision, and whether the blocks (or the model) are compiled."""
+        cfg = self.cfg
+        precision = "bf16 weights" if cfg.param_dtype == "bf16" else "bf16 autocast" if self.autocast_dtype else "fp32"
+        return precision + (f", compiled ({cfg.compile_scope})" if cfg.compile else "")
 
     def _placement(self) -> str:
         """Where the steps run: the device, or the ranks and their layout under torchrun."""
