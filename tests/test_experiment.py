@@ -9,6 +9,7 @@ import torch
 from dsmoe.analysis.experiments import EXPERIMENTS, SCALE, experiment_rows
 from dsmoe.cli import main
 from dsmoe.errors import UserError
+from dsmoe.model.router import route, route_options
 from dsmoe.train.config import TrainConfig
 from dsmoe.train.model_setup import build_training_model
 from dsmoe.train.reduce import SingleProcess
@@ -29,6 +30,12 @@ def test_arms_have_equal_active_parameters(name, scale):
     if name == "adaptive-routing":  # top-p's config holds k_max; its regulariser targets top-k's k on average
         fixed, adaptive = configs["top-k"], configs["top-p"]
         assert adaptive.routing_target_k == fixed.num_experts_per_tok < adaptive.num_experts_per_tok
+        # a fresh router (small random logits) starts near the target, not at k_max
+        torch.manual_seed(0)
+        logits = torch.randn(4096, 64) @ torch.randn(adaptive.n_routed_experts, 64).t() * 0.02
+        used = route(logits, **route_options(adaptive), top_p=adaptive.routing_top_p,
+                     min_k=adaptive.routing_min_k).active_TK.sum(-1).float().mean().item()
+        assert adaptive.routing_target_k - 1.5 <= used <= adaptive.routing_target_k, used
         configs = {"top-k": fixed, "top-p": adaptive.replace(num_experts_per_tok=fixed.num_experts_per_tok)}
     ffn_active = {arm: c.num_params(active=True) - (c.n_routed_experts or 0) * c.hidden_size * c.num_hidden_layers
                   for arm, c in configs.items()}  # the routers' weights aside

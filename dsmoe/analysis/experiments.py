@@ -14,8 +14,8 @@ the weights outside the FFNs (`paired_init`), so a difference between arms withi
   u = 0.01 (on the CPU scale u = 0.003-0.01 balanced best, u = 0.03 oscillated).
 - shared-experts: the DeepSeekMoE architecture with 0, 1 or 2 shared experts (equal active and total params).
 - granularity: m = 1, 2, 4, 8 (no shared expert; equal active and total params).
-- adaptive-routing: the DeepSeekMoE architecture with V3's gate, fixed top-k vs top-p routing (p 0.5, 1 to 2k
-  experts) whose regulariser holds the mean at k; `dsmoe analyze` reports the experts per token each arm used.
+- adaptive-routing: the DeepSeekMoE architecture with V3's gate, fixed top-k vs top-p routing (p = k / routed
+  experts, 1 to 2k experts) whose regulariser holds the mean at k; `dsmoe analyze` reports the experts per token each arm used.
 """
 
 from __future__ import annotations
@@ -106,8 +106,11 @@ def arms(name: str, s: Scale) -> dict[str, dict]:
                 for g in (1, 2, 4, 8)}
     if name == "adaptive-routing":  # fixed top-k vs top-p held at the same mean experts per token
         fixed = moe(s, m, 1, "sigmoid")
-        k = fixed["num_experts_per_tok"]
-        adaptive = {**fixed, "num_experts_per_tok": min(2 * k, fixed["n_routed_experts"]), "routing_top_p": 0.5,
+        k, routed = fixed["num_experts_per_tok"], fixed["n_routed_experts"]
+        # near-uniform scores (a fresh router) reach p after about p * routed experts: p = k / routed starts the
+        # router at its target. With p 0.5 and 31 experts it started at k_max = 14, and the regulariser's pull from
+        # there cost 0.15-0.55 in loss (README, adaptive routing).
+        adaptive = {**fixed, "num_experts_per_tok": min(2 * k, routed), "routing_top_p": round(k / routed, 4),
                     "routing_min_k": 1, "routing_target_k": float(k), "routing_k_loss_alpha": 0.01}
         return {"top-k": {"model": fixed, "aux_loss_alpha": 0.0, "bias_update_gamma": 0.001},
                 "top-p": {"model": adaptive, "aux_loss_alpha": 0.0, "bias_update_gamma": 0.001}}
