@@ -167,3 +167,27 @@ def test_analyze_reports_experts_per_token_and_the_tokens_taking_most(tmp_path):
     assert abs(out["experts_per_token_mean"] - mean) < 1e-9 and len(out["tokens_taking_most_experts"]) == 3
     takes = [t["experts"] for t in out["tokens_taking_most_experts"]]
     assert takes == sorted(takes, reverse=True) and takes[0] <= 4
+
+
+def test_training_metric_experts_per_token_counts_real_tokens_of_the_main_layers():
+    """Model.experts_per_token() (the trainer's metric) = used slots per real token, recomputed from each layer's
+    own routing; padding and the MTP module's layer are left out."""
+    torch.manual_seed(0)
+    config = ModelConfig(**{**BASE, "num_hidden_layers": 3, "num_nextn_predict_layers": 1})
+    model = build_model(config, dtype=torch.float32)
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.gate.weight.normal_(0, 1.0)
+    ids = torch.randint(0, 97, (3, 11))
+    mask = torch.arange(11)[None] < torch.tensor([[11], [7], [4]])  # right-padded rows
+    seen = {}
+    hooks = [m.gate.register_forward_hook(lambda mod, args, out, i=i: seen.setdefault(i, out))
+             for i, m in enumerate(model.moe_layers())]
+    model(ids, token_mask=mask, with_mtp=True)
+    for h in hooks:
+        h.remove()
+    main = [i for i, layer in enumerate(config.moe_layer_ids) if layer < config.num_hidden_layers]
+    assert len(main) == 2 and len(seen) == 3
+    expected = sum(float(seen[i].active_TK[mask.flatten()].sum()) / int(mask.sum()) for i in main) / len(main)
+    assert abs(float(model.experts_per_token()) - expected) < 1e-6
+    assert 1 < expected < config.num_experts_per_tok  # adaptive: neither k_min nor k_max for every token

@@ -85,6 +85,8 @@ def test_cpu_experiment_end_to_end_and_a_row_reruns_alone(tmp_path, capsys):
     diffs = [losses["deepseekmoe", s] - losses["dense", s] for s in (0, 1)]
     assert arms["deepseekmoe"]["paired_diff_mean"] == pytest.approx(sum(diffs) / 2)
     assert arms["dense"]["maxvio_end"] is None and arms["deepseekmoe"]["maxvio_end"] >= 0
+    assert arms["dense"]["experts_per_token_end"] is None and arms["deepseekmoe"]["experts_per_token_end"] == 7
+    assert "experts per token" not in (out / "table.md").read_text()  # a column for adaptive routing only
     assert results["tokens_per_run"] == 3 * 8 * 64 and results["epochs"] > 0
     commands = (out / "commands.sh").read_text().splitlines()[1:]
     assert len(commands) == 4 and all(c.startswith("dsmoe train --config ") for c in commands)
@@ -95,3 +97,18 @@ def test_cpu_experiment_end_to_end_and_a_row_reruns_alone(tmp_path, capsys):
     assert [r["val_loss"] for r in again if "val_loss" in r][-1] == losses["deepseekmoe", 1]
     capsys.readouterr()
     assert main(args) == 0 and "trained" not in capsys.readouterr().out  # finished rows are not trained again
+
+
+def test_the_table_shows_experts_per_token_when_an_arm_routes_adaptively():
+    from dsmoe.analysis.experiment_report import table
+
+    arm = dict(val_loss_mean=5.0, val_loss_sd=0.1, seeds=[0, 1], paired_diff_mean=None, paired_diff_sd=None,
+               maxvio_end=0.3, tokens_per_s=1000.0, params=2e6, active_params=1e6, experts_per_token_end=7.0)
+    results = dict(reference_arm="top-k", tokens_per_run=100, epochs=0.1, train_tokens=1000, val_tokens=10,
+                   data=["x"], arms={"top-k": arm, "top-p": {**arm, "paired_diff_mean": 0.01, "paired_diff_sd": 0.0,
+                                                           "experts_per_token_end": 6.5}},
+                   rows=[{"adaptive": False}, {"adaptive": True}])
+    text = table(results, "adaptive-routing")
+    assert "routed experts per token (end)" in text and "| 6.50 |" in text and "| 7.00 |" in text
+    results["rows"] = [{"adaptive": False}]
+    assert "experts per token" not in table(results, "adaptive-routing")

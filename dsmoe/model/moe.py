@@ -62,7 +62,7 @@ def only_real_tokens(routing: Routing, real_T: torch.Tensor) -> Routing:
     idx = routing.topk_idx_TK
     active = real_T[:, None].expand_as(idx)
     if routing.active_TK is not None:
-        active = active & routing.active_TK
+        active = active & routing.active_TK.bool()  # adaptive routing marks its used slots 1.0
     counts = torch.zeros_like(routing.counts_E).scatter_add_(0, idx.flatten(), active.flatten().long())
     return Routing(idx, routing.topk_weight_TK, routing.scores_TE, counts, active)
 
@@ -90,6 +90,7 @@ class MoE(nn.Module):
         self.register_buffer("expert_counts", torch.zeros(config.n_routed_experts, dtype=torch.int64),
                              persistent=False)
         self.register_buffer("aux_loss", torch.zeros(()), persistent=False)
+        self.register_buffer("routed_tokens", torch.zeros((), dtype=torch.int64), persistent=False)  # real ones
 
     def forward(self, x_BSD: torch.Tensor, token_mask: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,6 +108,7 @@ class MoE(nn.Module):
                             routing.active_TK)
         with torch.no_grad():
             self.expert_counts.copy_(routing.counts_E)
+            self.routed_tokens.copy_(B * S if token_mask is None else token_mask.sum())
         c = self.config
         alphas = (c.aux_loss_alpha, c.device_aux_loss_alpha, c.comm_aux_loss_alpha, c.routing_k_loss_alpha)
         if self.training and max(alphas) > 0 and torch.is_grad_enabled():

@@ -2,7 +2,8 @@
 
 Train records: step, tokens, loss (lm + aux), lm_loss, aux_loss, lr, grad_norm, tokens_per_s, mfu (CUDA),
 maxvio (per MoE layer) and maxvio_mean, skipped_steps, elapsed_s; under expert parallelism ep_dropped (the share
-of routing decisions the capacity-bounded dispatch dropped, 0 with the exact one). Eval records: step, val_loss,
+of routing decisions the capacity-bounded dispatch dropped, 0 with the exact one); with adaptive routing
+experts_per_token (routed experts per real token, mean over the main model's MoE layers). Eval records: step, val_loss,
 val_ppl, val_nats_per_byte. On resume, records after the checkpoint's step are dropped: those steps run again.
 """
 

@@ -191,6 +191,8 @@ class Trainer:
             with self._autocast():
                 loss, metrics = self.loss_fn(model, batch.to(self.device))
             metrics = {**metrics, **self._dispatch_metrics()}
+            if self.model_config.routing_top_p is not None:  # how many experts adaptive routing gives a token
+                metrics["experts_per_token"] = model.experts_per_token()
             step_counts, aux = model.routing_stats()  # this micro-batch's, before the next forward rewrites them
             self.metric_names = list(metrics)
             values = torch.stack([loss.detach().float(), aux.float().to(self.device),
