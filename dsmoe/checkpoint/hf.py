@@ -292,8 +292,6 @@ def _parse_size(size: int | str) -> int:
 def hub_state(model: Transformer):
     """(hub key, tensor) pairs in checkpoint order; experts split per expert (views, no copies)."""
     for name, tensor in model.state_dict().items():
-        if name.endswith(("expert_counts", "aux_loss")):
-            continue
         yield from ours_to_hub(name, tensor, model.config)
 
 
