@@ -170,8 +170,8 @@ def test_analyze_reports_experts_per_token_and_the_tokens_taking_most(tmp_path):
 
 
 def test_training_metric_experts_per_token_counts_real_tokens_of_the_main_layers():
-    """Model.experts_per_token() (the trainer's metric) = used slots per real token, recomputed from each layer's
-    own routing; padding and the MTP module's layer are left out."""
+    """Model.routed_load() (the trainer's metric: used decisions / real tokens) recomputed from each layer's own
+    routing; padding and the MTP module's layer are left out."""
     torch.manual_seed(0)
     config = ModelConfig(**{**BASE, "num_hidden_layers": 3, "num_nextn_predict_layers": 1})
     model = build_model(config, dtype=torch.float32)
@@ -189,5 +189,30 @@ def test_training_metric_experts_per_token_counts_real_tokens_of_the_main_layers
     main = [i for i, layer in enumerate(config.moe_layer_ids) if layer < config.num_hidden_layers]
     assert len(main) == 2 and len(seen) == 3
     expected = sum(float(seen[i].active_TK[mask.flatten()].sum()) / int(mask.sum()) for i in main) / len(main)
-    assert abs(float(model.experts_per_token()) - expected) < 1e-6
+    used, tokens = model.routed_load()
+    assert int(tokens) == int(mask.sum()) and abs(float(used / tokens) - expected) < 1e-6
     assert 1 < expected < config.num_experts_per_tok  # adaptive: neither k_min nor k_max for every token
+
+
+def test_count_regulariser_leaves_padding_out():
+    g = torch.Generator().manual_seed(1)
+    r = route(torch.randn(6, 8, generator=g), top_k=4, scoring_func="softmax", topk_method="greedy", top_p=0.5)
+    real = torch.tensor([True, True, True, True, False, False])
+    masked = expert_count_loss(r.scores_TE, r.topk_idx_TK, 0.5, 1, 2.0, 1.0, r.active_TK & real[:, None])
+    alone = expert_count_loss(r.scores_TE[:4], r.topk_idx_TK[:4], 0.5, 1, 2.0, 1.0)
+    everything = expert_count_loss(r.scores_TE, r.topk_idx_TK, 0.5, 1, 2.0, 1.0)
+    assert torch.allclose(masked, alone) and not torch.allclose(masked, everything)
+
+
+def test_training_logs_experts_per_token(tmp_path):
+    from dsmoe.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--model", "routing_top_p=0.25", "routing_min_k=1",
+                 "num_experts_per_tok=8", "routing_target_k=4", "routing_k_loss_alpha=0.01", "--steps", "2",
+                 "--grad-accum", "2", "--micro-batch", "2", "--seq-len", "64", "--log-interval", "1",
+                 "--checkpoint-interval", "0", "--eval-tokens", "512", "--no-progress", "--out", str(out)]) == 0
+    import json
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    used = [r["experts_per_token"] for r in rows if "experts_per_token" in r]
+    assert len(used) == 2 and all(1 <= k <= 8 for k in used) and not any("routed_tokens" in r for r in rows)

@@ -1,6 +1,7 @@
 """Expert parallelism (+ FSDP2) on 2 and 4 CPU processes equals one process: forward output, loss, every
 gradient, with the exact dispatch and with the sync-free one at a capacity that cannot overflow; device-limited
-routing bounds the ranks a token reaches; ranks and experts without tokens work."""
+routing bounds the ranks a token reaches; ranks and experts without tokens work; adaptive routing's unused slots
+are not sent."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ SCENARIOS = {  # name -> (config, skewed routing, sync-free dispatch with capaci
     "skewed": (CFG, True, False),  # experts 4-7 and the ranks holding them get no tokens
     "unlimited": (CFG.replace(topk_group=CFG.n_group), False, False),  # no device limit: shows the bound can fail
     "skewed, sync-free": (CFG, True, True),
+    # adaptive routing: tokens use 1 to 4 of the K = 4 slots; unused slots are not sent
+    "adaptive": (CFG.replace(num_experts_per_tok=4, routing_top_p=0.3, routing_min_k=1, routing_target_k=2.0,
+                             routing_k_loss_alpha=0.01), False, False),
 }
 
 
@@ -57,7 +61,7 @@ def test_expert_parallel_equals_one_process(world, tmp_path):
     run_distributed(_ep_worker, world, str(out_file), timeout_s=90)
     results = torch.load(out_file, weights_only=True)
 
-    for name in ("balanced", "skewed", "skewed, sync-free"):
+    for name in ("balanced", "skewed", "skewed, sync-free", "adaptive"):
         config, skewed, _ = SCENARIOS[name]
         ref = make_model(config=config)
         if skewed:

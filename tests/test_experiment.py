@@ -110,5 +110,7 @@ def test_the_table_shows_experts_per_token_when_an_arm_routes_adaptively():
                    rows=[{"adaptive": False}, {"adaptive": True}])
     text = table(results, "adaptive-routing")
     assert "routed experts per token (end)" in text and "| 6.50 |" in text and "| 7.00 |" in text
+    results["arms"]["top-p"]["experts_per_token_end"] = None  # a run from before the metric was logged
+    assert "| - |" in table(results, "adaptive-routing")
     results["rows"] = [{"adaptive": False}]
     assert "experts per token" not in table(results, "adaptive-routing")

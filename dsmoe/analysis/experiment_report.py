@@ -37,13 +37,15 @@ def summarise(rows, out: Path, shards_meta: dict) -> dict:
         val = [r for r in records if "val_loss" in r]
         vio = [(r["tokens"], r["maxvio_mean"]) for r in train if r.get("maxvio_mean") is not None]
         config, _ = read_config(run)
-        used = [r["experts_per_token"] for r in train if "experts_per_token" in r]  # adaptive routing logs it
-        k = float(np.mean(used[-3:])) if used else config.num_experts_per_tok if config.n_routed_experts else None
+        adaptive = config.routing_top_p is not None
+        used = [r["experts_per_token"] for r in train if "experts_per_token" in r]  # logged under adaptive routing
+        k = float(np.mean(used[-3:])) if used else None if adaptive or not config.n_routed_experts else \
+            float(config.num_experts_per_tok)
         per_row.append({
             "arm": row.arm, "seed": row.seed, "run": str(run), "val_loss": val[-1]["val_loss"],
             "curve": [(r["step"] * tokens_per_step, r["val_loss"]) for r in val], "maxvio_curve": vio,
             "maxvio_end": float(np.mean([v for _, v in vio[-3:]])) if vio else None, "experts_per_token_end": k,
-            "adaptive": bool(used),
+            "adaptive": adaptive,
             "tokens_per_s": float(np.median([r["tokens_per_s"] for r in train[1:] or train])),
             "params": config.num_params(), "active_params": config.num_params(active=True),
             "tokens": row.config.total_steps() * tokens_per_step})
@@ -60,8 +62,8 @@ def summarise(rows, out: Path, shards_meta: dict) -> dict:
                         "val_losses": [r["val_loss"] for r in mine], "paired_diff_mean": d_mean,
                         "paired_diff_sd": d_sd, "maxvio_end": float(np.mean(vios)) if vios else None,
                         "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in mine])),
-                        "experts_per_token_end": None if mine[0]["experts_per_token_end"] is None else
-                        float(np.mean([r["experts_per_token_end"] for r in mine])),
+                        "experts_per_token_end": None if any(r["experts_per_token_end"] is None for r in mine)
+                        else float(np.mean([r["experts_per_token_end"] for r in mine])),
                         "params": mine[0]["params"], "active_params": mine[0]["active_params"]}
     tokens = per_row[0]["tokens"]
     return {"reference_arm": arms[0], "tokens_per_run": tokens, "train_tokens": shards_meta["train_tokens"],
@@ -114,7 +116,8 @@ def table(results: dict, name: str) -> str:
     adaptive = any(r.get("adaptive") for r in results["rows"])  # then the experts per token are worth a column
     rows = [_arm_row(arm, a, ref) for arm, a in results["arms"].items()]
     if adaptive:
-        rows = [row + [f"{a['experts_per_token_end']:.2f}"] for row, a in zip(rows, results["arms"].values())]
+        rows = [row + ["-" if a["experts_per_token_end"] is None else f"{a['experts_per_token_end']:.2f}"]
+                for row, a in zip(rows, results["arms"].values())]
     lines += markdown_table(
         ["arm", "val loss (mean ± sd)", f"Δ vs {ref} (paired, mean ± sd)", "MaxVio at the end", "tokens/s",
          "active / total params", *(["routed experts per token (end)"] if adaptive else [])], rows, left=1)

@@ -15,7 +15,8 @@ the weights outside the FFNs (`paired_init`), so a difference between arms withi
 - shared-experts: the DeepSeekMoE architecture with 0, 1 or 2 shared experts (equal active and total params).
 - granularity: m = 1, 2, 4, 8 (no shared expert; equal active and total params).
 - adaptive-routing: the DeepSeekMoE architecture with V3's gate, fixed top-k vs top-p routing (p = k / routed
-  experts, 1 to 2k experts) whose regulariser holds the mean at k; `dsmoe analyze` reports the experts per token each arm used.
+  experts, 1 to 2k experts) whose regulariser holds the mean at k; training logs the experts per token, and
+  `dsmoe analyze` reports their distribution.
 """
 
 from __future__ import annotations

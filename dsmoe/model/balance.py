@@ -113,17 +113,20 @@ def communication_balance_loss(
 
 def expert_count_loss(
     scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, top_p: float, min_k: int, target: float, alpha: float,
-    temperature: float = 0.05,
+    active_TK: torch.Tensor | None = None, temperature: float = 0.05,
 ) -> torch.Tensor:
     """Adaptive routing's regulariser: alpha * (mean soft expert count - target)^2. A slot's soft use is
     sigmoid((top_p - mass before it) / temperature), the differentiable twin of the hard rule in
     `route`, so the gradient makes the affinities peakier when tokens use too many experts and flatter when
-    they use too few."""
+    they use too few. The mean is over the tokens with a used slot in active_TK (padding has none)."""
     from dsmoe.model.router import adaptive_cumulative
 
     soft = torch.sigmoid((top_p - adaptive_cumulative(scores_TE.float(), topk_idx_TK)) / temperature)
     first = torch.arange(topk_idx_TK.shape[1], device=soft.device) < min_k
     count = torch.where(first, torch.ones_like(soft), soft).sum(dim=-1)
+    if active_TK is not None:
+        counted = active_TK.any(dim=-1).float()
+        return alpha * ((count * counted).sum() / counted.sum().clamp_min(1) - target) ** 2
     return alpha * (count.mean() - target) ** 2
 
 

@@ -62,7 +62,7 @@ def only_real_tokens(routing: Routing, real_T: torch.Tensor) -> Routing:
     idx = routing.topk_idx_TK
     active = real_T[:, None].expand_as(idx)
     if routing.active_TK is not None:
-        active = active & routing.active_TK.bool()  # adaptive routing marks its used slots 1.0
+        active = active & routing.active_TK
     counts = torch.zeros_like(routing.counts_E).scatter_add_(0, idx.flatten(), active.flatten().long())
     return Routing(idx, routing.topk_weight_TK, routing.scores_TE, counts, active)
 
@@ -139,7 +139,7 @@ class MoE(nn.Module):
                                                        self.max_devices_per_token(), c.comm_aux_loss_alpha, active)
         if c.routing_k_loss_alpha > 0:
             aux = aux + expert_count_loss(routing.scores_TE, idx, c.routing_top_p, c.routing_min_k,
-                                          c.routing_target_k, c.routing_k_loss_alpha)
+                                          c.routing_target_k, c.routing_k_loss_alpha, active)
         return aux
 
     def max_devices_per_token(self) -> int:
@@ -167,3 +167,4 @@ class MoE(nn.Module):
     def reset_statistics(self) -> None:
         self.expert_counts.zero_()
         self.aux_loss.zero_()
+        self.routed_tokens.zero_()

@@ -27,7 +27,7 @@ class Routing:
     topk_weight_TK: torch.Tensor  # fp32 gate weights
     scores_TE: torch.Tensor  # fp32 affinities (softmax probabilities or sigmoid scores), unbiased
     counts_E: torch.Tensor  # int64 tokens routed to each expert
-    # Adaptive routing: which of the K = k_max slots a token uses (inactive slots carry weight 0, so the
+    # Adaptive routing: which of the K = k_max slots a token uses, bool (inactive slots carry weight 0, so the
     # expert paths need no change: static shapes, no host sync); None under fixed top-k.
     active_TK: torch.Tensor | None = None
 
@@ -93,7 +93,7 @@ def adaptive_active(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, top_p: f
     """Slot j is used while the mass before it is below top_p (so the used slots reach top_p), or j < min_k."""
     before = adaptive_cumulative(scores_TE, topk_idx_TK)
     first = torch.arange(topk_idx_TK.shape[1], device=topk_idx_TK.device) < min_k
-    return ((before < top_p) | first).to(scores_TE.dtype)
+    return (before < top_p) | first  # bool, like padding's mask: the two combine with &
 
 
 def route_options(c: ModelConfig) -> dict:

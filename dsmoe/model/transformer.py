@@ -129,13 +129,13 @@ class Transformer(nn.Module):
             return torch.zeros(0, 0, dtype=torch.int64), torch.zeros(())
         return torch.stack([m.expert_counts for m in moes]), torch.stack([m.aux_loss for m in moes]).sum()
 
-    def experts_per_token(self) -> torch.Tensor:
-        """Routed experts per real token in the last forward, the mean over the main model's MoE layers: adaptive
-        routing (routing_top_p) varies it; fixed top-k always gives num_experts_per_tok."""
-        layers = zip(self.moe_layers(), self.config.moe_layer_ids)
-        per_layer = [m.expert_counts.sum() / m.routed_tokens.clamp_min(1) for m, i in layers
-                     if i < self.config.num_hidden_layers]
-        return torch.stack(per_layer).float().mean()
+    def routed_load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(routing decisions used per main-model MoE layer, real tokens routed) in the last forward; their
+        ratio is the routed experts per token, which adaptive routing (routing_top_p) varies and fixed top-k
+        keeps at num_experts_per_tok."""
+        main = [m for m, i in zip(self.moe_layers(), self.config.moe_layer_ids) if i < self.config.num_hidden_layers]
+        used = torch.stack([m.expert_counts.sum() for m in main]).float().mean()
+        return used, main[0].routed_tokens.float()
 
     def set_aux_loss_scale(self, scale: float) -> None:
         for moe in self.moe_layers():

@@ -192,7 +192,7 @@ class Trainer:
                 loss, metrics = self.loss_fn(model, batch.to(self.device))
             metrics = {**metrics, **self._dispatch_metrics()}
             if self.model_config.routing_top_p is not None:  # how many experts adaptive routing gives a token
-                metrics["experts_per_token"] = model.experts_per_token()
+                metrics["experts_per_token"], metrics["routed_tokens"] = model.routed_load()  # ratio below
             step_counts, aux = model.routing_stats()  # this micro-batch's, before the next forward rewrites them
             self.metric_names = list(metrics)
             values = torch.stack([loss.detach().float(), aux.float().to(self.device),
@@ -202,6 +202,11 @@ class Trainer:
             (loss / self.grad_accum).backward()  # the balance loss joins in backward (AddAuxiliaryLoss)
         grad_norm = self._clip_grad_norm(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         means = self.reducer.mean(sums / self.grad_accum)
+        if "routed_tokens" in self.metric_names:
+            # the step's experts per token: used decisions / real tokens, so micro-batches and ranks weigh by their
+            # tokens (a mean of per-micro-batch ratios would not, with padding)
+            used, tokens = (2 + self.metric_names.index(n) for n in ("experts_per_token", "routed_tokens"))
+            means[used] = means[used] / means[tokens].clamp_min(1)
         counts = self.reducer.sum(counts)
         ok = torch.isfinite(means[:2]).all() & torch.isfinite(grad_norm.float().to(self.device))
         self.optimizer.found_inf = (~ok).float()  # fused AdamW leaves everything as it was when this is 1
@@ -229,6 +234,7 @@ class Trainer:
         for (step, lr, _), row in zip(self.pending, rows):
             ok = row[0] > 0
             values = dict(zip(names, row[1:1 + len(names)]))
+            values.pop("routed_tokens", None)  # only the denominator of experts_per_token
             record = {**values, "loss": values["loss"] + values["aux_loss"], "grad_norm": row[1 + len(names)],
                       "maxvio": row[2 + len(names):], "lr": lr, "ok": ok, "step": step}
             records.append(record)
@@ -337,7 +343,8 @@ class Trainer:
         maxvio = np.mean([r["maxvio"] for r in good], axis=0).tolist() if good[0]["maxvio"] else []
         tokens_per_s = sum(self._step_tokens(r) for r in window) / max(seconds, 1e-9)
         record = {"step": self.step, "tokens": self.tokens_seen, "loss": mean("loss"),
-                  **{name: mean(name) for name in ("aux_loss", *self.metric_names)}, "lr": window[-1]["lr"],
+                  **{name: mean(name) for name in ("aux_loss", *self.metric_names) if name in good[0]},
+                  "lr": window[-1]["lr"],
                   "grad_norm": mean("grad_norm"), "tokens_per_s": tokens_per_s, "maxvio": maxvio,
                   "maxvio_mean": float(np.mean(maxvio)) if maxvio else None, "skipped_steps": self.skipped,
                   "elapsed_s": round(self.elapsed_before + elapsed, 2)}
