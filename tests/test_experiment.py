@@ -114,3 +114,12 @@ def test_the_table_shows_experts_per_token_when_an_arm_routes_adaptively():
     assert "| - |" in table(results, "adaptive-routing")
     results["rows"] = [{"adaptive": False}]
     assert "experts per token" not in table(results, "adaptive-routing")
+
+
+def test_longer_runs_read_proportionally_more_text():
+    base = experiment_rows("architectures", "gpu", data=[], seeds=[0])[0].config
+    longer = experiment_rows("architectures", "gpu", data=[], seeds=[0], steps=4 * SCALE["gpu"].steps)[0].config
+    shorter = experiment_rows("architectures", "gpu", data=[], seeds=[0], steps=10)[0].config
+    assert longer.corpus_limit_mb == 4 * base.corpus_limit_mb and shorter.corpus_limit_mb == base.corpus_limit_mb
+    assert base.eval_interval == SCALE["gpu"].eval_interval and longer.eval_interval == longer.steps // 20
+    assert shorter.eval_interval == 10

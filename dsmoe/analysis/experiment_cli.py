@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="field of each .jsonl record that holds the text")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (each one pairs the arms)")
     parser.add_argument("--arms", nargs="+", help="run only these arms (default: all)")
-    parser.add_argument("--steps", type=int, help="override the scale's optimizer steps (a quick look)")
+    parser.add_argument("--steps", type=int, help="override the scale's optimizer steps: fewer for a quick look, "
+                        "more for a larger budget (the corpus read grows with them)")
     parser.add_argument("--out", help="output folder (default: runs/experiment-NAME-SCALE)")
     parser.add_argument("--parallel", type=int, default=1, help="rows trained at once (small models leave a GPU "
                         "mostly idle)")

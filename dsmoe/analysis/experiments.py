@@ -142,9 +142,13 @@ def experiment_rows(name: str, scale: str, *, data: list[str], seeds: list[int],
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {seeds}: give one or more distinct seeds")
     steps = steps or s.steps
-    common = dict(preset="tiny", data=list(data), text_field=text_field, corpus_limit_mb=s.corpus_limit_mb,
+    # a longer run reads proportionally more of the corpus (the same share of an epoch: no text repeats that the
+    # scale's own budget would not repeat) and evaluates about 20 times
+    longer = max(1.0, steps / s.steps)
+    corpus_mb = None if s.corpus_limit_mb is None else s.corpus_limit_mb * longer
+    common = dict(preset="tiny", data=list(data), text_field=text_field, corpus_limit_mb=corpus_mb,
                   vocab_size=s.vocab, seq_len=s.seq_len, micro_batch=s.micro_batch, steps=steps, lr=s.lr,
-                  warmup_steps=max(1, steps // 10), eval_interval=min(s.eval_interval, steps),
+                  warmup_steps=max(1, steps // 10), eval_interval=min(max(s.eval_interval, steps // 20), steps),
                   eval_tokens=s.eval_tokens, checkpoint_interval=steps, keep_checkpoints=1,
                   log_interval=max(1, min(10, steps // 10)), paired_init=True, device=device, moe_impl=moe_impl)
     return [Row(arm, seed, TrainConfig(**common, **overrides, seed=seed))
