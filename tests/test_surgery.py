@@ -8,7 +8,7 @@ import torch
 from dsmoe import load_pretrained, save_pretrained
 from dsmoe.config import ModelConfig
 from dsmoe.model.transformer import build_model
-from dsmoe.surgery.experts import (SurgeryError, grow_experts, prune_experts, select_by_usage, select_random)
+from dsmoe.surgery.experts import (SurgeryError, grow_experts, prune_experts, select_highest, select_random)
 from dsmoe.surgery.upcycle import upcycle
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
@@ -57,7 +57,7 @@ def test_pruning_nothing_is_an_identity():
 def test_pruning_keeps_the_most_used_experts_per_group_and_the_unpruned_tokens_agree():
     model = make(V3)
     counts = usage(model)
-    kept = select_by_usage(counts, 4, n_group=2)
+    kept = select_highest(counts, 4, n_group=2)
     for ids, c in zip(kept, counts):
         assert (ids < 4).sum() == 2 and (ids >= 4).sum() == 2  # two per group
         for g in range(2):
@@ -148,7 +148,7 @@ def test_results_round_trip_and_load_in_transformers(tmp_path, op):
         result = upcycle(dense_model(), experts=4, top_k=2, shared=2)
     else:
         model = make(V3)
-        result = prune_experts(model, select_by_usage(usage(model), 6, 2)) if op == "prune" \
+        result = prune_experts(model, select_highest(usage(model), 6, 2)) if op == "prune" \
             else grow_experts(model, 2, usage(model))
     save_pretrained(result, tmp_path)
     again = load_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -176,6 +176,43 @@ def test_cli_prune_writes_a_loadable_folder_with_provenance(tmp_path, model_dir,
     assert record["kept_per_layer"] == 4 and record["loss_after"] > 0
     assert load_pretrained(out).config.n_routed_experts == 4
     assert (out / "tokenizer.json").is_file() and not list(tmp_path.glob(".pruned.tmp-*"))
+    assert record["by"] == "usage" and record["kept_experts"] == [
+        ids.tolist() for ids in select_highest(torch.tensor(record["expert_tokens"]), 4, load_pretrained(src).config.n_group)]
     assert main(args) == 2  # refuses to overwrite without --overwrite
     assert main(args[:3] + ["--keep", "9", "--data", str(calib), "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_removing_an_expert_no_token_chooses_costs_nothing():
+    import numpy as np
+
+    from dsmoe.analysis.probes import single_expert_removal
+    from dsmoe.tasks.perplexity import evaluate_loss
+
+    model = make(V3)
+    with torch.no_grad():
+        model.moe_layers()[0].gate.e_score_correction_bias[3] = -1e4  # expert 3 of the first MoE layer: never chosen
+    windows = [row.numpy() for row in torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(2))]
+    base = evaluate_loss(model, windows, batch_size=2, device=torch.device("cpu"))[0]
+    rise = single_expert_removal(model, windows, baseline=base, batch_size=2, device=torch.device("cpu"))
+    assert rise.shape == (2, 8) and abs(rise[0, 3]) < 1e-5 and (np.abs(rise) > 1e-3).sum() >= 8
+
+
+def test_cli_prune_by_loss_keeps_the_experts_whose_removal_costs_most(tmp_path, model_dir, capsys):
+    import json
+
+    from dsmoe.cli import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("def f(x):\n    return x + 1\n" * 200)
+    out = tmp_path / "pruned"
+    assert main(["experts", "prune", str(model_dir), "--data", str(calib), "--keep", "4", "--seq-len", "64",
+                 "--max-tokens", "512", "--by", "loss", "--out", str(out)]) == 0
+    assert "after (kept by loss)" in capsys.readouterr().out
+    record = json.loads((out / "surgery.json").read_text())
+    rise = torch.tensor(record["expert_removal_loss_rise"])
+    config = load_pretrained(model_dir).config
+    assert record["by"] == "loss" and rise.shape == (len(config.moe_layer_ids), config.n_routed_experts)
+    assert record["kept_experts"] == [ids.tolist() for ids in select_highest(rise, 4, config.n_group)]
+    assert record["kept_experts"] != [ids.tolist() for ids in select_highest(torch.tensor(record["expert_tokens"]), 4,
+                                                                          config.n_group)]

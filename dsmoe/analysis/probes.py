@@ -1,4 +1,5 @@
-"""Interventions that measure what experts contribute: the redundancy probe and the shared-expert ablation.
+"""Interventions that measure what experts contribute: the redundancy probe, the cost of removing each expert
+alone (what `dsmoe experts prune --by loss` keeps), and the shared-expert ablation.
 
 Redundancy probe (DeepSeekMoE section 4.5, "lower redundancy among routed experts"): disable some routed experts
 and measure the rise of the validation loss. As in the paper a disabled expert is masked out of the routing, so
@@ -92,6 +93,22 @@ def redundancy_probe(model: Transformer, windows: list[np.ndarray], counts_LE: n
                      "random_spread": float(np.std(random_losses)), "random_draws": random_draws,
                      "load_share_disabled": float(np.take_along_axis(counts_LE, busiest, 1).sum() / counts_LE.sum())})
     return rows
+
+
+def single_expert_removal(model: Transformer, windows: list[np.ndarray], *, baseline: float, **eval_kw
+                          ) -> np.ndarray:
+    """[L_moe, E]: the loss rise when that one routed expert is masked out of its layer's routing (each token
+    then picks its top-K among the others), over the same windows: L x E passes of `evaluate_loss`. An expert no
+    token chooses costs 0 (to rounding: the rerouted weights are recomputed from the affinities)."""
+    L, E = len(model.moe_layers()), model.config.n_routed_experts
+    rise = np.zeros((L, E))
+    for layer in range(L):
+        for expert in range(E):
+            mask = torch.zeros(L, E, dtype=torch.bool)
+            mask[layer, expert] = True
+            with experts_disabled(model, mask):
+                rise[layer, expert] = evaluate_loss(model, windows, **eval_kw)[0] - baseline
+    return rise
 
 
 def shared_expert_ablation(model: Transformer, windows: list[np.ndarray], *, baseline: float, **eval_kw) -> dict | None:

@@ -27,7 +27,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     action = functools.partial(sub.add_parser, formatter_class=parser.formatter_class)  # help shows defaults
-    prune = action("prune", help="remove the least-used routed experts of every MoE layer")
+    prune = action("prune", help="remove the least-used (or least costly) routed experts of every MoE layer")
     grow = action("grow", help="add routed experts split from the busiest ones")
     up = action("upcycle", help="turn dense FFN layers into DeepSeekMoE layers (fine-grained segments)")
     for p in (prune, grow, up):
@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     amount = prune.add_mutually_exclusive_group(required=True)
     amount.add_argument("--keep", type=int, help="routed experts to keep per layer")
     amount.add_argument("--drop-fraction", type=float, help="share of routed experts to remove per layer")
+    prune.add_argument("--by", choices=["usage", "loss"], default="usage",
+                       help="keep the experts that receive the most tokens (usage), or whose removal alone raises the "
+                            "calibration loss most (loss: one pass per layer and expert; bound it with --max-tokens)")
     grow.add_argument("--add", type=int, required=True, help="routed experts to add per layer")
     grow.add_argument("--noise", type=float, default=1e-3, help="jitter of the copies, relative to weight std")
     up.add_argument("--experts", type=int, required=True, help="routed experts per MoE layer")
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if windows is not None:
         record["loss_before"] = loss_before if loss_before is not None else _loss(model, windows)
         record["loss_after"] = _loss(result, windows)
-        print(f"calibration loss: before {record['loss_before']:.4f} | after {record['loss_after']:.4f}"
+        kept_by = f" (kept by {record['by']})" if "by" in record else ""
+        print(f"calibration loss: before {record['loss_before']:.4f} | after{kept_by} {record['loss_after']:.4f}"
               + (f" | random experts dropped instead {record['loss_random']:.4f}" if "loss_random" in record else ""))
     _write_folder(result, source, out, record, args.overwrite)
     print(f"wrote {out} ({result.config.n_routed_experts} routed experts per MoE layer, "
@@ -82,16 +86,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _prune(args, model, windows, counts):
-    from dsmoe.surgery.experts import SurgeryError, prune_experts, select_by_usage, select_random
+    from dsmoe.surgery.experts import SurgeryError, prune_experts, select_highest, select_random
 
     c = model.config
     keep = args.keep if args.keep is not None else round(c.n_routed_experts * (1 - args.drop_fraction))
     if args.drop_fraction is not None and not 0 <= args.drop_fraction < 1:
         raise SurgeryError("--drop-fraction is a share in [0, 1)")
-    pruned = prune_experts(model, select_by_usage(counts, keep, c.n_group))
+    record = {"kept_per_layer": keep, "removed_per_layer": c.n_routed_experts - keep, "by": args.by,
+              "expert_tokens": counts.tolist()}
+    scores = counts
+    if args.by == "loss":
+        scores = torch.from_numpy(_removal_cost(model, windows))
+        record["expert_removal_loss_rise"] = scores.tolist()
+    kept = select_highest(scores, keep, c.n_group)
+    record["kept_experts"] = [ids.tolist() for ids in kept]
+    pruned = prune_experts(model, kept)
     random = prune_experts(model, select_random(len(c.moe_layer_ids), c.n_routed_experts, keep, c.n_group, args.seed))
-    record = {"kept_per_layer": keep, "removed_per_layer": c.n_routed_experts - keep,
-              "loss_random": _loss(random, windows), "expert_tokens": counts.tolist()}
+    record["loss_random"] = _loss(random, windows)
     return pruned, record
 
 
@@ -128,6 +139,14 @@ def _routing(model, windows) -> tuple[torch.Tensor, float]:
     device = next(model.parameters()).device
     totals = collect_routing(model, [windows], batch_size=8, device=device, autocast_dtype=_autocast(device))
     return torch.from_numpy(totals.counts_LE).long(), totals.domain_loss[0]
+
+
+def _removal_cost(model, windows):
+    from dsmoe.analysis.probes import single_expert_removal
+
+    device = next(model.parameters()).device
+    return single_expert_removal(model, windows, baseline=_loss(model, windows), batch_size=8, device=device,
+                                 autocast_dtype=_autocast(device))
 
 
 def _loss(model, windows) -> float:

@@ -62,10 +62,10 @@ def _check_group_split(config: ModelConfig, new_experts: int, verb: str) -> None
         raise SurgeryError(f"noaux_tc scores each group by its best two experts; {per_group} per group is too few")
 
 
-def select_by_usage(counts_LE: torch.Tensor, keep: int, n_group: int) -> list[torch.Tensor]:
-    """Per MoE layer, the `keep` most-used experts (keep / n_group in each group), in ascending id order.
-    Ties go to the lower id."""
-    L, E = counts_LE.shape
+def select_highest(scores_LE: torch.Tensor, keep: int, n_group: int) -> list[torch.Tensor]:
+    """Per MoE layer, the `keep` experts of highest score (the tokens they receive, or the loss their removal
+    costs; keep / n_group in each group), in ascending id order. Ties go to the lower id."""
+    L, E = scores_LE.shape
     if not 0 < keep <= E:
         raise SurgeryError(f"cannot keep {keep} experts: the model has {E} per layer")
     if keep % n_group:
@@ -76,16 +76,16 @@ def select_by_usage(counts_LE: torch.Tensor, keep: int, n_group: int) -> list[to
     for layer in range(L):
         ids = []
         for g in range(n_group):
-            c = counts_LE[layer, g * size:(g + 1) * size].double() - torch.arange(size) * 1e-9  # stable ties
+            c = scores_LE[layer, g * size:(g + 1) * size].double() - torch.arange(size) * 1e-9  # stable ties
             ids.append(c.topk(per_group).indices + g * size)
         kept.append(torch.cat(ids).sort().values)
     return kept
 
 
 def select_random(num_layers: int, num_experts: int, keep: int, n_group: int, seed: int = 0) -> list[torch.Tensor]:
-    """The baseline the usage-based choice is compared with: `keep` experts per layer at random (per group)."""
+    """The baseline the informed choices are compared with: `keep` experts per layer at random (per group)."""
     g = torch.Generator().manual_seed(seed)
-    return select_by_usage(torch.rand(num_layers, num_experts, generator=g), keep, n_group)
+    return select_highest(torch.rand(num_layers, num_experts, generator=g), keep, n_group)
 
 
 @torch.no_grad()
@@ -141,7 +141,7 @@ def grow_experts(model: Transformer, add: int, counts_LE: torch.Tensor, noise: f
         keys = _expert_keys(prefix)
         order = []  # new expert order: each group's old experts, then its children
         for grp in range(c.n_group):
-            busiest = select_by_usage(counts_LE[li:li + 1, grp * size:(grp + 1) * size], size, 1)[0]
+            busiest = select_highest(counts_LE[li:li + 1, grp * size:(grp + 1) * size], size, 1)[0]
             ranked = busiest[counts_LE[li, grp * size + busiest].argsort(descending=True, stable=True)]
             parents = ranked[torch.arange(add_per_group) % size] + grp * size
             order += [torch.arange(grp * size, (grp + 1) * size), parents]
