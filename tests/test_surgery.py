@@ -198,6 +198,22 @@ def test_removing_an_expert_no_token_chooses_costs_nothing():
     assert rise.shape == (2, 8) and abs(rise[0, 3]) < 1e-5 and (np.abs(rise) > 1e-3).sum() >= 8
 
 
+def test_the_removal_cost_of_an_expert_is_the_loss_of_the_model_pruned_of_it():
+    from dsmoe.analysis.probes import single_expert_removal
+    from dsmoe.tasks.perplexity import evaluate_loss
+
+    model = make({**V3, "n_group": 1, "topk_group": 1, "num_hidden_layers": 2})  # one MoE layer
+    windows = [row.numpy() for row in torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(3))]
+    kw = dict(batch_size=2, device=torch.device("cpu"))
+    base = evaluate_loss(model, windows, **kw)[0]
+    rise = single_expert_removal(model, windows, baseline=base, **kw)
+    busiest = int(usage(model)[0].argmax())
+    for expert in (busiest, (busiest + 3) % 8):
+        pruned = prune_experts(model, [torch.tensor([e for e in range(8) if e != expert])])
+        assert abs(evaluate_loss(pruned, windows, **kw)[0] - base - rise[0, expert]) < 1e-5
+    assert abs(rise[0, busiest]) > 1e-3
+
+
 def test_cli_prune_by_loss_keeps_the_experts_whose_removal_costs_most(tmp_path, model_dir, capsys):
     import json
 

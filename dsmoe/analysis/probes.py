@@ -95,19 +95,25 @@ def redundancy_probe(model: Transformer, windows: list[np.ndarray], counts_LE: n
     return rows
 
 
-def single_expert_removal(model: Transformer, windows: list[np.ndarray], *, baseline: float, **eval_kw
-                          ) -> np.ndarray:
+def single_expert_removal(model: Transformer, windows: list[np.ndarray], *, baseline: float, progress: bool = False,
+                          **eval_kw) -> np.ndarray:
     """[L_moe, E]: the loss rise when that one routed expert is masked out of its layer's routing (each token
-    then picks its top-K among the others), over the same windows: L x E passes of `evaluate_loss`. An expert no
-    token chooses costs 0 (to rounding: the rerouted weights are recomputed from the affinities)."""
-    L, E = len(model.moe_layers()), model.config.n_routed_experts
+    then picks its top-K among the others; the same function as pruning it), over the same windows: one pass of
+    `evaluate_loss` per main-model MoE layer and expert. Under a sigmoid gate an expert no token chooses costs 0
+    (to rounding); a softmax gate renormalises over the rest. The MTP modules' layers do not take part in the
+    loss and are left at 0."""
+    from tqdm import tqdm
+
+    c = model.config
+    L, E = len(model.moe_layers()), c.n_routed_experts
+    main = [i for i, layer in enumerate(c.moe_layer_ids) if layer < c.num_hidden_layers]
     rise = np.zeros((L, E))
-    for layer in range(L):
-        for expert in range(E):
-            mask = torch.zeros(L, E, dtype=torch.bool)
-            mask[layer, expert] = True
-            with experts_disabled(model, mask):
-                rise[layer, expert] = evaluate_loss(model, windows, **eval_kw)[0] - baseline
+    passes = [(layer, expert) for layer in main for expert in range(E)]
+    for layer, expert in tqdm(passes, desc="removal cost per expert", unit="pass", disable=not progress):
+        mask = torch.zeros(L, E, dtype=torch.bool)
+        mask[layer, expert] = True
+        with experts_disabled(model, mask):
+            rise[layer, expert] = evaluate_loss(model, windows, **eval_kw)[0] - baseline
     return rise
 
 

@@ -69,10 +69,12 @@ def run(args: argparse.Namespace) -> int:
     if args.action in ("prune", "grow") and not model.moe_layers():
         raise UserError(f"{source} has no MoE layers to {args.action}; `dsmoe experts upcycle` makes some")
     if args.action == "prune" and windows is None:
-        raise UserError("prune ranks experts by the tokens they receive: pass calibration text with --data")
+        raise UserError("prune ranks experts by the tokens they receive or by what their removal costs on "
+                        "calibration text: pass it with --data")
     counts, loss_before = _routing(model, windows) if windows is not None and model.moe_layers() else (None, None)
-    result, record = _ACTIONS[args.action](args, model, windows, counts)
-    record.update(action=args.action, source=str(source), calibration=args.data, seed=args.seed)
+    result, record = _ACTIONS[args.action](args, model, windows, counts, loss_before)
+    record.update(action=args.action, source=str(source), calibration=args.data, seed=args.seed,
+                  calibration_windows=None if windows is None else {"count": len(windows), "seq_len": args.seq_len})
     if windows is not None:
         record["loss_before"] = loss_before if loss_before is not None else _loss(model, windows)
         record["loss_after"] = _loss(result, windows)
@@ -85,28 +87,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prune(args, model, windows, counts):
+def _prune(args, model, windows, counts, loss_before):
     from dsmoe.surgery.experts import SurgeryError, prune_experts, select_highest, select_random
 
     c = model.config
     keep = args.keep if args.keep is not None else round(c.n_routed_experts * (1 - args.drop_fraction))
     if args.drop_fraction is not None and not 0 <= args.drop_fraction < 1:
         raise SurgeryError("--drop-fraction is a share in [0, 1)")
+    # the random baseline first: it checks every constraint on `keep` before any costly scoring
+    random = prune_experts(model, select_random(len(c.moe_layer_ids), c.n_routed_experts, keep, c.n_group, args.seed))
     record = {"kept_per_layer": keep, "removed_per_layer": c.n_routed_experts - keep, "by": args.by,
-              "expert_tokens": counts.tolist()}
+              "expert_tokens": counts.tolist(), "loss_random": _loss(random, windows)}
     scores = counts
-    if args.by == "loss":
-        scores = torch.from_numpy(_removal_cost(model, windows))
+    if args.by == "loss" and keep < c.n_routed_experts:
+        scores = torch.from_numpy(_removal_cost(model, windows, loss_before))
         record["expert_removal_loss_rise"] = scores.tolist()
     kept = select_highest(scores, keep, c.n_group)
     record["kept_experts"] = [ids.tolist() for ids in kept]
-    pruned = prune_experts(model, kept)
-    random = prune_experts(model, select_random(len(c.moe_layer_ids), c.n_routed_experts, keep, c.n_group, args.seed))
-    record["loss_random"] = _loss(random, windows)
-    return pruned, record
+    return prune_experts(model, kept), record
 
 
-def _grow(args, model, windows, counts):
+def _grow(args, model, windows, counts, loss_before):
     from dsmoe.surgery.experts import grow_experts
 
     if counts is None:  # no calibration text: the experts are split in id order
@@ -115,7 +116,7 @@ def _grow(args, model, windows, counts):
     return grown, {"added_per_layer": args.add, "noise": args.noise}
 
 
-def _upcycle(args, model, windows, counts):
+def _upcycle(args, model, windows, counts, loss_before):
     from dsmoe.surgery.upcycle import upcycle
 
     moe = upcycle(model, experts=args.experts, top_k=args.top_k, shared=args.shared, keep_dense=args.keep_dense,
@@ -141,12 +142,12 @@ def _routing(model, windows) -> tuple[torch.Tensor, float]:
     return torch.from_numpy(totals.counts_LE).long(), totals.domain_loss[0]
 
 
-def _removal_cost(model, windows):
+def _removal_cost(model, windows, baseline: float):
     from dsmoe.analysis.probes import single_expert_removal
 
     device = next(model.parameters()).device
-    return single_expert_removal(model, windows, baseline=_loss(model, windows), batch_size=8, device=device,
-                                 autocast_dtype=_autocast(device))
+    return single_expert_removal(model, windows, baseline=baseline, batch_size=8, device=device,
+                                 autocast_dtype=_autocast(device), progress=True)
 
 
 def _loss(model, windows) -> float:
