@@ -17,6 +17,8 @@ the weights outside the FFNs (`paired_init`), so a difference between arms withi
 - adaptive-routing: the DeepSeekMoE architecture with V3's gate, fixed top-k vs top-p routing (p = k / routed
   experts, 1 to 2k experts) whose regulariser holds the mean at k; training logs the experts per token, and
   `dsmoe analyze` reports their distribution.
+- mtp (DeepSeek-V3's multi-token prediction): the DeepSeekMoE architecture with V3's gate, trained with and
+  without one MTP module (lambda 0.3); the validation loss is the main model's own in both arms.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from dsmoe.errors import UserError
 from dsmoe.train.config import TrainConfig
 
-EXPERIMENTS = ("architectures", "balancing", "shared-experts", "granularity", "adaptive-routing")
+EXPERIMENTS = ("architectures", "balancing", "shared-experts", "granularity", "adaptive-routing", "mtp")
 SCALES = ("cpu", "gpu")
 
 
@@ -115,6 +117,10 @@ def arms(name: str, s: Scale) -> dict[str, dict]:
                     "routing_min_k": 1, "routing_target_k": float(k), "routing_k_loss_alpha": 0.01}
         return {"top-k": {"model": fixed, "aux_loss_alpha": 0.0, "bias_update_gamma": 0.001},
                 "top-p": {"model": adaptive, "aux_loss_alpha": 0.0, "bias_update_gamma": 0.001}}
+    if name == "mtp":
+        model = moe(s, m, 1, "sigmoid")
+        return {"no-mtp": {"model": model, "aux_loss_alpha": 0.0, "bias_update_gamma": 0.001},
+                "mtp": {"model": model, "aux_loss_alpha": 0.0, "bias_update_gamma": 0.001, "mtp_layers": 1}}
     raise UserError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
 
 
