@@ -216,3 +216,17 @@ def test_training_logs_experts_per_token(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     used = [r["experts_per_token"] for r in rows if "experts_per_token" in r]
     assert len(used) == 2 and all(1 <= k <= 8 for k in used) and not any("routed_tokens" in r for r in rows)
+
+
+def test_a_fresh_top_p_router_far_from_its_target_is_pointed_out(tmp_path, capsys):
+    from dsmoe.cli import main
+    from dsmoe.model.router import uniform_top_p_count
+
+    assert uniform_top_p_count(0.5, 31, 1, 14) == 14 and uniform_top_p_count(7 / 31, 31, 1, 14) == 7
+    flags = ["--preset", "tiny", "--steps", "1", "--micro-batch", "2", "--seq-len", "64", "--checkpoint-interval",
+             "0", "--eval-tokens", "256", "--no-progress"]
+    model = ["--model", "routing_min_k=1", "num_experts_per_tok=8", "routing_target_k=4", "routing_k_loss_alpha=0.01"]
+    assert main(["train", *flags, *model, "routing_top_p=0.9", "--out", str(tmp_path / "a")]) == 0
+    assert "note: at routing_top_p 0.9 a fresh router gives every token about 8 experts" in capsys.readouterr().out
+    assert main(["train", *flags, *model, "routing_top_p=0.25", "--out", str(tmp_path / "b")]) == 0
+    assert "note:" not in capsys.readouterr().out

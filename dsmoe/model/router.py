@@ -11,6 +11,7 @@ One function, `route`, covers every DeepSeek variant (spec section 4):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,12 @@ def adaptive_cumulative(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> t
     """Normalised affinity mass of the slots before each slot, in choice order: [T, K] fp32."""
     mass = scores_TE.gather(1, topk_idx_TK) / scores_TE.sum(dim=-1, keepdim=True)
     return mass.cumsum(dim=-1) - mass
+
+
+def uniform_top_p_count(top_p: float, n_experts: int, min_k: int, k_max: int) -> int:
+    """The experts a token takes under top-p routing when all affinities are equal, as a fresh router's nearly
+    are: the first j whose mass j / E reaches top_p, within [min_k, k_max]."""
+    return min(k_max, max(min_k, math.ceil(top_p * n_experts - 1e-9)))
 
 
 def adaptive_active(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, top_p: float, min_k: int) -> torch.Tensor:
