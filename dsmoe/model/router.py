@@ -96,6 +96,19 @@ def uniform_top_p_count(top_p: float, n_experts: int, min_k: int, k_max: int) ->
     return min(k_max, max(min_k, math.ceil(top_p * n_experts - 1e-9)))
 
 
+def adaptive_start_note(c: ModelConfig) -> str:
+    """A line for a training plan when a fresh top-p router would give every token far more or fewer experts
+    than its target (README: adaptive routing), else ""."""
+    if c.routing_top_p is None or c.routing_target_k is None:
+        return ""
+    start = uniform_top_p_count(c.routing_top_p, c.n_routed_experts, c.routing_min_k, c.num_experts_per_tok)
+    if abs(start - c.routing_target_k) < 2:
+        return ""
+    return (f"\nnote: at routing_top_p {c.routing_top_p:g} a fresh router gives every token about {start} experts "
+            f"(target {c.routing_target_k:g}); routing_top_p near {c.routing_target_k / c.n_routed_experts:.3f} "
+            "starts it at the target")
+
+
 def adaptive_active(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, top_p: float, min_k: int) -> torch.Tensor:
     """Slot j is used while the mass before it is below top_p (so the used slots reach top_p), or j < min_k."""
     before = adaptive_cumulative(scores_TE, topk_idx_TK)

@@ -41,7 +41,7 @@ from dsmoe.data.tokenizer import MIN_VOCAB, Tokenizer
 from dsmoe.devices import resolve_device
 from dsmoe.errors import UserError
 from dsmoe.model.balance import max_violation
-from dsmoe.model.router import uniform_top_p_count
+from dsmoe.model.router import adaptive_start_note
 from dsmoe.tasks.perplexity import evaluate_windows, perplexity
 from dsmoe.train.config import TrainConfig
 from dsmoe.train.data import TrainingData, pretraining_data
@@ -418,19 +418,9 @@ class Trainer:
                 f"({c.num_params(active=True) / 1e6:.1f}M active){mtp}, vocab {c.vocab_size}\n"
                 f"data: {self.data.description}\n"
                 f"plan: {self.total_steps} steps x {self.sequences_per_step * cfg.seq_len:,} tokens on "
-                f"{self._placement()} ({self._execution()}) -> {self.out}{self._adaptive_start_note()}")
+                f"{self._placement()} ({self._execution()}) -> {self.out}"
+                f"{adaptive_start_note(self.model_config) if self.step == 0 else ''}")
 
-    def _adaptive_start_note(self) -> str:
-        """A fresh top-p router far from its target count starts every token there (README: adaptive routing)."""
-        c = self.model_config
-        if c.routing_top_p is None or c.routing_target_k is None or self.step > 0:
-            return ""
-        start = uniform_top_p_count(c.routing_top_p, c.n_routed_experts, c.routing_min_k, c.num_experts_per_tok)
-        if abs(start - c.routing_target_k) < 2:
-            return ""
-        return (f"\nnote: at routing_top_p {c.routing_top_p:g} a fresh router gives every token about {start} experts "
-                f"(target {c.routing_target_k:g}); routing_top_p near {c.routing_target_k / c.n_routed_experts:.3f} "
-                "starts it at the target")
 
     def _execution(self) -> str:
         """How each step computes: the precision, and whether the blocks (or the model) are compiled."""
