@@ -79,6 +79,7 @@ def test_cpu_experiment_end_to_end_and_a_row_reruns_alone(tmp_path, capsys):
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert (out / "loss.png").stat().st_size > 0 and "| deepseekmoe |" in (out / "table.md").read_text()
+    assert "while 2 ran at once" in (out / "table.md").read_text()
     arms = results["arms"]
     assert set(arms) == {"dense", "deepseekmoe"} and arms["deepseekmoe"]["seeds"] == [0, 1]
     losses = {(r["arm"], r["seed"]): r["val_loss"] for r in results["rows"]}

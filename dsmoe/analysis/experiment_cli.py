@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     train_rows(rows, out, args.parallel, args.cache_dir)
     results = summarise(rows, out, corpus.shards.meta)
     results["seconds"] = {"data": round(prepared_s, 1), "total": round(time.perf_counter() - start, 1)}
+    results["parallel"] = args.parallel
     if args.analyze:
         results["analysis"] = compare_analyses(rows, out, args.analyze, args.text_field, args.analyze_tokens,
                                                args.device)

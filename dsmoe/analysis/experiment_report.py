@@ -112,7 +112,9 @@ def table(results: dict, name: str) -> str:
     lines = [f"# dsmoe experiment {name}", "",
              f"{results['tokens_per_run']:,} training tokens per run ({results['epochs']:.2f} epochs of "
              f"{results['train_tokens']:,}; data: {', '.join(results['data'])}); validation on "
-             f"{results['val_tokens']:,} held-out tokens; paired differences against `{ref}` within each seed.", ""]
+             f"{results['val_tokens']:,} held-out tokens; paired differences against `{ref}` within each seed"
+             + (f"; tokens/s of each run while {results['parallel']} ran at once" if results.get("parallel", 1) > 1
+                else "") + ".", ""]
     adaptive = any(r.get("adaptive") for r in results["rows"])  # then the experts per token are worth a column
     rows = [_arm_row(arm, a, ref) for arm, a in results["arms"].items()]
     if adaptive:
