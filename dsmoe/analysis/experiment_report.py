@@ -39,8 +39,10 @@ def summarise(rows, out: Path, shards_meta: dict) -> dict:
         config, _ = read_config(run)
         adaptive = config.routing_top_p is not None
         used = [r["experts_per_token"] for r in train if "experts_per_token" in r]  # logged under adaptive routing
-        k = float(np.mean(used[-3:])) if used else None if adaptive or not config.n_routed_experts else \
-            float(config.num_experts_per_tok)
+        if used:
+            k = float(np.mean(used[-3:]))
+        else:  # fixed top-k uses k; an adaptive run from before the metric was logged is unknown
+            k = None if adaptive or not config.n_routed_experts else float(config.num_experts_per_tok)
         per_row.append({
             "arm": row.arm, "seed": row.seed, "run": str(run), "val_loss": val[-1]["val_loss"],
             "curve": [(r["step"] * tokens_per_step, r["val_loss"]) for r in val], "maxvio_curve": vio,

@@ -108,10 +108,13 @@ class MoE(nn.Module):
                             routing.active_TK)
         with torch.no_grad():
             self.expert_counts.copy_(routing.counts_E)
-            if token_mask is None:
-                self.routed_tokens.fill_(B * S)
-            else:
-                self.routed_tokens.copy_(token_mask.sum())
+            # the denominator of adaptive routing's experts per token; fixed top-k (every decode step included)
+            # skips this kernel
+            if self.config.routing_top_p is not None:
+                if token_mask is None:
+                    self.routed_tokens.fill_(B * S)
+                else:
+                    self.routed_tokens.copy_(token_mask.sum())
         c = self.config
         alphas = (c.aux_loss_alpha, c.device_aux_loss_alpha, c.comm_aux_loss_alpha, c.routing_k_loss_alpha)
         if self.training and max(alphas) > 0 and torch.is_grad_enabled():

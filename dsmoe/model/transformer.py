@@ -130,9 +130,9 @@ class Transformer(nn.Module):
         return torch.stack([m.expert_counts for m in moes]), torch.stack([m.aux_loss for m in moes]).sum()
 
     def routed_load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(routing decisions used per main-model MoE layer, real tokens routed) in the last forward; their
-        ratio is the routed experts per token, which adaptive routing (routing_top_p) varies and fixed top-k
-        keeps at num_experts_per_tok."""
+        """(routing decisions used per main-model MoE layer, real tokens routed) in the last forward of an
+        adaptive-routing model (routing_top_p): their ratio is the routed experts per token (fixed top-k keeps it
+        at num_experts_per_tok and does not count the tokens)."""
         main = [m for m, i in zip(self.moe_layers(), self.config.moe_layer_ids) if i < self.config.num_hidden_layers]
         used = torch.stack([m.expert_counts.sum() for m in main]).float().mean()
         return used, main[0].routed_tokens.float()
