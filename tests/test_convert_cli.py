@@ -24,3 +24,20 @@ def test_convert_errors_are_one_sentence(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "dst")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "config.json" in err and "Traceback" not in err
+
+
+def test_convert_keeps_the_chat_template_file_and_the_generation_stop_ids(tmp_path, model_dir):
+    """transformers 5 writes the template to chat_template.jinja only; extra stop ids live in
+    generation_config.json: the converted folder must chat and stop like the source."""
+    import shutil
+
+    from dsmoe.data.tokenizer import Tokenizer
+
+    src = tmp_path / "src"
+    shutil.copytree(model_dir, src)
+    (src / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    (src / "generation_config.json").write_text('{"eos_token_id": [1, 5]}')
+    assert main(["convert", str(src), str(tmp_path / "dst")]) == 0
+    before, after = Tokenizer.load(src), Tokenizer.load(tmp_path / "dst")
+    assert after.chat_template == before.chat_template and "[{{ m['content'] }}]" in after.chat_template
+    assert 5 in after.eos_ids and after.eos_ids == before.eos_ids

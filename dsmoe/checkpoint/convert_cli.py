@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from dsmoe.devices import DTYPES
 from dsmoe.errors import UserError
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,15 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dsmoe.checkpoint.hf import load_pretrained, save_pretrained
+    from dsmoe.data.tokenizer import copy_tokenizer_files
 
     if args.dst.resolve() == args.src.resolve():
         raise UserError("dst must differ from src: pick a new output folder")
     dtype = DTYPES[args.dtype] if args.dtype else None
     model = load_pretrained(args.src, dtype=dtype)
     save_pretrained(model, args.dst, max_shard_size=args.max_shard_size, dtype=dtype)
-    for name in TOKENIZER_FILES:
-        if (args.src / name).is_file():
-            shutil.copy2(args.src / name, args.dst / name)
+    copy_tokenizer_files(args.src, args.dst)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.dst} ({n / 1e6:.1f}M parameters, {model.config.model_type})")
     return 0

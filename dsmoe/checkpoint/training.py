@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from dsmoe.atomic import replace_folder
 from dsmoe.checkpoint.ranks import barrier, broadcast_int, distributed, one_process_is_intended, rank, world_size
 from dsmoe.config import ModelConfig
 from dsmoe.errors import CheckpointError
@@ -85,7 +86,7 @@ def save_checkpoint(checkpoints_dir: str | os.PathLike, step: int, model: nn.Mod
         barrier()
         if rank() == 0:
             (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1) + "\n")  # last: it marks the folder complete
-            _replace_dir(tmp, final)
+            replace_folder(tmp, final)
             if keep > 0:
                 for old in list_checkpoints(checkpoints_dir)[:-keep]:
                     _delete(old)
@@ -259,18 +260,6 @@ def _restore_rng(file: Path) -> None:
 
 
 # ---------------------------------------------------------------- folders
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename src to dst; an existing dst (the same step saved again) is moved aside first, then removed."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    aside = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    shutil.rmtree(aside, ignore_errors=True)
-    os.replace(dst, aside)
-    os.replace(src, dst)
-    shutil.rmtree(aside, ignore_errors=True)
-
 
 def _delete(path: Path) -> None:
     """Out of the listed names first (one atomic rename), then deleted: a kill midway leaves a hidden folder."""

@@ -26,12 +26,25 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from dsmoe.atomic import atomic_write_text
+from dsmoe.atomic import atomic_copy, atomic_write_text
 from dsmoe.errors import UserError
 from dsmoe.json_files import read_json
 
 BOS, EOS = "<|bos|>", "<|eos|>"
 MIN_VOCAB = 256 + 2  # the byte alphabet plus bos/eos
+# What a model folder holds for its tokenizer besides config.json: the files `Tokenizer.load` reads (the
+# template, the end-of-sequence ids of generation_config.json) and special_tokens_map.json, which transformers reads.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def copy_tokenizer_files(source: Path, target: Path) -> None:
+    """The tokenizer files `source` has, copied into the folder `target` (each atomically)."""
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            atomic_copy(Path(source) / name, Path(target) / name)
+
+
 # Names other tokenizers use, tried in order when no tokenizer_config.json names them.
 _BOS_NAMES = (BOS, "<s>", "<|begin_of_text|>", "<｜begin▁of▁sentence｜>", "<|startoftext|>")
 _EOS_NAMES = (EOS, "</s>", "<|end_of_text|>", "<|endoftext|>", "<｜end▁of▁sentence｜>", "<|im_end|>")

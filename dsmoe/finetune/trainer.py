@@ -19,7 +19,7 @@ from dsmoe.atomic import atomic_write_text
 from dsmoe.checkpoint.hf import build_pretrained, checkpoint_files, load_pretrained, read_config, save_pretrained
 from dsmoe.checkpoint.peft_adapter import save_adapter
 from dsmoe.checkpoint.ranks import local_part
-from dsmoe.data.tokenizer import load_tokenizer
+from dsmoe.data.tokenizer import copy_tokenizer_files, load_tokenizer
 from dsmoe.errors import UserError
 from dsmoe.finetune import data as ftdata
 from dsmoe.finetune.classifier import classifier_from_base, new_score, pad_id_of
@@ -356,10 +356,3 @@ def _keep_slice(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     local, offset = local_part(param)
     local.copy_(full[tuple(slice(start, start + size) for start, size in zip(offset, local.shape))])
     return param
-
-
-def copy_tokenizer_files(base: Path, out: Path) -> None:
-    """The base's tokenizer files as they are (tokenizer_config.json keeps its chat template)."""
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (base / name).is_file():
-            atomic_write_text(out / name, (base / name).read_text(encoding="utf-8"))

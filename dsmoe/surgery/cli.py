@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from dsmoe.atomic import replace_folder
 from dsmoe.errors import UserError
 
 log = logging.getLogger(__name__)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -184,23 +184,16 @@ def _device(name: str) -> torch.device:
 
 def _write_folder(model, source: Path, out: Path, record: dict, overwrite: bool) -> None:
     from dsmoe.checkpoint.hf import save_pretrained
+    from dsmoe.data.tokenizer import copy_tokenizer_files
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save_pretrained(model, tmp)
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, tmp / name)
+        copy_tokenizer_files(source, tmp)
         (tmp / "surgery.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            if not overwrite:
-                raise UserError(f"{out} appeared while writing; pass --overwrite")
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        if out.exists() and not overwrite:
+            raise UserError(f"{out} appeared while writing; pass --overwrite")
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
