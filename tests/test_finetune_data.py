@@ -72,6 +72,10 @@ def test_bad_records_are_one_clear_error_each(tok, tmp_path, chat_template):
         ftdata.encode_classify(records, tok, ["ham", "spam"], 64)
     with pytest.raises(ftdata.DataError, match=r"no field 'question'"):
         ftdata.read_jsonl(write(tmp_path / "q.jsonl", [{"context": "c"}]), ftdata.parse_field_map(["qa"]))
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"text": "a", "label": "x"}\n{"text": "caf\u00e9", "label": "x"}\n'.encode("latin-1"))
+    with pytest.raises(ftdata.DataError, match=r"latin1.jsonl:2: not UTF-8 text"):
+        ftdata.read_jsonl(latin1, {})
 
 
 def classify_examples(lengths):

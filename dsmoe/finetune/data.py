@@ -77,11 +77,16 @@ def read_jsonl(path: str | Path, mapping: dict[str, str]) -> list[tuple[str, dic
     if not path.is_file():
         raise UserError(f"no data file {path}: pass a .jsonl file")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); re-save the file as "
+                                "UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
