@@ -2,6 +2,8 @@
 growing keeps the output (exactly with a selection bias), upcycling keeps the dense function (exactly with
 K = E), the results load in transformers with equal logits, and impossible requests get one clear error."""
 
+import re
+
 import pytest
 import torch
 
@@ -232,3 +234,22 @@ def test_cli_prune_by_loss_keeps_the_experts_whose_removal_costs_most(tmp_path, 
     assert record["kept_experts"] == [ids.tolist() for ids in select_highest(rise, 4, config.n_group)]
     assert record["kept_experts"] != [ids.tolist() for ids in select_highest(torch.tensor(record["expert_tokens"]), 4,
                                                                           config.n_group)]
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["prune", "--keep", "4", "--seq-len", "0"], "--seq-len must be at least 1"),
+    (["prune", "--keep", "4", "--max-tokens", "-5"], "--max-tokens at least --seq-len"),
+    (["prune", "--drop-fraction", "nan"], r"--drop-fraction is a share in \[0, 1\)"),
+    (["prune", "--keep", "4", "--seq-len", "4096", "--max-tokens", "8192"], "beyond the model's max_position"),
+    (["grow", "--add", "2", "--noise", "-1"], "--noise is a non-negative"),
+], ids=lambda v: v[0] if isinstance(v, list) else None)
+def test_cli_refuses_bad_numbers_in_one_sentence(tmp_path, model_dir, capsys, extra, match):
+    from dsmoe.cli import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("def f(x):\n    return x + 1\n" * 50)
+    action, rest = extra[0], extra[1:]
+    out = tmp_path / "out"
+    assert main(["experts", action, str(model_dir), "--data", str(calib), "--out", str(out), *rest]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "Traceback" not in err and not out.exists()

@@ -34,6 +34,8 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None
     """The validation split cut into consecutive windows of seq_len + 1 tokens overlapping by one, so each
     token after the first is predicted exactly once; capped at about max_tokens predictions; a split shorter
     than one window gives one shorter window."""
+    if seq_len < 1:
+        raise ValueError(f"evaluation windows need seq_len >= 1, got {seq_len}")
     n = len(tokens)
     if n < 2:
         return []

@@ -63,8 +63,16 @@ def run(args: argparse.Namespace) -> int:
     source, out = Path(args.path), Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite or another --out")
+    if args.seq_len < 1 or args.max_tokens < args.seq_len:
+        raise UserError("--seq-len must be at least 1 and --max-tokens at least --seq-len (calibration reads "
+                        "windows of --seq-len tokens)")
+    if args.action == "grow" and not 0 <= args.noise < float("inf"):
+        raise UserError("--noise is a non-negative jitter relative to each weight's std, e.g. 1e-3")
     device = _device(args.device)
     model = load_pretrained(source, dtype=torch.float32, device=device).eval()
+    if args.data and args.seq_len > model.config.max_position_embeddings:
+        raise UserError(f"--seq-len {args.seq_len} is beyond the model's max_position_embeddings "
+                        f"({model.config.max_position_embeddings}); lower --seq-len")
     windows = _calibration(args, source, model.config.vocab_size)
     if args.action in ("prune", "grow") and not model.moe_layers():
         raise UserError(f"{source} has no MoE layers to {args.action}; `dsmoe experts upcycle` makes some")
@@ -91,9 +99,9 @@ def _prune(args, model, windows, counts, loss_before):
     from dsmoe.surgery.experts import SurgeryError, prune_experts, select_highest, select_random
 
     c = model.config
-    keep = args.keep if args.keep is not None else round(c.n_routed_experts * (1 - args.drop_fraction))
-    if args.drop_fraction is not None and not 0 <= args.drop_fraction < 1:
+    if args.drop_fraction is not None and not 0 <= args.drop_fraction < 1:  # NaN too
         raise SurgeryError("--drop-fraction is a share in [0, 1)")
+    keep = args.keep if args.keep is not None else round(c.n_routed_experts * (1 - args.drop_fraction))
     # the random baseline first: it checks every constraint on `keep` before any costly scoring
     random = prune_experts(model, select_random(len(c.moe_layer_ids), c.n_routed_experts, keep, c.n_group, args.seed))
     record = {"kept_per_layer": keep, "removed_per_layer": c.n_routed_experts - keep, "by": args.by,
