@@ -23,7 +23,9 @@ import copy
 import json
 import platform
 import time
+from pathlib import Path
 
+from dsmoe.atomic import atomic_write_text
 from dsmoe.kernels.ops import IMPLS
 
 
@@ -365,8 +367,7 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.empty_cache()
     print_table(report, hf_impls)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2, default=str)
+        atomic_write_text(Path(args.json), json.dumps(report, indent=2, default=str))
     return 1 if failed else 0
 
 

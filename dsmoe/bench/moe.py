@@ -18,8 +18,10 @@ import argparse
 import gc
 import json
 import math
-import os
 import traceback
+from pathlib import Path
+
+from dsmoe.atomic import atomic_write_text
 
 IMPLS = ("dense", "grouped", "triton", "reference", "hf-grouped", "hf-eager")
 RUN_ORDER = ("dense", "grouped", "reference", "triton", "hf-grouped", "hf-eager")
@@ -112,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if args.json_path:  # after every shape, so a run cut short still leaves its results
-            _write_json(args.json_path, {"env": env, "rows": rows, "skew": skew_rows, "sync": sync_checks})
+            atomic_write_text(Path(args.json_path), json.dumps({"env": env, "rows": rows, "skew": skew_rows,
+                                                                "sync": sync_checks}, indent=1))
     print("\n== MoE layer forward+backward (model FLOPs 2*T*(k+shared)*3*d*f per forward, x3) ==")
     print_table(rows)
     if skew_rows:
@@ -128,13 +131,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json_path:
         print(f"\nwrote {args.json_path}")
     return 0
-
-
-def _write_json(path: str, result: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _short(e: BaseException) -> str:

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dsmoe.atomic import atomic_write_text
+
 PROFILED_STEPS = 2
 VARIANTS = ("trainer", "trainer+compile", "trainer+compile-model", "hf-grouped_mm", "hf-eager")
 
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                                   f"{result['tokens_per_s']:,.0f} tokens/s, first loss {result['first_loss']:.4f}"),
                   flush=True)
             if args.json:  # after every variant: a run cut short still leaves its numbers
-                Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+                atomic_write_text(Path(args.json), json.dumps(report, indent=2) + "\n")
     _print_checks(results)
     _print_table(results, dense is not None)
     return 0
