@@ -92,7 +92,7 @@ def test_resume_is_bit_exact(tmp_path):
     first = Trainer(cfg, split, cache_dir=tmp_path / "cache", progress=False).train(stop_after=10)
     assert first["steps"] == 10
     with open(split / "metrics.jsonl", "a") as f:  # a record written after the checkpoint, before a crash
-        f.write(json.dumps({"step": 13, "lm_loss": -1.0}) + "\n")
+        f.write(json.dumps({"step": 13, "lm_loss": -1.0}) + "\n" + '{"step": 14, "lm_lo')  # and one cut short
     resumed = Trainer(cfg, split, resume=True, cache_dir=tmp_path / "cache", progress=False)
     assert resumed.step == 10
     resumed.train()

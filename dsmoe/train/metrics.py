@@ -10,11 +10,14 @@ val_ppl, val_nats_per_byte. On resume, records after the checkpoint's step are d
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from dsmoe.atomic import atomic_write_text
 from dsmoe.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def require_tensorboard():
@@ -31,11 +34,14 @@ class MetricsLog:
         self.file = run / "metrics.jsonl"
         self.records: list[dict[str, Any]] = []
         if resume_step is not None and self.file.is_file():
-            for line in self.file.read_text().splitlines():
-                if line.strip():
-                    record = json.loads(line)
-                    if record.get("step", 0) <= resume_step:
-                        self.records.append(record)
+            for number, line in enumerate(self.file.read_text(errors="replace").splitlines(), 1):
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:  # a record the crash that stopped the run cut short
+                    log.warning("%s:%d is not a whole record; dropped", self.file, number)
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
+                    self.records.append(record)
         atomic_write_text(self.file, "".join(json.dumps(r) + "\n" for r in self.records))
         self._tb = require_tensorboard()(str(run / "tensorboard"), purge_step=resume_step) if tensorboard else None
 
