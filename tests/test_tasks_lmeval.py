@@ -116,17 +116,22 @@ def test_dsmoe_eval_lm_eval_from_the_command_line(tmp_path_factory, task_dir, mo
     assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
 
 
-def test_generation_keeps_lm_evals_context_length_and_refuses_no_room(model_dir):
+def test_generation_keeps_lm_evals_context_length_and_refuses_no_room(model_dir, monkeypatch):
     """Contexts keep their last max_length - max_gen_toks tokens (as the hf model does); a max_gen_toks that
     leaves no room for a prompt is one clear error."""
     from lm_eval.api.instance import Instance
 
+    import dsmoe.tasks.generation
     from dsmoe.errors import UserError
     from dsmoe.tasks.lm_eval_model import DsmoeLM
 
     lm = DsmoeLM(str(model_dir), device="cpu", dtype="float32", batch_size=2, max_length=24)
-    context = "word " * 200
+    context = " ".join(f"w{i}" for i in range(200))
+    seen = []
+    generate = dsmoe.tasks.generation.generate_texts
+    monkeypatch.setattr(dsmoe.tasks.generation, "generate_texts",
+                        lambda model, tok, prompts, **kw: seen.extend(prompts) or generate(model, tok, prompts, **kw))
     (text,) = lm.generate_until([Instance("generate_until", {}, (context, {"until": ["\n"], "max_gen_toks": 4}), 0)])
-    assert isinstance(text, str)
+    assert isinstance(text, str) and seen == [lm.tok_encode(context)[-20:]]
     with pytest.raises(UserError, match="max_gen_toks=24 leaves no room"):
         lm.generate_until([Instance("generate_until", {}, (context, {"until": ["\n"], "max_gen_toks": 24}), 0)])
