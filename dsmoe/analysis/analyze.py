@@ -153,6 +153,6 @@ def run(args: argparse.Namespace) -> int:
                              autocast_dtype=torch.bfloat16 if on_gpu else None, name=path.name)
     out = Path(args.out) if args.out else path / "analysis"
     write_outputs(report, arrays, model.config.moe_layer_ids, out)
-    print(open(out / "report.md").read(), end="")
+    print((out / "report.md").read_text(), end="")
     print(f"written: {out}/report.json, report.md, load.png, domains.png, coactivation.png")
     return 0

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from dsmoe.atomic import atomic_write, atomic_write_text
 from dsmoe.checkpoint.hf import CheckpointError
 from dsmoe.checkpoint.ranks import barrier, expected_two_step_gathers, rank
-from dsmoe.finetune.lora import DENSE_MLP, LoRASpec, apply_lora, lora_factors
+from dsmoe.finetune.lora import LoRASpec, apply_lora, lora_factors
 from dsmoe.json_files import read_json
 
 PREFIX = "base_model.model."
@@ -150,8 +150,3 @@ def load_adapter(model: torch.nn.Module, folder: str | os.PathLike) -> dict[str,
                 raise CheckpointError(f"{folder}: {key} matches no layer of this model: it is an adapter for "
                                       f"another model ({base}); pass the base model it was trained on")
     return extra
-
-
-def uses_dense_mlp(spec: LoRASpec) -> bool:
-    """Whether the adapter adapts the dense MLP / shared experts, which PEFT cannot load for DeepSeek."""
-    return any(t in DENSE_MLP for t in spec.targets)

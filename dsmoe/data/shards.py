@@ -45,7 +45,7 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[str
     it. A corpus of a few long texts (< MIN_DOCS_FOR_DOCUMENT_SPLIT) gives the last val_fraction of each text
     (nanoGPT's tinyshakespeare split). Otherwise whole documents are held out, taken in content-hash order (a
     stable choice) when they still fit the target; if that falls short (large documents), the tail of the next
-    document in that order makes up the rest, so a few large files can no longer take a third of the corpus."""
+    document in that order makes up the rest, so a few large files cannot take far more than val_fraction."""
     texts = [d.text for d in docs]
     if val_fraction <= 0:
         return texts, []

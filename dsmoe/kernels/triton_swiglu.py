@@ -8,9 +8,9 @@ gu_r = [g | u] saved by the forward and dh_r = dy_t @ down_e (the unweighted gra
     dgu_r   = w * dh * [silu'(g) * u | silu(g)]            the gradient of gu, for dX and d gate_up
     hw_r    = w * h                                         what d down = dy_e^T @ hw_e needs
 
-It used to be the epilogue of the dh GEMM, where its six live fp32 tiles spilled registers and held that
-GEMM to ~170 TFLOP/s on an H200 (0.3 of the same GEMM without it); as its own pass it costs one read of
-dh and gu and one write of dgu and hw, and the row sums of dw need no atomics, so they are deterministic.
+A pass of its own rather than the epilogue of the dh GEMM: there its six live fp32 tiles spill registers
+and held that GEMM to ~170 TFLOP/s on an H200 (0.3 of the same GEMM without them); alone it costs one read
+of dh and gu and one write of dgu and hw, and the row sums of dw need no atomics, so they are deterministic.
 """
 
 from __future__ import annotations

@@ -55,11 +55,6 @@ class TaskRun:
                               hidden_states=self.forward)
 
 
-def run_task(spec: TaskSpec, examples: list[dict], run: TaskRun) -> tuple[dict, list[dict]]:
-    """-> (metrics, per-example prediction rows)."""
-    return score(spec, examples, predict(spec, examples, run))
-
-
 def predict(spec: TaskSpec, examples: list[dict], run: TaskRun):
     """The model's part of a task (what `dsmoe bench tasks` times): classification -> (labels, per-example
     label scores), generation -> texts, chat -> per-conversation Scores."""
