@@ -273,7 +273,7 @@ def test_tiny_model_on_triton_matches_reference_forward_and_grads(monkeypatch):
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     results = {}
     for impl in ("reference", "triton"):
-        model.set_moe_impl(impl)
+        model.moe_impl = impl
         model.zero_grad(set_to_none=True)
         logits = model(ids)
         logits.float().square().mean().backward()

@@ -202,7 +202,7 @@ def time_variants(model, batch: int, variants: list[str], args, bandwidth: float
         step, _, impl = variant.partition("-")
         if impl and impl == resolved_impl(model, args.moe_impl):
             continue  # the same as the plain variant
-        model.set_moe_impl(impl or args.moe_impl)
+        model.moe_impl = impl or args.moe_impl
         try:
             result = time_dsmoe(model, batch, args.prompt_len, args.new_tokens, cuda_graphs,
                                 compile=step == "compiled", profile=args.profile)
@@ -213,7 +213,7 @@ def time_variants(model, batch: int, variants: list[str], args, bandwidth: float
             results[variant] = {"error": why}
             continue
         finally:
-            model.set_moe_impl(args.moe_impl)
+            model.moe_impl = args.moe_impl
         result["bound_tokens_per_s"] = batch * bandwidth / result["step_bytes"]
         result["fraction_of_bound"] = result["tokens_per_s"] / result["bound_tokens_per_s"]
         results[variant] = result

@@ -27,7 +27,7 @@ def classifier_from_base(base: Transformer, labels: list[str]) -> SequenceClassi
     """The base's body (its weights, moved, not copied) under a freshly initialised score head."""
     config = base.config.replace(num_nextn_predict_layers=0)  # MTP predicts tokens, which a classifier does not
     with torch.device("meta"):
-        classifier = SequenceClassifier(config, labels, _moe_impl(base))
+        classifier = SequenceClassifier(config, labels, base.moe_impl)
     classifier.embed_tokens, classifier.layers, classifier.norm = base.embed_tokens, base.layers, base.norm
     classifier.rotary = base.rotary
     classifier.score = new_score(base.config, len(labels), base.embed_tokens.weight.device)
@@ -39,11 +39,6 @@ def new_score(config, num_labels: int, device: torch.device) -> nn.Linear:
     score = nn.Linear(config.hidden_size, num_labels, bias=False, device=device)
     nn.init.normal_(score.weight, std=config.initializer_range)
     return score
-
-
-def _moe_impl(model: Transformer) -> str:
-    moe = model.moe_layers()
-    return moe[0].impl if moe else "auto"
 
 
 def lengths_of(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:

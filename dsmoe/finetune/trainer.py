@@ -342,9 +342,8 @@ def redraw_new_weights(model: torch.nn.Module, seed: int, device: torch.device, 
         drawn.append(_keep_slice(model.score.weight, new_score(model.config, len(model.labels), device).weight))
     for _, delta in lora_factors(model):
         drawn += [_keep_slice(getattr(delta, name), full) for name, full in delta.new_factors(device).items()]
-    moes = model.moe_layers()
     for depth in sorted({int(n.split(".")[1]) for n in names if n.startswith("mtp.")}):
-        fresh = new_mtp_module(model.config, depth, moes[0].impl if moes else "auto", device, dtype)
+        fresh = new_mtp_module(model.config, depth, model.moe_impl, device, dtype)
         drawn += [_keep_slice(p, full) for p, full in zip(model.mtp[depth].parameters(), fresh.parameters())]
     params = dict(model.named_parameters())
     undrawn = [n for n in names if not any(params[n] is p for p in drawn)]

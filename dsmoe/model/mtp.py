@@ -116,9 +116,7 @@ def set_mtp_depth(model, count: int) -> list[int]:
     if count <= have:
         del model.mtp[count:]
         return []
-    moes = model.moe_layers()
-    impl = moes[0].impl if moes else "auto"
     weight = model.embed_tokens.weight
     for depth in range(have, count):
-        model.mtp.append(new_mtp_module(model.config, depth, impl, weight.device, weight.dtype))
+        model.mtp.append(new_mtp_module(model.config, depth, model.moe_impl, weight.device, weight.dtype))
     return list(range(have, count))

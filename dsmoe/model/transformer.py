@@ -141,7 +141,15 @@ class Transformer(nn.Module):
         for moe in self.moe_layers():
             moe.aux_loss_scale = scale
 
-    def set_moe_impl(self, impl: str) -> None:
+    @property
+    def moe_impl(self) -> str:
+        """The routed experts' implementation the MoE layers ask for ("auto" for a model without any), what a
+        module added to this model (MTP depth, classifier, surgery's copy) should ask for too."""
+        moes = self.moe_layers()
+        return moes[0].impl if moes else "auto"
+
+    @moe_impl.setter
+    def moe_impl(self, impl: str) -> None:
         for moe in self.moe_layers():
             moe.impl = impl
 

@@ -23,7 +23,7 @@ class SurgeryError(UserError):
 def rebuild(config: ModelConfig, state: dict[str, torch.Tensor], like: Transformer) -> Transformer:
     """A model of `config` holding `state` (every key present), on the device and dtype of `like`."""
     with torch.device("meta"):
-        model = Transformer(config, moe_impl=_impl_of(like))
+        model = Transformer(config, moe_impl=like.moe_impl)
     model.to_empty(device=next(like.parameters()).device)
     model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in model.state_dict() if k not in state]  # the statistics buffers are not persistent
@@ -31,11 +31,6 @@ def rebuild(config: ModelConfig, state: dict[str, torch.Tensor], like: Transform
         raise RuntimeError(f"surgery left weights unset: {missing[:3]}")  # a bug here, never the user's input
     model.init_buffers()
     return model
-
-
-def _impl_of(model: Transformer) -> str:
-    moes = model.moe_layers()
-    return moes[0].impl if moes else "auto"
 
 
 def moe_prefixes(model: Transformer) -> list[str]:
