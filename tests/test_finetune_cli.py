@@ -55,6 +55,11 @@ def test_classify_lora_writes_a_peft_adapter_and_merge_writes_a_classifier(base,
     assert config["id2label"] == {"0": "ham", "1": "spam"}
     assert "score.weight" in load_file(out / "model.safetensors")
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    from dsmoe import load_pretrained
+    from dsmoe.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="classifier adapter"):  # its labels are not in the adapter
+        load_pretrained(out / "adapter")
 
 
 def test_sft_resume_is_exact_and_the_router_bias_moves_unless_frozen(base, chats, tmp_path, capsys):
@@ -74,6 +79,13 @@ def test_sft_resume_is_exact_and_the_router_bias_moves_unless_frozen(base, chats
     start = load_file(base / "model.safetensors")
     bias = [k for k in whole if k.endswith("e_score_correction_bias")]
     assert bias and any(not torch.equal(whole[k], start[k]) for k in bias)  # aux-free updates carried over
+    # the adapter folder itself loads as the merged model: base + folded factors + trained routers and biases
+    from dsmoe import load_pretrained
+
+    from_adapter = load_pretrained(tmp_path / "whole" / "adapter").state_dict()
+    assert from_adapter.keys() == load_pretrained(tmp_path / "whole").state_dict().keys()
+    for key, value in load_pretrained(tmp_path / "whole").state_dict().items():
+        assert torch.equal(from_adapter[key], value), key
 
     assert main([*args, *lora, "--out", str(tmp_path / "frozen"), "--freeze", "router"]) == 0
     frozen = load_file(tmp_path / "frozen" / "model.safetensors")

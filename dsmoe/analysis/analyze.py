@@ -133,8 +133,6 @@ def run(args: argparse.Namespace) -> int:
     from dsmoe.devices import resolve_device
 
     path = Path(args.model)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} holds no config.json: pass a run folder or a Hugging Face checkpoint folder")
     if args.tokens < 2 or args.seq_len < 1 or args.batch_size < 1 or args.random_draws < 1:
         raise UserError("--tokens must be at least 2 and --seq-len, --batch-size, --random-draws at least 1")
     device = resolve_device(args.device)

@@ -74,7 +74,14 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     checkpoint loaded with "fp8" keeps its own codes and scales. Every key, dtype and shape is checked against
     config.json on the meta device first, so a broken folder fails with a CheckpointError before any memory is
     allocated.
+
+    A folder with a LoRA adapter in place of config.json (`dsmoe finetune --lora-rank R` without --merge, or PEFT)
+    loads as its base with the adapter folded in (`peft_adapter.load_merged`).
     """
+    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+        from dsmoe.checkpoint.peft_adapter import load_merged  # it builds on this module
+
+        return load_merged(Path(path), dtype, device, moe_impl, quantize)
     model, weights = build_pretrained(path, dtype, moe_impl, quantize)
     model.to_empty(device=device or "cpu")
     weights.fill(model)

@@ -26,9 +26,9 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from dsmoe.atomic import atomic_write, atomic_write_text
-from dsmoe.checkpoint.hf import CheckpointError
+from dsmoe.checkpoint.hf import CheckpointError, load_pretrained
 from dsmoe.checkpoint.ranks import barrier, expected_two_step_gathers, rank
-from dsmoe.finetune.lora import LoRASpec, apply_lora, lora_factors
+from dsmoe.finetune.lora import LoRASpec, apply_lora, lora_factors, merge_lora
 from dsmoe.json_files import read_json
 
 PREFIX = "base_model.model."
@@ -150,3 +150,33 @@ def load_adapter(model: torch.nn.Module, folder: str | os.PathLike) -> dict[str,
                 raise CheckpointError(f"{folder}: {key} matches no layer of this model: it is an adapter for "
                                       f"another model ({base}); pass the base model it was trained on")
     return extra
+
+
+def load_merged(folder: Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                moe_impl: str = "auto", quantize: str | None = None) -> torch.nn.Module:
+    """A language-model adapter folder as a plain model, for generation, chat, serving and evaluation: its base
+    (`base_model_name_or_path`, a folder on this machine) with the factors folded into the weights, as
+    `dsmoe finetune --merge` does, and the adapter's fully trained tensors (routers) in place; quantized last."""
+    config = read_adapter_config(folder)
+    if config.get("task_type") == "SEQ_CLS":
+        raise CheckpointError(f"{folder} is a classifier adapter: it does not hold the label names a classifier "
+                              "needs; fine-tune with --merge for a classifier folder dsmoe and transformers load")
+    base = config.get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise CheckpointError(f"{folder}: its base model {base!r} is not a model folder on this machine; put the "
+                              f"base there or set base_model_name_or_path in {CONFIG_NAME}")
+    model = load_pretrained(base, dtype=dtype, device=device, moe_impl=moe_impl)
+    extra = load_adapter(model, folder)
+    merge_lora(model)
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with torch.no_grad():
+        for name, tensor in extra.items():
+            if name not in tensors or tensors[name].shape != tensor.shape:
+                raise CheckpointError(f"{folder}: {name} does not fit the base model {base}: it is an adapter for "
+                                      "another model; pass the base it was trained on")
+            tensors[name].copy_(tensor)
+    if quantize:
+        from dsmoe.model.quantized import quantize_model
+
+        quantize_model(model, quantize)
+    return model

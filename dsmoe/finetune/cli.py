@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dsmoe.distributed import flags as parallel_flags
 from dsmoe.errors import UserError
-from dsmoe.train.cli import _add_field, explicit_config_values, start_runtime
+from dsmoe.train.cli import _add_field, explicit_config_values, run_status, start_runtime
 from dsmoe.train.config import TrainConfig
 
 # pretraining-only fields: the base decides the model and tokenizer; --data is finetune's own flag
@@ -120,9 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict, ft, out: Path) -> None:
-    status = "done" if summary["steps"] >= summary["total_steps"] else \
-        f"stopped at step {summary['steps']} of {summary['total_steps']} (continue with --resume {out})"
-    speed = f", last {summary['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in summary else ""
+    status, speed = run_status(summary, out)
     print(f"{status}: {summary['steps']} steps in {summary['elapsed_s']:.0f}s{speed} (real tokens, padding excluded)")
     if "accuracy" in summary:
         print(f"eval: accuracy {summary['accuracy']:.4f} | macro-F1 {summary['macro_f1']:.4f} | majority class "

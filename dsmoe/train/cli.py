@@ -163,10 +163,16 @@ def start_runtime(args: argparse.Namespace, device: str, command: str, sharded_i
     return rt
 
 
-def _print_summary(summary: dict, out: Path) -> None:
+def run_status(summary: dict, out: Path) -> tuple[str, str]:
+    """How a run ended ("done", or where it stopped and how to go on) and its last speed, for the final line."""
     status = "done" if summary["steps"] >= summary["total_steps"] else \
         f"stopped at step {summary['steps']} of {summary['total_steps']} (continue with --resume {out})"
     speed = f", last {summary['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in summary else ""
+    return status, speed
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    status, speed = run_status(summary, out)
     speed += f" (MFU {summary['mfu']:.1%})" if "mfu" in summary else ""
     print(f"{status}: {summary['tokens']:,} tokens in {summary['elapsed_s']:.0f}s{speed}, "
           f"{summary['skipped_steps']} skipped steps")
