@@ -215,17 +215,40 @@ def test_metrics_move_as_requests_run_and_complete(server, local):
     assert after["dsmoe:num_requests_running"] == 0 and after["dsmoe:num_requests_waiting"] == 0
 
 
-def test_a_server_with_prompt_lookup_answers_as_plain_decoding_and_counts_drafts(model_dir, serve, tmp_path, server):
+@pytest.fixture(scope="module")
+def spec_server(model_dir, serve, tmp_path_factory):
+    with serve(model_dir, tmp_path_factory.mktemp("spec") / "spec.log", "--speculative", "ngram",
+               "--prompt-lookup-min", "1") as s:
+        yield s
+
+
+def test_a_server_with_prompt_lookup_answers_as_plain_decoding_and_counts_drafts(spec_server, server):
     """`dsmoe serve --speculative ngram`: greedy completions equal the plain server's; /metrics counts the drafts
     verified and kept (vLLM's spec_decode counters), in total and per draft position."""
     prompt = "def f(x):\n    return x\ndef f(x):\n"
     request = {"model": "tiny", "prompt": prompt, "max_tokens": 48, "temperature": 0, "ignore_eos": True}
     plain = httpx.post(server.url + "/v1/completions", json=request, timeout=60).json()["choices"][0]["text"]
-    with serve(model_dir, tmp_path / "spec.log", "--speculative", "ngram", "--prompt-lookup-min", "1") as spec:
-        http = httpx.Client(base_url=spec.url, timeout=60)
-        assert http.post("/v1/completions", json=request).json()["choices"][0]["text"] == plain
-        after = scrape(spec)
-        assert 0 < after["dsmoe:spec_decode_num_accepted_tokens_total"] <= after[
-            "dsmoe:spec_decode_num_draft_tokens_total"]
-        per_position = [after[f"dsmoe:spec_decode_num_accepted_tokens_per_pos_total{{{j}}}"] for j in range(4)]
-        assert sum(per_position) == after["dsmoe:spec_decode_num_accepted_tokens_total"]
+    http = httpx.Client(base_url=spec_server.url, timeout=60)
+    assert http.post("/v1/completions", json=request).json()["choices"][0]["text"] == plain
+    after = scrape(spec_server)
+    assert 0 < after["dsmoe:spec_decode_num_accepted_tokens_total"] <= after[
+        "dsmoe:spec_decode_num_draft_tokens_total"]
+    per_position = [after[f"dsmoe:spec_decode_num_accepted_tokens_per_pos_total{{{j}}}"] for j in range(4)]
+    assert sum(per_position) == after["dsmoe:spec_decode_num_accepted_tokens_total"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("path,fields,param", [
+    ("/v1/completions", {"prompt": "def ", "logprobs": 1}, "logprobs"),
+    ("/v1/completions", {"prompt": ["def ", "x"], "repetition_penalty": 1.2}, "repetition_penalty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+], ids=["logprobs", "repetition_penalty", "chat_logprobs"])
+def test_a_speculative_server_refuses_what_it_cannot_run_before_answering(spec_server, path, fields, param, stream):
+    """What the engine cannot do with speculative decoding is a 400 naming the parameter, decided before any
+    header (never a 200 whose stream then carries the error), and not an unhandled exception in the log."""
+    r = httpx.post(spec_server.url + path, json={"model": "tiny", "max_tokens": 4, "stream": stream, **fields},
+                   timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and "--speculative" in r.json()["error"]["message"]
+    assert spec_server.wait_idle(timeout=5)["in_flight"] == 0
+    assert "Traceback" not in spec_server.log.read_text()

@@ -77,11 +77,16 @@ class AsyncEngine:
         self.in_flight += places
         return Admission(self, places)
 
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raises UserError (RequestError naming the parameter where one is at fault) for a request the engine
+        cannot run. `generate` checks too, but only once iterated: a server calls this before admitting."""
+        self.engine.validate(prompt_ids, params)
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
         """Outputs of one request until it finishes (admission, if wanted, is the caller's: `admit`). Raises
         UserError (bad request: checked before anything is queued) or EngineFailed. Closing the iterator
         early cancels the request."""
-        self.engine.validate(prompt_ids, params)
+        self.validate(prompt_ids, params)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         rid = uuid.uuid4().hex

@@ -29,7 +29,7 @@ from collections import deque
 
 import torch
 
-from dsmoe.errors import UserError
+from dsmoe.errors import RequestError, UserError
 from dsmoe.infer.cache import KVCache
 from dsmoe.infer.records import Launched, Request, SlotState, StepOutput
 from dsmoe.infer.runner import DecodeRunner
@@ -114,15 +114,18 @@ class Engine:
     def _validate_speculative(self, params: SamplingParams) -> None:
         if self.spec is None:
             if params.speculative:
-                raise UserError("this request asks for speculative decoding but the engine runs without it: "
-                                "start it with --speculative mtp or ngram")
+                raise RequestError("this request asks for speculative decoding but the engine runs without it: "
+                                   "start it with --speculative mtp or ngram", param="speculative")
             return
         if params.num_speculative_tokens is not None and params.num_speculative_tokens > self.spec.N:
-            raise UserError(f"num_speculative_tokens={params.num_speculative_tokens} is more than the engine's "
-                            f"{self.spec.N} (--num-speculative-tokens)")
-        if params.logprobs is not None or params.repetition_penalty != 1:
-            raise UserError("logprobs and repetition_penalty are not available from an engine running speculative "
-                            "decoding: drop them, or use an engine (server) started without --speculative")
+            raise RequestError(f"num_speculative_tokens={params.num_speculative_tokens} is more than the engine's "
+                               f"{self.spec.N} (--num-speculative-tokens)", param="num_speculative_tokens")
+        refused = "logprobs" if params.logprobs is not None else (
+            "repetition_penalty" if params.repetition_penalty != 1 else None)
+        if refused:
+            raise RequestError("logprobs and repetition_penalty are not available from an engine running speculative "
+                               "decoding: drop them, or use an engine (server) started without --speculative",
+                               param=refused)
 
     def speculation_stats(self) -> dict | None:
         """Drafts verified and kept per draft position since the engine started (None without speculation)."""

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsmoe.data.tokenizer import Tokenizer
+from dsmoe.errors import UserError
 from dsmoe.infer.async_engine import Admission, AsyncEngine, Overloaded
 from dsmoe.serve.metrics import ServerMetrics
 from dsmoe.serve.protocol import APIError, BodyLimits, as_api_error
@@ -44,6 +45,14 @@ class ServerState:
             return self.engine.admit(places)
         except Overloaded as e:
             self.metrics.rejected.inc()
+            raise as_api_error(e) from None
+
+    def validate(self, prompt_ids: list[int], params) -> None:
+        """The engine's own checks of one prompt's request (say, no logprobs under --speculative), made before
+        admission so that what it cannot run is a 400 before any header, never a 200 that fails later."""
+        try:
+            self.engine.validate(prompt_ids, params)
+        except UserError as e:
             raise as_api_error(e) from None
 
     @property

@@ -49,6 +49,7 @@ async def chat_completions(request: Request, state) -> Response:
     params = sampling_params(req, max_tokens=max_tokens, prompt_len=len(prompt_ids),
                              max_model_len=state.max_model_len, vocab_size=state.vocab_size,
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+    state.validate(prompt_ids, params)
     choice = run_choice(state.engine, tokenizer, prompt_ids, params, stops, state.metrics)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
     admission = state.admit(1)  # nothing that can fail between here and the response taking it over

@@ -100,6 +100,8 @@ async def completions(request: Request, state) -> Response:
     params = [sampling_params(req, max_tokens=max_tokens, prompt_len=len(ids), max_model_len=state.max_model_len,
                               vocab_size=state.vocab_size, logprobs=req.logprobs, prompt_logprobs=echo_logprobs)
               for ids, _ in inputs]
+    for (ids, _), p in zip(inputs, params):
+        state.validate(ids, p)
     echo_texts = [(text if text is not None else state.tokenizer.decode(ids)) if req.echo else ""
                   for ids, text in inputs]
     streams = [run_choice(state.engine, state.tokenizer, ids, p, stops, state.metrics)

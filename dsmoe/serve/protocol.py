@@ -52,7 +52,7 @@ def as_api_error(e: Exception) -> APIError:
     if isinstance(e, APIError):
         return e
     if isinstance(e, UserError):
-        return APIError(400, str(e))
+        return APIError(400, str(e), param=getattr(e, "param", None))
     if isinstance(e, Overloaded):
         return APIError(429, f"the server is busy ({e}); retry later", code="overloaded",
                         headers={"Retry-After": "1"})
