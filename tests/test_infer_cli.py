@@ -52,6 +52,14 @@ def test_generate_user_errors(tmp_path, model_dir, capsys):
     assert "max_position_embeddings" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_max_model_len_below_one_is_one_clear_error(command, value, model_dir, capsys):
+    extra = ["--prompt", "x"] if command == "generate" else []
+    assert main([command, str(model_dir), *extra, "--max-model-len", value]) == 2
+    assert "--max-model-len must be >= 1" in capsys.readouterr().err
+
+
 def replies_in(out: str) -> list[str]:
     """The REPL's replies, whole: a reply may hold newlines; the REPL's own notices follow it on their lines."""
     replies = []

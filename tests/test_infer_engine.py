@@ -243,6 +243,9 @@ def test_bad_requests_are_user_errors(model):
         engine.add_request([5] * 7, GREEDY)
     with pytest.raises(UserError, match="max_position_embeddings"):
         Engine(model, max_model_len=10_000)
+    for bad in (0, -5):  # 0 is not "the default"
+        with pytest.raises(UserError, match="max_model_len must be >= 1"):
+            Engine(model, max_model_len=bad)
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dsmoe.infer.loading import (add_model_arguments, add_sampling_arguments, eos_ids, load_for_inference,
-                                 speculative_options)
+from dsmoe.infer.loading import (add_model_arguments, add_sampling_arguments, check_at_least_one, eos_ids,
+                                 load_for_inference, speculative_options)
 
 HELP = "/reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply"
 
@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dsmoe.infer.engine import Engine
 
+    check_at_least_one(args, ("max_model_len",))
     model, tokenizer, _ = load_for_inference(args)
     engine = Engine(model, max_batch=1, max_model_len=args.max_model_len, eos_token_ids=eos_ids(model, tokenizer),
                     cuda_graphs=not args.no_cuda_graphs, compile=args.compile, **speculative_options(args))

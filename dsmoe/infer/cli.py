@@ -7,8 +7,8 @@ import sys
 import time
 
 from dsmoe.errors import UserError
-from dsmoe.infer.loading import (add_model_arguments, add_sampling_arguments, eos_ids, load_for_inference,
-                                 speculative_options)
+from dsmoe.infer.loading import (add_model_arguments, add_sampling_arguments, check_at_least_one, eos_ids,
+                                 load_for_inference, speculative_options)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,13 +25,14 @@ def run(args: argparse.Namespace) -> int:
     from dsmoe.infer.sampling import SamplingParams
     from dsmoe.infer.text import stream_text
 
+    check_at_least_one(args, ("max_model_len",))
     model, tokenizer, _ = load_for_inference(args)
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise UserError("the prompt encodes to no tokens; give some text")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    max_len = args.max_model_len or len(prompt_ids) + args.max_new_tokens
+    max_len = len(prompt_ids) + args.max_new_tokens if args.max_model_len is None else args.max_model_len
     engine = Engine(model, max_batch=1, max_model_len=max_len, eos_token_ids=eos_ids(model, tokenizer),
                     cuda_graphs=not args.no_cuda_graphs, compile=args.compile, **speculative_options(args))
     start = time.perf_counter()

@@ -54,12 +54,14 @@ class Engine:
         self.device = next(model.parameters()).device
         self.vocab_size = config.vocab_size
         self.max_batch = max_batch
-        self.max_model_len = max_model_len or min(config.max_position_embeddings, 4096)
+        if prefill_chunk < 1 or max_batch < 1:
+            raise UserError("max_batch and prefill_chunk must be >= 1")
+        if max_model_len is not None and not max_model_len >= 1:
+            raise UserError(f"max_model_len must be >= 1 (--max-model-len), got {max_model_len}")
+        self.max_model_len = min(config.max_position_embeddings, 4096) if max_model_len is None else max_model_len
         if self.max_model_len > config.max_position_embeddings:
             raise UserError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
                             f"{config.max_position_embeddings}; pass a smaller one")
-        if prefill_chunk < 1 or max_batch < 1:
-            raise UserError("max_batch and prefill_chunk must be >= 1")
         self.prefill_chunk = prefill_chunk
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids if t is not None)
         self.cache_dtype = dtype = model.embed_tokens.weight.dtype

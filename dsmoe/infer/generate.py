@@ -19,7 +19,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams | list[Samp
     if not prompts:
         return []
     longest = max(len(p) + sp.max_new_tokens for p, sp in zip(prompts, per_prompt))
-    engine = Engine(model, max_batch=max_batch or len(prompts), max_model_len=max_model_len or longest,
+    engine = Engine(model, max_batch=len(prompts) if max_batch is None else max_batch,
+                    max_model_len=longest if max_model_len is None else max_model_len,
                     prefill_chunk=prefill_chunk, eos_token_ids=eos_token_ids, cuda_graphs=cuda_graphs,
                     overlap=overlap, speculative=speculative, num_speculative_tokens=num_speculative_tokens)
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts, per_prompt)]

@@ -40,6 +40,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-lookup-max", type=int, default=4, help="longest n-gram --speculative ngram matches")
 
 
+def check_at_least_one(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """Numeric flags that must be >= 1, checked before a model loads; an optional flag left unset (None) keeps
+    its default."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value >= 1:  # `not >=` also refuses nan
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["fp8", "int8"], default=None,
                         help="weight-only low precision: fp8 (e4m3, 128x128 block scales; a V3 FP8 checkpoint keeps "

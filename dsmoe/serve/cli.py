@@ -44,16 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsmoe.errors import UserError
     from dsmoe.infer.async_engine import AsyncEngine
     from dsmoe.infer.engine import Engine
-    from dsmoe.infer.loading import eos_ids, load_for_inference, speculative_options
+    from dsmoe.infer.loading import check_at_least_one, eos_ids, load_for_inference, speculative_options
     from dsmoe.serve.app import ServerState, create_app
     from dsmoe.serve.protocol import BodyLimits
 
-    for name in ("max_batch", "max_queue", "prefill_chunk", "max_body_bytes", "header_timeout", "body_timeout"):
-        if not getattr(args, name) >= 1:  # `not >=` also refuses nan
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    check_at_least_one(args, ("max_batch", "max_queue", "prefill_chunk", "max_model_len", "max_body_bytes",
+                              "header_timeout", "body_timeout"))
     model, tokenizer, _ = load_for_inference(args)
     eos = eos_ids(model, tokenizer)
     engine = Engine(model, max_batch=args.max_batch, max_model_len=args.max_model_len,
