@@ -65,6 +65,16 @@ def test_full_queue_answers_429(server):
     server.wait_idle()
 
 
+def test_more_prompts_than_can_ever_be_admitted_is_a_400_naming_the_limit(server):
+    """4 prompts at once never fit 2 slots + 1 queue place: retrying (429) would never help."""
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": ["a", "b", "c", "d"],
+                                                         "max_tokens": 1}, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "prompt" and "at most 3" in error["message"] and "--max-queue" in error["message"]
+    assert server.stats()["in_flight"] == 0
+
+
 def test_sigterm_drains_requests_in_flight_and_exits(server):
     request = {**LONG, "max_tokens": 60, "stream_options": {"include_usage": True}}
     with httpx.Client(base_url=server.url, timeout=60) as http, http.stream("POST", "/v1/completions",

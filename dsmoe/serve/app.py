@@ -40,7 +40,14 @@ class ServerState:
         self.metrics = ServerMetrics(self.engine, self.model_name)
 
     def admit(self, places: int) -> Admission:
-        """Places for a request's prompts, taken before any response header is sent (429 past the limit)."""
+        """Places for a request's prompts, taken before any response header is sent (429 past the limit; 400
+        for more prompts than the limit itself, which no retry would get admitted)."""
+        limit, running = self.engine.max_in_flight, self.engine.engine.max_batch
+        if places > limit:
+            raise APIError(400, f"this request has {places} prompts but at most {limit} can be admitted at once "
+                                f"(--max-batch {running} running + --max-queue {limit - running} waiting): send at "
+                                f"most {limit} prompts per request, or start the server with a larger --max-queue",
+                           param="prompt")
         try:
             return self.engine.admit(places)
         except Overloaded as e:
