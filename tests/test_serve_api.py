@@ -215,6 +215,24 @@ def test_metrics_move_as_requests_run_and_complete(server, local):
     assert after["dsmoe:num_requests_running"] == 0 and after["dsmoe:num_requests_waiting"] == 0
 
 
+def test_metrics_count_the_prompt_tokens_of_scoring_requests(server, local):
+    """lm-eval's scoring requests (echo + logprobs, max_tokens 0) prefill prompts and generate nothing: their prompt
+    tokens count, and they have no first token to time."""
+    prompts = ["def f(x):", "import torch"]
+    prompt_tokens = sum(len(local[1].encode(p)) for p in prompts)
+    server.wait_idle()
+    before = scrape(server)
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": prompts, "max_tokens": 0,
+                                                         "echo": True, "logprobs": 1}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 0
+    after = scrape(server)
+    delta = {name: after[name] - before.get(name, 0.0) for name in after}
+    assert delta["dsmoe:prompt_tokens_total"] == prompt_tokens
+    assert delta["dsmoe:generation_tokens_total"] == 0
+    assert delta["dsmoe:time_to_first_token_seconds_count"] == 0
+    assert delta["dsmoe:e2e_request_latency_seconds_count"] == 2
+
+
 @pytest.fixture(scope="module")
 def spec_server(model_dir, serve, tmp_path_factory):
     with serve(model_dir, tmp_path_factory.mktemp("spec") / "spec.log", "--speculative", "ngram",

@@ -75,15 +75,20 @@ class RequestTimer:
     def __init__(self, metrics: ServerMetrics, prompt_tokens: int):
         self.metrics, self.prompt_tokens = metrics, prompt_tokens
         self.start = self.last = time.perf_counter()
+        self.prefilled = False
         self.first = True
 
     def tokens(self, n: int) -> None:
+        """An output of the request carrying n new tokens (none for a scoring request, max_tokens 0)."""
+        m = self.metrics
+        if not self.prefilled:  # the first output comes once the prompt is in the cache, tokens or not (as vLLM)
+            m.prompt_tokens.inc(self.prompt_tokens)
+            self.prefilled = True
         if n == 0:
-            return
-        now, m = time.perf_counter(), self.metrics
+            return  # a request that generates nothing has no first token to time
+        now = time.perf_counter()
         if self.first:
             m.ttft.observe(now - self.start)
-            m.prompt_tokens.inc(self.prompt_tokens)
             self.first = False
         else:
             m.tpot.observe((now - self.last) / n)
