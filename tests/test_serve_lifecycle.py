@@ -1,13 +1,21 @@
 """Server lifecycle: a client that disconnects frees its slot, a full queue answers 429, SIGTERM drains the
 requests in flight and exits 0."""
 
+import asyncio
 import json
 import signal
 import time
 from contextlib import ExitStack
+from types import SimpleNamespace
 
 import httpx
 import pytest
+from starlette.requests import ClientDisconnect
+
+from dsmoe.infer.async_engine import Admission
+from dsmoe.serve import chat, completions
+from dsmoe.serve.generation import AdmittedStream, Delta
+from dsmoe.serve.protocol import ChatRequest, CompletionRequest
 
 # 500 decode steps of the tiny model take about a second or more on a CPU: long enough to act mid-way
 LONG = {"model": "tiny", "prompt": "def ", "max_tokens": 500, "temperature": 0, "ignore_eos": True, "stream": True}
@@ -43,6 +51,59 @@ def test_streaming_client_disconnect_cancels_its_request(server):
     wait_for(lambda: server.stats()["cancelled"] == before + 1)
     stats = server.wait_idle(timeout=5)
     assert stats["running"] == 0
+
+
+def test_streaming_client_disconnect_cancels_every_prompt_of_its_request(server):
+    before = server.stats()["cancelled"]
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json={**LONG, "prompt": ["def ", "class "]}) as r:
+            lines = data_lines(r)
+            next(lines), next(lines), next(lines)
+            assert server.stats()["running"] == 2
+    wait_for(lambda: server.stats()["cancelled"] == before + 2)
+    assert server.wait_idle(timeout=5)["running"] == 0
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_a_response_cut_off_while_sending_closes_its_choices_before_it_returns(endpoint):
+    """A client gone while a chunk is being sent (the body suspended at a `yield`, not waiting for a token): the
+    response closes its body, and with it every prompt's generation (which cancels the engine request), before it
+    returns, rather than whenever garbage collection gets to the generators."""
+    closed = []
+
+    async def choice(i: int):
+        try:
+            while True:
+                yield Delta("x", [1], [], 0, None, None)
+                await asyncio.sleep(0)
+        finally:
+            closed.append(i)
+
+    if endpoint == "completions":
+        req = CompletionRequest.model_validate({"prompt": ["a", "b"]})
+        body = completions._stream({}, [choice(0), choice(1)], [([1], None)] * 2, ["", ""], req, None, 2, False)
+    else:
+        req = ChatRequest.model_validate({"messages": [{"role": "user", "content": "a"}]})
+        body = chat._stream({}, choice(0), None, False, 1, False)
+    engine = SimpleNamespace(in_flight=2)
+    response = AdmittedStream(body, Admission(engine, 2))
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+        if len(sent) == 4:
+            raise OSError("connection reset")  # uvicorn (ASGI 2.4) raising from a send to a closed connection
+
+    async def receive():
+        await asyncio.sleep(60)
+
+    async def cut_off():
+        with pytest.raises(ClientDisconnect):
+            await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
+        return sorted(closed)
+
+    assert asyncio.run(cut_off()) == ([0, 1] if endpoint == "completions" else [0])
+    assert engine.in_flight == 0
 
 
 def test_non_streaming_client_disconnect_cancels_its_request(server):

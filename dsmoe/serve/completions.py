@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import aclosing
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -134,15 +135,16 @@ async def _collect(streams, inputs, echo_texts, req: CompletionRequest, tokenize
     finish = [None] * len(streams)
     counts = [0] * len(streams)
     logprobs = [LegacyLogprobs(tokenizer) if req.logprobs is not None else None for _ in streams]
-    async for i, delta in merge(streams):
-        lp = logprobs[i]
-        if lp is not None:
-            if delta.prompt_logprobs is not None and req.echo:
-                lp.add_prompt(inputs[i][0], delta.prompt_logprobs)
-            lp.add_generated(delta, len(echo_texts[i]))
-        texts[i] += delta.text
-        counts[i] += len(delta.token_ids)
-        finish[i] = delta.finish_reason or finish[i]
+    async with aclosing(merge(streams)) as deltas:  # closing it cancels every prompt's request
+        async for i, delta in deltas:
+            lp = logprobs[i]
+            if lp is not None:
+                if delta.prompt_logprobs is not None and req.echo:
+                    lp.add_prompt(inputs[i][0], delta.prompt_logprobs)
+                lp.add_generated(delta, len(echo_texts[i]))
+            texts[i] += delta.text
+            counts[i] += len(delta.token_ids)
+            finish[i] = delta.finish_reason or finish[i]
     return [{"index": i, "text": texts[i], "logprobs": None if logprobs[i] is None else logprobs[i].as_dict(),
              "finish_reason": finish[i], "_tokens": counts[i]} for i in range(len(streams))]
 
@@ -151,19 +153,20 @@ async def _stream(head, streams, inputs, echo_texts, req: CompletionRequest, tok
                   prompt_tokens: int, include_usage: bool):
     started = [False] * len(streams)
     completion_tokens = 0
-    async for i, delta in merge(streams):
-        text, lp = delta.text, None
-        if req.logprobs is not None:
-            lp = LegacyLogprobs(tokenizer)
-            if not started[i] and req.echo and delta.prompt_logprobs is not None:
-                lp.add_prompt(inputs[i][0], delta.prompt_logprobs)
-            lp.add_generated(delta, len(echo_texts[i]))
-            lp = lp.as_dict()
-        if not started[i]:
-            text = echo_texts[i] + text
-            started[i] = True
-        completion_tokens += len(delta.token_ids)
-        yield sse({**head, "choices": [{"index": i, "text": text, "logprobs": lp,
-                                        "finish_reason": delta.finish_reason}]})
+    async with aclosing(merge(streams)) as deltas:  # closing the response body cancels every prompt's request
+        async for i, delta in deltas:
+            text, lp = delta.text, None
+            if req.logprobs is not None:
+                lp = LegacyLogprobs(tokenizer)
+                if not started[i] and req.echo and delta.prompt_logprobs is not None:
+                    lp.add_prompt(inputs[i][0], delta.prompt_logprobs)
+                lp.add_generated(delta, len(echo_texts[i]))
+                lp = lp.as_dict()
+            if not started[i]:
+                text = echo_texts[i] + text
+                started[i] = True
+            completion_tokens += len(delta.token_ids)
+            yield sse({**head, "choices": [{"index": i, "text": text, "logprobs": lp,
+                                            "finish_reason": delta.finish_reason}]})
     if include_usage:
         yield sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})

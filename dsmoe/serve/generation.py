@@ -115,7 +115,9 @@ async def event_stream(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
 
 class AdmittedStream(StreamingResponse):
     """An SSE response holding its requests' admission until the response has ended, however it ends (the
-    last byte sent, the client gone, or the body never started)."""
+    last byte sent, the client gone, or the body never started). It closes its body itself: starlette leaves a
+    body cut off mid-send (suspended at a `yield`) to garbage collection, and closing it is what cancels the
+    engine requests."""
 
     def __init__(self, chunks: AsyncIterator[str], admission: Admission):
         super().__init__(event_stream(chunks), media_type="text/event-stream")
@@ -125,4 +127,7 @@ class AdmittedStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.admission.release()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                self.admission.release()
