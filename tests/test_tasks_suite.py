@@ -184,6 +184,30 @@ def test_classifier_head_through_the_cli_and_label_mismatch_refused(classifier_d
     assert not (tmp_path / "rt").exists()
 
 
+def test_classifier_head_reads_the_text_as_fine_tuning_fed_it(classifier_dir, tmp_path, capsys):
+    """The head learned from BOS + the raw text (dsmoe finetune --task classify); evaluating it on the task's
+    prompt template instead ("Message: ...\nSpam or ham:") scored the wrong last token: near the majority class."""
+    from dsmoe.checkpoint.hf import load_pretrained
+    from dsmoe.finetune.data import encode_classify
+
+    path, _ = classifier_dir
+    rows = [{"text": "Free entry in a weekly competition!", "label": "spam"}, {"text": "ok see you", "label": "ham"},
+            {"text": "Call me when you get home, I am at the station", "label": "ham"}]
+    data = tmp_path / "spam.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["eval", str(path), "--task", "sms_spam", "--data", str(data), "--out", str(tmp_path / "out")]) == 0
+    scored = [json.loads(line)["scores"] for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    model, tok = load_pretrained(path, dtype=torch.float32).eval(), Tokenizer.load(path)
+    trained_on = encode_classify([("row", r) for r in rows], tok, ["ham", "spam"], seq_len=1024)
+    for example, scores in zip(trained_on, scored):
+        with torch.no_grad():
+            expected = model.classify(torch.tensor([example.ids]))[0].log_softmax(-1)
+        assert [scores["ham"], scores["spam"]] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert main(["eval", str(path), "--task", "sms_spam", "--data", str(data), "--shots", "1", "--shots-from",
+                 str(data), "--out", str(tmp_path / "shots")]) == 2
+    assert "drop --shots" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- each task kind end to end
 
 @needs_data

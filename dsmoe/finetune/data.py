@@ -30,6 +30,7 @@ import torch
 
 from dsmoe.errors import UserError
 from dsmoe.infer.chat_template import render_chat
+from dsmoe.model.classifier import classifier_input
 from dsmoe.tasks.specs import BUILTIN
 from dsmoe.train.loss import Batch
 
@@ -178,8 +179,7 @@ def encode_classify(records, tokenizer, labels: list[str], seq_len: int) -> list
         if label not in index:
             raise DataError(f"{where}: label {label!r} is not in the label set of the training data "
                             f"({', '.join(labels)}); fix the label or add training examples for it")
-        ids = [tokenizer.bos_id, *tokenizer.encode(str(r["text"]), add_special_tokens=False)]
-        out.append(Example(ids[:seq_len], index[label]))
+        out.append(Example(classifier_input(tokenizer, r["text"], seq_len), index[label]))
     return out
 
 

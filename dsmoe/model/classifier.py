@@ -40,6 +40,14 @@ class SequenceClassifier(Transformer):
         return self.score(pooled).float()
 
 
+def classifier_input(tokenizer, text: str, max_len: int) -> list[int]:
+    """The tokens a classification head reads for one text: BOS, then the text, its first `max_len` tokens.
+    Fine-tuning trains on these and `dsmoe eval --task` scores with them, so the head sees at evaluation what
+    it learned from (no prompt template around the text)."""
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    return [*bos, *tokenizer.encode(str(text), add_special_tokens=False)][:max_len]
+
+
 def classifier_labels(hf_config: dict) -> list[str] | None:
     """The label names of a classifier's config.json in id order, or None when it is not a classifier."""
     if not any(str(a).endswith("ForSequenceClassification") for a in hf_config.get("architectures") or []):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsmoe.errors import UserError
-from dsmoe.model.classifier import SequenceClassifier
+from dsmoe.model.classifier import SequenceClassifier, classifier_input
 from dsmoe.tasks import metrics
 from dsmoe.tasks.scoring import continuation_request, score_requests
 from dsmoe.tasks.specs import TaskSpec
@@ -125,11 +125,17 @@ def check_head_labels(spec: TaskSpec, head_labels: list[str]) -> None:
 
 @torch.no_grad()
 def classify_with_head(spec: TaskSpec, examples: list[dict], run: TaskRun) -> tuple[list[str], list[list[float]]]:
-    """The fine-tuned head's argmax over its labels, batched by length like the likelihood requests."""
+    """The fine-tuned head's argmax over its labels, batched by length like the likelihood requests. The head
+    reads each example's "text" as `dsmoe finetune --task classify` fed it, not the task's prompt template."""
     model: SequenceClassifier = run.model
     check_head_labels(spec, model.labels)
+    if run.prefix:
+        raise UserError("a classifier head reads the text alone, as it was fine-tuned: drop --shots")
+    if any("text" not in ex for ex in examples):
+        raise UserError(f"a classifier head reads each example's \"text\" field, as `dsmoe finetune --task classify` "
+                        f"did; task {spec.name}'s examples have none: use a task whose examples have it")
     device = next(model.parameters()).device
-    encoded = [_left_truncate(run.tokenizer.encode(run.prefix + spec.render(ex)), run.max_len) for ex in examples]
+    encoded = [classifier_input(run.tokenizer, ex["text"], run.max_len) for ex in examples]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     logits: list[list[float] | None] = [None] * len(encoded)
     for start in range(0, len(order), run.batch_size):
