@@ -8,13 +8,24 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+# Read once, at import (single-threaded then): reading the umask means setting it, which would race with
+# other threads creating files.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+NEW_FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file
 
-def atomic_write(target: Path, write: Callable[[str], None]) -> None:
-    """`write(tmp_path)` fills a temporary file, which then replaces `target`."""
+
+def atomic_write(target: Path, write: Callable[[str], None], mode: int | None = NEW_FILE_MODE) -> None:
+    """`write(tmp_path)` fills a temporary file, which then replaces `target` with `mode` (default: the mode open()
+    gives a new file; None: what `write` left). Some writers create their file private (safetensors >= 0.8
+    writes 0600 through its own temporary file), which would leave model.safetensors unreadable to the other
+    users of a model folder whose config.json they can read."""
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")  # pid: concurrent writers never collide
     try:
         write(str(tmp))
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -26,7 +37,7 @@ def atomic_write_text(target: Path, text: str) -> None:
 
 def atomic_copy(source: Path, target: Path) -> None:
     """A copy of `source` (contents and permission bits) that appears under `target` whole or not at all."""
-    atomic_write(target, lambda tmp: shutil.copy2(source, tmp))
+    atomic_write(target, lambda tmp: shutil.copy2(source, tmp), mode=None)
 
 
 def replace_folder(new: Path, target: Path) -> None:

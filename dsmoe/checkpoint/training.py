@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from dsmoe.atomic import replace_folder
+from dsmoe.atomic import atomic_write, replace_folder
 from dsmoe.checkpoint.ranks import barrier, broadcast_int, distributed, one_process_is_intended, rank, world_size
 from dsmoe.config import ModelConfig
 from dsmoe.errors import CheckpointError
@@ -243,7 +243,7 @@ def _save_rng(file: Path) -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # this rank's device only
         tensors["cuda"] = torch.cuda.get_rng_state()
     file.parent.mkdir(exist_ok=True)
-    save_file(tensors, file, metadata={"host_rng": json.dumps(host)})
+    atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata={"host_rng": json.dumps(host)}))
 
 
 def _restore_rng(file: Path) -> None:
