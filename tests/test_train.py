@@ -154,6 +154,20 @@ def test_abort_waits_for_the_log_interval_and_a_recovered_streak_still_aborts(tm
     assert trainer.step == 4  # read back at the log interval: step 4 (finite) ran before the abort
 
 
+
+def test_the_loss_plot_of_an_evaluation_before_the_first_logged_step_warns_nothing(tmp_path):
+    """--eval-interval below --log-interval plots before any record exists: matplotlib warned "No artists with
+    labels found to put in legend" into the user's terminal."""
+    import warnings
+
+    from dsmoe.train.plots import plot_loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_loss([], tmp_path / "loss.png")
+        plot_loss([{"step": 3, "val_loss": 5.0}], tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])
 def test_lr_schedules(schedule):
     cfg = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule=schedule, decay_fraction=0.2)

@@ -33,7 +33,8 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:  # an evaluation before the first logged step has nothing to label yet
+        ax.legend()
     vio = [r for r in train if r.get("maxvio_mean") is not None]
     if vio:
         ax_vio.plot([r["step"] for r in vio], [r["maxvio_mean"] for r in vio], lw=1, color="C2")
