@@ -102,6 +102,22 @@ def test_sft_resume_is_exact_and_the_router_bias_moves_unless_frozen(base, chats
     assert "written by an older dsmoe" in capsys.readouterr().err
 
 
+def test_start_and_end_lines_read_right(base, spam, tmp_path, capsys):
+    """Full fine-tuning printed "7.14M of 7.1M parameters train" (two precisions: more trained than there are),
+    and the resume of a finished run "done: 2 steps in 0s (real tokens, padding excluded)" with no speed."""
+    import re
+
+    train, _ = spam
+    out = tmp_path / "full"
+    assert main(["finetune", str(base), "--task", "classify", "--data", str(train), "--out", str(out), "--steps",
+                 "2", *FAST]) == 0
+    trained, total = re.search(r"([\d.]+)M of ([\d.]+)M parameters train", capsys.readouterr().out).groups()
+    assert trained == total  # a classifier trains every weight it has
+    assert main(["finetune", "--resume", str(out), "--no-progress"]) == 0
+    done = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("done:"))
+    assert "padding" not in done
+
+
 @pytest.mark.parametrize("case", ["malformed", "no_assistant", "bad_label", "bad_base"])
 def test_bad_input_is_one_clear_error_and_leaves_no_output_folder(base, spam, tmp_path, capsys, case):
     train, _ = spam

@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_summary(summary: dict, ft, out: Path) -> None:
     status, speed = run_status(summary, out)
-    print(f"{status}: {summary['steps']} steps in {summary['elapsed_s']:.0f}s{speed} (real tokens, padding excluded)")
+    speed += " (real tokens, padding excluded)" if speed else ""  # a resumed finished run times no tokens
+    print(f"{status}: {summary['steps']} steps in {summary['elapsed_s']:.0f}s{speed}")
     if "accuracy" in summary:
         print(f"eval: accuracy {summary['accuracy']:.4f} | macro-F1 {summary['macro_f1']:.4f} | majority class "
               f"{summary['majority_accuracy']:.4f} | {summary['examples']} examples")

@@ -299,7 +299,7 @@ class FinetuneTrainer(Trainer):
             f"sequences of <= {cfg.seq_len} tokens"
         return (f"fine-tune {self.ft.base} ({c.model_type}, {c.num_params() / 1e6:.1f}M parameters) for "
                 f"{self.ft.task}: "
-                f"{mode}{frozen}; {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters train\n"
+                f"{mode}{frozen}; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train\n"
                 f"data: {self.data.description}\n"
                 f"plan: {self.total_steps} steps x {self.sequences_per_step} {rows} on {self._placement()} "
                 f"({self._execution()}) -> {self.out}")
