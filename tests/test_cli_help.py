@@ -49,3 +49,29 @@ def test_top_level_help_lists_every_benchmark(capsys):
         main(["--help"])
     listing = " ".join(capsys.readouterr().out.split())
     assert "benchmarks: " + " | ".join(BENCHMARKS) in listing
+
+
+def test_every_flag_says_what_it_does():
+    """`dsmoe bench speculative --help` listed --batch-sizes, --prompt-len, --new-tokens, ... with no word."""
+    import argparse
+    import importlib
+
+    from dsmoe.cli import HelpFormatter
+
+    modules = {name: module for name, (module, _) in SUBCOMMANDS.items() if name != "bench"}
+    modules |= {f"bench {name}": f"dsmoe.bench.{name}" for name in BENCHMARKS}
+    silent = []
+
+    def walk(name, parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    walk(f"{name} {sub_name}", sub)
+            elif action.option_strings and not action.help:
+                silent.append(f"dsmoe {name} {action.option_strings[-1]}")
+
+    for name, module in modules.items():
+        parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+        importlib.import_module(module).add_arguments(parser)
+        walk(name, parser)
+    assert not silent

@@ -31,23 +31,23 @@ from dsmoe.kernels.ops import IMPLS
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presets", default="small,deepseek-v2-lite", help="comma-separated model presets")
-    parser.add_argument("--batch-sizes", default="1,32")
-    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--batch-sizes", default="1,32", help="comma-separated sequences decoded together")
+    parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per sequence (random ids)")
     parser.add_argument("--new-tokens", type=int, default=64,
                         help="tokens per sequence timed for dsmoe (64 + 64 stays in one cache-length bucket)")
     parser.add_argument("--hf-new-tokens", type=int, default=24, help="tokens per sequence for transformers")
     parser.add_argument("--hf-impls", default="eager,grouped_mm",
                         help="transformers experts implementations to time ('' = skip transformers)")
     parser.add_argument("--hf-skip", default="", help="presets on which transformers is not run")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--moe-impl", default="auto", choices=IMPLS)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--moe-impl", default="auto", choices=IMPLS, help="MoE experts implementation")
     parser.add_argument("--variants", default="graphs,compiled,graphs-grouped",
                         help="dsmoe decode steps to time: graphs (CUDA graphs of the eager kernels) or compiled "
                              "(torch.compile, then CUDA graphs), optionally -IMPL to force the MoE implementation "
                              "(e.g. graphs-grouped); a forced IMPL equal to what --moe-impl resolves to is skipped")
     parser.add_argument("--quantize", default="", help="also time the weight-only schemes listed (fp8,int8) with "
                         "each variant, on a quantized copy of the same weights")
-    parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on a GPU")
     parser.add_argument("--profile", action="store_true",
                         help="print where the GPU time of one decode step goes, per kernel and per kind")
     parser.add_argument("--json", default=None, help="write all results to this JSON file")

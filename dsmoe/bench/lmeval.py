@@ -27,9 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=os.environ.get("DSMOE_SHARED_DATA", "../shared/data"),
                         help="folder with rt_polarity_test.jsonl and xquad_en_test.jsonl")
     parser.add_argument("--limit", type=int, default=64, help="documents per request type")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-gen-toks", type=int, default=32)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size of both models")
+    parser.add_argument("--max-gen-toks", type=int, default=32, help="tokens per generate_until request at most")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--json", help="write the numbers to this JSON file")
 
 

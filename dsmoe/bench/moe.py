@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=0.5, help="measuring time per variant (>= 3 steps)")
     parser.add_argument("--no-skew", action="store_true", help="skip the Zipf-skewed routing rows")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (no timing claims)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, inputs and skewed routing")
     parser.add_argument("--json", dest="json_path", default=None, help="also write all results to this file")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="time each variant by replaying its forward+backward captured in a CUDA graph (GPU "

@@ -19,14 +19,14 @@ from dsmoe.bench.decode import Clock, build_transformers, set_experts_implementa
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presets", default="small,deepseek-v2-lite", help="comma-separated model presets")
-    parser.add_argument("--batch-sizes", default="1,8")
-    parser.add_argument("--prompt-len", type=int, default=2048)
+    parser.add_argument("--batch-sizes", default="1,8", help="comma-separated prompts submitted together")
+    parser.add_argument("--prompt-len", type=int, default=2048, help="tokens per prompt (random ids)")
     parser.add_argument("--prefill-chunk", type=int, default=0,
                         help="prompt tokens the engine prefills per step (dsmoe serve's --prefill-chunk, default 512 "
                              "there); 0 = batch x --prompt-len, every prompt in one step")
     parser.add_argument("--hf-impls", default="grouped_mm", help="transformers experts implementations ('' = none)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per number (the best counts)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--profile", action="store_true",
                         help="print where the GPU time of one engine prefill goes (the first batch size)")
     parser.add_argument("--json", default=None, help="write all results to this JSON file")

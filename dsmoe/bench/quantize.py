@@ -19,15 +19,16 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="model folder (a dsmoe run folder or a Hugging Face DeepSeek checkpoint)")
     parser.add_argument("--text", required=True, help="text scored for perplexity, e.g. wikitext2_test.txt")
-    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--text-field", default="text", help="field of .jsonl records holding the text")
     parser.add_argument("--formats", default="fp8,int8", help="comma-separated --quantize formats to compare")
-    parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--num-prompts", type=int, default=32,
+                        help="greedy continuations compared, prompts cut from --text")
+    parser.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens per greedy continuation")
     parser.add_argument("--seq-len", type=int, default=1024, help="perplexity window")
     parser.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens of --text")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=8, help="perplexity windows per forward")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
 
 

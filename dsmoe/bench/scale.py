@@ -55,10 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
                         help="the trainer's --param-dtype (fp32: fp32 master weights with bf16 autocast on CUDA)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="the trainer's --dtype")
-    parser.add_argument("--moe-impl", default="auto", choices=["auto", "reference", "grouped", "triton"])
+    parser.add_argument("--moe-impl", default="auto", choices=["auto", "reference", "grouped", "triton"],
+                        help="MoE experts implementation")
     parser.add_argument("--baseline", default="full", choices=["full", "local"],
                         help="one-GPU model: the full model, or E/N experts (a model that only fits sharded)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the random tokens")
     parser.add_argument("--trace-dir", help="keep rank 0's profiler trace (Chrome JSON) here")
     flags.add_arguments(parser)
     parser.set_defaults(ep=-1)  # -1: EP over every rank

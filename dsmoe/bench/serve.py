@@ -43,10 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt characters (tokens, byte-level)")
     parser.add_argument("--output-len", type=int, default=128, help="max_tokens of each request")
     parser.add_argument("--max-batch", type=int, default=32, help="dsmoe serve --max-batch")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--serve-args", default="", help="extra arguments for dsmoe serve, e.g. '--compile'")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for a server")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the arrival times")
     parser.add_argument("--json", default=None, help="write all results to this JSON file")
 
 

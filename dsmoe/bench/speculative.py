@@ -20,17 +20,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="model folder (with MTP layers, e.g. a run of `dsmoe train --mtp-layers 1`, "
                                      "for the mtp method)")
     parser.add_argument("--prompts", required=True, help="text or .jsonl file the prompts are cut from")
-    parser.add_argument("--text-field", default="text")
-    parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--text-field", default="text", help="field of .jsonl records holding the text")
+    parser.add_argument("--batch-sizes", default="1,32", help="comma-separated sequences decoded together")
     parser.add_argument("--methods", default=None,
                         help="comma-separated: mtp, ngram (default: both when the model has MTP modules, else ngram)")
     parser.add_argument("--num-speculative-tokens", default="1,2", help="comma-separated draft counts to time")
-    parser.add_argument("--prompt-lookup-min", type=int, default=2)
-    parser.add_argument("--prompt-lookup-max", type=int, default=4)
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--prompt-lookup-min", type=int, default=2, help="shortest n-gram the ngram method matches")
+    parser.add_argument("--prompt-lookup-max", type=int, default=4, help="longest n-gram the ngram method matches")
+    parser.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt, cut from --prompts")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence (greedy)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on a GPU")
     parser.add_argument("--json", default=None, help="write all results to this JSON file")
     from dsmoe.infer.loading import add_quantize_argument
 

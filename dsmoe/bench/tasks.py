@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated built-in tasks")
     parser.add_argument("--limit", type=int, default=32, help="examples per task")
     parser.add_argument("--batch-size", type=int, default=32, help="batched run: sequences per forward / slots")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--json", help="write the table's numbers to this JSON file")
 
 

@@ -52,7 +52,7 @@ def check_at_least_one(args: argparse.Namespace, names: tuple[str, ...]) -> None
 def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["fp8", "int8"], default=None,
                         help="weight-only low precision: fp8 (e4m3, 128x128 block scales; a V3 FP8 checkpoint keeps "
-                             "its own) or int8 (per output channel); activations stay in --dtype")
+                             "its own) or int8 (per output channel); weights only, activations keep their dtype")
 
 
 def speculative_options(args: argparse.Namespace) -> dict:

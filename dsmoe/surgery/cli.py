@@ -40,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
         p.add_argument("--max-tokens", type=int, default=65536, help="calibration tokens to read at most")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed of the random choices: prune's random-experts comparison, grow's jitter, "
+                            "upcycle's router")
     amount = prune.add_mutually_exclusive_group(required=True)
     amount.add_argument("--keep", type=int, help="routed experts to keep per layer")
     amount.add_argument("--drop-fraction", type=float, help="share of routed experts to remove per layer")
