@@ -127,7 +127,10 @@ def rouge_metrics(predictions: list[str], references: list[list[str]]) -> dict:
     """Mean ROUGE-1/2/L F-measure (percent), each example scored against its best reference; Porter stemming
     as in the summarisation papers."""
     rouge_scorer = _require("rouge_score.rouge_scorer", "rouge-score")
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    from rouge_score.tokenizers import DefaultTokenizer
+
+    # its own default tokenizer, passed explicitly: without one it logs "Using default tokenizer." into every run
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True, tokenizer=DefaultTokenizer(use_stemmer=True))
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for prediction, refs in zip(predictions, references):
         scores = scorer.score_multi(refs, prediction)
