@@ -47,6 +47,16 @@ def test_bench_runs_every_variant_and_checks_errors(tmp_path, capsys, one_thread
     assert "max rel err" in capsys.readouterr().out
 
 
+def test_on_the_cpu_triton_is_skipped_with_a_note_not_a_failed_row(tmp_path, capsys, one_thread):
+    """The default --impls include triton: `--device cpu` printed a FAILED row and a traceback."""
+    assert bench_moe.run(bench_args(tmp_path, impls="dense,triton")) == 0
+    rows = json.loads((tmp_path / "moe.json").read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["dense"]
+    captured = capsys.readouterr()
+    assert "dsmoe triton skipped: its kernels need a CUDA GPU" in captured.out
+    assert "Traceback" not in captured.err and "host-device sync" not in captured.out
+
+
 def test_bench_rejects_unknown_shapes(tmp_path):
     with pytest.raises(UserError, match="unknown shape"):
         bench_moe.run(bench_args(tmp_path, shapes="huge"))
