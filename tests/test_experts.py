@@ -140,6 +140,23 @@ def test_autocast_runs_the_experts_in_the_autocast_dtype():
     torch.testing.assert_close(y.float(), layer(x), atol=3e-2, rtol=3e-2)
 
 
+def test_an_fp32_cpu_layer_compiles_on_the_reference_path():
+    """torch's fake _grouped_mm wants bf16 (CUDA's rule): compiling an fp32 CPU model with impl auto/grouped
+    failed with a TorchRuntimeError; under compile those tensors take the reference path (same maths)."""
+    x, idx, w, gate_up, down = make_inputs(33, 32, 24, 8, 3, torch.float32, empty_experts=(0, 5))
+    grad_out = torch.randn(33, 32, generator=torch.Generator().manual_seed(1))
+
+    def layer(x, idx, w, gate_up, down):
+        return moe_experts(x, idx, w, gate_up, down, resolve_impl("auto", x, gate_up, down))
+
+    compiled = torch.compile(layer, backend="eager")  # dynamo's fake-tensor trace, without inductor's cost
+    ours = run_with_grads(compiled, x, idx, w, gate_up, down, grad_out)
+    ref = run_with_grads(moe_experts_reference, x, idx, w, gate_up, down, grad_out)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert resolve_impl("auto", x, gate_up, down) == "grouped"  # eager keeps the grouped path
+
+
 def test_empty_batch():
     _, _, _, gate_up, down = make_inputs(1, 16, 8, 4, 2, torch.float32)
     x, idx, w = torch.zeros(0, 16), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2)

@@ -41,9 +41,12 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, g
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether grouped_mm takes these tensors computed in `dtype` (default x's): rows of 16-byte multiples
     (both builds require it) and, on CUDA, bf16 on SM >= 9.0 (the fused CUTLASS kernel); on the CPU any
-    float dtype."""
+    float dtype, but only bf16 under torch.compile: its fake (meta) kernel applies CUDA's bf16 rule, so tracing
+    an fp32 CPU model failed (`dsmoe train --compile` on the CPU) where eager runs."""
     dtype = dtype or x.dtype
     if _grouped_mm is None or x.device.type not in ("cuda", "cpu"):
+        return False
+    if not x.is_cuda and dtype != torch.bfloat16 and torch.compiler.is_compiling():
         return False
     if not all(t.shape[-1] * dtype.itemsize % 16 == 0 for t in (x, *weights)):
         return False
