@@ -314,7 +314,9 @@ def run(args: argparse.Namespace) -> int:
     variants = [v for v in args.variants.split(",") if v]
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+    # platform.processor() is "" on most Linux builds: the table's title read "decode, , torch.float32"
+    cpu = f"cpu ({platform.processor() or platform.machine()})"
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
               "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth, "dtype": str(dtype),
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "models": {}}
     failed = False
