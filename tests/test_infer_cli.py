@@ -34,6 +34,32 @@ def test_generate_prints_prompt_and_continuation(model_dir, capsys):
     assert capsys.readouterr().out == out.out  # streamed text is the same text
 
 
+def test_streamed_text_ends_its_line_before_the_stats_line(model_dir, monkeypatch):
+    """Piped (`dsmoe generate ... --stream 2>&1 | tee`), stdout is block-buffered: its final newline waited
+    behind the stats line on stderr, which then read "...text[12 tokens in ...]"."""
+    terminal = []
+
+    class BlockBuffered(io.StringIO):
+        def flush(self):
+            terminal.append(self.getvalue())
+            self.seek(0)
+            self.truncate()
+
+    class Unbuffered(io.StringIO):
+        def write(self, text):
+            terminal.append(text)
+            return len(text)
+
+    stdout = BlockBuffered()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stderr", Unbuffered())
+    assert main(["generate", str(model_dir), "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0",
+                 "--stream"]) == 0
+    stdout.flush()  # what exit does
+    text = "".join(terminal)
+    assert "\n[12 tokens in " in text
+
+
 def test_generate_seeded_sampling_repeats(model_dir, capsys):
     args = ["generate", str(model_dir), "--prompt", "def ", "--max-new-tokens", "10", "--seed", "0"]
     assert main(args) == 0

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.stream:
         out.write(args.prompt + "".join(pieces))
     out.write("\n")
+    out.flush()  # before the stats line on stderr: piped, stdout is block-buffered and the line landed mid-text
     seconds = time.perf_counter() - start
     print(f"[{count} tokens in {seconds:.2f} s, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
     stats = engine.speculation_stats()
