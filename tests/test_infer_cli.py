@@ -72,6 +72,8 @@ def test_generate_user_errors(tmp_path, model_dir, capsys):
     (tmp_path / "config.json").write_bytes((model_dir / "config.json").read_bytes())
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "mistyped"), "--prompt", "x"]) == 2
+    assert "mistyped: no such file or folder; check the path" in capsys.readouterr().err  # not "copy one there"
     assert main(["generate", str(model_dir), "--prompt", "x", "--temperature", "-1"]) == 2
     assert "temperature" in capsys.readouterr().err
     assert main(["generate", str(model_dir), "--prompt", "x", "--max-new-tokens", "5000"]) == 2

@@ -64,6 +64,8 @@ class Tokenizer:
         """A tokenizer.json file, or a folder holding one (and maybe tokenizer_config.json, chat_template.jinja,
         config.json and generation_config.json)."""
         path = Path(path).expanduser()
+        if not path.exists():  # a mistyped model folder: say so, not "copy a tokenizer.json there"
+            raise UserError(f"no tokenizer.json at {path}: no such file or folder; check the path")
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise UserError(f"no tokenizer.json at {path}: pass a tokenizer.json file or a folder that holds one (copy "
