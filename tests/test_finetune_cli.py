@@ -118,6 +118,15 @@ def test_start_and_end_lines_read_right(base, spam, tmp_path, capsys):
     assert "padding" not in done
 
 
+def test_an_adapter_peft_cannot_load_is_not_announced_as_peft_layout_alone(base, chats, tmp_path, capsys):
+    """LoRA on the dense MLPs / shared experts loads in dsmoe but not in PEFT (README): the end line said only
+    "adapter (PEFT layout)"."""
+    assert main(["finetune", str(base), "--task", "sft", "--data", str(chats), "--out", str(tmp_path / "mlp"),
+                 "--steps", "1", "--lora-rank", "2", "--lora-targets", "mlp", *FAST]) == 0
+    output = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("output:"))
+    assert "PEFT cannot" in output and "--merge" in output
+
+
 @pytest.mark.parametrize("case", ["malformed", "no_assistant", "bad_label", "bad_base"])
 def test_bad_input_is_one_clear_error_and_leaves_no_output_folder(base, spam, tmp_path, capsys, case):
     train, _ = spam

@@ -120,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict, ft, out: Path) -> None:
+    from dsmoe.finetune.lora import DENSE_MLP
+
     status, speed = run_status(summary, out)
     speed += " (real tokens, padding excluded)" if speed else ""  # a resumed finished run times no tokens
     print(f"{status}: {summary['steps']} steps in {summary['elapsed_s']:.0f}s{speed}")
@@ -129,4 +131,6 @@ def _print_summary(summary: dict, ft, out: Path) -> None:
     elif "val_loss" in summary:
         print(f"eval: loss {summary['val_loss']:.4f} | perplexity {summary['val_ppl']:.2f}")
     written = "adapter (PEFT layout)" if ft.lora_rank and not ft.merge else "model (hub layout)"
+    if ft.lora_rank and not ft.merge and set(ft.lora().targets) & set(DENSE_MLP):
+        written += "; dsmoe loads it, PEFT cannot: its dense-MLP factors need --merge for transformers"
     print(f"output: {out} ({written}, tokenizer, metrics.jsonl, checkpoints/)")
