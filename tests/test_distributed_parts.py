@@ -135,6 +135,8 @@ def test_bench_scale_one_process(monkeypatch, capsys):
     assert _bench(BENCH_ARGS) == 0
     out = capsys.readouterr().out
     assert "| weak scaling" in out and "MISMATCH" not in out
+    table = [line for line in out.splitlines() if line.startswith("|")]
+    assert table and all(line.count("|") == 4 for line in table)  # 3 markdown cells: no "|" inside one
     assert re.search(r"\| loss, global batch: N GPUs vs 1 GPU +\| [0-9.]+ vs [0-9.]+ \(rel [-+.e0-9]+\) ok ", out)
 
 
@@ -150,7 +152,7 @@ def test_bench_scale_two_processes(tmp_path):
     out = out_file.read_text()
     assert "2 rank(s), backend gloo" in out
     for row in ("| 2 GPUs tokens/s per GPU", "| weak scaling", "| dispatch / bare all-to-all", "(rel",
-                "| backward ms, host enqueue / wall: 1 GPU | 2 GPUs"):
+                "| backward ms, host enqueue / wall: 1 GPU; 2 GPUs"):
         assert row in out, row
         assert f"| sync-free (capacity factor 2): {row[2:]}" in out or row == "(rel", row  # both dispatches timed
     assert re.search(r"\| sync-free \(capacity factor 2\): routing decisions dropped \(last steps\) +\| 0\.00% ", out)

@@ -314,8 +314,8 @@ def _mode_rows(prefix: str, args, rt, one: dict, many: dict, tps_one: float, bf1
         rows.append((f"{prefix}loss, global batch: N GPUs vs 1 GPU", check, f"rel <= {tol:g}"))
     for name in PHASES:
         (h1, w1), (hn, wn) = one["phases"][name], many["phases"][name]
-        rows.append((f"{prefix}{name} ms, host enqueue / wall: 1 GPU | {rt.world_size} GPUs",
-                     f"{h1:.1f} / {w1:.1f} | {hn:.1f} / {wn:.1f}", ""))
+        rows.append((f"{prefix}{name} ms, host enqueue / wall: 1 GPU; {rt.world_size} GPUs",  # no "|": a markdown cell
+                     f"{h1:.1f} / {w1:.1f}; {hn:.1f} / {wn:.1f}", ""))
     return rows, ok
 
 
