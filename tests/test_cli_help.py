@@ -40,6 +40,8 @@ def test_defaults_shown_are_the_ones_used(capsys):
     assert "(default: 1)" in flag_help(upcycle, "--keep-dense")
     finetune = help_text(["finetune"], capsys)  # fine-tuning's own default, not pretraining's
     assert "(default: 200)" in flag_help(finetune, "--steps") and "500" not in flag_help(finetune, "--steps")
+    analyze = help_text(["analyze"], capsys)  # said "none: skip", and `--disable none` is an argparse error
+    assert "--disable with no numbers: skip the probe" in flag_help(analyze, "--disable")
     train = help_text(["train"], capsys)
     assert flag_help(train, "--steps").endswith("(default 500, unless --tokens is given)")
 

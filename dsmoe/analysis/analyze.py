@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     parser.add_argument("--disable", type=int, nargs="*", default=None,
                         help="redundancy probe: numbers of routed experts to disable per layer (default: those of "
-                             "1 2 4 that leave a token its experts; none: skip)")
+                             "1 2 4 that leave a token its experts; --disable with no numbers: skip the probe)")
     parser.add_argument("--random-draws", type=int, default=2, help="random expert sets per number in the probe")
     parser.add_argument("--top-tokens", type=int, default=8, help="characteristic tokens listed per expert")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
