@@ -88,6 +88,24 @@ def test_max_model_len_below_one_is_one_clear_error(command, value, model_dir, c
     assert "--max-model-len must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_a_classifier_folder_is_refused_before_loading(command, model_dir, tmp_path, capsys):
+    """`dsmoe serve` started on a fine-tuned classifier and answered every request with an error; chat printed
+    its prompt first. Refused from config.json alone: this folder has no weights to load."""
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text())
+    config |= {"architectures": ["DeepseekV3ForSequenceClassification"], "num_labels": 2,
+               "id2label": {"0": "ham", "1": "spam"}, "label2id": {"ham": 0, "spam": 1}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((model_dir / name).read_bytes())
+    extra = ["--prompt", "x"] if command == "generate" else []
+    assert main([command, str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "is a sequence classifier" in err and "Traceback" not in err
+
+
 def replies_in(out: str) -> list[str]:
     """The REPL's replies, whole: a reply may hold newlines; the REPL's own notices follow it on their lines."""
     replies = []

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             from dsmoe.infer.loading import load_for_inference
 
             model, tokenizer, device = load_for_inference(argparse.Namespace(
-                path=args.model, device=args.device, dtype="auto", moe_impl="auto", quantize=None))
+                path=args.model, device=args.device, dtype="auto", moe_impl="auto", quantize=None), classifier_ok=True)
         else:
             from dsmoe.devices import resolve_device
 

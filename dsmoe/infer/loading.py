@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import torch
 
@@ -74,13 +75,16 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, temperature: floa
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def load_for_inference(args: argparse.Namespace):
-    """-> (model in eval mode, tokenizer, device) from the flags of add_model_arguments."""
+def load_for_inference(args: argparse.Namespace, classifier_ok: bool = False):
+    """-> (model in eval mode, tokenizer, device) from the flags of add_model_arguments. A classifier folder is
+    refused unless `classifier_ok` (dsmoe eval --task): generating needs a language model head."""
     from dsmoe.checkpoint.hf import load_pretrained
 
     device = resolve_device(args.device)
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = Tokenizer.load(args.path)  # first: a missing tokenizer fails before a long weight load
+    if not classifier_ok:
+        _refuse_classifier(Path(args.path))
     model = load_pretrained(args.path, dtype=dtype, device=device, moe_impl=args.moe_impl,
                             quantize=args.quantize).eval()
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -88,6 +92,15 @@ def load_for_inference(args: argparse.Namespace):
                         f"{model.config.vocab_size}; the tokenizer belongs to another model")
     log.debug("loaded %s on %s in %s", args.path, device, dtype)
     return model, tokenizer, device
+
+
+def _refuse_classifier(path: Path) -> None:
+    """Before the weight load: a server started on a classifier folder answered every request with an error."""
+    from dsmoe.checkpoint.hub_files import read_config_json
+    from dsmoe.model.classifier import NOT_A_LANGUAGE_MODEL, classifier_labels
+
+    if (path / "config.json").is_file() and classifier_labels(read_config_json(path)) is not None:
+        raise UserError(f"{path}: {NOT_A_LANGUAGE_MODEL}")
 
 
 def eos_ids(model, tokenizer: Tokenizer) -> tuple[int, ...]:

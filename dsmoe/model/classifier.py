@@ -16,6 +16,10 @@ from dsmoe.errors import UserError
 from dsmoe.model.transformer import Transformer
 
 
+NOT_A_LANGUAGE_MODEL = ("this model folder is a sequence classifier (a `score` head over its labels, no language "
+                        "model head): it classifies (dsmoe eval --task ...) but cannot generate or score text")
+
+
 class SequenceClassifier(Transformer):
     def __init__(self, config: ModelConfig, labels: list[str], moe_impl: str = "auto"):
         super().__init__(config, moe_impl)
@@ -24,8 +28,7 @@ class SequenceClassifier(Transformer):
         self.score = nn.Linear(config.hidden_size, len(labels), bias=False)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        raise UserError("this model folder is a sequence classifier (a `score` head over its labels, no language "
-                        "model head): it classifies (dsmoe eval --task ...) but cannot generate or score text")
+        raise UserError(NOT_A_LANGUAGE_MODEL)
 
     def classify(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, S), right-padded, with `lengths` (B,) real tokens each -> class logits (B, num_labels)

@@ -37,7 +37,7 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):
     from dsmoe.infer.loading import load_for_inference
 
-    return load_for_inference(args)
+    return load_for_inference(args, classifier_ok=True)  # a fine-tuned head classifies
 
 
 def run_suite(args: argparse.Namespace) -> int:
