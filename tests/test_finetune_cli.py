@@ -49,6 +49,8 @@ def test_classify_lora_writes_a_peft_adapter_and_merge_writes_a_classifier(base,
                  "--out", str(out), "--steps", "3", "--lora-rank", "2", "--merge", *FAST]) == 0
     printed = capsys.readouterr().out
     assert "macro-F1" in printed and "majority class 0.6667" in printed
+    lora_line = next(line for line in printed.splitlines() if "LoRA r=2" in line)
+    assert "kv_b_proj" in lora_line and "v_proj," not in lora_line  # the modules this MLA model has
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["task_type"] == "SEQ_CLS" and adapter["modules_to_save"] == ["mlp.gate", "score"]
     config = json.loads((out / "config.json").read_text())

@@ -292,7 +292,8 @@ class FinetuneTrainer(Trainer):
         c, cfg = self.model_config, self.cfg
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
-        mode = f"LoRA r={self.lora.rank} alpha={self.lora.alpha:g} on {', '.join(self.lora.targets)}" if self.lora \
+        adapted = dict.fromkeys(path.split(".")[-2] for path, _ in lora_factors(self.model))  # what this model has
+        mode = f"LoRA r={self.lora.rank} alpha={self.lora.alpha:g} on {', '.join(adapted)}" if self.lora \
             else "full fine-tuning"
         frozen = f", frozen: {', '.join(self.ft.freeze)}" if self.ft.freeze else ""
         rows = f"rows of {cfg.seq_len} tokens (examples packed)" if self.ft.task == "sft" else \
