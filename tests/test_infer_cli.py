@@ -136,3 +136,11 @@ def test_chat_repl_keeps_history(which, model_dir, plain_model_dir, capsys, monk
     ids = tok.encode(render_chat(second, tok.chat_template, bos_token=tok.bos_token),
                      add_special_tokens=tok.chat_template is None)
     assert replies[1] == expected_text(path, ids, 6).split("\nUser:")[0].rstrip("\n")
+
+
+def test_the_stats_line_keeps_the_first_tokens_wait_apart_from_the_decode_rate():
+    from dsmoe.infer.cli import generation_stats
+
+    assert generation_stats(11, 1, 0.0, 2.0, 2.5) == "[11 tokens in 2.50 s: first after 2.00 s, then 20.0 tokens/s]"
+    assert generation_stats(3, 3, 0.0, 1.0, 1.0) == "[3 tokens in 1.00 s]"  # one step: no rate after it
+    assert generation_stats(0, 0, 0.0, None, 0.5) == "[0 tokens in 0.50 s]"

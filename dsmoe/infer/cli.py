@@ -20,6 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cache length (default: prompt + max-new-tokens)")
 
 
+def generation_stats(count: int, first_count: int, start: float, first: float | None, end: float) -> str:
+    """The stats line: the time to the first step's tokens apart from the rate after them, which is what
+    decoding sustains (the first step pays for the prefill and any compilation or graph capture)."""
+    line = f"[{count} tokens in {end - start:.2f} s"
+    if first is not None and count > first_count:
+        line += f": first after {first - start:.2f} s, then {(count - first_count) / max(end - first, 1e-9):.1f} " \
+                "tokens/s"
+    return line + "]"
+
+
 def run(args: argparse.Namespace) -> int:
     from dsmoe.infer.engine import Engine
     from dsmoe.infer.sampling import SamplingParams
@@ -36,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(model, max_batch=1, max_model_len=max_len, eos_token_ids=eos_ids(model, tokenizer),
                     cuda_graphs=not args.no_cuda_graphs, compile=args.compile, **speculative_options(args))
     start = time.perf_counter()
+    first, first_count = None, 0  # when the first tokens arrived (after the prefill and any compilation), how many
     pieces, count = [], 0
     out = sys.stdout
     if args.stream:
@@ -43,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         out.flush()
     for delta, step in stream_text(engine, tokenizer, prompt_ids, params, args.stop):
         count += len(step.token_ids)
+        if first is None:
+            first, first_count = time.perf_counter(), count
         pieces.append(delta)
         if args.stream and delta:
             out.write(delta)
@@ -51,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
         out.write(args.prompt + "".join(pieces))
     out.write("\n")
     out.flush()  # before the stats line on stderr: piped, stdout is block-buffered and the line landed mid-text
-    seconds = time.perf_counter() - start
-    print(f"[{count} tokens in {seconds:.2f} s, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    print(generation_stats(count, first_count, start, first, time.perf_counter()), file=sys.stderr)
     stats = engine.speculation_stats()
     if stats:
         rates = ", ".join("-" if r is None else f"{r:.0%}" for r in stats["acceptance_rate"])
