@@ -49,6 +49,7 @@ def test_classify_lora_writes_a_peft_adapter_and_merge_writes_a_classifier(base,
                  "--out", str(out), "--steps", "3", "--lora-rank", "2", "--merge", *FAST]) == 0
     printed = capsys.readouterr().out
     assert "macro-F1" in printed and "majority class 0.6667" in printed
+    assert "train.jsonl: 24 examples" in printed
     lora_line = next(line for line in printed.splitlines() if "LoRA r=2" in line)
     assert "kv_b_proj" in lora_line and "v_proj," not in lora_line  # the modules this MLA model has
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -151,3 +152,16 @@ def test_bad_input_is_one_clear_error_and_leaves_no_output_folder(base, spam, tm
     err = capsys.readouterr().err
     assert expected in err and err.count("error:") == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_several_data_files_are_one_training_set(base, spam, tmp_path, capsys):
+    train, test = spam
+    more = write(tmp_path / "more.jsonl", [{"text": "claim your free reward", "label": "spam"}] * 5)
+    assert main(["finetune", str(base), "--task", "classify", "--data", str(train), str(more), "--eval-data", str(test),
+                 "--out", str(tmp_path / "two"), "--steps", "1", *FAST]) == 0
+    assert f"{train}, {more}: 29 examples" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "two" / "finetune_config.json").read_text())
+    assert saved["data"] == [str(train), str(more)]
+    from dsmoe.finetune.trainer import FinetuneConfig
+
+    assert FinetuneConfig(base="b", task="sft", data="one.jsonl").data == ["one.jsonl"]  # saved by an older dsmoe

@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     task.add_argument("--task", choices=("sft", "classify", "lm"), help="sft: chat / prompt-completion records, "
                       "loss on the answers; classify: {text, label} records, a classification head; lm: "
                       "continued pretraining on text")
-    task.add_argument("--data", help="training records (.jsonl; for --task lm any text file dsmoe train reads)")
+    task.add_argument("--data", nargs="+", action="extend", metavar="PATH",
+                      help="training records: one or more .jsonl files (for --task lm whatever dsmoe train reads)")
     task.add_argument("--eval-data", help="held-out records, evaluated every --eval-interval steps")
     task.add_argument("--field-map", nargs="+", action="extend", default=[], metavar="KEY=FIELD",
                       help="build the fields a task reads from others: KEY=FIELD, KEY=TEMPLATE ('{question}' "

@@ -53,7 +53,7 @@ def saved_options(out: Path, fix: str) -> dict:
 class FinetuneConfig:
     base: str
     task: str
-    data: str
+    data: list[str]
     eval_data: str | None = None
     field_map: list[str] = field(default_factory=list)
     lora_rank: int = 0  # 0 = full fine-tuning
@@ -63,6 +63,8 @@ class FinetuneConfig:
     merge: bool = False
 
     def __post_init__(self):
+        if isinstance(self.data, str):  # a fine-tune saved when --data took one file
+            self.data = [self.data]
         if self.task not in TASKS:
             raise UserError(f"--task {self.task}: choose one of {', '.join(TASKS)}")
         bad = [f for f in self.freeze if f not in FREEZABLE]
@@ -97,7 +99,7 @@ class FinetuneTrainer(Trainer):
         self.pad_id = pad_id_of(self.base_config)
         self.base_tokenizer = load_tokenizer(base)
         if ft.task == "lm":  # continued pretraining: the corpus pipeline, with BASE's tokenizer
-            cfg.data, cfg.tokenizer = [ft.data], str(base)
+            cfg.data, cfg.tokenizer = list(ft.data), str(base)
             super().__init__(cfg, out, resume=resume, overwrite=overwrite, progress=progress, reducer=reducer)
         else:
             super().__init__(cfg, out, resume=resume, overwrite=overwrite, progress=progress, reducer=reducer,
@@ -128,7 +130,7 @@ class FinetuneTrainer(Trainer):
     def _read_data(self) -> TrainingData:
         ft, tok, seq_len = self.ft, self.base_tokenizer, self.cfg.seq_len
         mapping = ftdata.parse_field_map(ft.field_map)
-        train = ftdata.read_jsonl(ft.data, mapping)
+        train = [record for path in ft.data for record in ftdata.read_jsonl(path, mapping)]
         evals = ftdata.read_jsonl(ft.eval_data, mapping) if ft.eval_data else []
         self.dropped = 0
         if ft.task == "classify":
@@ -141,9 +143,9 @@ class FinetuneTrainer(Trainer):
             self.train_examples, self.dropped = ftdata.encode_sft(train, tok, template, seq_len)
             self.eval_examples, _ = ftdata.encode_sft(evals, tok, template, seq_len)
             if not self.train_examples:
-                raise UserError(f"{ft.data}: no example keeps a target token within --seq-len {seq_len}; "
+                raise UserError(f"{', '.join(ft.data)}: no example keeps a target token within --seq-len {seq_len}; "
                                 "raise --seq-len")
-        description = (f"{ft.data}: {len(self.train_examples)} examples"
+        description = (f"{', '.join(ft.data)}: {len(self.train_examples)} examples"
                        + (f" ({self.dropped} dropped: no target token within --seq-len)" if self.dropped else "")
                        + (f", eval {ft.eval_data}: {len(self.eval_examples)}" if ft.eval_data else "")
                        + (f", labels {', '.join(self.labels)}" if ft.task == "classify" else ""))
