@@ -162,6 +162,10 @@ def test_several_data_files_are_one_training_set(base, spam, tmp_path, capsys):
     assert f"{train}, {more}: 29 examples" in capsys.readouterr().out
     saved = json.loads((tmp_path / "two" / "finetune_config.json").read_text())
     assert saved["data"] == [str(train), str(more)]
-    from dsmoe.finetune.trainer import FinetuneConfig
 
-    assert FinetuneConfig(base="b", task="sft", data="one.jsonl").data == ["one.jsonl"]  # saved by an older dsmoe
+    out = tmp_path / "older"  # a fine-tune saved when --data took one file (a string) resumes
+    assert main(["finetune", str(base), "--task", "classify", "--data", str(train), "--out", str(out), "--steps", "2",
+                 "--checkpoint-interval", "1", "--stop-after", "1", *FAST]) == 0
+    options = json.loads((out / "finetune_config.json").read_text())
+    (out / "finetune_config.json").write_text(json.dumps({**options, "data": str(train)}))
+    assert main(["finetune", "--resume", str(out), "--no-progress"]) == 0

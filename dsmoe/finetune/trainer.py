@@ -84,7 +84,7 @@ class FinetuneTrainer(Trainer):
         """reducer: None in one process, the dsmoe.distributed Runtime under torchrun (as for Trainer)."""
         self.cfg, self.ft, self.lora, out = cfg, ft, ft.lora(), Path(out)
         saved = out / "finetune_config.json"
-        if resume and saved.is_file() and saved_options(out, "restore it or start a new run") != dataclasses.asdict(ft):
+        if resume and saved.is_file() and FinetuneConfig(**saved_options(out, "restore it or start a new run")) != ft:
             raise UserError(f"{out} was fine-tuned with other finetune options ({saved}); resume with the same "
                             "ones, or start a new run with --out NEW_FOLDER")
         base = Path(ft.base)
