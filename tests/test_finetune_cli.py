@@ -130,6 +130,20 @@ def test_an_adapter_peft_cannot_load_is_not_announced_as_peft_layout_alone(base,
     assert "PEFT cannot" in output and "--merge" in output
 
 
+def test_a_classifier_adapter_says_dsmoe_evaluates_it_after_merge(base, spam, tmp_path, capsys):
+    train, _ = spam
+    assert main(["finetune", str(base), "--task", "classify", "--data", str(train), "--out", str(tmp_path / "cls"),
+                 "--steps", "1", "--lora-rank", "2", *FAST]) == 0
+    output = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("output:"))
+    assert "after --merge" in output and "PEFT cannot" not in output
+
+
+def test_base_after_data_is_named_as_the_mistake(base, spam, capsys):
+    train, _ = spam
+    assert main(["finetune", "--task", "classify", "--data", str(train), str(base)]) == 2
+    assert "put BASE before --data" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", ["malformed", "no_assistant", "bad_label", "bad_base"])
 def test_bad_input_is_one_clear_error_and_leaves_no_output_folder(base, spam, tmp_path, capsys, case):
     train, _ = spam

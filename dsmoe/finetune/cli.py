@@ -90,6 +90,8 @@ def resolve(args: argparse.Namespace):
         ft_values = saved_options(out, "pass the --out folder of a fine-tune to --resume")
         return TrainConfig.from_dict({**TrainConfig.load(out).to_dict(), **given}), FinetuneConfig(**ft_values), \
             out, True
+    if not args.base and args.data and len(args.data) > 1:
+        raise UserError("no BASE: --data takes every path after it; put BASE before --data")
     if not args.base or not args.task or not args.data:
         raise UserError("give BASE, --task and --data (or --resume DIR)")
     if "seq_len" not in given:
@@ -108,6 +110,7 @@ def resolve(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     cfg, ft, out, resume = resolve(args)
     rt = start_runtime(args, cfg.device, "finetune")
+    from dsmoe.finetune.lora import adapted_modules
     from dsmoe.finetune.trainer import FinetuneTrainer
 
     trainer = FinetuneTrainer(cfg, ft, out, resume=resume, overwrite=args.overwrite, progress=not args.no_progress,
@@ -116,11 +119,11 @@ def run(args: argparse.Namespace) -> int:
     if rt is not None:
         rt.shutdown()  # only after success: a failing rank exits at once, and torchrun stops the others
     if trainer.main:
-        _print_summary(summary, ft, out)
+        _print_summary(summary, ft, out, adapted_modules(trainer.model))
     return 0
 
 
-def _print_summary(summary: dict, ft, out: Path) -> None:
+def _print_summary(summary: dict, ft, out: Path, adapted: list[str]) -> None:
     from dsmoe.finetune.lora import DENSE_MLP
 
     status, speed = run_status(summary, out)
@@ -132,6 +135,8 @@ def _print_summary(summary: dict, ft, out: Path) -> None:
     elif "val_loss" in summary:
         print(f"eval: loss {summary['val_loss']:.4f} | perplexity {summary['val_ppl']:.2f}")
     written = "adapter (PEFT layout)" if ft.lora_rank and not ft.merge else "model (hub layout)"
-    if ft.lora_rank and not ft.merge and set(ft.lora().targets) & set(DENSE_MLP):
+    if ft.lora_rank and not ft.merge and ft.task == "classify":
+        written += "; dsmoe evaluates a classifier after --merge (the adapter holds no label names)"
+    elif ft.lora_rank and not ft.merge and set(adapted) & set(DENSE_MLP):
         written += "; dsmoe loads it, PEFT cannot: its dense-MLP factors need --merge for transformers"
     print(f"output: {out} ({written}, tokenizer, metrics.jsonl, checkpoints/)")

@@ -131,6 +131,12 @@ def lora_factors(model: nn.Module):
                         yield (f"{path}.{name}" if path else name), p
 
 
+def adapted_modules(model: nn.Module) -> list[str]:
+    """The names of the modules LoRA adapts in `model`, in module order ("q_proj", ..., "experts" for the stacked
+    routed experts, "gate_proj"... for dense MLPs and shared experts): what a target list came to in this model."""
+    return list(dict.fromkeys(path.split(".")[-2] for path, _ in lora_factors(model)))
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every delta into its weight (in place) and drop the factors: a plain model again. A sharded model
     (FSDP2, expert parallel: DTensor weights and factors) folds shard by shard, on every rank: the factors, which

@@ -23,7 +23,7 @@ from dsmoe.data.tokenizer import copy_tokenizer_files, load_tokenizer
 from dsmoe.errors import UserError
 from dsmoe.finetune import data as ftdata
 from dsmoe.finetune.classifier import classifier_from_base, new_score, pad_id_of
-from dsmoe.finetune.lora import LoRASpec, apply_lora, lora_factors, merge_lora
+from dsmoe.finetune.lora import LoRASpec, adapted_modules, apply_lora, lora_factors, merge_lora
 from dsmoe.finetune.metrics import classification_scores
 from dsmoe.json_files import read_json
 from dsmoe.model.classifier import SequenceClassifier
@@ -294,8 +294,8 @@ class FinetuneTrainer(Trainer):
         c, cfg = self.model_config, self.cfg
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
-        adapted = dict.fromkeys(path.split(".")[-2] for path, _ in lora_factors(self.model))  # what this model has
-        mode = f"LoRA r={self.lora.rank} alpha={self.lora.alpha:g} on {', '.join(adapted)}" if self.lora \
+        mode = f"LoRA r={self.lora.rank} alpha={self.lora.alpha:g} on {', '.join(adapted_modules(self.model))}" \
+            if self.lora \
             else "full fine-tuning"
         frozen = f", frozen: {', '.join(self.ft.freeze)}" if self.ft.freeze else ""
         rows = f"rows of {cfg.seq_len} tokens (examples packed)" if self.ft.task == "sft" else \
