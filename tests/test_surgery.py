@@ -237,8 +237,8 @@ def test_cli_prune_by_loss_keeps_the_experts_whose_removal_costs_most(tmp_path, 
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["prune", "--keep", "4", "--seq-len", "0"], "--seq-len must be at least 1"),
-    (["prune", "--keep", "4", "--max-tokens", "-5"], "--max-tokens at least --seq-len"),
+    (["prune", "--keep", "4", "--seq-len", "0"], "--seq-len 0: a calibration window"),
+    (["prune", "--keep", "4", "--max-tokens", "-5"], "--max-tokens -5 is below --seq-len 512"),
     (["prune", "--drop-fraction", "nan"], r"--drop-fraction is a share in \[0, 1\)"),
     (["prune", "--keep", "4", "--seq-len", "4096", "--max-tokens", "8192"], "beyond the model's max_position"),
     (["grow", "--add", "2", "--noise", "-1"], "--noise is a non-negative"),

@@ -65,9 +65,11 @@ def run(args: argparse.Namespace) -> int:
     source, out = Path(args.path), Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite or another --out")
-    if args.seq_len < 1 or args.max_tokens < args.seq_len:
-        raise UserError("--seq-len must be at least 1 and --max-tokens at least --seq-len (calibration reads "
-                        "windows of --seq-len tokens)")
+    if args.data and args.seq_len < 1:
+        raise UserError(f"--seq-len {args.seq_len}: a calibration window needs at least 1 token")
+    if args.data and args.max_tokens < args.seq_len:
+        raise UserError(f"--max-tokens {args.max_tokens} is below --seq-len {args.seq_len}: calibration reads "
+                        "windows of --seq-len tokens; raise --max-tokens")
     if args.action == "grow" and not 0 <= args.noise < float("inf"):
         raise UserError("--noise is a non-negative jitter relative to each weight's std, e.g. 1e-3")
     device = _device(args.device)

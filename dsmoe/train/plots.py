@@ -33,7 +33,7 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("loss")
     ax.grid(alpha=0.3)
-    if train or val:  # an evaluation before the first logged step has nothing to label yet
+    if train or val:  # no line, no legend: matplotlib warns of a legend with nothing to label
         ax.legend()
     vio = [r for r in train if r.get("maxvio_mean") is not None]
     if vio:
