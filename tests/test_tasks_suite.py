@@ -206,6 +206,16 @@ def test_classifier_head_reads_the_text_as_fine_tuning_fed_it(classifier_dir, tm
     assert main(["eval", str(path), "--task", "sms_spam", "--data", str(data), "--shots", "1", "--shots-from",
                  str(data), "--out", str(tmp_path / "shots")]) == 2
     assert "drop --shots" in capsys.readouterr().err
+    # a task spec of the user's whose prompt reads one field of another name: the head reads that field
+    spec = tmp_path / "spam_msg.json"
+    spec.write_text(json.dumps({"kind": "classification", "metric": "classification", "answer": "label",
+                                "prompt": "SMS: {message}\nLabel:", "labels": ["ham", "spam"],
+                                "verbalizers": {"ham": " ham", "spam": " spam"}}))
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({"message": r["text"], "label": r["label"]}) + "\n" for r in rows))
+    assert main(["eval", str(path), "--task", str(spec), "--data", str(renamed), "--out", str(tmp_path / "own")]) == 0
+    own = [json.loads(line)["scores"] for line in (tmp_path / "own" / "predictions.jsonl").read_text().splitlines()]
+    assert own == scored
 
 
 # ---------------------------------------------------------------- each task kind end to end

@@ -59,10 +59,13 @@ class TaskSpec:
         if self.kind == "classification" and missing:
             raise UserError(f"task {self.name!r}: no verbalizer for label(s) {', '.join(missing)}")
 
+    def prompt_fields(self) -> list[str]:
+        """The example fields the prompt template reads, in order."""
+        return list(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(self.prompt) if name))
+
     def fields(self) -> list[str]:
         """The fields every example must have."""
-        names = {name for text in (self.prompt, self.group_by or "")
-                 for _, name, _, _ in string.Formatter().parse(text) if name}
+        names = set(self.prompt_fields()) | {n for _, n, _, _ in string.Formatter().parse(self.group_by or "") if n}
         return sorted(names | {self.answer} | ({self.references} if self.references else set()))
 
     def render(self, example: dict) -> str:

@@ -126,16 +126,20 @@ def check_head_labels(spec: TaskSpec, head_labels: list[str]) -> None:
 @torch.no_grad()
 def classify_with_head(spec: TaskSpec, examples: list[dict], run: TaskRun) -> tuple[list[str], list[list[float]]]:
     """The fine-tuned head's argmax over its labels, batched by length like the likelihood requests. The head
-    reads each example's "text" as `dsmoe finetune --task classify` fed it, not the task's prompt template."""
+    reads each example's "text" (else the one field the task's prompt names) as `dsmoe finetune --task classify`
+    fed it, not the task's prompt template."""
     model: SequenceClassifier = run.model
     check_head_labels(spec, model.labels)
     if run.prefix:
         raise UserError("a classifier head reads the text alone, as it was fine-tuned: drop --shots")
-    if any("text" not in ex for ex in examples):
-        raise UserError(f"a classifier head reads each example's \"text\" field, as `dsmoe finetune --task classify` "
-                        f"did; task {spec.name}'s examples have none: use a task whose examples have it")
+    prompt_fields = spec.prompt_fields()
+    field = "text" if all("text" in ex for ex in examples) or len(prompt_fields) != 1 else prompt_fields[0]
+    if any(field not in ex for ex in examples):
+        raise UserError(f"a classifier head reads each example's text alone, as `dsmoe finetune --task classify` "
+                        f"did; task {spec.name}'s examples have no \"text\" field and its prompt names "
+                        f"{len(prompt_fields)} fields: give the examples a \"text\" field")
     device = next(model.parameters()).device
-    encoded = [classifier_input(run.tokenizer, ex["text"], run.max_len) for ex in examples]
+    encoded = [classifier_input(run.tokenizer, ex[field], run.max_len) for ex in examples]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     logits: list[list[float] | None] = [None] * len(encoded)
     for start in range(0, len(order), run.batch_size):
