@@ -20,3 +20,8 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} but no CUDA GPU is visible; use --device cpu")
     return device
+
+
+def add_device_argument(parser) -> None:
+    """The --device flag every model-running command shares (resolved by `resolve_device`)."""
+    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")

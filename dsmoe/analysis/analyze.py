@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dsmoe.devices import add_device_argument
 from dsmoe.errors import UserError
 
 
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "1 2 4 that leave a token its experts; --disable with no numbers: skip the probe)")
     parser.add_argument("--random-draws", type=int, default=2, help="random expert sets per number in the probe")
     parser.add_argument("--top-tokens", type=int, default=8, help="characteristic tokens listed per expert")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_argument(parser)
     parser.add_argument("--moe-impl", default="auto", help="MoE experts implementation")
 
 

@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dsmoe.devices import add_device_argument
 from dsmoe.errors import UserError
 
 
@@ -43,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--analyze", nargs="+", metavar="PATH", help="afterwards analyze the MoE models of the "
                         "first seed on these files (one domain each)")
     parser.add_argument("--analyze-tokens", type=int, default=65536, help="tokens the analysis scores")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_argument(parser)
     parser.add_argument("--moe-impl", default="auto", help="MoE experts implementation")
     parser.add_argument("--cache-dir", help="token and tokenizer cache (default: $DSMOE_CACHE or ~/.cache/dsmoe)")
     parser.add_argument("--dry-run", action="store_true", help="write and print the rows' configs, train nothing")

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from dsmoe.atomic import atomic_write_text
+from dsmoe.devices import add_device_argument
 from dsmoe.kernels.ops import IMPLS
 
 
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-impls", default="eager,grouped_mm",
                         help="transformers experts implementations to time ('' = skip transformers)")
     parser.add_argument("--hf-skip", default="", help="presets on which transformers is not run")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_argument(parser)
     parser.add_argument("--moe-impl", default="auto", choices=IMPLS, help="MoE experts implementation")
     parser.add_argument("--variants", default="graphs,compiled,graphs-grouped",
                         help="dsmoe decode steps to time: graphs (CUDA graphs of the eager kernels) or compiled "

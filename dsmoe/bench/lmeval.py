@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dsmoe.devices import add_device_argument
 from dsmoe.errors import UserError
 
 
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=64, help="documents per request type")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of both models")
     parser.add_argument("--max-gen-toks", type=int, default=32, help="tokens per generate_until request at most")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_argument(parser)
     parser.add_argument("--json", help="write the numbers to this JSON file")
 
 

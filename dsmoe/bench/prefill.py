@@ -15,6 +15,7 @@ import argparse
 import json
 
 from dsmoe.bench.decode import Clock, build_transformers, set_experts_implementation
+from dsmoe.devices import add_device_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "there); 0 = batch x --prompt-len, every prompt in one step")
     parser.add_argument("--hf-impls", default="grouped_mm", help="transformers experts implementations ('' = none)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per number (the best counts)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_argument(parser)
     parser.add_argument("--profile", action="store_true",
                         help="print where the GPU time of one engine prefill goes (the first batch size)")
     parser.add_argument("--json", default=None, help="write all results to this JSON file")

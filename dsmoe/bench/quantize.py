@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from dsmoe.devices import add_device_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="model folder (a dsmoe run folder or a Hugging Face DeepSeek checkpoint)")
@@ -28,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=1024, help="perplexity window")
     parser.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens of --text")
     parser.add_argument("--batch-size", type=int, default=8, help="perplexity windows per forward")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_argument(parser)
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
 
 

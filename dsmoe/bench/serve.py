@@ -32,6 +32,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dsmoe.devices import add_device_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="a model folder (default: --preset with random weights)")
@@ -43,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt characters (tokens, byte-level)")
     parser.add_argument("--output-len", type=int, default=128, help="max_tokens of each request")
     parser.add_argument("--max-batch", type=int, default=32, help="dsmoe serve --max-batch")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_argument(parser)
     parser.add_argument("--serve-args", default="", help="extra arguments for dsmoe serve, e.g. '--compile'")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for a server")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the arrival times")

@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from dsmoe.devices import add_device_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="model folder (with MTP layers, e.g. a run of `dsmoe train --mtp-layers 1`, "
@@ -29,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-lookup-max", type=int, default=4, help="longest n-gram the ngram method matches")
     parser.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt, cut from --prompts")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence (greedy)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_argument(parser)
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on a GPU")
     parser.add_argument("--json", default=None, help="write all results to this JSON file")
     from dsmoe.infer.loading import add_quantize_argument

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dsmoe.devices import add_device_argument
 from dsmoe.errors import UserError
 
 TASKS = ("rt_polarity", "xquad_en", "ntrex128", "scitldr", "oasst1_en")  # one of each kind / metric
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated built-in tasks")
     parser.add_argument("--limit", type=int, default=32, help="examples per task")
     parser.add_argument("--batch-size", type=int, default=32, help="batched run: sequences per forward / slots")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_argument(parser)
     parser.add_argument("--json", help="write the table's numbers to this JSON file")
 
 

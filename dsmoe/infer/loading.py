@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dsmoe.data.tokenizer import Tokenizer
-from dsmoe.devices import DTYPES, resolve_device
+from dsmoe.devices import DTYPES, add_device_argument, resolve_device
 from dsmoe.errors import UserError
 from dsmoe.kernels.ops import IMPLS
 
@@ -21,7 +21,7 @@ DEFAULT_DRAFTS = {"mtp": 1, "ngram": 4}
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="model folder: a dsmoe run folder or a Hugging Face DeepSeek checkpoint")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    add_device_argument(parser)
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="auto = bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--moe-impl", default="auto", choices=IMPLS,

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dsmoe.atomic import replace_folder
+from dsmoe.devices import add_device_argument
 from dsmoe.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--text-field", default="text", help="field of .jsonl records holding the text")
         p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
         p.add_argument("--max-tokens", type=int, default=65536, help="calibration tokens to read at most")
-        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+        add_device_argument(p)
         p.add_argument("--seed", type=int, default=0,
                        help="seed of the random choices: prune's random-experts comparison, grow's jitter, "
                             "upcycle's router")

@@ -13,6 +13,7 @@ import argparse
 import math
 from pathlib import Path
 
+from dsmoe.devices import add_device_argument
 from dsmoe.errors import UserError
 from dsmoe.infer.loading import add_quantize_argument
 from dsmoe.kernels.ops import IMPLS
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "per forward; 1 = one at a time")
     parser.add_argument("--max-tokens", type=int, help="score at most this many tokens (default: the run's "
                         "--eval-tokens for its validation split, all of --data)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_argument(parser)
     parser.add_argument("--moe-impl", default="auto", choices=IMPLS, help="MoE experts implementation")
     add_quantize_argument(parser)
     add_task_arguments(parser)
