@@ -115,6 +115,13 @@ def test_the_table_shows_experts_per_token_when_an_arm_routes_adaptively():
     assert "| - |" in table(results, "adaptive-routing")
     results["rows"] = [{"adaptive": False}]
     assert "experts per token" not in table(results, "adaptive-routing")
+    assert "| 5.0000 ± 0.1000 (n=2) |" in text and "| +0.0100 ± 0.0000 |" in text
+    for one in results["arms"].values():
+        one["seeds"] = [0]
+    text = table(results, "adaptive-routing")  # one seed: no spread to show
+    rows = [line for line in text.splitlines() if line.startswith("| top-")]
+    assert len(rows) == 2 and not any("±" in row for row in rows) and "| 5.0000 (n=1) |" in rows[0]
+    assert "| +0.0100 |" in rows[1]
 
 
 def test_longer_runs_read_proportionally_more_text():

@@ -136,11 +136,17 @@ def table(results: dict, name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _spread(sd: float, seeds: int) -> str:
+    """" ± sd" over several seeds; nothing for one, whose sd says nothing."""
+    return f" ± {sd:.4f}" if seeds > 1 else ""
+
+
 def _arm_row(arm: str, a: dict, ref: str) -> list[str]:
+    seeds = len(a["seeds"])
     diff = "-" if arm == ref or a["paired_diff_mean"] is None else \
-        f"{a['paired_diff_mean']:+.4f} ± {a['paired_diff_sd']:.4f}"
+        f"{a['paired_diff_mean']:+.4f}{_spread(a['paired_diff_sd'], seeds)}"
     vio = "-" if a["maxvio_end"] is None else f"{a['maxvio_end']:.3f}"
-    return [arm, f"{a['val_loss_mean']:.4f} ± {a['val_loss_sd']:.4f} (n={len(a['seeds'])})", diff, vio,
+    return [arm, f"{a['val_loss_mean']:.4f}{_spread(a['val_loss_sd'], seeds)} (n={seeds})", diff, vio,
             f"{a['tokens_per_s']:,.0f}", f"{a['active_params'] / 1e6:.2f}M / {a['params'] / 1e6:.2f}M"]
 
 
