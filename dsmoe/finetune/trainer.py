@@ -294,9 +294,9 @@ class FinetuneTrainer(Trainer):
         c, cfg = self.model_config, self.cfg
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
-        mode = f"LoRA r={self.lora.rank} alpha={self.lora.alpha:g} on {', '.join(adapted_modules(self.model))}" \
-            if self.lora \
-            else "full fine-tuning"
+        mode = "full fine-tuning"
+        if self.lora:
+            mode = f"LoRA r={self.lora.rank} alpha={self.lora.alpha:g} on {', '.join(adapted_modules(self.model))}"
         frozen = f", frozen: {', '.join(self.ft.freeze)}" if self.ft.freeze else ""
         rows = f"rows of {cfg.seq_len} tokens (examples packed)" if self.ft.task == "sft" else \
             f"sequences of <= {cfg.seq_len} tokens"
