@@ -39,6 +39,7 @@ import torch
 
 from dsmoe.config import PRESETS, get_preset
 from dsmoe.distributed import flags
+from dsmoe.kernels.ops import IMPLS
 
 BYTES_GB = 1e9
 CHECK_STEP = 999_999  # the batches of the loss check: a step that training never reaches
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
                         help="the trainer's --param-dtype (fp32: fp32 master weights with bf16 autocast on CUDA)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="the trainer's --dtype")
-    parser.add_argument("--moe-impl", default="auto", choices=["auto", "reference", "grouped", "triton"],
+    parser.add_argument("--moe-impl", default="auto", choices=IMPLS,
                         help="MoE experts implementation")
     parser.add_argument("--baseline", default="full", choices=["full", "local"],
                         help="one-GPU model: the full model, or E/N experts (a model that only fits sharded)")
