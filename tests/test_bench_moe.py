@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -70,3 +72,24 @@ def test_zipf_routing_is_skewed_dropless_and_distinct(T, k, E):
     assert counts.max() / (T * k / E) == pytest.approx(4.0, rel=0.05)
     assert (counts == 0).sum() >= E // 8
     assert all(len(set(row.tolist())) == k for row in idx)
+
+
+
+def test_triton_layer_keeps_for_backward_under_half_of_what_transformers_keeps():
+    """The Triton layer keeps gate_up's output (N x 2F) and the int32 plan, never the gathered input or the down
+    projection's rows (N x D each), as transformers' grouped_mm does. Fine's ratios (d = 4f, k = 8), small."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1 before triton is imported (tests/conftest.py)")
+    pytest.importorskip("triton")
+    pytest.importorskip("transformers")
+    from dsmoe.bench import moe_layers as L
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape, tokens = replace(SHAPES["fine"], d=128, f=32, experts=16), 32
+    layer = L.dsmoe_layer(shape, device, torch.float32, impl="triton")
+    x = torch.randn(1, tokens, shape.d, device=device, requires_grad=True)
+    gate_up_out = tokens * shape.k * 2 * shape.f * 4
+    ours = L.saved_for_backward_gb(layer, x) * 1e9
+    theirs = L.saved_for_backward_gb(L.hf_layer(shape, layer, "grouped_mm"), x) * 1e9
+    assert gate_up_out <= ours <= 2 * gate_up_out  # + the shared expert's and the router's: not N x D more
+    assert ours <= 0.5 * theirs

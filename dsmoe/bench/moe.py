@@ -5,8 +5,8 @@ Per layer shape and token count: the dense-GEMM ceiling of equal FLOPs, transfor
 milliseconds (median over fresh random inputs, CUDA events after warm-up; with --cuda-graphs, of the step
 captured in a CUDA graph and replayed, which removes launch overhead for every variant that can be
 captured), model TFLOP/s, the ratio to the dense ceiling, the speedup over transformers grouped_mm, peak
-memory and activation memory (the peak minus the layer's weights and their gradients, which every
-implementation holds alike), and the largest relative error
+memory, the activation memory the forward keeps for the backward (what each layer of a model holds until its
+backward runs), and the largest relative error
 of the outputs and gradients against dsmoe grouped (or reference) in the same run. Then a Zipf-skewed
 routing row per shape and a host-sync check of the Triton layer. A variant that fails (compile error,
 out of memory) prints its error and the run goes on.
@@ -72,16 +72,15 @@ def _fmt(v, spec):
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'shape':<8} {'T':>6} {'impl':<26} {'ms':>9} {'TFLOP/s':>8} {'x dense':>8} {'x HF-gmm':>8} "
-            f"{'peak GB':>8} {'act GB':>7} {'max rel err':>12}  note")
+            f"{'peak GB':>8} {'saved GB':>8} {'max rel err':>12}  note")
     print(head)
     print("-" * len(head))
     for r in rows:
         impl = r["impl"] + (" [graph]" if r.get("mode") == "graph" else "")
         print(f"{r['shape']:<8} {r['tokens']:>6} {impl:<26} {_fmt(r.get('ms'), '9.3f')} "
               f"{_fmt(r.get('tflops'), '8.1f')} {_fmt(r.get('x_dense'), '8.2f')} "
-              f"{_fmt(r.get('x_hf_grouped'), '8.2f')} {_fmt(r.get('peak_gb'), '8.2f')} {_fmt(r.get('act_gb'), '7.2f')} "
-              f"{_fmt(r.get('max_rel_err'), '12.2e')}  "
-              f"{r.get('note', '')}")
+              f"{_fmt(r.get('x_hf_grouped'), '8.2f')} {_fmt(r.get('peak_gb'), '8.2f')} "
+              f"{_fmt(r.get('saved_gb'), '8.2f')} {_fmt(r.get('max_rel_err'), '12.2e')}  {r.get('note', '')}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -220,8 +219,8 @@ def _bench_shape(L, shape, token_counts, impls, args, device, dtype, rows, skew_
                 if args.profile and impl in ("grouped", "triton") and tokens == max(token_counts):
                     print(f"  kernel time of {shape.label} T={tokens} dsmoe {impl}, forward+backward:")
                     print(L.kernel_profile(step, inputs))
-                weights = sum(p.numel() * p.element_size() for p in module.parameters())
-                row.update(t, tflops=flops / t["ms"] / 1e9, act_gb=t["peak_gb"] - 2 * weights / 1e9)
+                release()
+                row.update(t, tflops=flops / t["ms"] / 1e9, saved_gb=L.saved_for_backward_gb(module, inputs[0][0]))
                 results[impl] = t
                 if impl == "triton" and device.type == "cuda" and tokens == token_counts[0]:
                     sync_checks.append(dict(shape=shape.label, tokens=tokens, result=_sync_check(step, inputs[1])))

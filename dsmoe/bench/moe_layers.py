@@ -160,6 +160,24 @@ def time_steps(step, inputs, device: torch.device, max_seconds: float, warmup: i
     return dict(ms=statistics.median(times), iters=iters, peak_gb=float("nan"), extra_gb=float("nan"))
 
 
+def saved_for_backward_gb(module, x: torch.Tensor) -> float:
+    """GB of the distinct tensors autograd keeps from `module(x)` for its backward, counting neither the module's
+    parameters nor x (they exist without it): what every layer of a model holds at once until its backward
+    runs, so what decides how many tokens fit. Temporaries of the forward and of the backward are the peak's."""
+    exclude = {t.untyped_storage().data_ptr() for t in (x, *module.parameters())}
+    kept = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(kept.values()) / 1e9
+
+
 def time_graph(step, inputs, device: torch.device, max_seconds: float, release, warmup: int = 2) -> dict:
     """Like `time_steps`, but the step (forward + backward) is captured once in a CUDA graph and replayed:
     the GPU time without Python and launch overhead. Fresh inputs are copied into the captured buffers
