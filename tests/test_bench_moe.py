@@ -40,6 +40,7 @@ def test_bench_runs_every_variant_and_checks_errors(tmp_path, capsys, one_thread
     rows = {r["impl"]: r for r in result["rows"]}
     assert set(rows) == {"dense", "dsmoe grouped", "dsmoe reference", "hf-grouped", "hf-eager"}
     assert all(r["ms"] > 0 and "FAILED" not in r.get("note", "") for r in rows.values())
+    assert all(r["saved_gb"] > 0 for r in rows.values())  # every layer keeps something for its backward
     # the tiny shape routes like transformers (sigmoid, noaux_tc), so HF shares weights *and* results
     for impl in ("dsmoe reference", "hf-grouped", "hf-eager"):
         assert rows[impl]["max_rel_err"] < 1e-5, impl
