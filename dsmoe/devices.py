@@ -25,3 +25,11 @@ def resolve_device(name: str) -> torch.device:
 def add_device_argument(parser) -> None:
     """The --device flag every model-running command shares (resolved by `resolve_device`)."""
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+
+
+def add_moe_impl_argument(parser) -> None:
+    """The --moe-impl flag every model-running command shares (the model resolves it per MoE forward)."""
+    from dsmoe.kernels.ops import IMPLS
+
+    parser.add_argument("--moe-impl", default="auto", choices=IMPLS,
+                        help="routed-experts implementation: auto (the fastest available), reference, grouped, triton")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsmoe.devices import add_device_argument
+from dsmoe.devices import add_device_argument, add_moe_impl_argument
 from dsmoe.errors import UserError
 
 
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-draws", type=int, default=2, help="random expert sets per number in the probe")
     parser.add_argument("--top-tokens", type=int, default=8, help="characteristic tokens listed per expert")
     add_device_argument(parser)
-    parser.add_argument("--moe-impl", default="auto", help="MoE experts implementation")
+    add_moe_impl_argument(parser)
 
 
 def domain_windows(specs: list[str], tokenizer, text_field: str, seq_len: int, tokens: int) -> list[list[np.ndarray]]:

@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dsmoe.devices import add_device_argument
+from dsmoe.devices import add_device_argument, add_moe_impl_argument
 from dsmoe.errors import UserError
 
 
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "first seed on these files (one domain each)")
     parser.add_argument("--analyze-tokens", type=int, default=65536, help="tokens the analysis scores")
     add_device_argument(parser)
-    parser.add_argument("--moe-impl", default="auto", help="MoE experts implementation")
+    add_moe_impl_argument(parser)
     parser.add_argument("--cache-dir", help="token and tokenizer cache (default: $DSMOE_CACHE or ~/.cache/dsmoe)")
     parser.add_argument("--dry-run", action="store_true", help="write and print the rows' configs, train nothing")
 

@@ -26,8 +26,7 @@ import time
 from pathlib import Path
 
 from dsmoe.atomic import atomic_write_text
-from dsmoe.devices import add_device_argument
-from dsmoe.kernels.ops import IMPLS
+from dsmoe.devices import add_device_argument, add_moe_impl_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="transformers experts implementations to time ('' = skip transformers)")
     parser.add_argument("--hf-skip", default="", help="presets on which transformers is not run")
     add_device_argument(parser)
-    parser.add_argument("--moe-impl", default="auto", choices=IMPLS, help="MoE experts implementation")
+    add_moe_impl_argument(parser)
     parser.add_argument("--variants", default="graphs,compiled,graphs-grouped",
                         help="dsmoe decode steps to time: graphs (CUDA graphs of the eager kernels) or compiled "
                              "(torch.compile, then CUDA graphs), optionally -IMPL to force the MoE implementation "

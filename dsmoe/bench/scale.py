@@ -38,8 +38,8 @@ import time
 import torch
 
 from dsmoe.config import PRESETS, get_preset
+from dsmoe.devices import add_moe_impl_argument
 from dsmoe.distributed import flags
-from dsmoe.kernels.ops import IMPLS
 
 BYTES_GB = 1e9
 CHECK_STEP = 999_999  # the batches of the loss check: a step that training never reaches
@@ -56,8 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
                         help="the trainer's --param-dtype (fp32: fp32 master weights with bf16 autocast on CUDA)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="the trainer's --dtype")
-    parser.add_argument("--moe-impl", default="auto", choices=IMPLS,
-                        help="MoE experts implementation")
+    add_moe_impl_argument(parser)
     parser.add_argument("--baseline", default="full", choices=["full", "local"],
                         help="one-GPU model: the full model, or E/N experts (a model that only fits sharded)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the random tokens")

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from dsmoe.atomic import atomic_write_text
+from dsmoe.kernels.ops import IMPLS
 
 PROFILED_STEPS = 2
 VARIANTS = ("trainer", "trainer+compile", "trainer+compile-model", "hf-grouped_mm", "hf-eager")
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="NAME",
                         help=f"which to run: {' '.join(VARIANTS)}")
     parser.add_argument("--moe-impl", nargs="+", default=["auto"], metavar="IMPL",
-                        choices=("auto", "grouped", "triton", "reference"),
+                        choices=IMPLS,
                         help="dsmoe expert implementation(s); each trainer variant runs once per implementation")
     parser.add_argument("--data", nargs="+", action="extend", metavar="PATH",
                         help="train on this text (as `dsmoe train --data`; a tokenizer of the preset's vocabulary is "

@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 
 from dsmoe.data.tokenizer import Tokenizer
-from dsmoe.devices import DTYPES, add_device_argument, resolve_device
+from dsmoe.devices import DTYPES, add_device_argument, add_moe_impl_argument, resolve_device
 from dsmoe.errors import UserError
-from dsmoe.kernels.ops import IMPLS
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +23,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser)
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="auto = bfloat16 on a GPU, float32 on the CPU")
-    parser.add_argument("--moe-impl", default="auto", choices=IMPLS,
-                        help="routed-expert implementation")
+    add_moe_impl_argument(parser)
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on a GPU")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (faster decode; each batch/length bucket compiles once)")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dsmoe.atomic import replace_folder
-from dsmoe.devices import add_device_argument
+from dsmoe.devices import add_device_argument, resolve_device
 from dsmoe.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                         "windows of --seq-len tokens; raise --max-tokens")
     if args.action == "grow" and not 0 <= args.noise < float("inf"):
         raise UserError("--noise is a non-negative jitter relative to each weight's std, e.g. 1e-3")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model = load_pretrained(source, dtype=torch.float32, device=device).eval()
     if args.data and args.seq_len > model.config.max_position_embeddings:
         raise UserError(f"--seq-len {args.seq_len} is beyond the model's max_position_embeddings "
@@ -187,12 +187,6 @@ def _calibration(args, source: Path, vocab_size: int):
     if max(int(w.max()) for w in windows) >= vocab_size:
         raise UserError(f"{source}'s tokenizer produces ids past the model's vocabulary: the folder is inconsistent")
     return windows
-
-
-def _device(name: str) -> torch.device:
-    from dsmoe.devices import resolve_device
-
-    return resolve_device(name)
 
 
 def _write_folder(model, source: Path, out: Path, record: dict, overwrite: bool) -> None:

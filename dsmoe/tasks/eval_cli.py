@@ -13,10 +13,9 @@ import argparse
 import math
 from pathlib import Path
 
-from dsmoe.devices import add_device_argument
+from dsmoe.devices import add_device_argument, add_moe_impl_argument
 from dsmoe.errors import UserError
 from dsmoe.infer.loading import add_quantize_argument
-from dsmoe.kernels.ops import IMPLS
 from dsmoe.tasks.eval_tasks import add_task_arguments
 
 
@@ -33,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, help="score at most this many tokens (default: the run's "
                         "--eval-tokens for its validation split, all of --data)")
     add_device_argument(parser)
-    parser.add_argument("--moe-impl", default="auto", choices=IMPLS, help="MoE experts implementation")
+    add_moe_impl_argument(parser)
     add_quantize_argument(parser)
     add_task_arguments(parser)
 
