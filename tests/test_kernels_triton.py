@@ -175,6 +175,34 @@ def test_permutation_is_the_stable_sort(T, K, E):
         assert a.dtype == torch.int32 and torch.equal(a, b), name
 
 
+class LaunchLog:
+    """Stands in for a Triton kernel: records its name at each launch, then launches it."""
+
+    def __init__(self, kernel, name: str, log: list):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("T, K, E, launches", [
+    (1, 6, 64, ["_sort_one_program_kernel"]),
+    (512, 2, 8, ["_sort_one_program_kernel"]),  # exactly DECISIONS_PER_PROG
+    (513, 2, 8, ["_histogram_kernel", "_scatter_kernel"]),
+])
+def test_permutation_of_one_program_of_decisions_is_one_launch(T, K, E, launches, monkeypatch):
+    assert T * K in (6, permute_mod.DECISIONS_PER_PROG, permute_mod.DECISIONS_PER_PROG + 2)
+    log = []
+    for name in ("_histogram_kernel", "_scatter_kernel", "_sort_one_program_kernel"):
+        monkeypatch.setattr(permute_mod, name, LaunchLog(getattr(permute_mod, name), name, log))
+    _, idx, *_ = make_inputs(T, 8, 8, E, K, empty=(1,))
+    ours = permute_mod.permute_triton(idx, E)
+    assert log == launches
+    for name, a, b in zip(["order", "inverse", "offsets"], ours, reference.permute_reference(idx, E)):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("weighted", [True, False])
 def test_combine_sums_in_fp32(weighted):
     T, K, D = 11, 3, 37

@@ -8,6 +8,9 @@ The sort is two small kernels around one torch cumsum, never a host sync:
 3. `_scatter_kernel`: program p walks its slice in order, so a decision's row is base[p, e] plus the
    number of earlier decisions of its slice with the same expert: the order is exactly that of
    `torch.argsort(stable=True)` (the reference), hence deterministic.
+Up to DECISIONS_PER_PROG decisions (every decode step, short prefills) one program holds the whole
+histogram, so `_sort_one_program_kernel` does the three steps in one launch instead of five (histogram,
+cumsum, subtraction, scatter, the offsets' copy): launches, not bytes, bound a decode step.
 
 Outputs (int32): order_N[row] = flat decision index t*K + k of each expert-sorted row, inverse_N its
 inverse, offsets_E the inclusive row ends per expert (the layout `grouped_mm` and our GEMMs take).
@@ -30,13 +33,32 @@ def _one_hot(idx_ptr, start, N, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _histogram_kernel(idx_ptr, hist_ptr, N, E: tl.constexpr, BLOCK_E: tl.constexpr,
-                      CHUNK: tl.constexpr, CHUNKS_PER_PROG: tl.constexpr):
-    p = tl.program_id(0)
+def _count_slice(idx_ptr, p, N, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_PER_PROG: tl.constexpr):
     counts = tl.zeros((BLOCK_E,), tl.int32)
     for c in range(CHUNKS_PER_PROG):
         _, hot = _one_hot(idx_ptr, (p * CHUNKS_PER_PROG + c) * CHUNK, N, BLOCK_E, CHUNK)
         counts += tl.sum(hot, axis=0)
+    return counts
+
+
+@triton.jit
+def _scatter_slice(idx_ptr, next_row, order_ptr, inverse_ptr, p, N, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+                   CHUNKS_PER_PROG: tl.constexpr):
+    for c in range(CHUNKS_PER_PROG):
+        pos, hot = _one_hot(idx_ptr, (p * CHUNKS_PER_PROG + c) * CHUNK, N, BLOCK_E, CHUNK)
+        earlier_same = tl.cumsum(hot, axis=0) - hot
+        row = tl.sum(hot * (earlier_same + next_row[None, :]), axis=1)
+        ok = pos < N
+        tl.store(order_ptr + row, pos, mask=ok)
+        tl.store(inverse_ptr + pos, row, mask=ok)
+        next_row += tl.sum(hot, axis=0)
+
+
+@triton.jit
+def _histogram_kernel(idx_ptr, hist_ptr, N, E: tl.constexpr, BLOCK_E: tl.constexpr,
+                      CHUNK: tl.constexpr, CHUNKS_PER_PROG: tl.constexpr):
+    p = tl.program_id(0)
+    counts = _count_slice(idx_ptr, p, N, BLOCK_E, CHUNK, CHUNKS_PER_PROG)
     col = tl.arange(0, BLOCK_E)
     tl.store(hist_ptr + col * tl.num_programs(0) + p, counts, mask=col < E)  # [E, P]: expert-major
 
@@ -47,14 +69,17 @@ def _scatter_kernel(idx_ptr, base_ptr, order_ptr, inverse_ptr, N, E: tl.constexp
     p = tl.program_id(0)
     col = tl.arange(0, BLOCK_E)
     next_row = tl.load(base_ptr + col * tl.num_programs(0) + p, mask=col < E, other=0)
-    for c in range(CHUNKS_PER_PROG):
-        pos, hot = _one_hot(idx_ptr, (p * CHUNKS_PER_PROG + c) * CHUNK, N, BLOCK_E, CHUNK)
-        earlier_same = tl.cumsum(hot, axis=0) - hot
-        row = tl.sum(hot * (earlier_same + next_row[None, :]), axis=1)
-        ok = pos < N
-        tl.store(order_ptr + row, pos, mask=ok)
-        tl.store(inverse_ptr + pos, row, mask=ok)
-        next_row += tl.sum(hot, axis=0)
+    _scatter_slice(idx_ptr, next_row, order_ptr, inverse_ptr, p, N, BLOCK_E, CHUNK, CHUNKS_PER_PROG)
+
+
+@triton.jit
+def _sort_one_program_kernel(idx_ptr, order_ptr, inverse_ptr, offsets_ptr, N, E: tl.constexpr,
+                             BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_PER_PROG: tl.constexpr):
+    counts = _count_slice(idx_ptr, 0, N, BLOCK_E, CHUNK, CHUNKS_PER_PROG)
+    ends = tl.cumsum(counts, axis=0)
+    col = tl.arange(0, BLOCK_E)
+    tl.store(offsets_ptr + col, ends, mask=col < E)
+    _scatter_slice(idx_ptr, ends - counts, order_ptr, inverse_ptr, 0, N, BLOCK_E, CHUNK, CHUNKS_PER_PROG)
 
 
 def permute_triton(topk_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,6 +98,10 @@ def permute_triton(topk_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.T
     chunks = min(DECISIONS_PER_PROG // chunk, triton.next_power_of_2(triton.cdiv(N, chunk)))
     progs = triton.cdiv(N, chunks * chunk)
     meta = dict(E=E, BLOCK_E=block_e, CHUNK=chunk, CHUNKS_PER_PROG=chunks)
+    if progs == 1:
+        offsets = torch.empty(E, dtype=torch.int32, device=dev)
+        _sort_one_program_kernel[(1,)](flat, order, inverse, offsets, N, **meta)
+        return order, inverse, offsets
     hist = torch.empty(E, progs, dtype=torch.int32, device=dev)
     _histogram_kernel[(progs,)](flat, hist, N, **meta)
     ends = hist.view(-1).cumsum(0, dtype=torch.int32)
