@@ -75,7 +75,6 @@ def test_zipf_routing_is_skewed_dropless_and_distinct(T, k, E):
     assert all(len(set(row.tolist())) == k for row in idx)
 
 
-
 def test_triton_layer_keeps_for_backward_under_half_of_what_transformers_keeps():
     """The Triton layer keeps gate_up's output (N x 2F) and the int32 plan, never the gathered input or the down
     projection's rows (N x D each), as transformers' grouped_mm does. Fine's ratios (d = 4f, k = 8), small."""
