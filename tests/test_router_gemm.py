@@ -44,14 +44,17 @@ def test_split_forward_and_gradients_match_the_fp32_gemm(weight_dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_router_takes_the_split_gemm_for_bf16_fast_paths_only(monkeypatch):
+def test_gpu_router_takes_the_split_gemm_for_many_bf16_tokens_of_fast_paths_only(monkeypatch):
     calls = []
     monkeypatch.setattr(ops, "split_router_logits", lambda x, w: calls.append(x.dtype) or rg.split_router_logits(x, w))
-    x, w = _inputs(device="cuda")
+    x, w = _inputs(T=ops.SPLIT_ROUTER_MIN_TOKENS, device="cuda")
     for impl in ("grouped", "triton", "reference"):
         ops.router_logits(x, w, impl)
     ops.router_logits(x.float(), w, "triton")
     assert calls == [torch.bfloat16, torch.bfloat16]  # not for the reference impl, not for fp32 activations
+    decode = ops.router_logits(x[:6], w, "triton")  # a decode step's tokens: the fp32 GEMM
+    assert len(calls) == 2
+    torch.testing.assert_close(decode, router_logits_reference(x[:6], w), atol=0, rtol=0)
 
 
 @pytest.mark.gpu

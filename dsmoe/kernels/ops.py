@@ -101,11 +101,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     return rotary_reference(x, cos, sin, interleaved)
 
 
+# Below this many tokens the fp32 router GEMM is memory-bound and one launch, while the split path splits [E, D]
+# again at every call (about ten launches: 14% of a V2-Lite decode step's GPU time on an H100)
+SPLIT_ROUTER_MIN_TOKENS = 1024
+
+
 def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, impl: str) -> torch.Tensor:
     """DeepSeek's fp32 router logits [T, E]: the exact split-bf16 tensor-core GEMMs (router_gemm.py) for bf16 x
-    on CUDA when the experts run a fast path; the fp32 GEMM (`router_logits_reference`) everywhere else."""
+    on CUDA when the experts run a fast path and there are enough tokens for the GEMM to be compute-bound;
+    the fp32 GEMM (`router_logits_reference`) everywhere else (decode steps included)."""
     if (impl != "reference" and x_TD.is_cuda and x_TD.dtype == torch.bfloat16
-            and weight_ED.dtype in (torch.float32, torch.bfloat16)):
+            and x_TD.shape[0] >= SPLIT_ROUTER_MIN_TOKENS and weight_ED.dtype in (torch.float32, torch.bfloat16)):
         return split_router_logits(x_TD, weight_ED)
     return router_logits_reference(x_TD, weight_ED)
 
