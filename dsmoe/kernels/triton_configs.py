@@ -85,6 +85,24 @@ else:
     ]
 
 
+# The decode MoE kernels (triton_moe_decode.py): matrix-vector products over a few rows, bound by the weight
+# bytes they read. (output rows, reduced dim) per program; the reduced block divides 128, as the fp8 block
+# scales need. The first of each is the tile the fp8/int8 decode kernels were written with.
+def _decode_cfg(rows_key: str, rows: int, reduced_key: str, reduced: int, warps: int) -> triton.Config:
+    return triton.Config({rows_key: rows, reduced_key: reduced}, num_warps=warps)
+
+
+if INTERPRET:
+    DECODE_UP_CONFIGS = [_decode_cfg("BLOCK_F", 16, "BLOCK_D", 32, 4)]
+    DECODE_DOWN_CONFIGS = [_decode_cfg("BLOCK_D", 16, "BLOCK_F", 32, 4)]
+else:
+    DECODE_UP_CONFIGS = [_decode_cfg("BLOCK_F", f, "BLOCK_D", d, w)
+                         for f, d, w in [(32, 128, 4), (16, 128, 4), (64, 128, 4), (64, 128, 8), (32, 64, 4)]]
+    # one program per (D-tile, token) sums the token's decisions, so small D-tiles keep the SMs busy at T = 1
+    DECODE_DOWN_CONFIGS = [_decode_cfg("BLOCK_D", d, "BLOCK_F", f, w)
+                           for d, f, w in [(32, 128, 4), (8, 128, 4), (16, 128, 4), (16, 64, 2), (64, 128, 8)]]
+
+
 SMEM_BUDGET = 180 * 1024  # bytes; H100/H200 allow 227 KB per block, leave room for the epilogue
 
 
@@ -129,6 +147,10 @@ def prune_weight_configs(configs, named_args, **kwargs):
     elem = named_args["a_ptr"].element_size()
     return [_fit_stages(c, c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]), elem)
             for c in _select(configs, keep)]
+
+
+def prune_decode_configs(configs, named_args, **kwargs):
+    return _select(configs, configs)
 
 
 def tolerant_bench(kernel_call, quantiles):
