@@ -93,8 +93,8 @@ def _decode_cfg(rows_key: str, rows: int, reduced_key: str, reduced: int, warps:
 
 
 if INTERPRET:
-    DECODE_UP_CONFIGS = [_decode_cfg("BLOCK_F", 16, "BLOCK_D", 32, 4)]
-    DECODE_DOWN_CONFIGS = [_decode_cfg("BLOCK_D", 16, "BLOCK_F", 32, 4)]
+    DECODE_UP_CONFIGS = [_decode_cfg("BLOCK_F", 32, "BLOCK_D", 32, 4)]
+    DECODE_DOWN_CONFIGS = [_decode_cfg("BLOCK_D", 32, "BLOCK_F", 32, 4)]
 else:
     DECODE_UP_CONFIGS = [_decode_cfg("BLOCK_F", f, "BLOCK_D", d, w)
                          for f, d, w in [(32, 128, 4), (16, 128, 4), (64, 128, 4), (64, 128, 8), (32, 64, 4)]]

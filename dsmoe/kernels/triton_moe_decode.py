@@ -74,10 +74,10 @@ def _decode_up_kernel(x_ptr, idx_ptr, w_ptr, s_ptr, shared_gate_ptr, shared_up_p
 
 @triton.jit
 def _down_rows(h_ptr, w_ptr, row_stride, offs_d, d_ok, s_ptr, e, s_stride_e, s_stride_r, F: tl.constexpr,
-               SCALES: tl.constexpr, BLOCK_F: tl.constexpr):
+               SCALES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
     """W[offs_d, :F] @ h[:F] in fp32 for one decision; W's rows `row_stride` apart (a slice of a wider matrix
     for the shared experts)."""
-    acc = tl.zeros(offs_d.shape, tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
     for f0 in range(0, F, BLOCK_F):
         offs_f = f0 + tl.arange(0, BLOCK_F)
         f_ok = offs_f < F
@@ -107,12 +107,12 @@ def _decode_down_kernel(h_ptr, idx_ptr, weight_ptr, w_ptr, s_ptr, shared_down_pt
         n = t * TOP_K + k
         e = tl.load(idx_ptr + n).to(tl.int64)
         part = _down_rows(h_ptr + n * F, w_ptr + e * D * F, F, offs_d, d_ok, s_ptr, e, s_stride_e, s_stride_r,
-                          F, SCALES, BLOCK_F)
+                          F, SCALES, BLOCK_D, BLOCK_F)
         acc += tl.load(weight_ptr + n).to(tl.float32) * part
     for s in range(N_SHARED):
         n = N_ROUTED + t * N_SHARED + s
         acc += _down_rows(h_ptr + n * F, shared_down_ptr + s * F, N_SHARED * F, offs_d, d_ok, s_ptr, 0, 0, 0,
-                          F, 0, BLOCK_F)
+                          F, 0, BLOCK_D, BLOCK_F)
     tl.store(y_ptr + t * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=d_ok)
 
 
