@@ -142,13 +142,19 @@ def test_dispatch_by_rows_gradients_and_hooks(monkeypatch):
     assert seen == [(2, 40)] and calls == {"decode": 3, "permuted": 2, "mlp": 4}
 
 
-def test_decode_op_traces_under_torch_compile_and_passes_opcheck():
-    x, idx, w, gate_up, down, shared = expert_inputs(3, 24, 16, 6, 2, 1)
+def test_decode_layer_traces_under_torch_compile_and_the_op_passes_opcheck(monkeypatch):
+    """The engine compiles whole blocks: the fold decision and the op trace without a graph break."""
+    torch.manual_seed(0)
+    layer = MoE(layer_config("softmax", 2, 2), impl="triton").to(DEVICE)
+    layer.reset_parameters(0.1)
+    x = torch.randn(1, 3, 40, device=DEVICE)
+    calls = counting(monkeypatch)
     backend = "inductor" if ON_GPU else "aot_eager"
-    compiled = torch.compile(ops.experts_decode, backend=backend, fullgraph=True)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x, idx, w, gate_up, down, shared),
-                                   ops.experts_decode(x, idx, w, gate_up, down, shared), atol=1e-6, rtol=1e-6)
+        got = torch.compile(layer, backend=backend, fullgraph=True)(x)
+        assert calls["decode"] >= 1 and calls["permuted"] == 0
+        torch.testing.assert_close(got, layer(x), atol=1e-6, rtol=1e-6)
+    x, idx, w, gate_up, down, shared = expert_inputs(3, 24, 16, 6, 2, 1)
     torch.library.opcheck(torch.ops.dsmoe.experts_decode.default, (x, idx, w, gate_up, down, None, None, *shared),
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -5,9 +5,12 @@ training path (triton_moe.py) sorts the T*K routing decisions by expert (histogr
 two grouped GEMMs and a combine: five launches and a plan the GPU must build first. Here each decision reads
 its expert's weights directly:
 
-  up     one program per (F-tile, decision): h_n = silu(x_t W_gate[e]^T) * (x_t W_up[e]^T), fp32
-  down   one program per (D-tile, token):    y_t = sum_k w_tk * h_(t,k) W_down[e]^T  +  sum_s h_(t,s) W_down_s^T
+  up     one program per (decision, F-tile): h_n = silu(x_t W_gate[e]^T) * (x_t W_up[e]^T), fp32
+  down   one program per (token, D-tile):    y_t = sum_k w_tk * h_(t,k) W_down[e]^T  +  sum_s h_(t,s) W_down_s^T
                                              summed in fp32, stored once in x's dtype (no atomics)
+
+The decision (token) is the grid's fastest axis, so the programs running together read the same weight tile:
+tokens that chose the same expert, and every token's shared experts, then share its HBM read through L2.
 
 The shared experts are decisions too, always on, weight 1: DeepSeek merges its S shared experts into one MLP
 of width S*F, i.e. S experts of width F side by side, so shared expert s is rows s*F:(s+1)*F of the MLP's
@@ -39,7 +42,7 @@ PLAIN, INT8, FP8 = 0, 1, 2  # SCALES: how a weight tile becomes fp32
 def _decode_up_kernel(x_ptr, idx_ptr, w_ptr, s_ptr, shared_gate_ptr, shared_up_ptr, h_ptr, s_stride_e, s_stride_r,
                       N_ROUTED, ROWS_HINT, TOP_K: tl.constexpr, N_SHARED: tl.constexpr, F: tl.constexpr,
                       D: tl.constexpr, SCALES: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
-    n = tl.program_id(1)  # decisions: T*K routed (token-major), then T*S shared
+    n = tl.program_id(0)  # decisions: T*K routed (token-major), then T*S shared
     token = n // TOP_K
     e = tl.load(idx_ptr + n, mask=n < N_ROUTED, other=0).to(tl.int64)
     gate_ptr = w_ptr + e * (2 * F) * D  # the routed stack's rows are [gate; up] per expert
@@ -50,7 +53,7 @@ def _decode_up_kernel(x_ptr, idx_ptr, w_ptr, s_ptr, shared_gate_ptr, shared_up_p
             token = j // N_SHARED
             gate_ptr = shared_gate_ptr + (j % N_SHARED).to(tl.int64) * F * D
             up_ptr = shared_up_ptr + (j % N_SHARED).to(tl.int64) * F * D
-    offs_f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = offs_f < F
     acc_g = tl.zeros((BLOCK_F,), tl.float32)
     acc_u = tl.zeros((BLOCK_F,), tl.float32)
@@ -99,8 +102,8 @@ def _down_rows(h_ptr, w_ptr, row_stride, offs_d, d_ok, s_ptr, e, s_stride_e, s_s
 def _decode_down_kernel(h_ptr, idx_ptr, weight_ptr, w_ptr, s_ptr, shared_down_ptr, y_ptr, s_stride_e, s_stride_r,
                         N_ROUTED, ROWS_HINT, TOP_K: tl.constexpr, N_SHARED: tl.constexpr, F: tl.constexpr,
                         D: tl.constexpr, SCALES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
-    t = tl.program_id(1)
-    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     acc = tl.zeros((BLOCK_D,), tl.float32)
     for k in range(TOP_K):
@@ -165,10 +168,10 @@ def moe_decode(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: to
     if T == 0:
         return y
     hint = triton.next_power_of_2(T)
-    _decode_up_kernel[lambda meta: (triton.cdiv(F, meta["BLOCK_F"]), N)](
+    _decode_up_kernel[lambda meta: (N, triton.cdiv(F, meta["BLOCK_F"]))](
         x_TD, idx, gu, gu_s, shared_gate, shared_up, h, *up_strides, N_routed, hint,
         TOP_K=K, N_SHARED=S, F=F, D=D, SCALES=scales)
-    _decode_down_kernel[lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), T)](
+    _decode_down_kernel[lambda meta: (T, triton.cdiv(D, meta["BLOCK_D"]))](
         h, idx, weight, dn, dn_s, shared_down, y, *down_strides, N_routed, hint,
         TOP_K=K, N_SHARED=S, F=F, D=D, SCALES=scales)
     return y
