@@ -98,9 +98,11 @@ if INTERPRET:
 else:
     DECODE_UP_CONFIGS = [_decode_cfg("BLOCK_F", f, "BLOCK_D", d, w)
                          for f, d, w in [(32, 128, 4), (16, 128, 4), (64, 128, 4), (64, 128, 8), (32, 64, 4)]]
-    # one program per (D-tile, token) sums the token's decisions, so small D-tiles keep the SMs busy at T = 1
+    # one program per (D-tile, token) sums the token's decisions, so small D-tiles keep the SMs busy at T = 1;
+    # each step holds K + S tiles in flight, so the tiles stay small
     DECODE_DOWN_CONFIGS = [_decode_cfg("BLOCK_D", d, "BLOCK_F", f, w)
-                           for d, f, w in [(32, 128, 4), (8, 128, 4), (16, 128, 4), (16, 64, 2), (64, 128, 8)]]
+                           for d, f, w in [(32, 128, 4), (8, 128, 4), (16, 128, 4), (4, 128, 4), (16, 64, 4),
+                                           (32, 128, 8)]]
 
 
 SMEM_BUDGET = 180 * 1024  # bytes; H100/H200 allow 227 KB per block, leave room for the epilogue
