@@ -254,15 +254,23 @@ def _experts_decode_op(
     x: Tensor, topk_idx: Tensor, topk_weight: Tensor, gate_up: Tensor, down: Tensor, gate_up_scale: Tensor | None,
     down_scale: Tensor | None, shared_gate: Tensor | None, shared_up: Tensor | None, shared_down: Tensor | None,
 ) -> Tensor:
-    from dsmoe.kernels.triton_moe_decode import moe_decode
+    from dsmoe.kernels.triton_moe_decode import moe_decode_partials
 
     shared = None if shared_gate is None else (shared_gate, shared_up, shared_down)
-    return moe_decode(x, topk_idx, topk_weight, gate_up, down, gate_up_scale, down_scale, shared)
+    return moe_decode_partials(x, topk_idx, topk_weight, gate_up, down, gate_up_scale, down_scale, shared)
 
 
 @_experts_decode_op.register_fake
 def _(x, topk_idx, topk_weight, gate_up, down, gate_up_scale, down_scale, shared_gate, shared_up, shared_down):
-    return x.new_empty(x.shape)
+    from dsmoe.kernels.triton_moe_decode import MAX_SPLIT_F
+
+    return x.new_empty(MAX_SPLIT_F, *x.shape, dtype=torch.float32)
+
+
+def _summed_decode(x_TD: torch.Tensor, *weights: torch.Tensor | None) -> torch.Tensor:
+    """The decode kernels' fp32 partial sums added outside the custom op, so torch.compile fuses the sum into
+    whatever follows (the residual add) instead of launching it."""
+    return torch.ops.dsmoe.experts_decode(x_TD, *weights).sum(0).to(x_TD.dtype)
 
 
 def experts_decode(
@@ -272,8 +280,7 @@ def experts_decode(
     """The routed experts (+ the shared MLP's (gate_proj, up_proj, down_proj) weights, weight 1) in two launches
     that read each decision's expert where it lies; forward only (see `decode_fits`). x's dtype throughout."""
     gate, up, down = shared if shared is not None else (None, None, None)
-    return torch.ops.dsmoe.experts_decode(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF, None, None,
-                                          gate, up, down)
+    return _summed_decode(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF, None, None, gate, up, down)
 
 
 # ---- weight-only fp8 / int8 inference: dsmoe::wq_matmul, and the quantized codes through dsmoe::experts_decode ----
@@ -321,7 +328,7 @@ def quant_moe_experts(
     larger ones dequantise the stacks once and take `moe_experts(impl)`."""
     blocks_ok = _fp8_blocks_are_128(gate_up_q, gate_up_scale) and _fp8_blocks_are_128(down_q, down_scale)
     if _wq_kernel_fits(x_TD, topk_idx_TK.numel(), blocks_ok):
-        return torch.ops.dsmoe.experts_decode(x_TD, topk_idx_TK, topk_weight_TK, gate_up_q, down_q, gate_up_scale,
-                                              down_scale, None, None, None)
+        return _summed_decode(x_TD, topk_idx_TK, topk_weight_TK, gate_up_q, down_q, gate_up_scale, down_scale, None,
+                              None, None)
     return moe_experts(x_TD, topk_idx_TK, topk_weight_TK, dequantize(gate_up_q, gate_up_scale, x_TD.dtype),
                        dequantize(down_q, down_scale, x_TD.dtype), impl)

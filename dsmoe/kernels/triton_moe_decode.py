@@ -6,8 +6,13 @@ two grouped GEMMs and a combine: five launches and a plan the GPU must build fir
 its expert's weights directly:
 
   up     one program per (decision, F-tile): h_n = silu(x_t W_gate[e]^T) * (x_t W_up[e]^T), fp32
-  down   one program per (token, D-tile):    y_t = sum_k w_tk * h_(t,k) W_down[e]^T  +  sum_s h_(t,s) W_down_s^T
-                                             summed in fp32, stored once in x's dtype (no atomics)
+  down   one program per (token, D-tile, F-part): y_t = sum_k w_tk * h_(t,k) W_down[e]^T  +  sum_s h_(t,s) W_down_s^T
+         over its share of F, summed in fp32 and stored as one of MAX_SPLIT_F partial sums (no atomics)
+
+Splitting F gives a single token enough programs to keep the SMs reading (one per D-tile left the down kernel at
+1.3 TB/s on an H100 while the up kernel read at 2.5). The caller adds the partial sums (`ops.experts_decode`:
+under torch.compile that sum fuses into the residual add that follows, so it costs no launch); the autotuner
+picks the split, and parts it leaves out are written as zeros.
 
 The decision (token) is the grid's fastest axis, so the programs running together read the same weight tile:
 tokens that chose the same expert, and every token's shared experts, then share its HBM read through L2.
@@ -34,6 +39,7 @@ from dsmoe.kernels.triton_moe import check_expert_inputs
 from dsmoe.kernels.triton_quant import codes_view, load_codes, row_scale, scale_strides
 
 PLAIN, INT8, FP8 = 0, 1, 2  # SCALES: how a weight tile becomes fp32
+MAX_SPLIT_F = 4  # partial sums the down kernel returns; its configs split F into at most this many parts
 
 
 @triton.autotune(configs=DECODE_UP_CONFIGS, key=["ROWS_HINT", "F", "D", "SCALES", "N_SHARED"],
@@ -95,14 +101,15 @@ def _down_chunk(h_ptr, w_ptr, row_stride, offs_d, d_ok, f0, s_ptr, e, s_stride_e
 @triton.jit(do_not_specialize=["N_ROUTED", "ROWS_HINT"])
 def _decode_down_kernel(h_ptr, idx_ptr, weight_ptr, w_ptr, s_ptr, shared_down_ptr, y_ptr, s_stride_e, s_stride_r,
                         N_ROUTED, ROWS_HINT, TOP_K: tl.constexpr, N_SHARED: tl.constexpr, F: tl.constexpr,
-                        D: tl.constexpr, SCALES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
-    t = tl.program_id(0)
+                        D: tl.constexpr, SCALES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+                        SPLIT_F: tl.constexpr, MAX_SPLIT: tl.constexpr):
+    t, f_part = tl.program_id(0), tl.program_id(2)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     acc = tl.zeros((BLOCK_D,), tl.float32)
-    # F-chunks outside, the token's decisions unrolled inside: each step issues K + S independent weight-tile
-    # loads at once (one decision at a time left each program waiting on one load: 1.1 TB/s on an H100)
-    for f0 in range(0, F, BLOCK_F):
+    # F-chunks outside (this part's: every SPLIT_F-th), the token's decisions unrolled inside: each step issues
+    # K + S independent weight-tile loads at once (one decision at a time left each program waiting on one load)
+    for f0 in range(f_part * BLOCK_F, F, SPLIT_F * BLOCK_F):
         for k in tl.static_range(TOP_K):
             n = t * TOP_K + k
             e = tl.load(idx_ptr + n).to(tl.int64)
@@ -113,13 +120,23 @@ def _decode_down_kernel(h_ptr, idx_ptr, weight_ptr, w_ptr, s_ptr, shared_down_pt
             n = N_ROUTED + t * N_SHARED + s
             acc += _down_chunk(h_ptr + n * F, shared_down_ptr + s * F, N_SHARED * F, offs_d, d_ok, f0, s_ptr, 0, 0, 0,
                                F, 0, BLOCK_F)
-    tl.store(y_ptr + t * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=d_ok)
+    T = tl.num_programs(0)
+    tl.store(y_ptr + (f_part * T + t) * D + offs_d, acc, mask=d_ok)
+    if f_part == 0:  # the parts this config does not split into hold zeros, so the caller sums all MAX_SPLIT
+        for unused in tl.static_range(SPLIT_F, MAX_SPLIT):
+            tl.store(y_ptr + (unused * T + t) * D + offs_d, tl.zeros((BLOCK_D,), tl.float32), mask=d_ok)
 
 
-def moe_decode(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor, gate_up: torch.Tensor,
-               down: torch.Tensor, gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None,
-               shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """y_TD = sum_k w_tk * Expert_{idx_tk}(x_t) (+ SharedMLP(x_t)) in x's dtype, summed in fp32.
+def moe_decode(x_TD: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """y_TD = sum_k w_tk * Expert_{idx_tk}(x_t) (+ SharedMLP(x_t)) in x's dtype: `moe_decode_partials` summed."""
+    return moe_decode_partials(x_TD, *args, **kwargs).sum(0).to(x_TD.dtype)
+
+
+def moe_decode_partials(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                        gate_up: torch.Tensor, down: torch.Tensor, gate_up_scale: torch.Tensor | None = None,
+                        down_scale: torch.Tensor | None = None,
+                        shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """[MAX_SPLIT_F, T, D] fp32 partial sums of y_TD = sum_k w_tk * Expert_{idx_tk}(x_t) (+ SharedMLP(x_t)).
 
     gate_up [E, 2F, D], down [E, D, F]: x's dtype, or quantized codes with their scales (both or neither).
     shared: the shared MLP's (gate_proj [S*F, D], up_proj [S*F, D], down_proj [D, S*F]) weights in x's dtype,
@@ -161,14 +178,14 @@ def moe_decode(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: to
     x_TD = x_TD.contiguous()
     N_routed, N = T * K, T * (K + S)
     h = torch.empty(N, F, dtype=torch.float32, device=x_TD.device)
-    y = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
+    y = torch.empty(MAX_SPLIT_F, T, D, dtype=torch.float32, device=x_TD.device)
     if T == 0:
         return y
     hint = triton.next_power_of_2(T)
     _decode_up_kernel[lambda meta: (N, triton.cdiv(F, meta["BLOCK_F"]))](
         x_TD, idx, gu, gu_s, shared_gate, shared_up, h, *up_strides, N_routed, hint,
         TOP_K=K, N_SHARED=S, F=F, D=D, SCALES=scales)
-    _decode_down_kernel[lambda meta: (T, triton.cdiv(D, meta["BLOCK_D"]))](
+    _decode_down_kernel[lambda meta: (T, triton.cdiv(D, meta["BLOCK_D"]), meta["SPLIT_F"])](
         h, idx, weight, dn, dn_s, shared_down, y, *down_strides, N_routed, hint,
-        TOP_K=K, N_SHARED=S, F=F, D=D, SCALES=scales)
+        TOP_K=K, N_SHARED=S, F=F, D=D, SCALES=scales, MAX_SPLIT=MAX_SPLIT_F)
     return y
