@@ -1,5 +1,5 @@
 """The one door from the model to the kernels: `resolve_impl`, `moe_experts`, `router_logits`, `route_fused`,
-`rms_norm`, `apply_rotary`.
+`rms_norm`, `apply_rotary`, `mla_decode_attention`.
 
 impl: "reference" (per-expert loop, the spec), "grouped" (torch grouped_mm), "triton" (fused kernels, when
 Triton and a GPU are there), or "auto" (the fastest available for these tensors). The model keeps the asked-for
@@ -20,8 +20,8 @@ from torch import Tensor
 
 from dsmoe.kernels.grouped import grouped_mm_supported, moe_experts_grouped
 from dsmoe.kernels.quant import check_scheme, dequantize, quantize  # noqa: F401 (the model's door to the formats)
-from dsmoe.kernels.reference import (moe_experts_reference, rms_norm_reference, rotary_reference,
-                                    router_logits_reference)
+from dsmoe.kernels.reference import (mla_decode_attention_reference, moe_experts_reference, rms_norm_reference,
+                                    rotary_reference, router_logits_reference)
 from dsmoe.kernels.router_gemm import split_router_logits
 
 IMPLS = ("auto", "reference", "grouped", "triton")  # what users may ask for; the last three are what runs
@@ -99,6 +99,34 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
 
         return rotary_triton(x, cos, sin, interleaved)
     return rotary_reference(x, cos, sin, interleaved)
+
+
+# ---- MLA decode attention: dsmoe::mla_decode ----------------------------------------------------------------
+
+@torch.library.custom_op("dsmoe::mla_decode", mutates_args=())
+def _mla_decode_op(q_lat: Tensor, q_pe: Tensor, kv: Tensor, hidden: Tensor, scale: float) -> Tensor:
+    from dsmoe.kernels.triton_mla_decode import mla_decode_triton
+
+    return mla_decode_triton(q_lat, q_pe, kv, hidden, scale)
+
+
+@_mla_decode_op.register_fake
+def _(q_lat, q_pe, kv, hidden, scale):
+    B, H, S, C = q_lat.shape
+    return kv.new_empty(H, B, S, C)
+
+
+def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, hidden: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """MLA's absorbed attention over the compressed cache (contract: `mla_decode_attention_reference`): one
+    Triton pass over the cache for inference on CUDA, also inside compiled decode steps (an opaque op, so
+    inductor keeps it whole); the reference (two GEMMs around an fp32 softmax) elsewhere, for gradients and for
+    an fp32 cache (whose GEMMs the kernel's tensor-core dots would round to tf32)."""
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_lat, q_pe, kv))
+    if (kv.is_cuda and not wants_grad and kv.dtype in (torch.bfloat16, torch.float16)
+            and triton_available(kv.device)):
+        return torch.ops.dsmoe.mla_decode(q_lat, q_pe, kv, hidden, float(scale))
+    return mla_decode_attention_reference(q_lat, q_pe, kv, hidden, scale)
 
 
 # Below this many tokens the fp32 router GEMM is memory-bound and one launch, while the split path splits [E, D]
