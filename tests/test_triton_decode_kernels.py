@@ -134,7 +134,7 @@ def mla_inputs(B, H, S, C, R, L, positions, dtype=torch.float32, per_draft=True,
 @pytest.mark.parametrize("B,H,S,C,R,L,positions,splits", [
     (1, 16, 1, 32, 16, 70, [69], None),  # one row block, positions over several tiles, default splits
     (1, 16, 1, 32, 16, 70, [40], 1),  # one program over every tile: the online softmax, written directly
-    (2, 4, 2, 32, 16, 200, [150, 199], 2),  # several tiles in each of two splits
+    (2, 4, 2, 160, 16, 200, [150, 199], 2),  # several tiles in each of two splits, merged 128 columns at a time
     (2, 3, 3, 40, 8, 50, [0, 47], 3),  # drafts, odd widths, a row at its first position, combined splits
     (3, 5, 4, 24, 8, 33, [2, 9, 29], 4),  # rows past 16 (two row blocks), splits holding no visible position
     (2, 2, 1, 16, 16, 1, [0, 0], None),  # a cache of one position

@@ -75,7 +75,7 @@ def _partial_kernel(qc_ptr, qr_ptr, kv_ptr, hidden_ptr, out_ptr, lse_ptr,
 @triton.jit
 def _combine_kernel(part_ptr, lse_ptr, out_ptr, S, M, splits,
                     s_part_split, s_part_b, s_part_h, s_part_s, s_lse_split, s_lse_b, s_out_b, s_out_h, s_out_s,
-                    C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+                    C: tl.constexpr, COMBINE_C: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
     b, row = tl.program_id(0).to(tl.int64), tl.program_id(1)
     h, s = row // S, row % S
     k = tl.arange(0, BLOCK_SPLITS)
@@ -83,14 +83,17 @@ def _combine_kernel(part_ptr, lse_ptr, out_ptr, S, M, splits,
     top = tl.max(lse, axis=0)
     weight = tl.exp(lse - tl.where(top == float("-inf"), 0.0, top))
     weight = weight / tl.maximum(tl.sum(weight, axis=0), 1e-30)
-    cc = tl.arange(0, BLOCK_C)
-    part = tl.load(part_ptr + k[:, None] * s_part_split + b * s_part_b + h * s_part_h + s * s_part_s + cc[None, :],
-                   mask=(k < splits)[:, None] & (cc < C)[None, :], other=0.0)
-    out = tl.sum(part * weight[:, None], axis=0)
-    tl.store(out_ptr + b * s_out_b + h * s_out_h + s * s_out_s + cc, out.to(out_ptr.dtype.element_ty), mask=cc < C)
+    for c0 in range(0, C, COMBINE_C):  # a [splits, COMBINE_C] fp32 tile at a time stays in registers
+        cc = c0 + tl.arange(0, COMBINE_C)
+        part = tl.load(part_ptr + k[:, None] * s_part_split + b * s_part_b + h * s_part_h + s * s_part_s
+                       + cc[None, :], mask=(k < splits)[:, None] & (cc < C)[None, :], other=0.0)
+        out = tl.sum(part * weight[:, None], axis=0)
+        tl.store(out_ptr + b * s_out_b + h * s_out_h + s * s_out_s + cc, out.to(out_ptr.dtype.element_ty),
+                 mask=cc < C)
 
 
 BLOCK_N = 32
+MAX_SPLITS = 64  # the merge holds every split's weight of a row at once
 
 
 @functools.cache
@@ -103,7 +106,7 @@ def split_count(batch: int, row_blocks: int, length: int, device: torch.device) 
     """How many programs share one sequence's positions: enough to fill the GPU, at most one per tile. Depends
     only on shapes, so a captured decode step keeps its launch."""
     fill = _programs_to_fill(device.index or 0) if device.type == "cuda" else 8
-    return max(1, min(triton.cdiv(length, BLOCK_N), triton.cdiv(fill, batch * row_blocks)))
+    return max(1, min(triton.cdiv(length, BLOCK_N), triton.cdiv(fill, batch * row_blocks), MAX_SPLITS))
 
 
 def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, hidden: torch.Tensor,
@@ -123,7 +126,7 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
     M = H * S
     block_m = 16 if M <= 16 else 32
     row_blocks = triton.cdiv(M, block_m)
-    splits = splits or split_count(B, row_blocks, L, kv.device)
+    splits = min(splits or split_count(B, row_blocks, L, kv.device), MAX_SPLITS)
     # tiles per program a power of two: a constant of the kernel, so few compilations cover every length bucket
     tiles = triton.next_power_of_2(triton.cdiv(triton.cdiv(L, splits), BLOCK_N))
     splits = triton.cdiv(L, tiles * BLOCK_N)
@@ -146,5 +149,5 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
         _combine_kernel[(B, M)](
             part, lse, out, S, M, splits, part.stride(0), part.stride(1), part.stride(2), part.stride(3),
             lse.stride(0), lse.stride(1), out.stride(1), out.stride(0), out.stride(2),
-            C=C, BLOCK_C=block_c, BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4)
+            C=C, COMBINE_C=min(block_c, 128), BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4)
     return out
