@@ -137,6 +137,7 @@ def mla_inputs(B, H, S, C, R, L, positions, dtype=torch.float32, per_draft=True,
     (2, 4, 2, 160, 16, 200, [150, 199], 2),  # several tiles in each of two splits, merged 128 columns at a time
     (2, 3, 3, 40, 8, 50, [0, 47], 3),  # drafts, odd widths, a row at its first position, combined splits
     (3, 5, 4, 24, 8, 33, [2, 9, 29], 4),  # rows past 16 (two row blocks), splits holding no visible position
+    (2, 9, 4, 24, 8, 40, [5, 30], 1),  # three row blocks, one of them partly filled
     (2, 2, 1, 16, 16, 1, [0, 0], None),  # a cache of one position
 ], ids=str)
 def test_mla_decode_kernel_matches_the_reference_fp32(B, H, S, C, R, L, positions, splits):
@@ -156,10 +157,15 @@ def test_mla_decode_kernel_reads_one_mask_for_every_draft_and_ignores_hidden_pos
     torch.testing.assert_close(mla_decode_triton(q_lat, q_pe, kv, hidden, scale, splits=2)[:, :1], out[:, :1])
 
 
-def test_mla_decode_kernel_refuses_a_cache_of_another_width():
-    q_lat, q_pe, kv, hidden, scale = mla_inputs(1, 2, 1, 32, 16, 8, [3])
+def test_mla_decode_kernel_refuses_what_does_not_fit_and_reads_a_strided_mask():
+    q_lat, q_pe, kv, hidden, scale = mla_inputs(1, 2, 3, 32, 16, 8, [3])
     with pytest.raises(ValueError, match="do not fit"):
         mla_decode_triton(q_lat, q_pe, kv[..., :40], hidden, scale)
+    with pytest.raises(ValueError, match="do not fit"):  # 2 mask rows for 3 drafts
+        mla_decode_triton(q_lat, q_pe, kv, hidden[:, :2], scale)
+    strided = hidden.transpose(1, 2).contiguous().transpose(1, 2)  # the same mask, positions not adjacent
+    torch.testing.assert_close(mla_decode_triton(q_lat, q_pe, kv, strided, scale),
+                               mla_decode_attention_reference(q_lat, q_pe, kv, hidden, scale), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu
@@ -174,13 +180,18 @@ def test_gpu_bf16_mla_decode_kernel_within_bf16_of_the_reference(B, S, L):
 
 
 @pytest.mark.gpu
-def test_gpu_ops_mla_decode_takes_the_kernel_only_without_gradients():
+def test_gpu_ops_mla_decode_takes_the_kernel_only_without_gradients(monkeypatch):
+    import dsmoe.kernels.triton_mla_decode as tm
+
+    calls = []
+    monkeypatch.setattr(tm, "mla_decode_triton", lambda *a: calls.append(1) or mla_decode_triton(*a))
     q_lat, q_pe, kv, hidden, scale = mla_inputs(2, 16, 1, 64, 16, 100, [50, 99], torch.bfloat16)
     with torch.no_grad():
         fused = ops.mla_decode_attention(q_lat, q_pe, kv, hidden, scale)
     compiled = torch.compile(ops.mla_decode_attention, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(q_lat, q_pe, kv, hidden, scale), fused)
+    assert len(calls) >= 2  # eager, and inside the compiled graph (the custom op runs it)
     plain = ops.mla_decode_attention(q_lat.requires_grad_(), q_pe, kv, hidden, scale)
-    assert plain.grad_fn is not None
+    assert plain.grad_fn is not None and len(calls) >= 2
     torch.testing.assert_close(fused, plain.detach(), atol=2e-2, rtol=2e-2)

@@ -76,11 +76,13 @@ def moe_experts(
     raise ValueError(f"moe_experts takes a resolved implementation (reference, grouped or triton), not {impl!r}")
 
 
-def _fused_inference(x: torch.Tensor, *params: torch.Tensor) -> bool:
-    """Whether a forward-only Triton kernel may replace a reference: on CUDA, no gradient wanted, and not while
-    torch.compile traces (inductor fuses the reference itself)."""
+def _fused_inference(x: torch.Tensor, *params: torch.Tensor, when_compiling: bool = False) -> bool:
+    """Whether a forward-only Triton kernel may replace a reference: on CUDA, no gradient wanted, and (unless
+    `when_compiling`: a custom op inductor cannot match) not while torch.compile traces, since inductor fuses
+    the reference itself."""
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
-    return x.is_cuda and not wants_grad and not torch.compiler.is_compiling() and triton_available(x.device)
+    return (x.is_cuda and not wants_grad and (when_compiling or not torch.compiler.is_compiling())
+            and triton_available(x.device))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -122,9 +124,7 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tens
     Triton pass over the cache for inference on CUDA, also inside compiled decode steps (an opaque op, so
     inductor keeps it whole); the reference (two GEMMs around an fp32 softmax) elsewhere, for gradients and for
     an fp32 cache (whose GEMMs the kernel's tensor-core dots would round to tf32)."""
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_lat, q_pe, kv))
-    if (kv.is_cuda and not wants_grad and kv.dtype in (torch.bfloat16, torch.float16)
-            and triton_available(kv.device)):
+    if kv.dtype in (torch.bfloat16, torch.float16) and _fused_inference(kv, q_lat, q_pe, when_compiling=True):
         return torch.ops.dsmoe.mla_decode(q_lat, q_pe, kv, hidden, float(scale))
     return mla_decode_attention_reference(q_lat, q_pe, kv, hidden, scale)
 

@@ -51,18 +51,19 @@ def _partial_kernel(qc_ptr, qr_ptr, kv_ptr, hidden_ptr, out_ptr, lse_ptr,
                          mask=row_ok[:, None] & (n < end)[None, :], other=1)
         visible = hidden == 0
         col_read = tl.max(visible.to(tl.int32), axis=0) > 0  # a position some row of the tile attends to
-        entry = kv_ptr + b * s_kv_b + n[:, None] * s_kv_l
-        kv_c = tl.load(entry + cc[None, :], mask=col_read[:, None] & c_ok[None, :], other=0.0)
-        kv_r = tl.load(entry + C + rr[None, :], mask=col_read[:, None] & r_ok[None, :], other=0.0)
-        scores = tl.dot(q_c, tl.trans(kv_c)) + tl.dot(q_r, tl.trans(kv_r))
-        scores = tl.where(visible, scores * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet stay at exp(-inf) = 0
-        alpha = tl.exp(m_i - m_base)
-        p = tl.exp(scores - m_base[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), kv_c)
-        m_i = m_new
+        if tl.max(col_read.to(tl.int32), axis=0) > 0:  # tiles past every row's position cost only their mask
+            entry = kv_ptr + b * s_kv_b + n[:, None] * s_kv_l
+            kv_c = tl.load(entry + cc[None, :], mask=col_read[:, None] & c_ok[None, :], other=0.0)
+            kv_r = tl.load(entry + C + rr[None, :], mask=col_read[:, None] & r_ok[None, :], other=0.0)
+            scores = tl.dot(q_c, tl.trans(kv_c)) + tl.dot(q_r, tl.trans(kv_r))
+            scores = tl.where(visible, scores * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet: exp(-inf) = 0
+            alpha = tl.exp(m_i - m_base)
+            p = tl.exp(scores - m_base[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), kv_c)
+            m_i = m_new
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
     out = out_ptr + split * s_out_split + b * s_out_b + h[:, None] * s_out_h + s[:, None] * s_out_s + cc[None, :]
@@ -83,7 +84,7 @@ def _combine_kernel(part_ptr, lse_ptr, out_ptr, S, M, splits,
     top = tl.max(lse, axis=0)
     weight = tl.exp(lse - tl.where(top == float("-inf"), 0.0, top))
     weight = weight / tl.maximum(tl.sum(weight, axis=0), 1e-30)
-    for c0 in range(0, C, COMBINE_C):  # a [splits, COMBINE_C] fp32 tile at a time stays in registers
+    for c0 in range(0, C, COMBINE_C):  # a [splits, COMBINE_C] fp32 tile at a time, kept in registers
         cc = c0 + tl.arange(0, COMBINE_C)
         part = tl.load(part_ptr + k[:, None] * s_part_split + b * s_part_b + h * s_part_h + s * s_part_s
                        + cc[None, :], mask=(k < splits)[:, None] & (cc < C)[None, :], other=0.0)
@@ -92,14 +93,15 @@ def _combine_kernel(part_ptr, lse_ptr, out_ptr, S, M, splits,
                  mask=cc < C)
 
 
+BLOCK_M = 16  # query rows per program: [16, C] fp32 accumulator + a [32, C] cache tile fit 8 warps' registers
 BLOCK_N = 32
-MAX_SPLITS = 64  # the merge holds every split's weight of a row at once
+MAX_SPLITS = 128  # about one program per SM at batch 1 (the merge holds a row's split weights at once)
 
 
 @functools.cache
 def _programs_to_fill(device_index: int) -> int:
-    """Two programs per SM keep every SM reading while another waits on memory."""
-    return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
+    """One program per SM: its 256 threads hold nearly all of an SM's registers (241 each at C = 512, sm_90)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def split_count(batch: int, row_blocks: int, length: int, device: torch.device) -> int:
@@ -113,26 +115,28 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
                       scale: float, splits: int | None = None) -> torch.Tensor:
     """The contract of `mla_decode_attention_reference`: q_lat (B, H, S, C), q_pe (B, H, S, R) (any strides,
     unit stride last), kv (B, L, C + R) (unit stride last), hidden (B, S, L) or (B, L) bool, True = not attended
-    -> (H, B, S, C) in kv's dtype, head-major (the layout of the absorbed output GEMM). splits: positions split
-    over this many programs per row block (default: `split_count`)."""
+    -> (H, B, S, C) in kv's dtype, head-major (the layout of the absorbed output GEMM). A row that may read no
+    position gives 0 (the reference: NaN; decode always shows position 0). splits: positions split over this
+    many programs per row block (default: `split_count`)."""
     B, H, S, C = q_lat.shape
     R, L = q_pe.shape[-1], kv.shape[1]
-    if kv.shape != (B, L, C + R) or q_pe.shape[:3] != (B, H, S) or hidden.shape[-1] != L:
+    mask_rows = hidden.shape[1] if hidden.dim() == 3 else 1
+    if (kv.shape != (B, L, C + R) or q_pe.shape[:3] != (B, H, S) or hidden.shape[0] != B or hidden.shape[-1] != L
+            or mask_rows not in (1, S)):
         raise ValueError(f"mla decode: q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)}, cache "
                          f"{tuple(kv.shape)} and mask {tuple(hidden.shape)} do not fit")
+    out = torch.empty(H, B, S, C, dtype=kv.dtype, device=kv.device)
+    if out.numel() == 0:
+        return out
     q_lat, q_pe, kv = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_lat, q_pe, kv))
-    hidden = hidden.reshape(B, -1, L).view(torch.uint8)
-    s_hid_s = hidden.stride(1) if hidden.shape[1] > 1 else 0  # one mask row for every draft position
+    hidden = hidden.reshape(B, mask_rows, L).contiguous().view(torch.uint8)
+    s_hid_s = hidden.stride(1) if mask_rows > 1 else 0  # one mask row for every draft position
     M = H * S
-    block_m = 16 if M <= 16 else 32
-    row_blocks = triton.cdiv(M, block_m)
+    row_blocks = triton.cdiv(M, BLOCK_M)
     splits = min(splits or split_count(B, row_blocks, L, kv.device), MAX_SPLITS)
     # tiles per program a power of two: a constant of the kernel, so few compilations cover every length bucket
     tiles = triton.next_power_of_2(triton.cdiv(triton.cdiv(L, splits), BLOCK_N))
     splits = triton.cdiv(L, tiles * BLOCK_N)
-    out = torch.empty(H, B, S, C, dtype=kv.dtype, device=kv.device)
-    if out.numel() == 0:
-        return out
     final = splits == 1
     part = out.permute(1, 0, 2, 3)[None] if final else torch.empty(splits, B, H, S, C, dtype=torch.float32,
                                                                    device=kv.device)
@@ -143,11 +147,12 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         kv.stride(0), kv.stride(1), hidden.stride(0), s_hid_s,
         part.stride(0), part.stride(1), part.stride(2), part.stride(3), lse.stride(0), lse.stride(1),
-        C=C, R=R, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_C=block_c, BLOCK_R=block_r, TILES=tiles, FINAL=final,
-        num_warps=4 if block_m == 16 else 8, num_stages=2)
+        C=C, R=R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_C=block_c, BLOCK_R=block_r, TILES=tiles, FINAL=final,
+        num_warps=8, num_stages=2)
     if not final:
+        block_splits = triton.next_power_of_2(splits)  # a [splits, COMBINE_C] fp32 tile of at most 4096 values
         _combine_kernel[(B, M)](
             part, lse, out, S, M, splits, part.stride(0), part.stride(1), part.stride(2), part.stride(3),
             lse.stride(0), lse.stride(1), out.stride(1), out.stride(0), out.stride(2),
-            C=C, COMBINE_C=min(block_c, 128), BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4)
+            C=C, COMBINE_C=max(16, min(block_c, 4096 // block_splits)), BLOCK_SPLITS=block_splits, num_warps=4)
     return out
