@@ -149,12 +149,19 @@ def test_compiled_speculative_steps_capture_and_decode_greedily_as_plain():
     assert all(r.compiled for r in runners) and any(r.graphs for r in runners) and not any(r.failed for r in runners)
 
 
-def test_decode_through_the_mla_kernel_is_as_close_to_the_full_forward_as_the_reference(model, monkeypatch):
+def test_decode_through_the_mla_kernel_is_as_close_to_the_full_forward_as_the_reference(monkeypatch):
     """bf16 cached decode (absorbed MLA over the compressed cache) against the full forward (expanded attention),
-    once through the Triton kernel and once through its reference: the kernel strays no further."""
+    once through the Triton kernel and once through its reference: the kernel strays no further. Dense layers,
+    because a routing flip between two bf16 paths moves a token's output by a whole expert, which says nothing of
+    the attention (on the MoE model the kernel's worst error was 0.096 on an H100)."""
     import dsmoe.kernels.triton_mla_decode as tm
     from dsmoe.infer.cache import KVCache
     from dsmoe.kernels import ops, reference
+
+    cfg = get_preset("small").replace(num_hidden_layers=4, first_k_dense_replace=4, vocab_size=4096,
+                                      initializer_range=0.05)
+    torch.manual_seed(0)
+    model = build_model(cfg, device="cuda", dtype=torch.bfloat16).eval()
 
     ids = torch.randint(0, 4096, (2, 96), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.no_grad():
@@ -178,4 +185,5 @@ def test_decode_through_the_mla_kernel_is_as_close_to_the_full_forward_as_the_re
     assert len(calls) == 32 * len(model.layers)
     monkeypatch.setattr(ops, "mla_decode_attention", reference.mla_decode_attention_reference)
     through_reference = worst_decode_error()
-    assert through_kernel < 0.05 and through_kernel <= 1.5 * through_reference + 1e-3
+    assert through_kernel < 0.05 and through_kernel <= 1.5 * through_reference + 1e-3, \
+        (through_kernel, through_reference)
