@@ -1,5 +1,5 @@
 """The one door from the model to the kernels: `resolve_impl`, `moe_experts`, `decode_fits` /
-`experts_decode`, `router_logits`, `route_fused`, `rms_norm`, `apply_rotary`.
+`experts_decode`, `router_logits`, `route_fused`, `rms_norm`, `apply_rotary`, `mla_decode_attention`.
 
 impl: "reference" (per-expert loop, the spec), "grouped" (torch grouped_mm), "triton" (fused kernels, when
 Triton and a GPU are there), or "auto" (the fastest available for these tensors). The model keeps the asked-for
@@ -20,8 +20,8 @@ from torch import Tensor
 
 from dsmoe.kernels.grouped import grouped_mm_supported, moe_experts_grouped
 from dsmoe.kernels.quant import check_scheme, dequantize, quantize  # noqa: F401 (the model's door to the formats)
-from dsmoe.kernels.reference import (moe_experts_reference, rms_norm_reference, rotary_reference,
-                                    router_logits_reference)
+from dsmoe.kernels.reference import (mla_decode_attention_reference, moe_experts_reference, rms_norm_reference,
+                                    rotary_reference, router_logits_reference)
 from dsmoe.kernels.router_gemm import split_router_logits
 
 IMPLS = ("auto", "reference", "grouped", "triton")  # what users may ask for; the last three are what runs
@@ -78,11 +78,13 @@ def moe_experts(
     raise ValueError(f"moe_experts takes a resolved implementation (reference, grouped or triton), not {impl!r}")
 
 
-def _fused_inference(x: torch.Tensor, *params: torch.Tensor) -> bool:
-    """Whether a forward-only Triton kernel may replace a reference: on CUDA, no gradient wanted, and not while
-    torch.compile traces (inductor fuses the reference itself)."""
+def _fused_inference(x: torch.Tensor, *params: torch.Tensor, when_compiling: bool = False) -> bool:
+    """Whether a forward-only Triton kernel may replace a reference: on CUDA, no gradient wanted, and (unless
+    `when_compiling`: a custom op inductor cannot match) not while torch.compile traces, since inductor fuses
+    the reference itself."""
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
-    return x.is_cuda and not wants_grad and not torch.compiler.is_compiling() and triton_available(x.device)
+    return (x.is_cuda and not wants_grad and (when_compiling or not torch.compiler.is_compiling())
+            and triton_available(x.device))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -101,6 +103,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
 
         return rotary_triton(x, cos, sin, interleaved)
     return rotary_reference(x, cos, sin, interleaved)
+
+
+# ---- MLA decode attention: dsmoe::mla_decode ----------------------------------------------------------------
+
+@torch.library.custom_op("dsmoe::mla_decode", mutates_args=())
+def _mla_decode_op(q_lat: Tensor, q_pe: Tensor, kv: Tensor, hidden: Tensor, scale: float) -> Tensor:
+    from dsmoe.kernels.triton_mla_decode import mla_decode_triton
+
+    return mla_decode_triton(q_lat, q_pe, kv, hidden, scale)
+
+
+@_mla_decode_op.register_fake
+def _(q_lat, q_pe, kv, hidden, scale):
+    B, H, S, C = q_lat.shape
+    return kv.new_empty(H, B, S, C)
+
+
+def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, hidden: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """MLA's absorbed attention over the compressed cache (contract: `mla_decode_attention_reference`): one
+    Triton pass over the cache for inference on CUDA, also inside compiled decode steps (an opaque op, so
+    inductor keeps it whole); the reference (two GEMMs around an fp32 softmax) elsewhere, for gradients and for
+    an fp32 cache (whose GEMMs the kernel's tensor-core dots would round to tf32)."""
+    if kv.dtype in (torch.bfloat16, torch.float16) and _fused_inference(kv, q_lat, q_pe, when_compiling=True):
+        return torch.ops.dsmoe.mla_decode(q_lat, q_pe, kv, hidden, float(scale))
+    return mla_decode_attention_reference(q_lat, q_pe, kv, hidden, scale)
 
 
 # Below this many tokens the fp32 router GEMM is memory-bound and one launch, while the split path splits [E, D]
