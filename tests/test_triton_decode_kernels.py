@@ -1,4 +1,4 @@
-"""The fused inference kernels (RMSNorm, rotary) against their references: fp32 through Triton's CPU interpreter
+"""The fused inference kernels (RMSNorm, rotary, MLA decode attention) against their references: fp32 through Triton's CPU interpreter
 (tests/conftest.py selects it), bf16 on a GPU, and the dispatch in ops (fused only for inference on CUDA)."""
 
 import os
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsmoe.kernels import ops
-from dsmoe.kernels.reference import rms_norm_reference, rotary_reference
+from dsmoe.kernels.reference import mla_decode_attention_reference, rms_norm_reference, rotary_reference
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -16,6 +16,7 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 pytest.importorskip("triton")
 from dsmoe.kernels.triton_norm import rms_norm_triton  # noqa: E402
+from dsmoe.kernels.triton_mla_decode import mla_decode_triton  # noqa: E402
 from dsmoe.kernels.triton_rotary import rotary_triton  # noqa: E402
 
 
@@ -114,3 +115,83 @@ def test_gpu_ops_rotary_fuses_only_without_gradients(monkeypatch):
     plain = ops.apply_rotary(x.requires_grad_(), cos, sin, True)
     assert calls == [1] and plain.grad_fn is not None
     torch.testing.assert_close(fused, plain.detach(), atol=1e-6, rtol=1e-6)
+
+
+def mla_inputs(B, H, S, C, R, L, positions, dtype=torch.float32, per_draft=True, seed=0):
+    """Queries as the absorbed decode makes them (strided views of larger tensors), a strided cache window, and
+    the decode mask of each row's positions (S drafts at positions p..p+S-1, or one (B, L) mask)."""
+    g = torch.Generator().manual_seed(seed)
+    q_lat = torch.randn(H, B, S, C, generator=g).to(DEVICE, dtype).transpose(0, 1)
+    q_pe = torch.randn(B, S, H, R + 4, generator=g).to(DEVICE, dtype)[..., 4:].transpose(1, 2)
+    cache = torch.randn(B + 1, L + 7, C + R, generator=g).to(DEVICE, dtype)  # slots of a longer cache
+    kv = cache[:B, :L]
+    first = torch.tensor(positions, device=DEVICE)
+    query_positions = first[:, None] + torch.arange(S if per_draft else 1, device=DEVICE)
+    hidden = torch.arange(L, device=DEVICE) > query_positions[..., None]
+    return q_lat, q_pe, kv, hidden if per_draft else hidden[:, 0], (C + R) ** -0.5
+
+
+@pytest.mark.parametrize("B,H,S,C,R,L,positions,splits", [
+    (1, 16, 1, 32, 16, 70, [69], None),  # one row block, positions over several tiles, default splits
+    (1, 16, 1, 32, 16, 70, [40], 1),  # one program over every tile: the online softmax, written directly
+    (2, 4, 2, 160, 16, 200, [150, 199], 2),  # several tiles in each of two splits, merged 128 columns at a time
+    (2, 3, 3, 40, 8, 50, [0, 47], 3),  # drafts, odd widths, a row at its first position, combined splits
+    (3, 5, 4, 24, 8, 33, [2, 9, 29], 4),  # rows past 16 (two row blocks), splits holding no visible position
+    (2, 9, 4, 24, 8, 40, [5, 30], 1),  # three row blocks, one of them partly filled
+    (2, 2, 1, 16, 16, 1, [0, 0], None),  # a cache of one position
+], ids=str)
+def test_mla_decode_kernel_matches_the_reference_fp32(B, H, S, C, R, L, positions, splits):
+    q_lat, q_pe, kv, hidden, scale = mla_inputs(B, H, S, C, R, L, positions)
+    out = mla_decode_triton(q_lat, q_pe, kv, hidden, scale, splits=splits)
+    assert out.shape == (H, B, S, C) and out.is_contiguous()
+    torch.testing.assert_close(out, mla_decode_attention_reference(q_lat, q_pe, kv, hidden, scale),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_mla_decode_kernel_reads_one_mask_for_every_draft_and_ignores_hidden_positions():
+    q_lat, q_pe, kv, hidden, scale = mla_inputs(2, 4, 2, 32, 16, 40, [10, 30], per_draft=False)
+    out = mla_decode_triton(q_lat, q_pe, kv, hidden, scale, splits=2)
+    torch.testing.assert_close(out, mla_decode_attention_reference(q_lat, q_pe, kv, hidden, scale),
+                               atol=1e-5, rtol=1e-5)
+    kv[0, 11:] = float("nan")  # row 0 attends to positions 0..10 only: what lies past them is never read
+    torch.testing.assert_close(mla_decode_triton(q_lat, q_pe, kv, hidden, scale, splits=2)[:, :1], out[:, :1])
+
+
+def test_mla_decode_kernel_refuses_what_does_not_fit_and_reads_a_strided_mask():
+    q_lat, q_pe, kv, hidden, scale = mla_inputs(1, 2, 3, 32, 16, 8, [3])
+    with pytest.raises(ValueError, match="do not fit"):
+        mla_decode_triton(q_lat, q_pe, kv[..., :40], hidden, scale)
+    with pytest.raises(ValueError, match="do not fit"):  # 2 mask rows for 3 drafts
+        mla_decode_triton(q_lat, q_pe, kv, hidden[:, :2], scale)
+    strided = hidden.transpose(1, 2).contiguous().transpose(1, 2)  # the same mask, positions not adjacent
+    torch.testing.assert_close(mla_decode_triton(q_lat, q_pe, kv, strided, scale),
+                               mla_decode_attention_reference(q_lat, q_pe, kv, hidden, scale), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,S,L", [(1, 1, 128), (32, 1, 128), (4, 3, 4096)], ids=str)
+def test_gpu_bf16_mla_decode_kernel_within_bf16_of_the_reference(B, S, L):
+    """V2-Lite's widths (16 heads, C 512, R 64) in bf16, against float64 maths: no further than the reference."""
+    q_lat, q_pe, kv, hidden, scale = mla_inputs(B, 16, S, 512, 64, L, [L - S] * B, torch.bfloat16)
+    ours, ref = mla_decode_triton(q_lat, q_pe, kv, hidden, scale), \
+        mla_decode_attention_reference(q_lat, q_pe, kv, hidden, scale)
+    exact = mla_decode_attention_reference(q_lat.double(), q_pe.double(), kv.double(), hidden, scale)
+    assert (ours.double() - exact).abs().max() <= 2 * (ref.double() - exact).abs().max() + 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_ops_mla_decode_takes_the_kernel_only_without_gradients(monkeypatch):
+    import dsmoe.kernels.triton_mla_decode as tm
+
+    calls = []
+    monkeypatch.setattr(tm, "mla_decode_triton", lambda *a: calls.append(1) or mla_decode_triton(*a))
+    q_lat, q_pe, kv, hidden, scale = mla_inputs(2, 16, 1, 64, 16, 100, [50, 99], torch.bfloat16)
+    with torch.no_grad():
+        fused = ops.mla_decode_attention(q_lat, q_pe, kv, hidden, scale)
+    compiled = torch.compile(ops.mla_decode_attention, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q_lat, q_pe, kv, hidden, scale), fused)
+    assert len(calls) >= 2  # eager, and inside the compiled graph (the custom op runs it)
+    plain = ops.mla_decode_attention(q_lat.requires_grad_(), q_pe, kv, hidden, scale)
+    assert plain.grad_fn is not None and len(calls) >= 2
+    torch.testing.assert_close(fused, plain.detach(), atol=2e-2, rtol=2e-2)

@@ -1,5 +1,5 @@
-"""The one door from the model to the kernels: `resolve_impl`, `moe_experts`, `router_logits`, `route_fused`,
-`rms_norm`, `apply_rotary`.
+"""The one door from the model to the kernels: `resolve_impl`, `moe_experts`, `decode_fits` /
+`experts_decode`, `router_logits`, `route_fused`, `rms_norm`, `apply_rotary`, `mla_decode_attention`.
 
 impl: "reference" (per-expert loop, the spec), "grouped" (torch grouped_mm), "triton" (fused kernels, when
 Triton and a GPU are there), or "auto" (the fastest available for these tensors). The model keeps the asked-for
@@ -20,8 +20,8 @@ from torch import Tensor
 
 from dsmoe.kernels.grouped import grouped_mm_supported, moe_experts_grouped
 from dsmoe.kernels.quant import check_scheme, dequantize, quantize  # noqa: F401 (the model's door to the formats)
-from dsmoe.kernels.reference import (moe_experts_reference, rms_norm_reference, rotary_reference,
-                                    router_logits_reference)
+from dsmoe.kernels.reference import (mla_decode_attention_reference, moe_experts_reference, rms_norm_reference,
+                                    rotary_reference, router_logits_reference)
 from dsmoe.kernels.router_gemm import split_router_logits
 
 IMPLS = ("auto", "reference", "grouped", "triton")  # what users may ask for; the last three are what runs
@@ -68,6 +68,8 @@ def moe_experts(
     dtype = compute_dtype(x_TD)
     x_TD, gate_up_EFD, down_EDF = x_TD.to(dtype), gate_up_EFD.to(dtype), down_EDF.to(dtype)
     if impl == "triton":
+        if decode_fits(x_TD, topk_idx_TK.numel(), gate_up_EFD, down_EDF):
+            return experts_decode(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF)
         return experts_fused(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF)
     if impl == "grouped":
         return moe_experts_grouped(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF)
@@ -76,11 +78,13 @@ def moe_experts(
     raise ValueError(f"moe_experts takes a resolved implementation (reference, grouped or triton), not {impl!r}")
 
 
-def _fused_inference(x: torch.Tensor, *params: torch.Tensor) -> bool:
-    """Whether a forward-only Triton kernel may replace a reference: on CUDA, no gradient wanted, and not while
-    torch.compile traces (inductor fuses the reference itself)."""
+def _fused_inference(x: torch.Tensor, *params: torch.Tensor, when_compiling: bool = False) -> bool:
+    """Whether a forward-only Triton kernel may replace a reference: on CUDA, no gradient wanted, and (unless
+    `when_compiling`: a custom op inductor cannot match) not while torch.compile traces, since inductor fuses
+    the reference itself."""
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
-    return x.is_cuda and not wants_grad and not torch.compiler.is_compiling() and triton_available(x.device)
+    return (x.is_cuda and not wants_grad and (when_compiling or not torch.compiler.is_compiling())
+            and triton_available(x.device))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -99,6 +103,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
 
         return rotary_triton(x, cos, sin, interleaved)
     return rotary_reference(x, cos, sin, interleaved)
+
+
+# ---- MLA decode attention: dsmoe::mla_decode ----------------------------------------------------------------
+
+@torch.library.custom_op("dsmoe::mla_decode", mutates_args=())
+def _mla_decode_op(q_lat: Tensor, q_pe: Tensor, kv: Tensor, hidden: Tensor, scale: float) -> Tensor:
+    from dsmoe.kernels.triton_mla_decode import mla_decode_triton
+
+    return mla_decode_triton(q_lat, q_pe, kv, hidden, scale)
+
+
+@_mla_decode_op.register_fake
+def _(q_lat, q_pe, kv, hidden, scale):
+    B, H, S, C = q_lat.shape
+    return kv.new_empty(H, B, S, C)
+
+
+def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, hidden: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """MLA's absorbed attention over the compressed cache (contract: `mla_decode_attention_reference`): one
+    Triton pass over the cache for inference on CUDA, also inside compiled decode steps (an opaque op, so
+    inductor keeps it whole); the reference (two GEMMs around an fp32 softmax) elsewhere, for gradients and for
+    an fp32 cache (whose GEMMs the kernel's tensor-core dots would round to tf32)."""
+    if kv.dtype in (torch.bfloat16, torch.float16) and _fused_inference(kv, q_lat, q_pe, when_compiling=True):
+        return torch.ops.dsmoe.mla_decode(q_lat, q_pe, kv, hidden, float(scale))
+    return mla_decode_attention_reference(q_lat, q_pe, kv, hidden, scale)
 
 
 # Below this many tokens the fp32 router GEMM is memory-bound and one launch, while the split path splits [E, D]
@@ -234,13 +264,58 @@ def experts_fused(
     return torch.ops.dsmoe.experts_fwd(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF, save)[0]
 
 
-# ---- weight-only fp8 / int8 inference: dsmoe::wq_matmul / dsmoe::wq_moe_experts ---------------------------
+# ---- decode-sized MoE without a permutation: dsmoe::experts_decode ----------------------------------------
 
-WQ_MAX_ROWS = 64  # past this many rows (prefill, large batches) the codes are dequantised and the usual path runs
+DECODE_MAX_ROWS = 64  # routing decisions (T*K, plus T*S folded shared experts) up to which the decode kernels
+#                       run; past it (prefill, large batches) the permuted grouped GEMMs read each expert once
 
+
+def decode_fits(x: torch.Tensor, rows: int, *params: torch.Tensor) -> bool:
+    """Whether the decode kernels (triton_moe_decode.py, inference only) take these `rows` routing decisions of
+    the Triton path: few of them, no gradient wanted, a float dtype. Decided from shapes alone (CUDA graphs)."""
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
+    return rows <= DECODE_MAX_ROWS and not wants_grad and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+
+
+@torch.library.custom_op("dsmoe::experts_decode", mutates_args=())
+def _experts_decode_op(
+    x: Tensor, topk_idx: Tensor, topk_weight: Tensor, gate_up: Tensor, down: Tensor, gate_up_scale: Tensor | None,
+    down_scale: Tensor | None, shared_gate: Tensor | None, shared_up: Tensor | None, shared_down: Tensor | None,
+) -> Tensor:
+    from dsmoe.kernels.triton_moe_decode import moe_decode_partials
+
+    shared = None if shared_gate is None else (shared_gate, shared_up, shared_down)
+    return moe_decode_partials(x, topk_idx, topk_weight, gate_up, down, gate_up_scale, down_scale, shared)
+
+
+@_experts_decode_op.register_fake
+def _(x, topk_idx, topk_weight, gate_up, down, gate_up_scale, down_scale, shared_gate, shared_up, shared_down):
+    from dsmoe.kernels.triton_moe_decode import MAX_SPLIT_F
+
+    return x.new_empty(MAX_SPLIT_F, *x.shape, dtype=torch.float32)
+
+
+def _summed_decode(x_TD: torch.Tensor, *weights: torch.Tensor | None) -> torch.Tensor:
+    """The decode kernels' fp32 partial sums added outside the custom op, so torch.compile fuses the sum into
+    whatever follows (the residual add) instead of launching it."""
+    return torch.ops.dsmoe.experts_decode(x_TD, *weights).sum(0).to(x_TD.dtype)
+
+
+def experts_decode(
+    x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor, gate_up_EFD: torch.Tensor,
+    down_EDF: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The routed experts (+ the shared MLP's (gate_proj, up_proj, down_proj) weights, weight 1) in two launches
+    that read each decision's expert where it lies; forward only (see `decode_fits`). x's dtype throughout."""
+    gate, up, down = shared if shared is not None else (None, None, None)
+    return _summed_decode(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF, None, None, gate, up, down)
+
+
+# ---- weight-only fp8 / int8 inference: dsmoe::wq_matmul, and the quantized codes through dsmoe::experts_decode ----
 
 def _wq_kernel_fits(x: torch.Tensor, rows: int, scale_block_ok: bool) -> bool:
-    return (rows <= WQ_MAX_ROWS and scale_block_ok and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    """Past DECODE_MAX_ROWS rows (prefill, large batches) the codes are dequantised and the usual path runs."""
+    return (rows <= DECODE_MAX_ROWS and scale_block_ok and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
             and triton_available(x.device))
 
 
@@ -263,19 +338,6 @@ def _(x, q, scale):
     return x.new_empty(x.shape[0], q.shape[0])
 
 
-@torch.library.custom_op("dsmoe::wq_moe_experts", mutates_args=())
-def _wq_moe_op(x: Tensor, topk_idx: Tensor, topk_weight: Tensor, gate_up: Tensor, gate_up_scale: Tensor,
-               down: Tensor, down_scale: Tensor) -> Tensor:
-    from dsmoe.kernels.triton_quant import wq_moe_experts
-
-    return wq_moe_experts(x, topk_idx, topk_weight, gate_up, gate_up_scale, down, down_scale)
-
-
-@_wq_moe_op.register_fake
-def _(x, topk_idx, topk_weight, gate_up, gate_up_scale, down, down_scale):
-    return x.new_empty(x.shape)
-
-
 def quant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x @ dequantize(q, scale)^T in x's dtype (see dsmoe.kernels.quant for the formats)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -294,7 +356,7 @@ def quant_moe_experts(
     larger ones dequantise the stacks once and take `moe_experts(impl)`."""
     blocks_ok = _fp8_blocks_are_128(gate_up_q, gate_up_scale) and _fp8_blocks_are_128(down_q, down_scale)
     if _wq_kernel_fits(x_TD, topk_idx_TK.numel(), blocks_ok):
-        return torch.ops.dsmoe.wq_moe_experts(x_TD, topk_idx_TK, topk_weight_TK, gate_up_q, gate_up_scale, down_q,
-                                              down_scale)
+        return _summed_decode(x_TD, topk_idx_TK, topk_weight_TK, gate_up_q, down_q, gate_up_scale, down_scale, None,
+                              None, None)
     return moe_experts(x_TD, topk_idx_TK, topk_weight_TK, dequantize(gate_up_q, gate_up_scale, x_TD.dtype),
                        dequantize(down_q, down_scale, x_TD.dtype), impl)

@@ -101,3 +101,18 @@ def combine_reference(y_ND: torch.Tensor, inverse_N: torch.Tensor, top_k: int,
     if weight_TK is None:  # summed without an fp32 copy of the gathered rows (the grouped path's backward)
         return y.sum(1, dtype=acc)
     return (y.to(acc) * weight_TK.to(acc).unsqueeze(-1)).sum(1)
+
+
+def mla_decode_attention_reference(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, hidden: torch.Tensor,
+                                   scale: float) -> torch.Tensor:
+    """MLA's absorbed decode attention over the compressed cache (spec section 6.3): score_t = [q_lat ; q_pe] .
+    [c_t ; k_pe_t] * scale, softmax in fp32 over the positions not hidden, sum_t p_t c_t.
+    q_lat (B, H, S, C), q_pe (B, H, S, R), kv (B, L, C + R), hidden (B, S, L) or (B, L) bool, True = not attended
+    (a (B, L) mask holds for every query) -> (H, B, S, C) in kv's dtype, head-major."""
+    B, H, S, C = q_lat.shape
+    q = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).to(kv.dtype).reshape(B, H * S, -1)
+    scores = torch.matmul(q, kv.transpose(1, 2)).float().view(B, H, S, -1) * scale
+    hidden = hidden.view(B, -1, hidden.shape[-1])
+    probs = scores.masked_fill(hidden[:, None], float("-inf")).softmax(dim=-1).to(kv.dtype)
+    o_lat = torch.matmul(probs.view(B, H * S, -1), kv[..., :C])
+    return o_lat.view(B, H, S, C).transpose(0, 1)

@@ -85,6 +85,27 @@ else:
     ]
 
 
+# The decode MoE kernels (triton_moe_decode.py): matrix-vector products over a few rows, bound by the weight
+# bytes they read. (output rows, reduced dim) per program; the reduced block divides 128, as the fp8 block
+# scales need. The first of each is the tile the fp8/int8 decode kernels were written with.
+def _decode_cfg(rows_key: str, rows: int, reduced_key: str, reduced: int, warps: int, **more) -> triton.Config:
+    return triton.Config({rows_key: rows, reduced_key: reduced, **more}, num_warps=warps)
+
+
+if INTERPRET:
+    DECODE_UP_CONFIGS = [_decode_cfg("BLOCK_F", 32, "BLOCK_D", 32, 4)]
+    DECODE_DOWN_CONFIGS = [_decode_cfg("BLOCK_D", 32, "BLOCK_F", 32, 4, SPLIT_F=2)]  # a split, some parts unused
+else:
+    DECODE_UP_CONFIGS = [_decode_cfg("BLOCK_F", f, "BLOCK_D", d, w)
+                         for f, d, w in [(32, 128, 4), (16, 128, 4), (64, 128, 4), (64, 128, 8), (32, 64, 4)]]
+    # one program per (token, D-tile, F-part) sums the token's decisions over its part of F; at T = 1 small
+    # D-tiles or a split of F keep the SMs busy; each step holds K + S tiles in flight, so the tiles stay small
+    DECODE_DOWN_CONFIGS = [_decode_cfg("BLOCK_D", d, "BLOCK_F", f, w, SPLIT_F=split)
+                           for d, f, w, split in [(32, 128, 4, 1), (8, 128, 4, 1), (16, 128, 4, 1), (4, 128, 4, 1),
+                                                  (16, 64, 4, 1), (32, 128, 8, 1), (32, 128, 4, 2), (32, 128, 4, 4),
+                                                  (16, 128, 4, 4), (64, 128, 8, 4)]]
+
+
 SMEM_BUDGET = 180 * 1024  # bytes; H100/H200 allow 227 KB per block, leave room for the epilogue
 
 
@@ -129,6 +150,10 @@ def prune_weight_configs(configs, named_args, **kwargs):
     elem = named_args["a_ptr"].element_size()
     return [_fit_stages(c, c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]), elem)
             for c in _select(configs, keep)]
+
+
+def prune_decode_configs(configs, named_args, **kwargs):
+    return _select(configs, configs)
 
 
 def tolerant_bench(kernel_call, quantiles):

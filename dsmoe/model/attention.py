@@ -131,12 +131,7 @@ class MLAttention(nn.Module):
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, nope, C), (H, v, C): views, no copies
         q_lat = torch.matmul(q_nope.transpose(0, 1).reshape(H, B * S, -1), w_uk)  # (H, B*S, C)
         q_lat = q_lat.view(H, B, S, C).transpose(0, 1)  # (B, H, S, C)
-        q = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).to(kv.dtype).reshape(B, H * S, -1)  # (B, H*S, C+R)
-        scores = torch.matmul(q, kv.transpose(1, 2)).float().view(B, H, S, -1) * self.softmax_scale
-        masked = masked.view(B, -1, masked.shape[-1])  # (B, L) is taken as (B, 1, L)
-        probs = scores.masked_fill(masked[:, None], float("-inf")).softmax(dim=-1).to(kv.dtype)
-        o_lat = torch.matmul(probs.view(B, H * S, -1), kv[..., :C])  # (B, H*S, C)
-        o_lat = o_lat.view(B, H, S, C).transpose(0, 1).reshape(H, B * S, C)
+        o_lat = ops.mla_decode_attention(q_lat, q_pe, kv, masked, self.softmax_scale).reshape(H, B * S, C)
         out = torch.matmul(o_lat.to(w_uv.dtype), w_uv.transpose(1, 2))  # (H, B*S, v)
         return out.view(H, B, S, self.v_dim).permute(1, 2, 0, 3).reshape(B, S, H * self.v_dim)
 

@@ -1,4 +1,6 @@
 """The DeepSeekMoE layer: router -> permute -> routed experts -> weighted combine, plus shared experts.
+At decode shapes on the Triton path the routed and shared experts run together in two kernels instead
+(`shared_weights_to_fold`, `ops.experts_decode`).
 
 Shape suffixes: B batch, S sequence, T = B*S tokens, D model dim, E routed experts, K experts per token,
 F expert hidden dim.
@@ -104,8 +106,13 @@ class MoE(nn.Module):
         routing = self.gate(x_TD, impl)
         if token_mask is not None:
             routing = only_real_tokens(routing, token_mask.reshape(B * S))
-        y_TD = self.experts(x_TD, routing.topk_idx_TK, routing.topk_weight_TK, impl, self.shared_experts,
-                            routing.active_TK)
+        shared = self.shared_weights_to_fold(x_TD, routing.topk_idx_TK.numel(), impl)
+        if shared is not None:
+            y_TD = ops.experts_decode(x_TD, routing.topk_idx_TK, routing.topk_weight_TK, self.experts.gate_up_proj,
+                                      self.experts.down_proj, shared)
+        else:
+            y_TD = self.experts(x_TD, routing.topk_idx_TK, routing.topk_weight_TK, impl, self.shared_experts,
+                                routing.active_TK)
         with torch.no_grad():
             self.expert_counts.copy_(routing.counts_E)
             # the denominator of adaptive routing's experts per token; fixed top-k (every decode step included)
@@ -122,6 +129,28 @@ class MoE(nn.Module):
             y_TD = AddAuxiliaryLoss.apply(y_TD, aux * self.aux_loss_scale)
             self.aux_loss.copy_(aux.detach())
         return y_TD.view(B, S, D)
+
+    def shared_weights_to_fold(self, x_TD: torch.Tensor, routed_rows: int, impl: str
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The shared MLP's (gate_proj, up_proj, down_proj) weights when the decode kernels can run it with the
+        routed experts in the same two launches (`ops.experts_decode`: its S*F-wide MLP read as S more experts
+        per token, weight 1), else None. Only for the plain modules: quantized or expert-parallel experts and a
+        quantized shared MLP keep their own calls, and so do modules with hooks (analysis reads their outputs,
+        which a folded launch never forms)."""
+        mlp, experts = self.shared_experts, self.experts
+        if mlp is None or impl != "triton" or not isinstance(experts, Experts):
+            return None
+        projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if not all(isinstance(p, nn.Linear) for p in projections) or any(
+                m._forward_hooks or m._forward_pre_hooks for m in (experts, mlp, *projections)):
+            return None
+        weights = tuple(p.weight for p in projections)
+        F = experts.down_proj.shape[2]
+        stacks = (experts.gate_up_proj, experts.down_proj)
+        if weights[0].shape[0] % F or any(w.dtype != ops.compute_dtype(x_TD) for w in (x_TD, *stacks, *weights)):
+            return None
+        rows = routed_rows + x_TD.shape[0] * (weights[0].shape[0] // F)
+        return weights if ops.decode_fits(x_TD, rows, *stacks, *weights) else None
 
     def balance_loss(self, routing: Routing, seq_len: int, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The sum of the enabled balance losses of one forward (spec sections 5.1, 5.2, 5.4)."""
