@@ -1,0 +1,120 @@
+"""Attention over packed rows: several examples per row, each attending causally within itself only.
+
+Two paths compute the same thing:
+- the reference (any device, any dtype): SDPA with a (B, 1, S, S) block-diagonal causal mask
+  (`document_mask`). On a GPU an arbitrary mask keeps SDPA off its flash kernels and computes every
+  query-key pair of the row, so it costs a multiple of pretraining's causal attention;
+- variable-length flash attention (CUDA, bf16/fp16, `torch.nn.attention.varlen`): the B*S positions are
+  one flat sequence of examples delimited by `cu_seqlens`, and the kernel computes each example's causal
+  triangle only.
+
+`PackedLayout` carries what both need. It is built on the host when a packed batch is built
+(`PackedLayout.from_segment_ids`), so the step never waits on the device to learn the example lengths.
+DSMOE_PACKED_ATTENTION=sdpa forces the reference on every device (benchmarks and tests compare the two).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, replace
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+FLASH_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def document_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """segment_ids (B, S) -> (B, 1, S, S) bool: query i may read key j when j <= i and both belong to the same
+    segment (packed sequences: one example per segment, so none attends across examples)."""
+    S = segment_ids.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=segment_ids.device).tril()
+    return ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where the examples of a packed batch lie. segment_ids (B, S): one id per example, each example one run of
+    consecutive positions in its row (-1 on the padded tail). cu_seqlens (N + 1,) int32: the runs' boundaries
+    over the flattened B*S positions, a row's padded tail being a run of its own (it then attends to itself,
+    as the mask path's equal ids -1 do: every output position is defined and the same on both paths).
+    max_len: the longest run (a host int: the varlen kernel sizes its grid by it). mask: the reference
+    path's document mask, built once per forward by `for_forward` where the kernel cannot run."""
+
+    segment_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_len: int
+    mask: torch.Tensor | None = None
+
+    @classmethod
+    def from_segment_ids(cls, segment_ids: torch.Tensor) -> PackedLayout:
+        """Built on the host (a CPU tensor: no device sync) when the batch is built."""
+        B, S = segment_ids.shape
+        starts = torch.ones(B, S, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        bounds = torch.cat([starts.flatten().nonzero().flatten(), torch.tensor([B * S])])
+        return cls(segment_ids, bounds.to(torch.int32), int(bounds.diff().max()))
+
+    def to(self, device: torch.device) -> PackedLayout:
+        return PackedLayout(self.segment_ids.to(device, non_blocking=True),
+                            self.cu_seqlens.to(device, non_blocking=True), self.max_len)
+
+    def for_forward(self) -> PackedLayout:
+        """Chooses the path once per forward: where the varlen kernel can run, this layout as it is; elsewhere
+        with the mask, built here once for all layers."""
+        if self.mask is not None or varlen_enabled(self.segment_ids.device):
+            return self
+        return replace(self, mask=document_mask(self.segment_ids))
+
+
+def varlen_enabled(device: torch.device) -> bool:
+    return (device.type == "cuda" and varlen_kernel() is not None
+            and os.environ.get("DSMOE_PACKED_ATTENTION", "varlen") != "sdpa")
+
+
+@cache
+def varlen_kernel():
+    """torch's varlen_attn, or None where this torch lacks it. Its keywords moved between releases (2.9: a
+    positional is_causal, no scale; later: scale, and window_size=(-1, 0) for causal): `_varlen_causal`
+    adapts to the installed one."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@cache
+def _varlen_keywords() -> frozenset[str]:
+    return frozenset(inspect.signature(varlen_kernel()).parameters)
+
+
+def _varlen_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+                   scale: float) -> torch.Tensor:
+    """(T, H, D) each, one causal sequence per run of cu_seqlens -> (T, H, D)."""
+    keywords = _varlen_keywords()
+    kwargs = {"window_size": (-1, 0)} if "window_size" in keywords else {"is_causal": True}
+    if "scale" in keywords:
+        kwargs["scale"] = scale
+    else:  # the kernel's own scale is 1/sqrt(D)
+        q = q * (scale * q.shape[-1] ** 0.5)
+    return varlen_kernel()(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     layout: PackedLayout) -> torch.Tensor:
+    """(B, H, S, Dqk), (B, H, S, Dqk), (B, H, S, Dv) -> (B, H, S, Dv), each example of the rows attending
+    causally within itself. v is padded to the query width: the flash kernels take one head width (MLA's 192
+    and 128), and so does every SDPA backend with a mask."""
+    dv = v.shape[-1]
+    if dv != q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    if layout.mask is None and q.dtype in FLASH_DTYPES:
+        B, H, S, _ = q.shape
+        flat = [t.transpose(1, 2).reshape(B * S, H, -1) for t in (q, k, v)]
+        out = _varlen_causal(*flat, layout.cu_seqlens, layout.max_len, scale)
+        return out.view(B, S, H, -1).transpose(1, 2)[..., :dv]
+    mask = document_mask(layout.segment_ids) if layout.mask is None else layout.mask  # a CUDA fp32 forward
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[..., :dv]
