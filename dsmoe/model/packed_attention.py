@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
 
@@ -40,12 +41,15 @@ class PackedLayout:
     consecutive positions in its row (-1 on the padded tail). cu_seqlens (N + 1,) int32: the runs' boundaries
     over the flattened B*S positions, a row's padded tail being a run of its own (it then attends to itself,
     as the mask path's equal ids -1 do: every output position is defined and the same on both paths).
-    max_len: the longest run (a host int: the varlen kernel sizes its grid by it). mask: the reference
-    path's document mask, built once per forward by `for_forward` where the kernel cannot run."""
+    max_len: the longest run (a host int: the varlen kernel sizes its grid by it).
+
+    The path, chosen once per forward by `for_forward`: kernel, the varlen kernel (`adapt`), or mask, the
+    reference path's document mask, built there once for all layers."""
 
     segment_ids: torch.Tensor
     cu_seqlens: torch.Tensor
     max_len: int
+    kernel: Callable | None = None
     mask: torch.Tensor | None = None
 
     @classmethod
@@ -62,45 +66,44 @@ class PackedLayout:
                             self.cu_seqlens.to(device, non_blocking=True), self.max_len)
 
     def for_forward(self) -> PackedLayout:
-        """Chooses the path once per forward: where the varlen kernel can run, this layout as it is; elsewhere
-        with the mask, built here once for all layers."""
-        if self.mask is not None or varlen_enabled(self.segment_ids.device):
+        """On CUDA where torch has the varlen kernel (and DSMOE_PACKED_ATTENTION is not "sdpa"), the kernel;
+        elsewhere the mask. Runs eagerly (Transformer.forward), so compiled blocks read a ready choice."""
+        if self.kernel is not None or self.mask is not None:
             return self
+        device = self.segment_ids.device
+        if device.type == "cuda" and os.environ.get("DSMOE_PACKED_ATTENTION", "varlen") != "sdpa":
+            kernel = installed_varlen()
+            if kernel is not None:
+                return replace(self, kernel=kernel)
         return replace(self, mask=document_mask(self.segment_ids))
 
 
-def varlen_enabled(device: torch.device) -> bool:
-    return (device.type == "cuda" and varlen_kernel() is not None
-            and os.environ.get("DSMOE_PACKED_ATTENTION", "varlen") != "sdpa")
+def adapt(varlen_attn: Callable) -> Callable:
+    """torch's varlen_attn -> f(q, k, v, cu_seqlens, max_len, scale), (T, H, D) each, one causal sequence per run
+    of cu_seqlens. Its keywords moved between releases (2.9: is_causal, no scale; later: scale, and
+    window_size=(-1, 0) for causal); read once here, not while torch.compile traces."""
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    takes_scale = "scale" in params
+
+    def causal_varlen(q, k, v, cu_seqlens, max_len: int, scale: float):
+        if takes_scale:
+            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale, **causal)
+        q = q * (scale * q.shape[-1] ** 0.5)  # the kernel's own scale is 1/sqrt(D)
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **causal)
+
+    return causal_varlen
 
 
 @cache
-def varlen_kernel():
-    """torch's varlen_attn, or None where this torch lacks it. Its keywords moved between releases (2.9: a
-    positional is_causal, no scale; later: scale, and window_size=(-1, 0) for causal): `_varlen_causal`
-    adapts to the installed one."""
+def installed_varlen() -> Callable | None:
+    """The adapted kernel, or None where this torch lacks it. Imported on first use: the module loads
+    torch._dynamo (over a second), which a CPU run need not pay."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
-
-
-@cache
-def _varlen_keywords() -> frozenset[str]:
-    return frozenset(inspect.signature(varlen_kernel()).parameters)
-
-
-def _varlen_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-                   scale: float) -> torch.Tensor:
-    """(T, H, D) each, one causal sequence per run of cu_seqlens -> (T, H, D)."""
-    keywords = _varlen_keywords()
-    kwargs = {"window_size": (-1, 0)} if "window_size" in keywords else {"is_causal": True}
-    if "scale" in keywords:
-        kwargs["scale"] = scale
-    else:  # the kernel's own scale is 1/sqrt(D)
-        q = q * (scale * q.shape[-1] ** 0.5)
-    return varlen_kernel()(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
+    return adapt(varlen_attn)
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -111,10 +114,10 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     dv = v.shape[-1]
     if dv != q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - dv))
-    if layout.mask is None and q.dtype in FLASH_DTYPES:
+    if layout.kernel is not None and q.dtype in FLASH_DTYPES:
         B, H, S, _ = q.shape
         flat = [t.transpose(1, 2).reshape(B * S, H, -1) for t in (q, k, v)]
-        out = _varlen_causal(*flat, layout.cu_seqlens, layout.max_len, scale)
+        out = layout.kernel(*flat, layout.cu_seqlens, layout.max_len, scale)
         return out.view(B, S, H, -1).transpose(1, 2)[..., :dv]
-    mask = document_mask(layout.segment_ids) if layout.mask is None else layout.mask  # a CUDA fp32 forward
+    mask = document_mask(layout.segment_ids) if layout.mask is None else layout.mask  # e.g. fp32 on CUDA
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[..., :dv]
