@@ -175,6 +175,21 @@ def test_on_cuda_the_model_takes_varlen_in_bf16_and_the_mask_in_fp32(attention):
 
 
 @pytest.mark.gpu
+def test_under_the_trainers_bf16_autocast_every_layer_takes_the_kernel():
+    batch = packed_rows().to("cuda")
+    model = build_model(model_config("mla", mtp=1), device="cuda", dtype=torch.float32).train()
+    kernel, calls = pa.installed_varlen(), []
+
+    def counting(*args):
+        calls.append(args[0].dtype)
+        return kernel(*args)
+
+    with torch.autocast("cuda", torch.bfloat16):
+        next_token_loss(model, replace(batch, packing=replace(batch.packing, kernel=counting)))[0].backward()
+    assert calls == [torch.bfloat16] * (2 + 1)  # two layers and the MTP module
+
+
+@pytest.mark.gpu
 def test_compiled_bf16_sft_fine_tune_with_varlen_tracks_the_mask_path(model_dir, tmp_path, monkeypatch):
     """`dsmoe finetune --task sft --compile` in bf16 on the GPU, the varlen kernel vs DSMOE_PACKED_ATTENTION=sdpa:
     the same losses to bf16 precision, step after step (the batches' layouts differ: the compiled blocks take

@@ -35,7 +35,7 @@ def document_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: FSDP's input casting of older torch sets the fields of a dataclass copy
 class PackedLayout:
     """Where the examples of a packed batch lie. segment_ids (B, S): one id per example, each example one run of
     consecutive positions in its row (-1 on the padded tail). cu_seqlens (N + 1,) int32: the runs' boundaries
@@ -61,9 +61,9 @@ class PackedLayout:
         bounds = torch.cat([starts.flatten().nonzero().flatten(), torch.tensor([B * S])])
         return cls(segment_ids, bounds.to(torch.int32), int(bounds.diff().max()))
 
-    def to(self, device: torch.device) -> PackedLayout:
-        return PackedLayout(self.segment_ids.to(device, non_blocking=True),
-                            self.cu_seqlens.to(device, non_blocking=True), self.max_len)
+    def to(self, device: torch.device, non_blocking: bool = False) -> PackedLayout:
+        return PackedLayout(self.segment_ids.to(device, non_blocking=non_blocking),
+                            self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_len)
 
     def for_forward(self) -> PackedLayout:
         """On CUDA where torch has the varlen kernel (and DSMOE_PACKED_ATTENTION is not "sdpa"), the kernel;
