@@ -68,6 +68,7 @@ for path in varlen sdpa; do
         --data "$D/xquad_en_train.jsonl" --field-map qa --out "$R/sft-$path" --overwrite --lr 3e-4 \
         --warmup-steps 10 "${COMMON[@]}" > "$R/sft-$path.log" 2>&1 || { tail -30 "$R/sft-$path.log"; exit 1; }
     FT=$(tokens_per_s "$R/sft-$path")
+    RECOMPILES=$(grep -c 'Recompiling' "$R/sft-$path.log" || true)
     echo "RESULT dsmoe finetune --task sft xquad_en, packed attention $path: $FT real tokens/s =" \
-         "$(python -c "print(f'{$FT / $PRE:.2f}')")x pretraining; recompilations: $(grep -c 'Recompiling' "$R/sft-$path.log" || true)"
+         "$(python -c "print(f'{$FT / $PRE:.2f}')")x pretraining; recompilations: $RECOMPILES"
 done

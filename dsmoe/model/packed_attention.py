@@ -54,11 +54,11 @@ class PackedLayout:
 
     @classmethod
     def from_segment_ids(cls, segment_ids: torch.Tensor) -> PackedLayout:
-        """Built on the host (a CPU tensor: no device sync) when the batch is built."""
+        """Built on the host when the batch is built (from a CPU tensor: no device sync)."""
         B, S = segment_ids.shape
-        starts = torch.ones(B, S, dtype=torch.bool)
+        starts = torch.ones(B, S, dtype=torch.bool, device=segment_ids.device)
         starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-        bounds = torch.cat([starts.flatten().nonzero().flatten(), torch.tensor([B * S])])
+        bounds = torch.cat([starts.flatten().nonzero().flatten(), torch.tensor([B * S], device=segment_ids.device)])
         return cls(segment_ids, bounds.to(torch.int32), int(bounds.diff().max()))
 
     def to(self, device: torch.device, non_blocking: bool = False) -> PackedLayout:
