@@ -18,6 +18,8 @@ from dsmoe.model.packed_attention import PackedLayout, adapt, document_mask, pac
 from dsmoe.model.transformer import build_model, cast_model
 from dsmoe.train.loss import IGNORE_INDEX, next_token_loss
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 WIDTH = 64
 ROWS = [[20], [6, 1, 9], [1, 2, 3, 4, 5] * 3, [WIDTH]]  # positions per example, row by row
 
