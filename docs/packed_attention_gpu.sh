@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 13, packed attention on one H200, about 7 minutes: does packed SFT reach pretraining's tokens/s?
+# Issue 13, packed attention on one H200, about 8 minutes (SKIP_TESTS=1 leaves out part 1, about 2-3 minutes):
+# does packed SFT reach pretraining's tokens/s?
 #   1. the GPU tests of both paths (tests/test_packed_attention.py, tests/test_packed_sequences.py);
 #   2. attention alone, fwd+bwd, 8 x 1024 rows of packed examples: varlen flash vs the SDPA document mask vs
 #      pretraining's causal SDPA;
@@ -23,8 +24,9 @@ import json, sys; rows = [json.loads(l) for l in open(sys.argv[1] + '/metrics.js
 print(round(rows[-1]['tokens_per_s']))" "$1"; }
 
 # 1.
-(python -m pytest -q -m gpu tests/test_packed_attention.py tests/test_packed_sequences.py 2>&1 || true) | tail -4 \
-    | sed "s|^|RESULT gpu tests: |"
+[ -n "${SKIP_TESTS:-}" ] \
+    || (python -m pytest -q -m gpu tests/test_packed_attention.py tests/test_packed_sequences.py 2>&1 || true) \
+    | tail -4 | sed "s|^|RESULT gpu tests: |"
 
 # 2.
 python - <<'EOF'

@@ -262,6 +262,7 @@ def test_compiled_bf16_sft_fine_tune_with_varlen_tracks_the_mask_path(model_dir,
             "--seq-len", "128", "--micro-batch", "4", "--device", "cuda", "--dtype", "bf16", "--compile",
             "--no-progress", "--eval-interval", "100", "--warmup-steps", "1"]
     assert main([*argv, "--out", str(tmp_path / "varlen")]) == 0
+    torch._dynamo.reset()  # the second run compiles afresh, as a new process would
     monkeypatch.setenv("DSMOE_PACKED_ATTENTION", "sdpa")
     assert main([*argv, "--out", str(tmp_path / "sdpa")]) == 0
 
@@ -270,5 +271,5 @@ def test_compiled_bf16_sft_fine_tune_with_varlen_tracks_the_mask_path(model_dir,
                 if '"lm_loss"' in line]
 
     varlen, sdpa = losses(tmp_path / "varlen"), losses(tmp_path / "sdpa")
-    assert len(varlen) == len(sdpa) == 6
+    assert len(varlen) == len(sdpa) >= 6
     assert varlen == pytest.approx(sdpa, rel=2e-2)
