@@ -8,8 +8,8 @@
 #      then `dsmoe finetune --task sft` on xquad_en (examples packed into the same rows) with the varlen kernel
 #      and with DSMOE_PACKED_ATTENTION=sdpa (the mask path it replaces), each with its count of recompilations.
 # Data: DSMOE_SHARED_DATA (on the GPU machine: DSMOE_SHARED_DATA=$PWD/.gpu/data, carrying .gpu/data) must hold
-# xquad_en_train.jsonl. Read: the lines starting with "RESULT" (tokens/s are real tokens, those of the last
-# logged window, after compilation).
+# xquad_en_train.jsonl; CORPUS (optional) is the pretraining text, else the built-in corpus. Read: the lines
+# starting with "RESULT" (tokens/s are real tokens, those of the last logged window, after compilation).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 D=${DSMOE_SHARED_DATA:-../shared/data}
@@ -61,7 +61,8 @@ for name, H, dqk, dv in (("small", 16, 96, 64), ("V2/V3 heads", 16, 192, 128)):
 EOF
 
 # 3.
-$DSMOE train --preset small --out "$R/small" --overwrite --lr 1e-3 "${COMMON[@]}" > "$R/pretrain.log" 2>&1 \
+$DSMOE train --preset small --out "$R/small" --overwrite --lr 1e-3 "${COMMON[@]}" ${CORPUS:+--data "$CORPUS"} \
+    > "$R/pretrain.log" 2>&1 \
     || { tail -30 "$R/pretrain.log"; exit 1; }
 PRE=$(tokens_per_s "$R/small")
 echo "RESULT dsmoe train (small, 8 x 1024, compiled): $PRE tokens/s"
