@@ -101,7 +101,7 @@ $DSMOE train --preset small --out "$R/small" --overwrite --lr 1e-3 "${COMMON[@]}
     || { tail -30 "$R/pretrain.log"; exit 1; }
 PRE=$(tokens_per_s "$R/small")
 echo "RESULT dsmoe train (small, 8 x 1024, compiled): $PRE tokens/s"
-for path in varlen sdpa; do
+for path in varlen flex sdpa; do
     DSMOE_PACKED_ATTENTION=$path TORCH_LOGS=recompiles $DSMOE finetune "$R/small" --task sft \
         --data "$D/xquad_en_train.jsonl" --field-map qa --out "$R/sft-$path" --overwrite --lr 3e-4 \
         --warmup-steps 10 "${COMMON[@]}" > "$R/sft-$path.log" 2>&1 || { tail -30 "$R/sft-$path.log"; exit 1; }

@@ -1,6 +1,7 @@
-"""Packed attention's two paths (model/packed_attention.py): the layout a packed batch carries, and the varlen path
-(torch's flash kernel on CUDA; on the CPU a plain-PyTorch stand-in with the kernel's contract) against the SDPA
-document-mask reference, forward and every gradient, for MLA (v narrower than q/k) and MHA (GQA) models.
+"""Packed attention's paths (model/packed_attention.py): the layout a packed batch carries, and the varlen path
+(torch's flash kernel on CUDA; on the CPU a plain-PyTorch stand-in with the kernel's contract) and the flex path
+(eager on the CPU, compiled on CUDA) against the SDPA document-mask reference, forward and every gradient, for MLA
+(v narrower than q/k) and MHA (GQA) models.
 
 Rows: one example; three (one of them T=1); many short ones; one example exactly as wide as the row."""
 
@@ -12,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from dsmoe.config import PRESETS
+from dsmoe.errors import UserError
 from dsmoe.finetune import data as ftdata
 from dsmoe.model import packed_attention as pa
-from dsmoe.model.packed_attention import PackedLayout, adapt, document_mask, packed_attention
+from dsmoe.model.packed_attention import PackedLayout, adapt, document_block_mask, document_mask, packed_attention
 from dsmoe.model.transformer import build_model, cast_model
 from dsmoe.train.loss import IGNORE_INDEX, next_token_loss
 
@@ -69,6 +71,14 @@ def test_off_cuda_the_forward_takes_the_mask_once():
     assert layout.for_forward() is layout
 
 
+def test_dsmoe_packed_attention_names_its_choices(monkeypatch):
+    monkeypatch.setenv("DSMOE_PACKED_ATTENTION", "flex")  # CUDA only (no CPU backward): the mask here
+    assert packed_rows().packing.for_forward().block_mask is None
+    monkeypatch.setenv("DSMOE_PACKED_ATTENTION", "flash")
+    with pytest.raises(UserError, match="one of varlen, flex, sdpa"):
+        packed_rows().packing.for_forward()
+
+
 def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                      window_size=(-1, -1)):
     """torch.nn.attention.varlen.varlen_attn's contract (torch >= 2.10 keywords) in plain PyTorch, with the flash
@@ -107,19 +117,44 @@ def forward_and_grads(model, batch, layout):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("attention,kernel,mtp", [("mla", reference_varlen, 1), ("mha", reference_varlen, 0),
-                                                  ("mla", reference_varlen_2_9, 0)])
-def test_the_varlen_path_equals_the_mask_path_forward_and_gradients(attention, kernel, mtp, monkeypatch):
-    monkeypatch.setattr(pa, "FLASH_DTYPES", (torch.float32,))  # the stand-in runs in fp32 on the CPU
+def with_varlen(kernel):
+    return lambda packing: replace(packing, kernel=adapt(kernel))
+
+
+def with_flex(packing):
+    return replace(packing, block_mask=document_block_mask(packing.segment_ids))
+
+
+def with_mask(packing):
+    return replace(packing, mask=document_mask(packing.segment_ids))
+
+
+@pytest.mark.parametrize("attention,path,mtp", [("mla", with_varlen(reference_varlen), 1),
+                                                ("mha", with_varlen(reference_varlen), 0),
+                                                ("mla", with_varlen(reference_varlen_2_9), 0)])
+def test_the_varlen_path_equals_the_mask_path_forward_and_gradients(attention, path, mtp, monkeypatch):
+    monkeypatch.setattr(pa, "FLASH_DTYPES", (torch.float32,))  # the varlen stand-in runs in fp32 on the CPU
     torch.manual_seed(0)
     model = build_model(model_config(attention, mtp), dtype=torch.float32).train()
     batch = packed_rows()
-    logits, grads = forward_and_grads(model, batch, replace(batch.packing, kernel=adapt(kernel)))
-    ref_logits, ref_grads = forward_and_grads(model, batch, batch.packing)  # the mask path
+    logits, grads = forward_and_grads(model, batch, path(batch.packing))
+    ref_logits, ref_grads = forward_and_grads(model, batch, with_mask(batch.packing))
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert grads.keys() == ref_grads.keys()
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("attention,mtp", [("mla", 1), ("mha", 0)])
+def test_the_flex_path_equals_the_mask_path_forward(attention, mtp):
+    """Forward only: torch has no CPU backward for flex attention (the GPU test checks its gradients)."""
+    torch.manual_seed(0)
+    model = build_model(model_config(attention, mtp), dtype=torch.float32).eval()
+    batch = packed_rows()
+    with torch.no_grad():
+        logits, ref_logits = (model(batch.input_ids, batch.positions, token_mask=batch.token_mask, packing=path(
+            batch.packing), with_mtp=bool(mtp)) for path in (with_flex, with_mask))
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
 
 
 @torch.library.custom_op("dsmoe_test::varlen", mutates_args=())
@@ -183,13 +218,18 @@ def _qkv(B, H, S, dqk, dv, dtype, seed=0):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["varlen", "flex"])
 @pytest.mark.parametrize("dqk,dv", [(192, 128), (96, 64), (128, 128)])  # V2/V3 MLA, the small preset, MHA
-def test_the_flash_varlen_kernel_matches_the_fp32_mask_path_forward_and_gradients(dqk, dv):
-    """bf16 varlen and bf16 mask path, each against the fp32 mask path: the kernel's error stays within a small
-    multiple of what bf16 SDPA itself makes."""
+def test_the_gpu_kernels_match_the_fp32_mask_path_forward_and_gradients(dqk, dv, kind):
+    """bf16 varlen (torch's flash kernel) or compiled flex, and the bf16 mask path, each against the fp32 mask
+    path: the kernel's error stays within a small multiple of what bf16 SDPA itself makes."""
     layout = packed_rows().packing.to("cuda")
-    kernel = pa.installed_varlen()
-    assert kernel is not None, "this torch has no torch.nn.attention.varlen"
+    if kind == "varlen":
+        kernel = pa.installed_varlen()
+        assert kernel is not None, "this torch has no torch.nn.attention.varlen"
+        fast = replace(layout, kernel=kernel)
+    else:
+        fast = with_flex(layout)
     B, S = layout.segment_ids.shape
     scale = dqk ** -0.5
     grad_out = torch.randn(B, 4, S, dv, device="cuda")
@@ -200,12 +240,12 @@ def test_the_flash_varlen_kernel_matches_the_fp32_mask_path_forward_and_gradient
         out.float().backward(grad_out)
         return [t.float() for t in (out, q.grad, k.grad, v.grad)]
 
-    exact = run(torch.float32, replace(layout, mask=document_mask(layout.segment_ids)))
-    varlen = run(torch.bfloat16, replace(layout, kernel=kernel))
-    masked = run(torch.bfloat16, replace(layout, mask=document_mask(layout.segment_ids)))
-    for name, e, a, m in zip(("out", "dq", "dk", "dv"), exact, varlen, masked):
+    exact = run(torch.float32, with_mask(layout))
+    kernel_results = run(torch.bfloat16, fast)
+    masked = run(torch.bfloat16, with_mask(layout))
+    for name, e, a, m in zip(("out", "dq", "dk", "dv"), exact, kernel_results, masked):
         err, ref_err = (a - e).abs().max().item(), (m - e).abs().max().item()
-        assert err <= 3 * ref_err + 1e-3, f"{name}: varlen {err:.2e} vs bf16 SDPA {ref_err:.2e}"
+        assert err <= 3 * ref_err + 1e-3, f"{name}: {kind} {err:.2e} vs bf16 SDPA {ref_err:.2e}"
 
 
 @pytest.mark.gpu

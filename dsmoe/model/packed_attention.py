@@ -1,16 +1,19 @@
 """Attention over packed rows: several examples per row, each attending causally within itself only.
 
-Two paths compute the same thing:
+Three paths compute the same thing:
 - the reference (any device, any dtype): SDPA with a (B, 1, S, S) block-diagonal causal mask
   (`document_mask`). On a GPU an arbitrary mask keeps SDPA off its flash kernels and computes every
   query-key pair of the row, so it costs a multiple of pretraining's causal attention;
 - variable-length flash attention (CUDA, bf16/fp16, `torch.nn.attention.varlen`): the B*S positions are
   one flat sequence of examples delimited by `cu_seqlens`, and the kernel computes each example's causal
-  triangle only.
+  triangle only;
+- flex attention with a document block mask (CUDA, DSMOE_PACKED_ATTENTION=flex; compiled): blocks that no query
+  may read are skipped and v keeps its own width.
 
 `PackedLayout` carries what both need. It is built on the host when a packed batch is built
 (`PackedLayout.from_segment_ids`), so the step never waits on the device to learn the example lengths.
-DSMOE_PACKED_ATTENTION=sdpa forces the reference on every device (benchmarks and tests compare the two).
+DSMOE_PACKED_ATTENTION (varlen, the default; flex; sdpa, the reference on every device) picks the path
+(benchmarks and tests compare them).
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from dsmoe.errors import UserError
+
 FLASH_DTYPES = (torch.bfloat16, torch.float16)
+PATHS = ("varlen", "flex", "sdpa")
 
 
 def document_mask(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -43,14 +49,16 @@ class PackedLayout:
     as the mask path's equal ids -1 do: every output position is defined and the same on both paths).
     max_len: the longest run (a host int: the varlen kernel sizes its grid by it).
 
-    The path, chosen once per forward by `for_forward`: kernel, the varlen kernel (`adapt`), or mask, the
-    reference path's document mask, built there once for all layers."""
+    The path, chosen once per forward by `for_forward`: kernel, the varlen kernel (`adapt`); block_mask, flex
+    attention's document block mask; or mask, the reference path's document mask; each built there once for all
+    layers."""
 
     segment_ids: torch.Tensor
     cu_seqlens: torch.Tensor
     max_len: int
     kernel: Callable | None = None
     mask: torch.Tensor | None = None
+    block_mask: object | None = None  # torch.nn.attention.flex_attention.BlockMask, imported on first use
 
     @classmethod
     def from_segment_ids(cls, segment_ids: torch.Tensor) -> PackedLayout:
@@ -68,10 +76,15 @@ class PackedLayout:
     def for_forward(self) -> PackedLayout:
         """On CUDA where torch has the varlen kernel (and DSMOE_PACKED_ATTENTION is not "sdpa"), the kernel;
         elsewhere the mask. Runs eagerly (Transformer.forward), so compiled blocks read a ready choice."""
-        if self.kernel is not None or self.mask is not None:
+        if self.kernel is not None or self.mask is not None or self.block_mask is not None:
             return self
+        path = os.environ.get("DSMOE_PACKED_ATTENTION", "varlen")
+        if path not in PATHS:
+            raise UserError(f"DSMOE_PACKED_ATTENTION={path!r}: choose one of {', '.join(PATHS)}")
         device = self.segment_ids.device
-        if device.type == "cuda" and os.environ.get("DSMOE_PACKED_ATTENTION", "varlen") != "sdpa":
+        if device.type == "cuda" and path == "flex":
+            return replace(self, block_mask=document_block_mask(self.segment_ids))
+        if device.type == "cuda" and path == "varlen":
             kernel = installed_varlen()
             if kernel is not None:
                 return replace(self, kernel=kernel)
@@ -106,11 +119,34 @@ def installed_varlen() -> Callable | None:
     return adapt(varlen_attn)
 
 
+def document_block_mask(segment_ids: torch.Tensor):
+    """flex attention's block mask of `document_mask`: query i reads key j when j <= i in the same example."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, S = segment_ids.shape
+
+    def same_example_causal(b, h, i, j):
+        return (segment_ids[b, i] == segment_ids[b, j]) & (j <= i)
+
+    return create_block_mask(same_example_causal, B, None, S, S, device=segment_ids.device)
+
+
+@cache
+def flex_attention_for(device_type: str) -> Callable:
+    """Compiled on CUDA (one fused kernel that skips the masked blocks; inside compiled blocks it is traced
+    through); eager elsewhere, forward only (torch has no CPU backward for it): the CPU tests compare it there."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+
+
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      layout: PackedLayout) -> torch.Tensor:
     """(B, H, S, Dqk), (B, H, S, Dqk), (B, H, S, Dv) -> (B, H, S, Dv), each example of the rows attending
-    causally within itself. v is padded to the query width: the flash kernels take one head width (MLA's 192
-    and 128), and so does every SDPA backend with a mask."""
+    causally within itself. Flex takes v as it is; for the others v is padded to the query width: the flash
+    kernels take one head width (MLA's 192 and 128), and so does every SDPA backend with a mask."""
+    if layout.block_mask is not None:
+        return flex_attention_for(q.device.type)(q, k, v, block_mask=layout.block_mask, scale=scale)
     dv = v.shape[-1]
     if dv != q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - dv))
