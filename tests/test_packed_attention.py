@@ -288,8 +288,9 @@ def test_under_the_trainers_bf16_autocast_every_layer_takes_the_kernel():
 
 
 @pytest.mark.gpu
-def test_compiled_bf16_sft_fine_tune_with_varlen_tracks_the_mask_path(model_dir, tmp_path, monkeypatch):
-    """`dsmoe finetune --task sft --compile` in bf16 on the GPU, the varlen kernel vs DSMOE_PACKED_ATTENTION=sdpa:
+@pytest.mark.parametrize("path", ["varlen", "flex"])
+def test_compiled_bf16_sft_fine_tune_tracks_the_mask_path(path, model_dir, tmp_path, monkeypatch):
+    """`dsmoe finetune --task sft --compile` in bf16 on the GPU, each kernel path vs DSMOE_PACKED_ATTENTION=sdpa:
     the same losses to bf16 precision, step after step (the batches' layouts differ: the compiled blocks take
     new example counts and lengths without failing)."""
     from dsmoe.cli import main
@@ -301,7 +302,8 @@ def test_compiled_bf16_sft_fine_tune_with_varlen_tracks_the_mask_path(model_dir,
     argv = ["finetune", str(model_dir), "--task", "sft", "--data", str(data), "--steps", "6", "--log-interval", "1",
             "--seq-len", "128", "--micro-batch", "4", "--device", "cuda", "--dtype", "bf16", "--compile",
             "--no-progress", "--eval-interval", "100", "--warmup-steps", "1"]
-    assert main([*argv, "--out", str(tmp_path / "varlen")]) == 0
+    monkeypatch.setenv("DSMOE_PACKED_ATTENTION", path)
+    assert main([*argv, "--out", str(tmp_path / path)]) == 0
     torch._dynamo.reset()  # the second run compiles afresh, as a new process would
     monkeypatch.setenv("DSMOE_PACKED_ATTENTION", "sdpa")
     assert main([*argv, "--out", str(tmp_path / "sdpa")]) == 0
@@ -310,6 +312,6 @@ def test_compiled_bf16_sft_fine_tune_with_varlen_tracks_the_mask_path(model_dir,
         return [json.loads(line)["lm_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
                 if '"lm_loss"' in line]
 
-    varlen, sdpa = losses(tmp_path / "varlen"), losses(tmp_path / "sdpa")
-    assert len(varlen) == len(sdpa) >= 6
-    assert varlen == pytest.approx(sdpa, rel=2e-2)
+    fast, sdpa = losses(tmp_path / path), losses(tmp_path / "sdpa")
+    assert len(fast) == len(sdpa) >= 6
+    assert fast == pytest.approx(sdpa, rel=2e-2)
