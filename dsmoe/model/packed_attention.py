@@ -10,7 +10,7 @@ Three paths compute the same thing:
 - flex attention with a document block mask (CUDA, DSMOE_PACKED_ATTENTION=flex; compiled): blocks that no query
   may read are skipped and v keeps its own width.
 
-`PackedLayout` carries what both need. It is built on the host when a packed batch is built
+`PackedLayout` carries what each needs. It is built on the host when a packed batch is built
 (`PackedLayout.from_segment_ids`), so the step never waits on the device to learn the example lengths.
 DSMOE_PACKED_ATTENTION (varlen, the default; flex; sdpa, the reference on every device) picks the path
 (benchmarks and tests compare them).
@@ -74,8 +74,9 @@ class PackedLayout:
                             self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_len)
 
     def for_forward(self) -> PackedLayout:
-        """On CUDA where torch has the varlen kernel (and DSMOE_PACKED_ATTENTION is not "sdpa"), the kernel;
-        elsewhere the mask. Runs eagerly (Transformer.forward), so compiled blocks read a ready choice."""
+        """On CUDA the path DSMOE_PACKED_ATTENTION names (varlen where this torch has the kernel, flex's block
+        mask, or sdpa's mask); elsewhere the mask. Runs eagerly (Transformer.forward), so compiled blocks read a
+        ready choice."""
         if self.kernel is not None or self.mask is not None or self.block_mask is not None:
             return self
         path = os.environ.get("DSMOE_PACKED_ATTENTION", "varlen")
