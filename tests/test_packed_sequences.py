@@ -42,7 +42,7 @@ def test_each_packed_example_computes_what_it_computes_alone(attention):
     torch.manual_seed(0)
     model = build_model(config(attention), dtype=torch.float32).train()
     batch = ftdata.packed_batch([examples()], pad_id=0, width=64)
-    logits = model(batch.input_ids, batch.positions, token_mask=batch.token_mask, segment_ids=batch.segment_ids)
+    logits = model(batch.input_ids, batch.positions, token_mask=batch.token_mask, packing=batch.packing)
     packed_counts = model.routing_stats()[0]
     counts, at = 0, 0
     for e in examples():
@@ -72,7 +72,7 @@ def test_packed_losses_and_gradients_equal_the_examples_alone(attention):
 
     model.set_aux_loss_scale(1.0)  # the balance loss is a mean over sequences: 3 packed ones = 3 x 1/3 alone
     lm, mtp, n_mtp = token_sums(*model(batch.input_ids, batch.positions, with_mtp=True,
-                                       token_mask=batch.token_mask, segment_ids=batch.segment_ids),
+                                       token_mask=batch.token_mask, packing=batch.packing),
                                 batch.labels, batch.segment_ids)
     packed_counts = model.routing_stats()[0]  # the MTP module's layer counts no token of the next example
     (lm + mtp).backward()
@@ -111,7 +111,7 @@ def test_packed_bf16_on_the_gpu_matches_the_examples_alone():
     model = build_model(config("mla"), device="cuda", dtype=torch.bfloat16).train()
     batch = ftdata.packed_batch([examples()], pad_id=0, width=64).to("cuda")
     with torch.no_grad():
-        logits = model(batch.input_ids, batch.positions, segment_ids=batch.segment_ids)
+        logits = model(batch.input_ids, batch.positions, packing=batch.packing)
         at = 0
         for e in examples():
             ids, _ = alone(e)

@@ -10,7 +10,7 @@ str.format over the record), or a preset name (qa, translation, summarization) f
 
 Batches. sft: packed. Each epoch's examples (a fresh permutation) are packed, first fit by decreasing length
 within chunks of that order, into rows of --seq-len positions, as pretraining fills its rows; positions restart at
-0 in every example and attention stays inside it (`segment_ids` -> attention.document_mask), so each example's
+0 in every example and attention stays inside it (model/packed_attention.py), so each example's
 logits are those of a forward of that example alone, with no compute spent on padding (a micro-batch of short
 padded examples likely kept a GPU waiting on the host). classify: padded, one example per row (the head reads each
 row's last real token), right-padded to the longest of its micro-batch rounded up to a multiple of 64 (see
@@ -32,6 +32,7 @@ from dsmoe.errors import UserError
 from dsmoe.infer.chat_template import render_chat
 from dsmoe.model.classifier import classifier_input
 from dsmoe.tasks.specs import BUILTIN
+from dsmoe.model.packed_attention import PackedLayout
 from dsmoe.train.loss import Batch
 
 IGNORE = -100
@@ -293,7 +294,7 @@ def packed_batch(rows: list[list[Example]], pad_id: int, width: int) -> Batch:
             positions[b, at:at + n] = torch.arange(n)
             segments[b, at:at + n] = j
             at += n
-    return Batch(ids, labels, segments >= 0, positions, segments)
+    return Batch(ids, labels, segments >= 0, positions, PackedLayout.from_segment_ids(segments))
 
 
 class PackedSource:

@@ -22,33 +22,27 @@ from torch import nn
 from dsmoe.config import ModelConfig
 from dsmoe.kernels import ops
 from dsmoe.model.layers import RMSNorm
-
-
-def document_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """segment_ids (B, S) -> (B, 1, S, S) bool: query i may read key j when j <= i and both belong to the same
-    segment (packed sequences: one example per segment, so none attends across examples)."""
-    S = segment_ids.shape[1]
-    causal = torch.ones(S, S, dtype=torch.bool, device=segment_ids.device).tril()
-    return ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]
+from dsmoe.model.packed_attention import PackedLayout, packed_attention
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int = 0,
-                     attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     packing: PackedLayout | None = None) -> torch.Tensor:
     """S queries at positions start..start+S-1 over keys 0..start+S-1: (B, H, S, Dqk), (B, H, T, Dqk),
-    (B, H, T, Dv) -> (B, H, S, Dv); softmax in fp32 inside SDPA. attn_mask (B, 1, S, T) bool, from
-    `document_mask`, replaces the causal rule (packed sequences, no cache).
+    (B, H, T, Dv) -> (B, H, S, Dv); softmax in fp32 inside SDPA. With packing (packed rows, no cache) each
+    example attends causally within itself (packed_attention.py).
 
     MLA's value width (128) differs from its query/key width (192). SDPA handles that directly; padding v
     to 192 to reach the flash kernel was measured slower on an H200 (fwd+bwd, B=8, S=2048, 16 heads,
-    bf16: 1.89 ms as is, 2.86 ms padded). With an explicit mask (a cached prefix, or packed sequences) v is
-    padded so every SDPA backend takes one head width.
+    bf16: 1.89 ms as is, 2.86 ms padded). With an explicit mask (a cached prefix) v is padded so every SDPA
+    backend takes one head width.
     """
-    if start == 0 and attn_mask is None:
+    if packing is not None:
+        return packed_attention(q, k, v, scale, packing)
+    if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    if attn_mask is None:
-        S, T = q.shape[2], k.shape[2]
-        keys, queries = torch.arange(T, device=q.device), torch.arange(start, start + S, device=q.device)
-        attn_mask = keys[None, :] <= queries[:, None]
+    S, T = q.shape[2], k.shape[2]
+    keys, queries = torch.arange(T, device=q.device), torch.arange(start, start + S, device=q.device)
+    attn_mask = keys[None, :] <= queries[:, None]
     dv = v.shape[-1]
     if dv != q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - dv))
@@ -105,7 +99,7 @@ class MLAttention(nn.Module):
         return k, v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                packing: PackedLayout | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         q_nope, q_pe, latent, k_pe = self.project(x, cos, sin)
         if kv is not None:
@@ -116,7 +110,7 @@ class MLAttention(nn.Module):
             k_pe = k_pe[:, None]
         k, v = self.expand_kv(latent, k_pe)
         q = torch.cat([q_nope, q_pe], dim=-1).to(k.dtype)
-        out = causal_attention(q, k, v, self.softmax_scale, 0 if kv is None else kv.start, attn_mask)
+        out = causal_attention(q, k, v, self.softmax_scale, 0 if kv is None else kv.start, packing)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
     def absorbed_decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
@@ -166,7 +160,7 @@ class MHAttention(nn.Module):
         return ops.apply_rotary(q, cos, sin, self.interleaved), ops.apply_rotary(k, cos, sin, self.interleaved), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                packing: PackedLayout | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         if kv is not None:
@@ -177,7 +171,7 @@ class MHAttention(nn.Module):
         if self.kv_heads != self.num_heads:
             rep = self.num_heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = causal_attention(q, k, v, self.softmax_scale, 0 if kv is None else kv.start, attn_mask)
+        out = causal_attention(q, k, v, self.softmax_scale, 0 if kv is None else kv.start, packing)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:

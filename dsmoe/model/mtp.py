@@ -21,6 +21,7 @@ from torch import nn
 
 from dsmoe.config import ModelConfig
 from dsmoe.model.layers import RMSNorm
+from dsmoe.model.packed_attention import PackedLayout
 from dsmoe.model.transformer import Block, cast_model, init_module_weights
 
 
@@ -45,13 +46,13 @@ class MTPModule(Block):
         self.shared_head = SharedHead(config)
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache=None, token_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                cache=None, token_mask: torch.Tensor | None = None,
+                packing: PackedLayout | None = None) -> torch.Tensor:
         """h_prev (B, S, D) the previous depth's hidden state, emb (B, S, D) the embedding of the token k
         ahead -> this depth's hidden state (B, S, D), before shared_head.norm. token_mask: the positions
         whose token k ahead is real (see Transformer.forward)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return super().forward(x, cos, sin, cache, token_mask, attn_mask, segment_ids)
+        return super().forward(x, cos, sin, cache, token_mask, packing)
 
 
 def shifted_inputs(input_ids: torch.Tensor, k: int) -> torch.Tensor:

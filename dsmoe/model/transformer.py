@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from dsmoe.config import ModelConfig
-from dsmoe.model.attention import build_attention, document_mask
+from dsmoe.model.attention import build_attention
 from dsmoe.model.balance import update_bias
 from dsmoe.model.layers import MLP, RMSNorm, RotaryEmbedding
 from dsmoe.model.moe import MoE
+from dsmoe.model.packed_attention import PackedLayout
 
 
 class Block(nn.Module):
@@ -31,10 +32,10 @@ class Block(nn.Module):
             MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
-                token_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask)
+                token_mask: torch.Tensor | None = None, packing: PackedLayout | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, packing)
         h_norm = self.post_attention_layernorm(h)
+        segment_ids = None if packing is None else packing.segment_ids
         return h + (self.mlp(h_norm, token_mask, segment_ids) if isinstance(self.mlp, MoE) else self.mlp(h_norm))
 
 
@@ -55,31 +56,31 @@ class Transformer(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
         last_only: bool = False, return_hidden: bool = False, with_mtp: bool = False,
-        token_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None, packing: PackedLayout | None = None,
     ):
         """input_ids (B, S) -> logits (B, S, V) (or (B, 1, V) with last_only; the final-normed hidden
         states (B, S, D) with return_hidden). positions default to 0..S-1; a cache (one entry per layer)
         is given by the inference engine. with_mtp (training): (logits, [logits of MTP depth k, (B, S, V)
         for k = 1..D]); depth k's logits at position t predict token t+k+1 (see mtp.py). token_mask (B, S)
-        bool marks the real tokens of a padded batch: the MoE statistics count only those (moe.py). segment_ids
-        (B, S) (training on packed sequences, with positions restarting per segment): attention stays within a
-        segment (attention.document_mask)."""
+        bool marks the real tokens of a padded batch: the MoE statistics count only those (moe.py). packing
+        (packed rows of several examples, positions restarting per example): attention stays within an example
+        (packed_attention.py)."""
         B, S = input_ids.shape
         if positions is None:
             positions = torch.arange(S, device=input_ids.device)
         cos, sin = self.rotary(positions)
-        attn_mask = None if segment_ids is None else document_mask(segment_ids)
+        packing = None if packing is None else packing.for_forward()
         h = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, None if cache is None else cache[i], token_mask, attn_mask, segment_ids)
+            h = layer(h, cos, sin, None if cache is None else cache[i], token_mask, packing)
         h = self.norm(h[:, -1:] if last_only else h)
         if with_mtp:
-            return self.logits(h), self.mtp_logits(h, input_ids, cos, sin, token_mask, segment_ids, attn_mask)
+            return self.logits(h), self.mtp_logits(h, input_ids, cos, sin, token_mask, packing)
         return h if return_hidden else self.logits(h)
 
     def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   token_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                   attn_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+                   token_mask: torch.Tensor | None = None,
+                   packing: PackedLayout | None = None) -> list[torch.Tensor]:
         """The MTP modules over a whole sequence (training): h (B, S, D) the main model's final-normed
         hidden states -> one (B, S, V) logits tensor per depth."""
         from dsmoe.model.mtp import same_segment_ahead, shifted_inputs
@@ -87,11 +88,11 @@ class Transformer(nn.Module):
         out = []
         for k, module in enumerate(self.mtp, 1):
             real = None if token_mask is None else shifted_inputs(token_mask, k)  # False past the end
-            if segment_ids is not None:  # and where the token k ahead belongs to the next packed example
-                same = same_segment_ahead(segment_ids, k)
+            if packing is not None:  # and where the token k ahead belongs to the next packed example
+                same = same_segment_ahead(packing.segment_ids, k)
                 real = same if real is None else real & same
             h = module(h, self.embed_tokens(shifted_inputs(input_ids, k)), cos, sin, token_mask=real,
-                       attn_mask=attn_mask, segment_ids=segment_ids)
+                       packing=packing)
             out.append(self.logits(module.shared_head.norm(h)))
         return out
 

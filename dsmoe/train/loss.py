@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dsmoe.model.mtp import mtp_loss
+from dsmoe.model.packed_attention import PackedLayout
 from dsmoe.train.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 
 
@@ -26,13 +27,18 @@ class Batch:
     predict after input_ids[b, s], or IGNORE_INDEX (-100) where no loss is taken (prompts, padding);
     token_mask (B, S) bool, for padded batches: the real input tokens (the MoE statistics count only them).
     Packed batches (several examples per row) add positions (B, S), restarting at 0 in every example, and
-    segment_ids (B, S), one id per example: attention and MTP targets stay within an example."""
+    packing, where the examples lie (segment ids, and the boundaries the varlen attention kernel reads): attention
+    and MTP targets stay within an example."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     token_mask: torch.Tensor | None = None
     positions: torch.Tensor | None = None
-    segment_ids: torch.Tensor | None = None
+    packing: PackedLayout | None = None
+
+    @property
+    def segment_ids(self) -> torch.Tensor | None:
+        return None if self.packing is None else self.packing.segment_ids
 
     @classmethod
     def from_windows(cls, windows: torch.Tensor) -> Batch:
@@ -41,7 +47,7 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         return Batch(*(None if t is None else t.to(device, non_blocking=True)
-                       for t in (self.input_ids, self.labels, self.token_mask, self.positions, self.segment_ids)))
+                       for t in (self.input_ids, self.labels, self.token_mask, self.positions, self.packing)))
 
 
 class BatchSource(Protocol):
@@ -61,7 +67,7 @@ def next_token_loss(model: torch.nn.Module, batch: Batch, mtp_weight: float = 0.
     mtp_weight x their mean cross-entropy (DeepSeek-V3's lambda; model/mtp.py), from their full logits, unless
     main_only (evaluation: the main model's loss alone); mtp_targets "model" has them learn the main model's own
     distributions instead of the text's tokens."""
-    inputs = dict(positions=batch.positions, token_mask=batch.token_mask, segment_ids=batch.segment_ids)
+    inputs = dict(positions=batch.positions, token_mask=batch.token_mask, packing=batch.packing)
     if main_only or not model.config.num_nextn_predict_layers:
         hidden = model(batch.input_ids, return_hidden=True, **inputs)
         # read after the forward: under FSDP the root's forward has gathered the whole head (kept until backward)
