@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 13, packed attention on one H200, about 8 minutes (SKIP_TESTS=1 leaves out part 1, about 2-3 minutes;
+# Issue 13, packed attention on one H100/H200, about 9 minutes (SKIP_TESTS=1 leaves out part 1, about 2-3 minutes;
 # ATTENTION_ONLY=1 stops after part 2):
 # does packed SFT reach pretraining's tokens/s?
 #   1. the GPU tests of both paths (tests/test_packed_attention.py, tests/test_packed_sequences.py);
@@ -106,6 +106,7 @@ for path in varlen flex sdpa; do
         --data "$D/xquad_en_train.jsonl" --field-map qa --out "$R/sft-$path" --overwrite --lr 3e-4 \
         --warmup-steps 10 "${COMMON[@]}" > "$R/sft-$path.log" 2>&1 || { tail -30 "$R/sft-$path.log"; exit 1; }
     FT=$(tokens_per_s "$R/sft-$path")
+    rm -rf "$R/sft-$path"  # `small`'s checkpoint with AdamW's moments is ~18 GB; three would fill a 64 GB disk
     RECOMPILES=$(grep -c 'Recompiling' "$R/sft-$path.log" || true)
     echo "RESULT dsmoe finetune --task sft xquad_en, packed attention $path: $FT real tokens/s =" \
          "$(python -c "print(f'{$FT / $PRE:.2f}')")x pretraining; recompilations: $RECOMPILES"
