@@ -26,6 +26,7 @@ def _route_kernel(
     E: tl.constexpr, TOP_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
     GROUP_RULE: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
+    ONE_PROGRAM: tl.constexpr,
 ):
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     col = tl.arange(0, BLOCK_E)
@@ -86,9 +87,13 @@ def _route_kernel(
     k_ok = tok_ok[:, None] & (kcol[None, :] < TOP_K)
     tl.store(idx_ptr + tok64[:, None] * TOP_K + kcol[None, :], topk_idx.to(tl.int64), mask=k_ok)
     tl.store(weight_ptr + tok64[:, None] * TOP_K + kcol[None, :], topk_w, mask=k_ok)
-    # One atomic per expert per program; rows past T ran on zero logits, so their picks are dropped here.
-    per_expert = tl.sum(tl.where(tok_ok[:, None], chosen, 0), axis=0)
-    tl.atomic_add(counts_ptr + col, per_expert, mask=col_ok)
+    # Rows past T ran on zero logits, so their picks are dropped here. A lone program (every decode step) owns
+    # the counts and stores them; several add theirs atomically into zeroed counts.
+    per_expert = tl.sum(tl.where(tok_ok[:, None], chosen, 0), axis=0).to(tl.int64)
+    if ONE_PROGRAM:
+        tl.store(counts_ptr + col, per_expert, mask=col_ok)
+    else:
+        tl.atomic_add(counts_ptr + col, per_expert, mask=col_ok)
 
 
 def route_triton(
@@ -110,21 +115,23 @@ def route_triton(
     scores = torch.empty(T, E, dtype=torch.float32, device=dev)
     idx = torch.empty(T, top_k, dtype=torch.int64, device=dev)
     weight = torch.empty(T, top_k, dtype=torch.float32, device=dev)
-    counts = torch.zeros(E, dtype=torch.int32, device=dev)
+    block_e = triton.next_power_of_2(E)
+    # a decode step's few tokens get a tile of their size: a 64-row tile of masked rows costs its
+    # top-k argmax passes all the same (11 us per layer at one token on an H200)
+    block_t = max(2, min(64, 4096 // block_e, triton.next_power_of_2(max(T, 1))))
+    programs = triton.cdiv(T, block_t)
+    # int64 counts written by the kernel: no zero-fill and cast launches around a lone program
+    counts = (torch.empty if programs == 1 else torch.zeros)(E, dtype=torch.int64, device=dev)
     if T > 0:
-        block_e = triton.next_power_of_2(E)
-        # a decode step's few tokens get a tile of their size: a 64-row tile of masked rows costs its
-        # top-k argmax passes all the same (11 us per layer at one token on an H200)
-        block_t = max(2, min(64, 4096 // block_e, triton.next_power_of_2(T)))
-        _route_kernel[(triton.cdiv(T, block_t),)](
+        _route_kernel[(programs,)](
             logits_TE, bias_E if bias_E is not None else scores, scores, idx, weight, counts,
             T, logits_TE.stride(0), float(routed_scaling_factor),
             E=E, TOP_K=top_k, SIGMOID=SCORING[scoring_func] == 1, HAS_BIAS=bias_E is not None,
             GROUP_RULE=GROUP_RULE[topk_method], N_GROUP=n_group, TOPK_GROUP=topk_group, NORM=norm_topk_prob,
             BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
-            BLOCK_G=triton.next_power_of_2(n_group), num_warps=4,
+            BLOCK_G=triton.next_power_of_2(n_group), ONE_PROGRAM=programs == 1, num_warps=4,
         )
-    return idx, weight, scores, counts.to(torch.int64)
+    return idx, weight, scores, counts
 
 
 def route_backward(
