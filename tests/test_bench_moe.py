@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import os
 from dataclasses import replace
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from dsmoe.bench import moe as bench_moe
 from dsmoe.bench.moe_layers import SHAPES, zipf_routing
 from dsmoe.errors import UserError
+from triton_guard import require_triton
 
 
 def bench_args(tmp_path, **overrides):
@@ -78,9 +78,7 @@ def test_zipf_routing_is_skewed_dropless_and_distinct(T, k, E):
 def test_triton_layer_keeps_for_backward_under_half_of_what_transformers_keeps():
     """The Triton layer keeps gate_up's output (N x 2F) and the int32 plan, never the gathered input or the down
     projection's rows (N x D each), as transformers' grouped_mm does. Fine's ratios (d = 4f, k = 8), small."""
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1 before triton is imported (tests/conftest.py)")
-    pytest.importorskip("triton")
+    require_triton()
     pytest.importorskip("transformers")
     from dsmoe.bench import moe_layers as L
 

@@ -1,13 +1,12 @@
 """LoRA: exact start, merge, per-expert factors through every expert path, and PEFT's format."""
 
-import os
-
 import pytest
 import torch
 
 from dsmoe.finetune.lora import ALL_TARGETS, LoRASpec, apply_lora, lora_factors, merge_lora
 from dsmoe.kernels import ops
 from dsmoe.model.transformer import build_model
+from triton_guard import require_triton
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -92,9 +91,7 @@ def _expert_grads(impl, x, idx, w, gate_up, down, factors):
 @pytest.mark.parametrize("impl", ["grouped", "triton"])
 def test_expert_lora_gradients_match_the_reference_path(impl):
     if impl == "triton":
-        pytest.importorskip("triton")
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1 before triton is imported")
+        require_triton()
     g = torch.Generator().manual_seed(0)
     T, D, F, E, K, r = 7, 16, 8, 5, 2, 2
     x = torch.randn(T, D, generator=g)

@@ -6,18 +6,13 @@ Without a GPU the kernels run in Triton's CPU interpreter in fp32 (tests/conftes
 marked `gpu` adds bf16 parity with the permuted Triton path at DeepSeek-V2-Lite dims and CUDA-graph capture.
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("without CUDA, Triton kernels need TRITON_INTERPRET=1 before triton is imported",
-                allow_module_level=True)
-pytest.importorskip("triton")
+from triton_guard import DEVICE, ON_GPU, require_triton
+
+require_triton(module_level=True)
 
 from dsmoe.config import get_preset  # noqa: E402
 from dsmoe.kernels import ops  # noqa: E402

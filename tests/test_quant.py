@@ -6,7 +6,6 @@ marked `gpu` add bf16 at DeepSeek-V2-Lite dims and CUDA-graph capture.
 """
 
 import json
-import os
 
 import pytest
 import torch
@@ -16,16 +15,13 @@ from dsmoe.kernels.quant import dequantize, quantize, quantize_fp8
 from dsmoe.model.quantized import QuantExperts, QuantLinear, quantize_model, weight_bytes
 from dsmoe.kernels.reference import moe_experts_reference
 from dsmoe.model.transformer import build_model
+from triton_guard import DEVICE, require_triton
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
 SCHEMES = ["fp8", "int8"]
 
 
 def _kernels():
-    if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it)")
-    pytest.importorskip("triton")
+    require_triton()
     from dsmoe.kernels import triton_quant
 
     return triton_quant

@@ -1,20 +1,14 @@
 """The fused inference kernels (RMSNorm, rotary, MLA decode attention) against their references: fp32 through Triton's CPU interpreter
 (tests/conftest.py selects it), bf16 on a GPU, and the dispatch in ops (fused only for inference on CUDA)."""
 
-import os
-
 import pytest
 import torch
 
 from dsmoe.kernels import ops
 from dsmoe.kernels.reference import mla_decode_attention_reference, rms_norm_reference, rotary_reference
+from triton_guard import DEVICE, require_triton
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("without CUDA, Triton kernels need TRITON_INTERPRET=1 before triton is imported",
-                allow_module_level=True)
-pytest.importorskip("triton")
+require_triton(module_level=True)
 from dsmoe.kernels.triton_norm import rms_norm_triton  # noqa: E402
 from dsmoe.kernels.triton_mla_decode import mla_decode_triton  # noqa: E402
 from dsmoe.kernels.triton_rotary import rotary_triton  # noqa: E402
