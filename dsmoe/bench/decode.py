@@ -175,15 +175,17 @@ def step_runner(engine):
 
 
 def profile_step(engine, B: int, L: int):
-    """torch.profiler over one decode step of the engine run uncaptured (its CUDA graph replays these kernels)."""
+    """torch.profiler over one decode step of the engine run uncaptured (its CUDA graph replays these kernels);
+    on CUDA with the operators too, so the kernel table traces the small copies back to the code that launched
+    them."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from dsmoe.bench.profiling import cuda_profile
+
     cuda = engine.device.type == "cuda"
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    with torch.no_grad(), (cuda_profile() if cuda else profile(activities=[ProfilerActivity.CPU])) as prof:
         step_runner(engine).forward(B, L)
-        if cuda:
-            torch.cuda.synchronize()
     return prof
 
 
