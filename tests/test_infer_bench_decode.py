@@ -96,6 +96,11 @@ def test_kernel_table_sorts_kernels_into_kinds():
     from dsmoe.bench.profiling import kernel_table, kind_of
 
     assert kind_of("_grouped_rows_kernel") == "MoE expert GEMMs (dsmoe Triton)"
+    assert kind_of("_decode_down_kernel") == "MoE expert GEMMs (dsmoe Triton)"
+    assert kind_of("_mla_combine_kernel") == kind_of("_mla_partial_kernel") == "attention"
+    assert kind_of("_combine_kernel") == kind_of("_sort_one_program_kernel") == \
+        "routing, permutation, SwiGLU backward (dsmoe Triton)"
+    assert kind_of("_wq_matmul_kernel") == "GEMMs (cuBLAS / CUTLASS)"
     assert kind_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "GEMMs (cuBLAS / CUTLASS)"
     assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26") == "attention"
     assert kind_of("triton_poi_fused_add_mul_0") == "fused elementwise (torch.compile)"

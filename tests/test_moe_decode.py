@@ -57,6 +57,15 @@ def test_decode_kernels_equal_the_reference(T, K, S):
     torch.testing.assert_close(out, reference_layer(x, idx, w, gate_up, down, shared), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("S", [0, 2], ids=["routed", "shared"])
+def test_decode_kernels_split_a_wide_f_over_parts(S):
+    """F = 97 spans several F-tiles and both parts of the down kernel's split (the shared experts' chunks past
+    the first start mid-row of their S*F-wide MLP)."""
+    x, idx, w, gate_up, down, shared = expert_inputs(2, 37, 97, 6, 3, S, seed=5)
+    out = moe_decode(x, idx, w, gate_up, down, shared=shared)
+    torch.testing.assert_close(out, reference_layer(x, idx, w, gate_up, down, shared), atol=1e-5, rtol=1e-5)
+
+
 def test_decode_kernels_refuse_shapes_that_do_not_fit():
     x, idx, w, gate_up, down, shared = expert_inputs(2, 16, 8, 4, 2, 1)
     with pytest.raises(ValueError, match="do not fit"):
@@ -135,6 +144,22 @@ def test_dispatch_by_rows_gradients_and_hooks(monkeypatch):
     handle.remove()
     # a hook sees the shared MLP's own output; the routed experts alone take the decode kernels
     assert seen == [(2, 40)] and calls == {"decode": 3, "permuted": 2, "mlp": 4}
+
+
+def test_a_router_trained_alone_gets_its_gradient_through_the_experts():
+    """LoRA fine-tuning keeps the router trainable while the experts and the layer's input may want no gradient:
+    the routing weights then carry the only gradient, which the forward-only decode kernels cannot give."""
+    torch.manual_seed(0)
+    config = layer_config("softmax", 1, 2)
+    layers = [MoE(config, impl=impl).to(DEVICE) for impl in ("triton", "reference")]
+    layers[0].reset_parameters(0.1)
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(1, 3, 40, device=DEVICE)
+    for layer in layers:
+        for name, p in layer.named_parameters():
+            p.requires_grad_(name == "gate.weight")
+        layer(x).square().sum().backward()
+    torch.testing.assert_close(layers[0].gate.weight.grad, layers[1].gate.weight.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_decode_layer_traces_under_torch_compile_and_the_op_passes_opcheck(monkeypatch):

@@ -12,11 +12,12 @@ import contextlib
 import re
 
 KINDS = (
-    ("MoE expert GEMMs (dsmoe Triton)", r"_grouped_rows_kernel|_grouped_weight_grad_kernel|_wq_"),
+    ("MoE expert GEMMs (dsmoe Triton)", r"_grouped_rows_kernel|_grouped_weight_grad_kernel|_decode_(up|down)_kernel"),
     ("routing, permutation, SwiGLU backward (dsmoe Triton)",
-     r"_route_kernel|_histogram_kernel|_scatter_kernel|_combine_kernel|_swiglu"),
-    ("attention", r"flash|fmha|attn|attention|sdpa|mha"),  # before GEMMs: cuDNN's SDPA kernels say "sm90_"
-    ("GEMMs (cuBLAS / CUTLASS)", r"gemm|gemv|cutlass|nvjet|xmma|sm90_|cublas|splitk"),
+     r"_route_kernel|_histogram_kernel|_scatter_kernel|_sort_one_program_kernel|^_combine_kernel|_swiglu"),
+    # before GEMMs: cuDNN's SDPA kernels say "sm90_"; _mla_* is dsmoe's MLA decode kernel and its merge
+    ("attention", r"flash|fmha|attn|attention|sdpa|mha|_mla_"),
+    ("GEMMs (cuBLAS / CUTLASS)", r"gemm|gemv|cutlass|nvjet|xmma|sm90_|cublas|splitk|_wq_matmul"),
     ("RMSNorm / rotary", r"norm|rotary"),
     ("optimizer", r"adam|multi_tensor"),
     ("top-k / sort", r"topk|sort|radix"),

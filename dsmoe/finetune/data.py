@@ -31,8 +31,8 @@ import torch
 from dsmoe.errors import UserError
 from dsmoe.infer.chat_template import render_chat
 from dsmoe.model.classifier import classifier_input
-from dsmoe.tasks.specs import BUILTIN
 from dsmoe.model.packed_attention import PackedLayout
+from dsmoe.tasks.specs import BUILTIN
 from dsmoe.train.loss import Batch
 
 IGNORE = -100

@@ -68,7 +68,7 @@ def moe_experts(
     dtype = compute_dtype(x_TD)
     x_TD, gate_up_EFD, down_EDF = x_TD.to(dtype), gate_up_EFD.to(dtype), down_EDF.to(dtype)
     if impl == "triton":
-        if decode_fits(x_TD, topk_idx_TK.numel(), gate_up_EFD, down_EDF):
+        if decode_fits(x_TD, topk_idx_TK.numel(), topk_weight_TK, gate_up_EFD, down_EDF):
             return experts_decode(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF)
         return experts_fused(x_TD, topk_idx_TK, topk_weight_TK, gate_up_EFD, down_EDF)
     if impl == "grouped":
@@ -78,12 +78,16 @@ def moe_experts(
     raise ValueError(f"moe_experts takes a resolved implementation (reference, grouped or triton), not {impl!r}")
 
 
+def _wants_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will want a gradient through an op on these tensors (forward-only kernels have none)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _fused_inference(x: torch.Tensor, *params: torch.Tensor, when_compiling: bool = False) -> bool:
     """Whether a forward-only Triton kernel may replace a reference: on CUDA, no gradient wanted, and (unless
     `when_compiling`: a custom op inductor cannot match) not while torch.compile traces, since inductor fuses
     the reference itself."""
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
-    return (x.is_cuda and not wants_grad and (when_compiling or not torch.compiler.is_compiling())
+    return (x.is_cuda and not _wants_grad(x, *params) and (when_compiling or not torch.compiler.is_compiling())
             and triton_available(x.device))
 
 
@@ -272,9 +276,10 @@ DECODE_MAX_ROWS = 64  # routing decisions (T*K, plus T*S folded shared experts) 
 
 def decode_fits(x: torch.Tensor, rows: int, *params: torch.Tensor) -> bool:
     """Whether the decode kernels (triton_moe_decode.py, inference only) take these `rows` routing decisions of
-    the Triton path: few of them, no gradient wanted, a float dtype. Decided from shapes alone (CUDA graphs)."""
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
-    return rows <= DECODE_MAX_ROWS and not wants_grad and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    the Triton path: no gradient wanted through x or params (pass the routing weights too: a trained router
+    needs the experts' backward), few decisions, a float dtype. Decided from shapes alone (CUDA graphs)."""
+    return (not _wants_grad(x, *params) and rows <= DECODE_MAX_ROWS
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
 
 
 @torch.library.custom_op("dsmoe::experts_decode", mutates_args=())
@@ -313,10 +318,10 @@ def experts_decode(
 
 # ---- weight-only fp8 / int8 inference: dsmoe::wq_matmul, and the quantized codes through dsmoe::experts_decode ----
 
-def _wq_kernel_fits(x: torch.Tensor, rows: int, scale_block_ok: bool) -> bool:
-    """Past DECODE_MAX_ROWS rows (prefill, large batches) the codes are dequantised and the usual path runs."""
-    return (rows <= DECODE_MAX_ROWS and scale_block_ok and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and triton_available(x.device))
+def _wq_kernel_fits(x: torch.Tensor, rows: int, scale_block_ok: bool, *params: torch.Tensor) -> bool:
+    """Past DECODE_MAX_ROWS rows (prefill, large batches), or where a gradient is wanted (the kernels are forward
+    only), the codes are dequantised and the usual path runs."""
+    return (decode_fits(x, rows, *params) and scale_block_ok and triton_available(x.device))
 
 
 def _fp8_blocks_are_128(q: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -355,7 +360,7 @@ def quant_moe_experts(
     """`moe_experts` on quantized expert stacks. Decode-sized batches read only the chosen experts' codes;
     larger ones dequantise the stacks once and take `moe_experts(impl)`."""
     blocks_ok = _fp8_blocks_are_128(gate_up_q, gate_up_scale) and _fp8_blocks_are_128(down_q, down_scale)
-    if _wq_kernel_fits(x_TD, topk_idx_TK.numel(), blocks_ok):
+    if _wq_kernel_fits(x_TD, topk_idx_TK.numel(), blocks_ok, topk_weight_TK):
         return _summed_decode(x_TD, topk_idx_TK, topk_weight_TK, gate_up_q, down_q, gate_up_scale, down_scale, None,
                               None, None)
     return moe_experts(x_TD, topk_idx_TK, topk_weight_TK, dequantize(gate_up_q, gate_up_scale, x_TD.dtype),

@@ -6,11 +6,12 @@ is a GEMM for the scores, a softmax over fp32 scores written to memory and read 
 reads the cache again. Here one program takes BLOCK_M query rows (heads x draft positions of one sequence) and a
 range of cache positions, reads each cached entry once, and keeps an online softmax (running max and sum) with
 a [BLOCK_M, C] fp32 accumulator. Sequences with few rows split their positions over several programs so the
-GPU is filled at batch 1; `_combine_kernel` then merges the partial results by their log-sum-exp. Columns that
+GPU is filled at batch 1; `_mla_combine_kernel` then merges the partial results by their log-sum-exp. Columns that
 no row of a tile may read (past each row's position: decode's length buckets pad up to 2x) are not loaded.
 
-Forward only, for inference: `ops.mla_decode_attention` takes it on CUDA when no gradient is wanted (also under
-torch.compile, as the custom op `dsmoe::mla_decode`); `mla_decode_attention_reference` is the spec.
+Forward only, for inference: `ops.mla_decode_attention` takes it on CUDA for a bf16/fp16 cache when no gradient
+is wanted (also under torch.compile, as the custom op `dsmoe::mla_decode`); `mla_decode_attention_reference` is
+the spec, and runs for an fp32 cache.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _partial_kernel(qc_ptr, qr_ptr, kv_ptr, hidden_ptr, out_ptr, lse_ptr,
+def _mla_partial_kernel(qc_ptr, qr_ptr, kv_ptr, hidden_ptr, out_ptr, lse_ptr,
                     S, M, L, scale,
                     s_qc_b, s_qc_h, s_qc_s, s_qr_b, s_qr_h, s_qr_s, s_kv_b, s_kv_l, s_hid_b, s_hid_s,
                     s_out_split, s_out_b, s_out_h, s_out_s, s_lse_split, s_lse_b,
@@ -74,7 +75,7 @@ def _partial_kernel(qc_ptr, qr_ptr, kv_ptr, hidden_ptr, out_ptr, lse_ptr,
 
 
 @triton.jit
-def _combine_kernel(part_ptr, lse_ptr, out_ptr, S, M, splits,
+def _mla_combine_kernel(part_ptr, lse_ptr, out_ptr, S, M, splits,
                     s_part_split, s_part_b, s_part_h, s_part_s, s_lse_split, s_lse_b, s_out_b, s_out_h, s_out_s,
                     C: tl.constexpr, COMBINE_C: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
     b, row = tl.program_id(0).to(tl.int64), tl.program_id(1)
@@ -126,8 +127,8 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
         raise ValueError(f"mla decode: q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)}, cache "
                          f"{tuple(kv.shape)} and mask {tuple(hidden.shape)} do not fit")
     out = torch.empty(H, B, S, C, dtype=kv.dtype, device=kv.device)
-    if out.numel() == 0:
-        return out
+    if out.numel() == 0 or L == 0:  # no position to read: every row gives 0
+        return out.zero_()
     q_lat, q_pe, kv = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_lat, q_pe, kv))
     hidden = hidden.reshape(B, mask_rows, L).contiguous().view(torch.uint8)
     s_hid_s = hidden.stride(1) if mask_rows > 1 else 0  # one mask row for every draft position
@@ -142,7 +143,7 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
                                                                    device=kv.device)
     lse = torch.empty(splits, B, M, dtype=torch.float32, device=kv.device)
     block_c, block_r = max(16, triton.next_power_of_2(C)), max(16, triton.next_power_of_2(R))
-    _partial_kernel[(B, row_blocks, splits)](
+    _mla_partial_kernel[(B, row_blocks, splits)](
         q_lat, q_pe, kv, hidden, part, lse, S, M, L, scale,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         kv.stride(0), kv.stride(1), hidden.stride(0), s_hid_s,
@@ -151,7 +152,7 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
         num_warps=8, num_stages=2)
     if not final:
         block_splits = triton.next_power_of_2(splits)  # a [splits, COMBINE_C] fp32 tile of at most 4096 values
-        _combine_kernel[(B, M)](
+        _mla_combine_kernel[(B, M)](
             part, lse, out, S, M, splits, part.stride(0), part.stride(1), part.stride(2), part.stride(3),
             lse.stride(0), lse.stride(1), out.stride(1), out.stride(0), out.stride(2),
             C=C, COMBINE_C=max(16, min(block_c, 4096 // block_splits)), BLOCK_SPLITS=block_splits, num_warps=4)

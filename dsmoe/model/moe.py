@@ -106,7 +106,7 @@ class MoE(nn.Module):
         routing = self.gate(x_TD, impl)
         if token_mask is not None:
             routing = only_real_tokens(routing, token_mask.reshape(B * S))
-        shared = self.shared_weights_to_fold(x_TD, routing.topk_idx_TK.numel(), impl)
+        shared = self.shared_weights_to_fold(x_TD, routing.topk_weight_TK, impl)
         if shared is not None:
             y_TD = ops.experts_decode(x_TD, routing.topk_idx_TK, routing.topk_weight_TK, self.experts.gate_up_proj,
                                       self.experts.down_proj, shared)
@@ -130,7 +130,7 @@ class MoE(nn.Module):
             self.aux_loss.copy_(aux.detach())
         return y_TD.view(B, S, D)
 
-    def shared_weights_to_fold(self, x_TD: torch.Tensor, routed_rows: int, impl: str
+    def shared_weights_to_fold(self, x_TD: torch.Tensor, topk_weight_TK: torch.Tensor, impl: str
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The shared MLP's (gate_proj, up_proj, down_proj) weights when the decode kernels can run it with the
         routed experts in the same two launches (`ops.experts_decode`: its S*F-wide MLP read as S more experts
@@ -149,8 +149,8 @@ class MoE(nn.Module):
         stacks = (experts.gate_up_proj, experts.down_proj)
         if weights[0].shape[0] % F or any(w.dtype != ops.compute_dtype(x_TD) for w in (x_TD, *stacks, *weights)):
             return None
-        rows = routed_rows + x_TD.shape[0] * (weights[0].shape[0] // F)
-        return weights if ops.decode_fits(x_TD, rows, *stacks, *weights) else None
+        rows = topk_weight_TK.numel() + x_TD.shape[0] * (weights[0].shape[0] // F)
+        return weights if ops.decode_fits(x_TD, rows, topk_weight_TK, *stacks, *weights) else None
 
     def balance_loss(self, routing: Routing, seq_len: int, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The sum of the enabled balance losses of one forward (spec sections 5.1, 5.2, 5.4)."""

@@ -75,8 +75,9 @@ class PackedLayout:
 
     def for_forward(self) -> PackedLayout:
         """On CUDA the path DSMOE_PACKED_ATTENTION names (varlen where this torch has the kernel, flex's block
-        mask, or sdpa's mask); elsewhere the mask. Runs eagerly (Transformer.forward), so compiled blocks read a
-        ready choice."""
+        mask, or sdpa's mask); elsewhere the mask. Called once per forward by Transformer.forward, outside the
+        blocks that the default per-block compile compiles, so they read a ready choice (whole-model compile
+        traces this too)."""
         if self.kernel is not None or self.mask is not None or self.block_mask is not None:
             return self
         path = os.environ.get("DSMOE_PACKED_ATTENTION", "varlen")
