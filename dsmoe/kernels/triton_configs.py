@@ -153,6 +153,7 @@ def prune_weight_configs(configs, named_args, **kwargs):
 
 
 def prune_decode_configs(configs, named_args, **kwargs):
+    """Every decode config is a candidate at any shape; only DSMOE_TRITON_AUTOTUNE=0 narrows them to the first."""
     return _select(configs, configs)
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from dsmoe.config import ModelConfig
 from dsmoe.kernels import ops
 from dsmoe.model.layers import RMSNorm
-from dsmoe.model.packed_attention import PackedLayout, packed_attention
+from dsmoe.model.packed_attention import PackedLayout, packed_attention, padded_value
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int = 0,
@@ -43,10 +43,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     S, T = q.shape[2], k.shape[2]
     keys, queries = torch.arange(T, device=q.device), torch.arange(start, start + S, device=q.device)
     attn_mask = keys[None, :] <= queries[:, None]
-    dv = v.shape[-1]
-    if dv != q.shape[-1]:
-        v = F.pad(v, (0, q.shape[-1] - dv))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)[..., :dv]
+    return F.scaled_dot_product_attention(q, k, padded_value(v, q.shape[-1]), attn_mask=attn_mask,
+                                          scale=scale)[..., :v.shape[-1]]
 
 
 class MLAttention(nn.Module):

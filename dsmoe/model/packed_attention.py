@@ -142,6 +142,12 @@ def flex_attention_for(device_type: str) -> Callable:
     return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
+def padded_value(v: torch.Tensor, width: int) -> torch.Tensor:
+    """v with its head width zero-padded to `width` (MLA's 128 to the queries' 192): the flash kernels and every
+    SDPA backend with a mask take one head width; slice the output back to v's width."""
+    return v if v.shape[-1] == width else F.pad(v, (0, width - v.shape[-1]))
+
+
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      layout: PackedLayout) -> torch.Tensor:
     """(B, H, S, Dqk), (B, H, S, Dqk), (B, H, S, Dv) -> (B, H, S, Dv), each example of the rows attending
@@ -150,8 +156,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if layout.block_mask is not None:
         return flex_attention_for(q.device.type)(q, k, v, block_mask=layout.block_mask, scale=scale)
     dv = v.shape[-1]
-    if dv != q.shape[-1]:
-        v = F.pad(v, (0, q.shape[-1] - dv))
+    v = padded_value(v, q.shape[-1])
     if layout.kernel is not None and q.dtype in FLASH_DTYPES:
         B, H, S, _ = q.shape
         flat = [t.transpose(1, 2).reshape(B * S, H, -1) for t in (q, k, v)]
