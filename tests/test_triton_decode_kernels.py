@@ -82,6 +82,16 @@ def test_fused_rotary_matches_the_reference_fp32(B, H, S, R, per_row, interleave
     torch.testing.assert_close(out, rotary_reference(x, cos, sin, interleaved), atol=1e-6, rtol=1e-6)
 
 
+def test_fused_rotary_broadcasts_one_row_of_positions_over_the_batch():
+    """transformers' position_ids convention, (1, S): every sequence reads the same cos/sin row."""
+    x, cos, sin = rotary_inputs(3, 2, 5, 8, True)
+    cos, sin = cos[:1], sin[:1]
+    torch.testing.assert_close(rotary_triton(x, cos, sin, False), rotary_reference(x, cos, sin, False),
+                               atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        rotary_triton(x[:2], *rotary_inputs(3, 2, 5, 8, True)[1:], False)  # 3 rows of positions for 2 sequences
+
+
 def test_fused_rotary_refuses_cos_of_another_width():
     x, cos, sin = rotary_inputs(1, 2, 3, 8, False)
     with pytest.raises(ValueError, match="do not fit"):
@@ -170,6 +180,8 @@ def test_mla_decode_kernel_refuses_what_does_not_fit_and_reads_a_strided_mask():
         mla_decode_triton(q_lat, q_pe, kv[..., :40], hidden, scale)
     with pytest.raises(ValueError, match="do not fit"):  # 2 mask rows for 3 drafts
         mla_decode_triton(q_lat, q_pe, kv, hidden[:, :2], scale)
+    with pytest.raises(ValueError, match="mask is bool"):  # a 0/1 integer mask would be read as bytes
+        mla_decode_triton(q_lat, q_pe, kv, hidden.int(), scale)
     strided = hidden.transpose(1, 2).contiguous().transpose(1, 2)  # the same mask, positions not adjacent
     torch.testing.assert_close(mla_decode_triton(q_lat, q_pe, kv, strided, scale),
                                mla_decode_attention_reference(q_lat, q_pe, kv, hidden, scale), atol=1e-5, rtol=1e-5)

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsmoe.kernels.triton_configs import dot_precision
+
 
 @triton.jit
 def _mla_partial_kernel(qc_ptr, qr_ptr, kv_ptr, hidden_ptr, out_ptr, lse_ptr,
@@ -29,7 +31,8 @@ def _mla_partial_kernel(qc_ptr, qr_ptr, kv_ptr, hidden_ptr, out_ptr, lse_ptr,
                     s_qc_b, s_qc_h, s_qc_s, s_qr_b, s_qr_h, s_qr_s, s_kv_b, s_kv_l, s_hid_b, s_hid_s,
                     s_out_split, s_out_b, s_out_h, s_out_s, s_lse_split, s_lse_b,
                     C: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, TILES: tl.constexpr, FINAL: tl.constexpr):
+                    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, TILES: tl.constexpr, FINAL: tl.constexpr,
+                    PRECISION: tl.constexpr):
     b, split = tl.program_id(0).to(tl.int64), tl.program_id(2)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # row = head * S + draft position
     row_ok = rows < M
@@ -56,14 +59,15 @@ def _mla_partial_kernel(qc_ptr, qr_ptr, kv_ptr, hidden_ptr, out_ptr, lse_ptr,
             entry = kv_ptr + b * s_kv_b + n[:, None] * s_kv_l
             kv_c = tl.load(entry + cc[None, :], mask=col_read[:, None] & c_ok[None, :], other=0.0)
             kv_r = tl.load(entry + C + rr[None, :], mask=col_read[:, None] & r_ok[None, :], other=0.0)
-            scores = tl.dot(q_c, tl.trans(kv_c)) + tl.dot(q_r, tl.trans(kv_r))
+            scores = (tl.dot(q_c, tl.trans(kv_c), input_precision=PRECISION)
+                      + tl.dot(q_r, tl.trans(kv_r), input_precision=PRECISION))
             scores = tl.where(visible, scores * scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet: exp(-inf) = 0
             alpha = tl.exp(m_i - m_base)
             p = tl.exp(scores - m_base[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), kv_c)
+            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), kv_c, input_precision=PRECISION)
             m_i = m_new
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -123,9 +127,10 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
     R, L = q_pe.shape[-1], kv.shape[1]
     mask_rows = hidden.shape[1] if hidden.dim() == 3 else 1
     if (kv.shape != (B, L, C + R) or q_pe.shape[:3] != (B, H, S) or hidden.shape[0] != B or hidden.shape[-1] != L
-            or mask_rows not in (1, S)):
+            or mask_rows not in (1, S) or hidden.dtype != torch.bool):
         raise ValueError(f"mla decode: q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)}, cache "
-                         f"{tuple(kv.shape)} and mask {tuple(hidden.shape)} do not fit")
+                         f"{tuple(kv.shape)} and mask {tuple(hidden.shape)} {hidden.dtype} do not fit "
+                         "(the mask is bool)")
     out = torch.empty(H, B, S, C, dtype=kv.dtype, device=kv.device)
     if out.numel() == 0 or L == 0:  # no position to read: every row gives 0
         return out.zero_()
@@ -149,7 +154,7 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
         kv.stride(0), kv.stride(1), hidden.stride(0), s_hid_s,
         part.stride(0), part.stride(1), part.stride(2), part.stride(3), lse.stride(0), lse.stride(1),
         C=C, R=R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_C=block_c, BLOCK_R=block_r, TILES=tiles, FINAL=final,
-        num_warps=8, num_stages=2)
+        PRECISION=dot_precision(kv.dtype), num_warps=8, num_stages=2)
     if not final:
         block_splits = triton.next_power_of_2(splits)  # a [splits, COMBINE_C] fp32 tile of at most 4096 values
         _mla_combine_kernel[(B, M)](

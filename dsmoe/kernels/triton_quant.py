@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsmoe.kernels.triton_configs import dot_precision
+
 SCALE_BLOCK = 128
 
 
@@ -32,7 +34,8 @@ def load_codes(ptrs, mask, FP8: tl.constexpr):
 
 @triton.jit
 def _wq_matmul_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, s_stride, K: tl.constexpr,
-                      FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      FP8: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_ok, m_ok = offs_n < N, offs_m < M
@@ -43,7 +46,7 @@ def _wq_matmul_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, s_stride, K: tl.constexp
         x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = load_codes(q_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], n_ok[:, None] & k_ok[None, :],
                         FP8).to(x.dtype)
-        part = tl.dot(x, tl.trans(w))
+        part = tl.dot(x, tl.trans(w), input_precision=PRECISION)
         if FP8:  # BLOCK_K divides 128: one scale per row of this K-block
             s = tl.load(s_ptr + (offs_n // 128) * s_stride + k0 // 128, mask=n_ok, other=0.0)
             acc += part * s[None, :]
@@ -84,5 +87,5 @@ def wq_matmul(x_MK: torch.Tensor, q_NK: torch.Tensor, scale: torch.Tensor) -> to
     block_m = 16 if M <= 16 else 32
     grid = (triton.cdiv(N, 64), triton.cdiv(M, block_m))
     _wq_matmul_kernel[grid](x_MK, codes, scale, y, M, N, scale_strides(scale, fp8)[1], K=K, FP8=fp8,
-                            BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128)
+                            PRECISION=dot_precision(x_MK.dtype), BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128)
     return y

@@ -36,10 +36,11 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, S, sxb, sxh, sxs, scb, s
 
 
 def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """x (B, H, S, R) (any strides, unit stride along R), cos/sin fp32 (B, S, R/2) or (S, R/2) -> contiguous
-    (B, H, S, R) in x's dtype, the rotated pairs de-interleaved as `rotary_reference` returns them."""
+    """x (B, H, S, R) (any strides, unit stride along R), cos/sin fp32 (B, S, R/2), (1, S, R/2) or (S, R/2)
+    -> contiguous (B, H, S, R) in x's dtype, the rotated pairs de-interleaved as `rotary_reference` returns them."""
     B, H, S, R = x.shape
-    if R % 2 or cos.shape[-1] != R // 2 or cos.shape[-2] != S or cos.shape != sin.shape:
+    batch_ok = cos.dim() == 2 or (cos.dim() == 3 and cos.shape[0] in (1, B))
+    if R % 2 or not batch_ok or cos.shape[-1] != R // 2 or cos.shape[-2] != S or cos.shape != sin.shape:
         raise ValueError(f"rotary: x {tuple(x.shape)} and cos/sin {tuple(cos.shape)} do not fit (want R/2 = "
                          f"{R // 2} per position)")
     if x.stride(-1) != 1:
@@ -47,7 +48,7 @@ def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interle
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     out = torch.empty(B, H, S, R, dtype=x.dtype, device=x.device)
     if out.numel():
-        scb = cos.stride(0) if cos.dim() == 3 else 0
+        scb = cos.stride(0) if cos.dim() == 3 and cos.shape[0] > 1 else 0  # one row of positions for all
         _rotary_kernel[(B * H * S,)](x, cos, sin, out, H, S, x.stride(0), x.stride(1), x.stride(2), scb,
                                      cos.stride(-2), HALF=R // 2, BLOCK=triton.next_power_of_2(R // 2),
                                      INTERLEAVED=interleaved, num_warps=1)
