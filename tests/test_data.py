@@ -116,6 +116,8 @@ def test_byte_level_vocabulary_is_one_token_per_byte():
     sample = "naïve 🙂"
     assert len(tok.encode(sample, add_special_tokens=False)) == len(sample.encode())
     assert tok.decode(tok.encode(sample)) == sample
+    ids = tok.encode(sample, add_special_tokens=False)  # each byte of ï and 🙂 alone decodes to U+FFFD
+    assert [tok.token_bytes(i) for i in ids] == [bytes([b]) for b in sample.encode()]
     with pytest.raises(UserError, match="at least 258"):
         train_tokenizer(["abc"], vocab_size=100)
 

@@ -69,6 +69,12 @@ def test_chat_streamed_and_not(client, local):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 10
+    scored = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                            logprobs=True, top_logprobs=2).choices[0]
+    # OpenAI's bytes field: the token's own bytes, which join to the text even where a token splits a character
+    # (a random model writes invalid UTF-8 too, which the text shows as U+FFFD)
+    joined = b"".join(bytes(e.bytes) for e in scored.logprobs.content)
+    assert joined.decode("utf-8", errors="replace") == scored.message.content
 
 
 def test_prompt_forms(client, local):
@@ -119,6 +125,13 @@ def test_stop_strings_and_seeds(client):
     chunks = client.completions.create(model="tiny", prompt="def ", max_tokens=20, temperature=0, stop=stop,
                                        stream=True)
     assert "".join(c.choices[0].text for c in chunks) == full[: full.index(stop)]
+    prefixes = [client.completions.create(model="tiny", prompt="def ", max_tokens=n, temperature=0).choices[0].text
+                for n in range(1, 9)]
+    # a stop string completed by the last token max_tokens allows: the request stopped, it did not run out
+    n, last = next((n, b[len(a):]) for n, (a, b) in enumerate(zip(prefixes, prefixes[1:]), 2)
+                   if b[len(a):] and b.find(b[len(a):]) == len(a))
+    r = client.completions.create(model="tiny", prompt="def ", max_tokens=n, temperature=0, stop=last)
+    assert r.choices[0].text == prefixes[n - 2] and r.choices[0].finish_reason == "stop"
     sampled = [client.completions.create(model="tiny", prompt="def ", max_tokens=12, temperature=1.0, seed=s)
                .choices[0].text for s in (1, 1, 2)]
     assert sampled[0] == sampled[1] != sampled[2]

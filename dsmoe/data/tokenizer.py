@@ -16,8 +16,10 @@ generation_config.json together (DeepSeek chat models list several).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +142,20 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for. A byte-level BPE token can hold part of a UTF-8 character, which
+        decodes alone to U+FFFD: its raw bytes come from its symbols (GPT-2's byte-to-character table, or a
+        byte-fallback piece such as <0xE4>)."""
+        piece = self.backend.id_to_token(token_id)
+        if piece is not None:
+            fallback = _BYTE_FALLBACK.fullmatch(piece)
+            if fallback:
+                return bytes([int(fallback.group(1), 16)])
+            table = _byte_of_symbol()
+            if isinstance(self.backend.decoder, decoders.ByteLevel) and all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
     def to_json(self) -> str:
         return self.backend.to_str()
 
@@ -179,6 +195,18 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise UserError(f"{path} has no end-of-text token the trainer can recognise; put a tokenizer_config.json "
                         "naming eos_token next to its tokenizer.json")
     return tok
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@functools.cache
+def _byte_of_symbol() -> dict[str, int]:
+    """Byte-level BPE's alphabet: printable Latin-1 bytes stand for themselves, the other 68 bytes for the
+    characters from U+0100 on, in byte order."""
+    direct = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in direct]
+    return {**{chr(b): b for b in direct}, **{chr(256 + i): b for i, b in enumerate(shifted)}}
 
 
 def _token_text(value) -> str | None:

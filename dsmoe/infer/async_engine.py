@@ -50,7 +50,7 @@ class AsyncEngine:
         self.engine = engine
         self.max_in_flight = engine.max_batch + max_waiting
         self.in_flight = 0  # admitted places; touched only on the asyncio loop's thread
-        self.cancelled = 0  # requests whose consumer went away before the end (e.g. a client disconnect)
+        self.cancelled = 0  # requests closed before the engine finished them: a client gone, or a stop string matched
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, object] = {}
         self._wake = threading.Event()

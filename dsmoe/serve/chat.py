@@ -30,7 +30,7 @@ def chat_prompt(req: ChatRequest, tokenizer: Tokenizer) -> list[int]:
 
 def _logprob_entry(tokenizer: Tokenizer, token_id: int, logprob: float) -> dict:
     text = tokenizer.decode([token_id], skip_special_tokens=False)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": logprob, "bytes": list(tokenizer.token_bytes(token_id))}
 
 
 def _logprobs(tokenizer: Tokenizer, entries: list[TokenLogprobs]) -> list[dict]:

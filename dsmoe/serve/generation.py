@@ -40,7 +40,7 @@ async def run_choice(engine: AsyncEngine, tokenizer: Tokenizer, prompt_ids: list
         async for out in outputs:
             timer.tokens(len(out.token_ids))
             text = stream.push(out.token_ids, final=out.finish_reason is not None)
-            finish = out.finish_reason or ("stop" if stream.stopped else None)
+            finish = "stop" if stream.stopped else out.finish_reason  # a stop string on the last token too
             yield Delta(text, out.token_ids, out.logprobs or [], emitted, out.prompt_logprobs, finish)
             emitted += len(text)
             if finish:
