@@ -27,6 +27,25 @@ def test_bench_serve_reports_throughput_and_latency(tmp_path, model_dir, capsys)
     assert "TTFT p50" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("error", [False, True])
+def test_a_stream_that_breaks_off_with_an_error_chunk_is_a_failed_request(error):
+    import asyncio
+
+    import httpx
+
+    chunks = [{"choices": [{"text": "a"}]}, *([{"error": {"message": "engine failed"}}] if error else []),
+              {"choices": [{"text": "b"}]}]
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+    async def request():
+        transport = httpx.MockTransport(lambda r: httpx.Response(200, content=body.encode()))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await bench.one_request(client, "http://server/v1/completions", {})
+
+    result = asyncio.run(request())
+    assert result.ok is not error and (error or result.output_tokens == 2)
+
+
 def test_percentile_interpolates_like_numpy():
     values = [4.0, 1.0, 3.0, 2.0]
     assert bench.percentile(values, 50) == 2.5 and bench.percentile(values, 100) == 4.0

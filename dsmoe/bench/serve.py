@@ -104,7 +104,9 @@ async def one_request(client, url: str, body: dict) -> RequestResult:
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
                     prompt_tokens = chunk["usage"]["prompt_tokens"]
-                if not chunk.get("choices") or "error" in chunk:
+                if "error" in chunk:  # the server's in-band error: the stream broke off after its first chunks
+                    return RequestResult(False)
+                if not chunk.get("choices"):
                     continue
                 now = time.perf_counter()
                 if chunks == 0:
@@ -253,7 +255,10 @@ def run(args: argparse.Namespace) -> int:
     from dsmoe.errors import UserError
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
-    rates = [float(x) for x in args.request_rates.split(",")]
+    try:
+        rates = [float(x) for x in args.request_rates.split(",")]
+    except ValueError:
+        raise UserError(f"--request-rates takes numbers and inf, comma-separated, got {args.request_rates!r}") from None
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     if any(s not in ("dsmoe", "transformers") for s in servers):
         raise UserError(f"--servers takes dsmoe and/or transformers, got {args.servers!r}")
