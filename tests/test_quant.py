@@ -179,26 +179,31 @@ def test_load_pretrained_quantizes_a_full_precision_checkpoint_like_quantize_mod
         assert torch.equal(loaded(IDS), direct.eval()(IDS))
 
 
-def test_a_v3_fp8_checkpoint_keeps_its_own_codes_and_scales(tmp_path):
+def _fp8_checkpoint(folder, keep_float: str = "") -> dict:
+    """A saved model rewritten as V3's release stores it (projections as FP8 codes + block scale_inv), except
+    keys containing `keep_float`; returns the rewritten tensors."""
     import json
 
     from safetensors.torch import load_file, save_file
 
-    from dsmoe import load_pretrained
-
-    _saved_model(tmp_path)
-    tensors = load_file(tmp_path / "model.safetensors")
+    _saved_model(folder)
     fp8 = {}
-    for key, t in tensors.items():
-        if key.endswith(("proj.weight", "proj_with_mqa.weight")):  # what V3's release stores in FP8
+    for key, t in load_file(folder / "model.safetensors").items():
+        if key.endswith(("proj.weight", "proj_with_mqa.weight")) and not (keep_float and keep_float in key):
             fp8[key], fp8[key + "_scale_inv"] = quantize_fp8(t)
         else:
             fp8[key] = t
-    save_file(fp8, tmp_path / "model.safetensors")
-    config = json.loads((tmp_path / "config.json").read_text())
+    save_file(fp8, folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(config))
+    return fp8
 
+
+def test_a_v3_fp8_checkpoint_keeps_its_own_codes_and_scales(tmp_path):
+    from dsmoe import load_pretrained
+
+    fp8 = _fp8_checkpoint(tmp_path)
     quant = load_pretrained(tmp_path, dtype=torch.float32, quantize="fp8").eval()
     experts = quant.layers[1].mlp.experts
     up_key = "model.layers.1.mlp.experts.2.up_proj.weight"
@@ -209,6 +214,21 @@ def test_a_v3_fp8_checkpoint_keeps_its_own_codes_and_scales(tmp_path):
     dequantized = load_pretrained(tmp_path, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(quant(IDS), dequantized(IDS), rtol=1e-5, atol=1e-5)
+
+
+def test_an_fp8_checkpoint_with_one_expert_in_full_precision_loads_every_expert(tmp_path):
+    """Native FP8 experts arrive before and after the float one: none may be lost when the float expert is
+    quantized at load (the stacked tensor is requantised whole)."""
+    from dsmoe import load_pretrained
+
+    _fp8_checkpoint(tmp_path, keep_float=".mlp.experts.1.")
+    quant = load_pretrained(tmp_path, dtype=torch.float32, quantize="fp8").eval()
+    codes = quant.layers[1].mlp.experts.gate_up_proj.float()
+    assert (codes.flatten(1).abs().amax(1) > 0).all()
+    # quantizing the dequantized model gives the stored FP8 codes back, and the float expert's codes
+    direct = quantize_model(load_pretrained(tmp_path, dtype=torch.float32), "fp8").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(quant(IDS), direct(IDS), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("command", ["generate", "eval"])

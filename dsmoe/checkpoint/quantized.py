@@ -27,6 +27,7 @@ class QuantizedTargets:
         self.pieces: dict[str, int] = {}  # name -> pieces the whole tensor arrives in (a fused tensor counts all)
         self.staged: dict[str, torch.Tensor] = {}
         self.arrived: dict[str, int] = {}
+        self.native: set[str] = set()  # names with pieces copied as they are stored (FP8 codes and block scales)
         for prefix, module in model.named_modules():
             names = {QuantLinear: ("weight",), QuantExperts: ("gate_up_proj", "down_proj")}.get(type(module), ())
             for attr in names:
@@ -46,16 +47,18 @@ class QuantizedTargets:
         rows = _rows(codes, expert, part)
         if expert is None and part is None and codes.dim() == 3:  # a fused [E, ...] tensor: every piece at once
             self.arrived[name] = self.pieces[name] - 1
-        if scale_inv is not None and self._native(codes, rows):
+        if scale_inv is not None and name not in self.staged and self._native(codes, rows):
             copy_into(codes, tensor, expert, part)
             r0, r1 = (rows.start // FP8_BLOCK, -(-rows.stop // FP8_BLOCK)) if rows else (0, scales.shape[-2])
             dest = scales[expert] if expert is not None else scales
             dest[r0:r1].copy_(scale_inv.to(dest.dtype))
+            self.native.add(name)
         else:
             if scale_inv is not None:
                 tensor = dequantize(tensor, scale_inv, torch.float32, self.block)
-            if name not in self.staged:
-                self.staged[name] = torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
+            if name not in self.staged:  # pieces already copied as codes go through the requantisation too
+                self.staged[name] = (dequantize(codes, scales, torch.float32, self.block) if name in self.native
+                                     else torch.zeros(codes.shape, dtype=torch.float32, device=codes.device))
             copy_into(self.staged[name], tensor, expert, part)
         self.arrived[name] = self.arrived.get(name, 0) + 1
         if self.arrived[name] == self.pieces[name] and name in self.staged:
