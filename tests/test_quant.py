@@ -231,6 +231,22 @@ def test_an_fp8_checkpoint_with_one_expert_in_full_precision_loads_every_expert(
         torch.testing.assert_close(quant(IDS), direct(IDS), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("quantize", [None, "fp8"])
+@pytest.mark.parametrize("cut", [(2, 1), (3, 3)])
+def test_an_fp8_scale_inv_of_the_wrong_shape_is_one_checkpoint_error(tmp_path, quantize, cut):
+    from safetensors.torch import save_file
+
+    from dsmoe import load_pretrained
+    from dsmoe.errors import CheckpointError
+
+    fp8 = _fp8_checkpoint(tmp_path)
+    key = "model.layers.0.self_attn.q_proj.weight_scale_inv"
+    fp8[key] = torch.ones(cut)
+    save_file(fp8, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"q_proj.weight_scale_inv has shape \\[{cut[0]}, {cut[1]}\\]"):
+        load_pretrained(tmp_path, dtype=torch.float32, quantize=quantize)
+
+
 @pytest.mark.parametrize("command", ["generate", "eval"])
 def test_quantize_flag_on_the_cli(tmp_path, model_dir, command, capsys):
     from dsmoe.cli import main

@@ -116,7 +116,7 @@ def build_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, 
             quantize_model(model, quantize)  # on the meta device: no full-precision copy is ever made
         quantized = QuantizedTargets(model, quantize, block) if quantize else None  # names and shapes only
         targets = _targets(model, quantized)
-        plan = _plan_copies(path, targets, key_files, handles, config)
+        plan = _plan_copies(path, targets, key_files, handles, config, block)
     return model, HubWeights(path, plan, {name: tuple(t.shape) for name, t in targets.items()}, block, quantize)
 
 
@@ -197,8 +197,21 @@ def _unparametrized(name: str) -> str:
     return name.replace(".parametrizations.", ".").removesuffix(".original") if ".parametrizations." in name else name
 
 
+def _check_scale_inv(key: str, shape: list[int], key_files: dict[str, Path], handles: dict,
+                     block: tuple[int, int]) -> None:
+    """An FP8 weight's scale_inv must exist and hold one scale per block: a cut scale would broadcast silently."""
+    scale_key = key + "_scale_inv"
+    if scale_key not in key_files:
+        raise CheckpointError(f"{key_files[key]}: FP8 tensor {key} has no {scale_key}; {RESTORE}")
+    scale_shape, _ = header_entry(handles[key_files[scale_key]], key_files[scale_key], scale_key)
+    blocks = [*shape[:-2], *(-(-n // b) for n, b in zip(shape[-2:], block))]
+    if list(scale_shape) != blocks:
+        raise CheckpointError(f"{key_files[scale_key]}: {scale_key} has shape {list(scale_shape)}, but {key} "
+                              f"{list(shape)} in blocks of {list(block)} needs {blocks}; {RESTORE}")
+
+
 def _plan_copies(path: Path, targets: dict[str, torch.Tensor], key_files: dict[str, Path], handles: dict,
-                 config: ModelConfig) -> list[tuple[str, Path, str, int | None, str | None]]:
+                 config: ModelConfig, block: tuple[int, int]) -> list[tuple[str, Path, str, int | None, str | None]]:
     """(hub key, file, dsmoe name, expert, part) for every tensor to copy, after checking on the meta model that
     the keys, dtypes and shapes are those config.json implies and that nothing is missing."""
     L = config.num_hidden_layers
@@ -221,8 +234,8 @@ def _plan_copies(path: Path, targets: dict[str, torch.Tensor], key_files: dict[s
         name, expert, part = mapped
         shape, dtype = header_entry(handles[file], file, key)
         check_weight_dtype(file, key, dtype)
-        if dtype == "F8_E4M3" and key + "_scale_inv" not in key_files:
-            raise CheckpointError(f"{file}: FP8 tensor {key} has no {key}_scale_inv; {RESTORE}")
+        if dtype == "F8_E4M3":
+            _check_scale_inv(key, shape, key_files, handles, block)
         dest = _destination(targets[name], expert, part, file, key)
         if list(dest.shape) != list(shape):
             raise CheckpointError(f"{file}: {key} has shape {list(shape)} but config.json implies {list(dest.shape)}: "
