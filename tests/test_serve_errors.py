@@ -104,7 +104,8 @@ def test_bad_request_gets_an_openai_error(http, name, path, request_kwargs, stat
 
 
 def test_wrong_method_and_route(http):
-    for r in (http.get("/v1/completions"), http.post("/v1/nowhere", json={}), http.delete("/v1/models")):
+    for r in (http.get("/v1/completions"), http.post("/v1/nowhere", json={}), http.delete("/v1/models"),
+              http.post("/v1/completions/", json={})):  # a trailing slash: an error, not a redirect without a body
         assert 400 <= r.status_code < 500 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 

@@ -100,7 +100,8 @@ def create_app(state: ServerState) -> FastAPI:
         yield
         state.engine.stop()
 
-    app = FastAPI(title="dsmoe", description="OpenAI-compatible server for DeepSeekMoE models", lifespan=lifespan)
+    app = FastAPI(title="dsmoe", description="OpenAI-compatible server for DeepSeekMoE models", lifespan=lifespan,
+                  redirect_slashes=False)  # a 307 has no error body for a client to read
     app.state.dsmoe = state
 
     def error_response(e: APIError) -> JSONResponse:
