@@ -45,7 +45,13 @@ async def chat_completions(request: Request, state) -> Response:
     tokenizer = state.tokenizer
     stops = stop_strings(req) + list(stop_strings_for(tokenizer.chat_template))
     prompt_ids = chat_prompt(req, tokenizer)
-    max_tokens = req.max_completion_tokens or req.max_tokens or max(state.max_model_len - len(prompt_ids), 1)
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    if max_tokens is None:  # the rest of the context; a prompt that fills it is the messages' fault
+        if len(prompt_ids) >= state.max_model_len:
+            raise APIError(400, f"this model's maximum context length is {state.max_model_len} tokens, but the "
+                                f"messages take {len(prompt_ids)}: shorten them", param="messages",
+                           code="context_length_exceeded")
+        max_tokens = state.max_model_len - len(prompt_ids)
     params = sampling_params(req, max_tokens=max_tokens, prompt_len=len(prompt_ids),
                              max_model_len=state.max_model_len, vocab_size=state.vocab_size,
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None)
