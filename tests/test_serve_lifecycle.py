@@ -41,8 +41,15 @@ def wait_for(predicate, timeout=10.0):
         time.sleep(0.05)
 
 
+def aborted(server) -> float:
+    """dsmoe:request_success_total{finished_reason="abort"} as /metrics shows it (0 before the first)."""
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("dsmoe:request_success_total{") and 'finished_reason="abort"' in line)
+
+
 def test_streaming_client_disconnect_cancels_its_request(server):
-    before = server.stats()["cancelled"]
+    before, aborted_before = server.stats()["cancelled"], aborted(server)
     with httpx.Client(base_url=server.url, timeout=30) as http:
         with http.stream("POST", "/v1/completions", json=LONG) as r:
             lines = data_lines(r)
@@ -51,6 +58,7 @@ def test_streaming_client_disconnect_cancels_its_request(server):
     wait_for(lambda: server.stats()["cancelled"] == before + 1)
     stats = server.wait_idle(timeout=5)
     assert stats["running"] == 0
+    wait_for(lambda: aborted(server) == aborted_before + 1)  # counted as vLLM counts it
 
 
 def test_streaming_client_disconnect_cancels_every_prompt_of_its_request(server):

@@ -34,18 +34,20 @@ async def run_choice(engine: AsyncEngine, tokenizer: Tokenizer, prompt_ids: list
                      stop: list[str], metrics: ServerMetrics) -> AsyncIterator[Delta]:
     """One prompt's generation as text deltas; a stop string ends it with finish_reason "stop"."""
     stream = TextStream(tokenizer, prompt_ids, stop)
-    emitted = 0
+    emitted, finish = 0, None
     timer = metrics.start(len(prompt_ids))
-    async with aclosing(engine.generate(prompt_ids, params)) as outputs:
-        async for out in outputs:
-            timer.tokens(len(out.token_ids))
-            text = stream.push(out.token_ids, final=out.finish_reason is not None)
-            finish = "stop" if stream.stopped else out.finish_reason  # a stop string on the last token too
-            yield Delta(text, out.token_ids, out.logprobs or [], emitted, out.prompt_logprobs, finish)
-            emitted += len(text)
-            if finish:
-                timer.finished(finish)
-                return  # leaving `aclosing` cancels the engine request if it is still running (a stop string)
+    try:
+        async with aclosing(engine.generate(prompt_ids, params)) as outputs:
+            async for out in outputs:
+                timer.tokens(len(out.token_ids))
+                text = stream.push(out.token_ids, final=out.finish_reason is not None)
+                finish = "stop" if stream.stopped else out.finish_reason  # a stop string on the last token too
+                yield Delta(text, out.token_ids, out.logprobs or [], emitted, out.prompt_logprobs, finish)
+                emitted += len(text)
+                if finish:
+                    return  # leaving `aclosing` cancels the engine request if it is still running (a stop string)
+    finally:
+        timer.finished(finish or "abort")  # a client gone or the engine failed: vLLM's "abort"
 
 
 async def merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
