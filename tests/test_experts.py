@@ -182,3 +182,12 @@ def test_gather_rows_backward_sums_each_source_rows_readers(K):
     rows = torch.randn(T * K, D, dtype=torch.float64, generator=g, requires_grad=True)  # back to (t, k) order
     gather_rows(rows, inverse, order, 1).backward(grad)
     torch.testing.assert_close(rows.grad, torch.zeros_like(grad).index_add_(0, inverse, grad), rtol=0, atol=0)
+
+
+def test_triton_on_the_cpu_outside_the_interpreter_is_one_clear_error(monkeypatch):
+    from dsmoe.errors import UserError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(4, 8)
+    with pytest.raises(UserError, match="--moe-impl auto or grouped"):
+        resolve_impl("triton", x, torch.randn(2, 6, 8), torch.randn(2, 8, 3))

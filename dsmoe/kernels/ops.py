@@ -15,9 +15,12 @@ bodies: importing this module never needs it.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
+from dsmoe.errors import UserError
 from dsmoe.kernels.grouped import grouped_mm_supported, moe_experts_grouped
 from dsmoe.kernels.quant import check_scheme, dequantize, quantize  # noqa: F401 (the model's door to the formats)
 from dsmoe.kernels.reference import (mla_decode_attention_reference, moe_experts_reference, rms_norm_reference,
@@ -53,6 +56,9 @@ def resolve_impl(impl: str, x: torch.Tensor, *weights: torch.Tensor) -> str:
         if triton_available(x.device):
             return "triton"
         return "grouped" if grouped_mm_supported(x, *weights, dtype=dtype) else "reference"
+    if impl == "triton" and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("--moe-impl triton runs on a CUDA GPU (on the CPU only in Triton's interpreter, "
+                        "TRITON_INTERPRET=1, for tests); use --moe-impl auto or grouped here")
     if impl == "grouped" and not grouped_mm_supported(x, *weights, dtype=dtype):
         return "reference"  # same maths; grouped_mm cannot take these tensors (dtype, device, strides)
     return impl
