@@ -1,6 +1,7 @@
 """Data pipeline: corpus sources, tokenizer round trip, the validation split, cached shards, batch determinism."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,22 @@ def test_tokenizer_round_trip_and_special_tokens(tmp_path):
     assert again.encode(TRICKY[1]) == tok.encode(TRICKY[1])
     # the same wrapper serves the run: prompts start with bos like the training documents, eos stops
     assert again.encode("hello") == ids[:-1] and again.eos_ids == (tok.eos_id,)
+
+
+def test_encoding_lets_other_threads_run():
+    """The server encodes prompts in a worker thread; the GIL must be free meanwhile, or a long prompt stalls
+    every stream. (tokenizers' `encode` holds it for the whole call: the main thread below then gets one turn.)"""
+    import threading
+
+    tok = train_tokenizer(["def f(x): return x"] * 20, vocab_size=300)
+    text = "def f(x): return x + 1  # a long prompt\n" * 20_000
+    worker = threading.Thread(target=tok.encode, args=(text,))
+    turns = 0
+    worker.start()
+    while worker.is_alive():
+        time.sleep(0.001)
+        turns += 1
+    assert turns > 5
 
 
 def test_byte_level_vocabulary_is_one_token_per_byte():

@@ -119,7 +119,9 @@ class Tokenizer:
         return tuple(dict.fromkeys(i for i in ids if i is not None))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode holds it): a server encoding a long prompt in a
+        # worker thread keeps streaming to its other clients
+        ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         bos = self.bos_id
         if add_special_tokens and self.add_bos_token and bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]

@@ -7,6 +7,7 @@ import uuid
 from contextlib import aclosing
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from dsmoe.data.tokenizer import Tokenizer
@@ -44,7 +45,7 @@ async def chat_completions(request: Request, state) -> Response:
     check_supported(req)
     tokenizer = state.tokenizer
     stops = stop_strings(req) + list(stop_strings_for(tokenizer.chat_template))
-    prompt_ids = chat_prompt(req, tokenizer)
+    prompt_ids = await run_in_threadpool(chat_prompt, req, tokenizer)  # a long prompt must not stall the loop
     max_tokens = req.max_completion_tokens or req.max_tokens
     if max_tokens is None:  # the rest of the context; a prompt that fills it is the messages' fault
         if len(prompt_ids) >= state.max_model_len:

@@ -13,6 +13,7 @@ import uuid
 from contextlib import aclosing
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from dsmoe.data.tokenizer import Tokenizer
@@ -95,7 +96,7 @@ async def completions(request: Request, state) -> Response:
     state.check_model(req.model)
     check_supported(req)
     stops = stop_strings(req)
-    inputs = prompt_inputs(req.prompt, state.tokenizer, state.vocab_size)
+    inputs = await run_in_threadpool(prompt_inputs, req.prompt, state.tokenizer, state.vocab_size)  # off the loop
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     echo_logprobs = req.logprobs if req.echo else None
     params = [sampling_params(req, max_tokens=max_tokens, prompt_len=len(ids), max_model_len=state.max_model_len,
