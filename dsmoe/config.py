@@ -145,6 +145,11 @@ class ModelConfig:
         layers = range(self.num_hidden_layers + self.num_nextn_predict_layers)
         return [i for i in layers if self.is_moe_layer(i)]
 
+    @property
+    def main_moe_layer_ids(self) -> list[int]:
+        """The main model's MoE layers (those an evaluation runs; the MTP modules run only in training)."""
+        return [i for i in self.moe_layer_ids if i < self.num_hidden_layers]
+
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 

@@ -144,3 +144,14 @@ def test_analyze_rejects_impossible_probes(tiny):
     model, tok, files, _ = tiny
     with pytest.raises(UserError, match="--disable 13"):
         analyze(model, tok, files, disable=[13], device=CPU)
+
+
+def test_the_mtp_modules_layers_are_left_out_of_the_analysis(tiny):
+    """Evaluation never runs the MTP modules: their layers would show as all-zero rows and dilute the means."""
+    model, tok, files, _ = tiny
+    with_mtp = build_model(model.config.replace(num_nextn_predict_layers=1)).eval()
+    with_mtp.load_state_dict(model.state_dict(), strict=False)
+    ours, _ = analyze(model, tok, files, tokens=256, seq_len=32, disable=[], device=CPU)
+    theirs, arrays = analyze(with_mtp, tok, files, tokens=256, seq_len=32, disable=[], device=CPU)
+    assert [l["layer"] for l in theirs["layers"]] == [l["layer"] for l in ours["layers"]] == [1, 2]
+    assert theirs["summary"] == ours["summary"] and arrays["counts_LE"].shape[0] == 2

@@ -90,7 +90,8 @@ def analyze(model, tokenizer, specs: list[str], *, text_field: str = "text", tok
     stats_s = time.perf_counter() - start
     n_tokens = sum(totals.domain_tokens)
     loss = sum(l * n for l, n in zip(totals.domain_loss, totals.domain_tokens)) / n_tokens
-    layers = layer_statistics(totals, config.moe_layer_ids, tokenizer, top_tokens)
+    main = config.main_moe_layer_ids  # the MTP modules' layers do not run here: no statistics of theirs
+    layers = layer_statistics(totals, main, tokenizer, top_tokens)
     figure_layer = int(np.argmax([l["domain_mi_bits"] for l in layers])) if len(specs) > 1 else len(layers) // 2
     all_windows = [w for ws in windows for w in ws]
     report = {
@@ -99,12 +100,12 @@ def analyze(model, tokenizer, specs: list[str], *, text_field: str = "text", tok
                     for spec, dl, dn in zip(specs, totals.domain_loss, totals.domain_tokens)],
         "experts": {"routed": E, "per_token": K, "shared": config.n_shared_experts},
         "summary": summary_numbers(layers), "figure_layer": figure_layer, "layers": layers,
-        "redundancy": redundancy_probe(model, all_windows, totals.counts_LE, list(disable), baseline=loss,
+        "redundancy": redundancy_probe(model, all_windows, totals.counts_LE[:len(main)], list(disable), baseline=loss,
                                        random_draws=random_draws, **eval_kw) if disable else [],
         "shared_ablation": shared_expert_ablation(model, all_windows, baseline=loss, **eval_kw),
         "seconds": {"statistics_pass": round(stats_s, 2), "total": round(time.perf_counter() - start, 2)},
     }
-    arrays = {"counts_LE": totals.counts_LE,
+    arrays = {"counts_LE": totals.counts_LE[:len(main)],
               "coactivation_lift": coactivation_lift(totals.coactivation_LEE[figure_layer], totals.tokens)}
     return report, arrays
 
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
                              random_draws=args.random_draws, top_tokens=args.top_tokens, device=device,
                              autocast_dtype=torch.bfloat16 if on_gpu else None, name=path.name)
     out = Path(args.out) if args.out else path / "analysis"
-    write_outputs(report, arrays, model.config.moe_layer_ids, out)
+    write_outputs(report, arrays, model.config.main_moe_layer_ids, out)
     print((out / "report.md").read_text(), end="")
     print(f"written: {out}/report.json, report.md, load.png, domains.png, coactivation.png")
     return 0

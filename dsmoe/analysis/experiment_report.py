@@ -97,7 +97,7 @@ def compare_analyses(rows, out: Path, specs: list[str], text_field: str, tokens:
         report, arrays = analyze(model, load_tokenizer(run), specs, text_field=text_field, tokens=tokens,
                                  seq_len=row.config.seq_len, batch_size=row.config.micro_batch, disable=disable,
                                  device=device, autocast_dtype=torch.bfloat16 if on_gpu else None, name=row.name)
-        write_outputs(report, arrays, model.config.moe_layer_ids, out / "analysis" / row.arm)
+        write_outputs(report, arrays, model.config.main_moe_layer_ids, out / "analysis" / row.arm)
         results.append({"arm": row.arm, "routed_experts": E, "loss": report["loss"],
                         "redundancy": [{k: r[k] for k in ("disabled", "top_rise", "random_rise", "random_spread")}
                                        | {"share": r["disabled"] / E} for r in report["redundancy"]],

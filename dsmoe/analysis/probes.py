@@ -106,7 +106,7 @@ def single_expert_removal(model: Transformer, windows: list[np.ndarray], *, base
 
     c = model.config
     L, E = len(model.moe_layers()), c.n_routed_experts
-    main = [i for i, layer in enumerate(c.moe_layer_ids) if layer < c.num_hidden_layers]
+    main = range(len(c.main_moe_layer_ids))  # the main model's MoE layers come first
     rise = np.zeros((L, E))
     passes = [(layer, expert) for layer in main for expert in range(E)]
     for layer, expert in tqdm(passes, desc="removal cost per expert", unit="pass", disable=not progress):

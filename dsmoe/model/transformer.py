@@ -134,7 +134,7 @@ class Transformer(nn.Module):
         """(routing decisions used per main-model MoE layer, real tokens routed) in the last forward of an
         adaptive-routing model (routing_top_p): their ratio is the routed experts per token (fixed top-k keeps it
         at num_experts_per_tok and does not count the tokens)."""
-        main = [m for m, i in zip(self.moe_layers(), self.config.moe_layer_ids) if i < self.config.num_hidden_layers]
+        main = self.moe_layers()[:len(self.config.main_moe_layer_ids)]  # the main model's come first
         used = torch.stack([m.expert_counts.sum() for m in main]).float().mean()
         return used, main[0].routed_tokens.float()
 
