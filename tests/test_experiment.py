@@ -70,6 +70,15 @@ def test_paired_init_shares_every_weight_outside_the_ffns():
     assert b["embed_tokens.weight"].std().item() == pytest.approx(_model_config(moe).initializer_range, rel=0.05)
 
 
+def test_a_missing_analysis_file_stops_the_experiment_before_any_training(tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    out = tmp_path / "exp"
+    assert main(["experiment", "architectures", "--scale", "cpu", "--data", str(tmp_path / "corpus.txt"),
+                 "--steps", "2", "--arms", "deepseekmoe", "--seeds", "0", "--out", str(out),
+                 "--analyze", str(tmp_path / "nope.txt")]) != 0
+    assert "nope.txt" in capsys.readouterr().err and not (out / "runs").exists()
+
+
 def test_cpu_experiment_end_to_end_and_a_row_reruns_alone(tmp_path, capsys):
     (tmp_path / "corpus.txt").write_text(TEXT)
     out, cache = tmp_path / "exp", str(tmp_path / "cache")

@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     from dsmoe.analysis.experiment_report import compare_analyses, summarise, write_results
     from dsmoe.data.prepare import prepare_corpus, read_documents
 
+    for spec in args.analyze or []:  # a bad path is found now, not after every row has trained
+        read_documents([spec], args.text_field)
     cfg = rows[0].config
     start = time.perf_counter()
     docs = read_documents(cfg.data, cfg.text_field, cfg.corpus_limit_bytes())
@@ -118,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     results["seconds"] = {"data": round(prepared_s, 1), "total": round(time.perf_counter() - start, 1)}
     results["parallel"] = args.parallel
     if args.analyze:
+        write_results(results, args.name, out)  # the trained rows' results stand even if the analysis fails
         results["analysis"] = compare_analyses(rows, out, args.analyze, args.text_field, args.analyze_tokens,
                                                args.device)
     write_results(results, args.name, out)
