@@ -183,3 +183,28 @@ def test_several_data_files_are_one_training_set(base, spam, tmp_path, capsys):
     options = json.loads((out / "finetune_config.json").read_text())
     (out / "finetune_config.json").write_text(json.dumps({**options, "data": str(train)}))
     assert main(["finetune", "--resume", str(out), "--no-progress"]) == 0
+
+
+def test_resume_runs_from_any_folder_and_refuses_new_fine_tuning_options(base, spam, tmp_path, capsys, monkeypatch):
+    train, _ = spam
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    (tmp_path / "work" / "train.jsonl").write_text(train.read_text())
+    base_link = tmp_path / "work" / "base"
+    base_link.symlink_to(base)
+    args = ["finetune", "base", "--task", "classify", "--data", "train.jsonl", "--steps", "2", "--out", "run", *FAST]
+    assert main([*args, "--stop-after", "1"]) == 0  # relative BASE, --data and --out
+    run = tmp_path / "work" / "run"
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["finetune", "--resume", str(run), "--merge", "--no-progress"]) == 2
+    assert "drop --merge" in capsys.readouterr().err
+    assert main(["finetune", "--resume", str(run), "--no-progress"]) == 0  # another folder: the paths still hold
+    assert json.loads((run / "finetune_config.json").read_text())["data"] == [str(run.parent / "train.jsonl")]
+
+
+@pytest.mark.parametrize("alpha", ["0", "-4", "nan"])
+def test_a_lora_alpha_that_scales_the_update_away_is_refused(base, spam, tmp_path, capsys, alpha):
+    argv = ["finetune", str(base), "--task", "classify", "--data", str(spam[0]), "--lora-rank", "2",
+            "--lora-alpha", alpha, "--out", str(tmp_path / "out"), *FAST]
+    assert main(argv) == 2 and "--lora-alpha" in capsys.readouterr().err

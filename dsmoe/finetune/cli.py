@@ -81,11 +81,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             _add_field(group, f, default, HELP.get(f.name))
 
 
+def _absolute(path: str) -> str:
+    """An existing path as an absolute one: --resume may run from another folder. (Globs stay as given.)"""
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
 def resolve(args: argparse.Namespace):
     from dsmoe.finetune.trainer import FinetuneConfig, saved_options
 
     given = {k: v for k, v in explicit_config_values(args).items() if k not in _NOT_FOR_FINETUNE}
     if args.resume:
+        chosen = [flag for flag, value in (("BASE", args.base), ("--task", args.task), ("--data", args.data),
+                                           ("--eval-data", args.eval_data), ("--field-map", args.field_map),
+                                           ("--lora-rank", args.lora_rank), ("--lora-alpha", args.lora_alpha),
+                                           ("--lora-targets", args.lora_targets), ("--freeze", args.freeze),
+                                           ("--merge", args.merge)) if value]
+        if chosen:
+            raise UserError(f"--resume continues with the fine-tuning options the run started with; drop "
+                            f"{', '.join(chosen)} (training flags such as --steps may change)")
         out = Path(args.resume)
         ft_values = saved_options(out, "pass the --out folder of a fine-tune to --resume")
         return TrainConfig.from_dict({**TrainConfig.load(out).to_dict(), **given}), FinetuneConfig(**ft_values), \
@@ -101,7 +114,8 @@ def resolve(args: argparse.Namespace):
     if "main" in args.freeze and "mtp_targets" not in given:
         given["mtp_targets"] = "model"  # a draft head learns what the model will accept
     cfg = TrainConfig(**{**DEFAULTS, **given})
-    ft = FinetuneConfig(base=args.base, task=args.task, data=args.data, eval_data=args.eval_data,
+    ft = FinetuneConfig(base=_absolute(args.base), task=args.task, data=[_absolute(d) for d in args.data],
+                        eval_data=args.eval_data and _absolute(args.eval_data),
                         field_map=args.field_map, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                         lora_targets=args.lora_targets, freeze=args.freeze, merge=args.merge)
     return cfg, ft, Path(args.out or f"runs/finetune-{args.task}"), False

@@ -47,6 +47,8 @@ class LoRASpec:
     def parse(cls, rank: int, alpha: float | None, targets: list[str] | None) -> LoRASpec:
         if rank < 1:
             raise UserError(f"--lora-rank {rank}: must be at least 1")
+        if alpha is not None and not alpha > 0:  # NaN too: a scale of 0 leaves the factors untrained
+            raise UserError(f"--lora-alpha {alpha}: must be above 0 (the update is scaled by alpha / rank)")
         names: list[str] = []
         for t in targets or ["attention", "experts"]:  # the default PEFT can load (see checkpoint/peft_adapter.py)
             group = TARGET_GROUPS.get(t, (t,) if t in ALL_TARGETS else None)
