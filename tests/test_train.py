@@ -179,6 +179,14 @@ def test_lr_schedules(schedule):
         assert lrs[79] == 1.0 and lrs[80] < 1.0
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+@pytest.mark.parametrize("steps,warmup", [(5, 30), (100, 100), (100, 99), (2, 10)])
+def test_a_run_no_longer_than_its_warmup_still_ends_at_the_floor(schedule, steps, warmup):
+    cfg = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=warmup, schedule=schedule, decay_fraction=0.2)
+    lrs = [lr_at(s, cfg, steps) for s in range(steps)]
+    assert max(lrs) == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+
+
 def test_matmul_flop_count_matches_the_weights_a_token_uses():
     c = PRESETS["tiny"].replace(vocab_size=500)
     from dsmoe.model.transformer import build_model

@@ -30,7 +30,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    warmup = min(cfg.warmup_steps, max(total_steps - 2, 0))  # a run shorter than its warmup still decays
     if step < warmup:
         return peak * (step + 1) / warmup
     if cfg.schedule == "wsd":
