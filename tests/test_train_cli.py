@@ -163,3 +163,15 @@ def test_eval_reports_a_non_finite_loss_as_an_error(short_run, tmp_path, capsys)
     weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], math.nan)  # what --lr inf left
     save_file(weights, diverged / "model.safetensors")
     fails(capsys, ["eval", str(diverged), "--data", SHAKESPEARE, "--max-tokens", "100"], "NaN or inf")
+
+
+def test_resume_takes_a_save_killed_before_its_rename_and_a_stop_always_saves(tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["train", "--data", SHAKESPEARE, "--steps", "4", "--out", str(run), *MICRO]
+    assert main([*base, "--checkpoint-interval", "0", "--stop-after", "2"]) == 0  # never every N, but on a stop
+    complete = run / "checkpoints" / "step_2"
+    assert complete.is_dir()
+    complete.rename(run / "checkpoints" / ".step_2.tmp-999999")  # killed between state.json and the rename
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--stop-after", "1", "--no-progress"]) == 0
+    assert "stopped at step 3" in capsys.readouterr().out and complete.is_dir()

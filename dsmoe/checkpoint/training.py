@@ -176,7 +176,10 @@ def clean_stale(checkpoints_dir: Path) -> None:
             continue
         final = checkpoints_dir / match[1]
         if match[2] == "tmp" and (entry / STATE_FILE).is_file() and not final.exists():
-            os.replace(entry, final)
+            try:
+                os.replace(entry, final)
+            except FileNotFoundError:  # another rank of the same run renamed it first
+                pass
         else:
             shutil.rmtree(entry, ignore_errors=True)
 

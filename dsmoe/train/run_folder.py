@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from dsmoe.atomic import atomic_write_text
-from dsmoe.checkpoint.training import latest_checkpoint
+from dsmoe.checkpoint.training import clean_stale, latest_checkpoint
 from dsmoe.errors import UserError
 from dsmoe.train.config import TrainConfig
 
@@ -51,10 +51,11 @@ def open_run_for_resume(out: Path, cfg: TrainConfig) -> Path:
         flag = "--" + name.replace("_", "-")
         raise UserError(f"{out} was trained with {flag} {getattr(saved, name)!r}, not {getattr(cfg, name)!r}: "
                         f"resume without changing it, or start a new run with --out NEW_FOLDER")
+    check_writable(out)
+    clean_stale(out / "checkpoints")  # a save killed after its last write is complete: it counts
     checkpoint = latest_checkpoint(out / "checkpoints")
     if checkpoint is None:
         raise UserError(f"{out} has no checkpoint to resume from yet; start it over with --overwrite")
-    check_writable(out)
     return checkpoint
 
 

@@ -277,7 +277,8 @@ class Trainer:
         elapsed, evaluated_at, saved_at = self.run(stop_after, time_limit)
         if evaluated_at != self.step:
             self.evaluate_and_plot(None)
-        if saved_at != self.step and self.cfg.checkpoint_interval:
+        stopped_early = self.step < self.total_steps  # --stop-after / --time-limit: --resume needs a checkpoint
+        if saved_at != self.step and (self.cfg.checkpoint_interval or stopped_early):
             self.save_checkpoint(elapsed)
         self._export()
         if self.main:
