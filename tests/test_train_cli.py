@@ -175,3 +175,11 @@ def test_resume_takes_a_save_killed_before_its_rename_and_a_stop_always_saves(tm
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--stop-after", "1", "--no-progress"]) == 0
     assert "stopped at step 3" in capsys.readouterr().out and complete.is_dir()
+
+
+def test_a_run_refused_for_too_little_text_leaves_nothing_that_blocks_the_retry(tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text("a few words of text, " * 12)
+    argv = ["train", "--data", str(small), "--steps", "1", "--out", str(tmp_path / "run"), *MICRO]
+    fails(capsys, [*argv, "--seq-len", "512"], "the training split has")
+    assert main([*argv, "--seq-len", "8"]) == 0  # not "already holds a run"

@@ -39,6 +39,15 @@ def start_run_folder(out: Path, cfg: TrainConfig, overwrite: bool = False) -> No
     write_config(out, cfg)
 
 
+def empty_run_folder(out: Path) -> None:
+    """Undo `start_run_folder` for a run that failed before its first step (the folder itself stays)."""
+    for entry in out.iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def open_run_for_resume(out: Path, cfg: TrainConfig) -> Path:
     """An existing run with the same config; returns its newest checkpoint."""
     if not (out / "train_config.json").is_file():

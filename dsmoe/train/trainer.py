@@ -51,7 +51,7 @@ from dsmoe.train.metrics import MetricsLog, require_tensorboard
 from dsmoe.train.model_setup import build_training_model
 from dsmoe.train.optim import build_optimizer, lr_at, set_lr
 from dsmoe.train.reduce import SingleProcess
-from dsmoe.train.run_folder import open_run_for_resume, start_run_folder
+from dsmoe.train.run_folder import empty_run_folder, open_run_for_resume, start_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,13 @@ class Trainer:
             Tokenizer.load(cfg.tokenizer)  # a wrong --tokenizer fails before the run folder exists
         if not resume and self.main:
             start_run_folder(self.out, cfg, overwrite)
-        self.data = data or pretraining_data(cfg, docs, self.reducer, str(self.out) if resume else cfg.tokenizer,
-                                             cache_dir, self.out)
+        try:
+            self.data = data or pretraining_data(cfg, docs, self.reducer, str(self.out) if resume else cfg.tokenizer,
+                                                 cache_dir, self.out)
+        except UserError:  # e.g. too little text for --seq-len: a run that never started must not block its retry
+            if not resume and self.main:
+                empty_run_folder(self.out)
+            raise
         self.model_config = cfg.model_config(self.data.vocab_size, self.data.bos_id, self.data.eos_id)
         self.model = self._build_model(sharded_init)
         self.optimizer = build_optimizer(self.model, cfg)
