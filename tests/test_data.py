@@ -107,6 +107,9 @@ def test_tokenizer_round_trip_and_special_tokens(tmp_path):
     assert (config["bos_token"], config["eos_token"]) == (BOS, EOS)
     again = load_tokenizer(tmp_path)
     assert again.encode(TRICKY[1]) == tok.encode(TRICKY[1])
+    from transformers import AutoTokenizer  # the exported tokenizer starts prompts with BOS in transformers too
+
+    assert AutoTokenizer.from_pretrained(str(tmp_path))(TRICKY[1]).input_ids == tok.encode(TRICKY[1])
     # the same wrapper serves the run: prompts start with bos like the training documents, eos stops
     assert again.encode("hello") == ids[:-1] and again.eos_ids == (tok.eos_id,)
 

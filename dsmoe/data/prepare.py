@@ -58,7 +58,7 @@ def prepare_corpus(docs: list[Document], *, val_fraction: float = 0.1, tokenizer
 
 def _cached_trained_tokenizer(train_texts: list[str], vocab_size: int, cache_dir: Path, chash: str,
                               val_fraction: float) -> Tokenizer:
-    key = hashlib.sha256(f"{chash}|{vocab_size}|{val_fraction!r}|bpe-bytelevel-v1".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{chash}|{vocab_size}|{val_fraction!r}|bpe-bytelevel-bos-v2".encode()).hexdigest()[:24]
     file = cache_dir / "tokenizers" / f"{key}.json"
     if file.is_file():
         return load_tokenizer(file)

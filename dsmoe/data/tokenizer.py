@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from dsmoe.atomic import atomic_copy, atomic_write_text
 from dsmoe.errors import UserError
@@ -187,6 +187,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
+    # BOS in tokenizer.json itself: transformers' tokenizer backend ignores tokenizer_config.json's add_bos_token,
+    # and a prompt without the BOS every training document starts with is out of distribution
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, tok.token_to_id(BOS))])
     return Tokenizer(tok, BOS, EOS, add_bos_token=True)
 
 
