@@ -8,6 +8,7 @@ import torch
 
 from shared_data import SHARED_DATA as SHARED
 from dsmoe.data.tokenizer import load_tokenizer
+from dsmoe.errors import UserError
 from dsmoe.finetune import data as ftdata
 
 
@@ -72,6 +73,10 @@ def test_bad_records_are_one_clear_error_each(tok, tmp_path, chat_template):
         ftdata.encode_classify(records, tok, ["ham", "spam"], 64)
     with pytest.raises(ftdata.DataError, match=r"no field 'question'"):
         ftdata.read_jsonl(write(tmp_path / "q.jsonl", [{"context": "c"}]), ftdata.parse_field_map(["qa"]))
+    with pytest.raises(UserError, match=r"--field-map 'prompt=\{prompt\[0\}'.*malformed"):
+        ftdata.parse_field_map(["prompt={prompt[0}"])
+    with pytest.raises(UserError, match=r"q.jsonl:1: --field-map prompt: cannot fill"):  # an unknown conversion
+        ftdata.read_jsonl(write(tmp_path / "q.jsonl", [{"q": "c"}]), ftdata.parse_field_map(["prompt={q!x}"]))
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes('{"text": "a", "label": "x"}\n{"text": "caf\u00e9", "label": "x"}\n'.encode("latin-1"))
     with pytest.raises(ftdata.DataError, match=r"latin1.jsonl:2: not UTF-8 text"):

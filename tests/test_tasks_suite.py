@@ -57,6 +57,9 @@ def test_unknown_task_and_metric_name_the_known_ones(tmp_path):
         get_task(str(spec))
     spec.write_text(json.dumps({"kind": "generation", "metric": "squad", "answer": "a", "prompt": "Q: {q}\nA:"}))
     assert get_task(str(spec)).fields() == ["a", "q"]
+    spec.write_text(json.dumps({"kind": "generation", "metric": "squad", "answer": "a", "prompt": "Q: {q"}))
+    with pytest.raises(UserError, match="the template 'Q: \\{q' is malformed"):
+        get_task(str(spec))
 
 
 # ---------------------------------------------------------------- the scoring paths

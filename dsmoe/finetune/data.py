@@ -21,7 +21,6 @@ resume is exact.
 from __future__ import annotations
 
 import json
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from dsmoe.errors import UserError
 from dsmoe.infer.chat_template import render_chat
 from dsmoe.model.classifier import classifier_input
 from dsmoe.model.packed_attention import PackedLayout
-from dsmoe.tasks.specs import BUILTIN
+from dsmoe.tasks.specs import BUILTIN, fill_template, template_fields
 from dsmoe.train.loss import Batch
 
 IGNORE = -100
@@ -57,6 +56,7 @@ def parse_field_map(items: list[str] | None) -> dict[str, str]:
         if not sep or not key:
             raise UserError(f"--field-map {item!r}: use KEY=FIELD, KEY=TEMPLATE or one of "
                             f"{', '.join(FIELD_MAP_PRESETS)}")
+        template_fields(value, f"--field-map {item!r}")  # malformed: an error now, not at the first record
         mapping[key] = value
     return mapping
 
@@ -64,12 +64,12 @@ def parse_field_map(items: list[str] | None) -> dict[str, str]:
 def _apply_map(record: dict, mapping: dict[str, str], where: str) -> dict:
     out = dict(record)
     for key, value in mapping.items():
-        names = [n for _, n, _, _ in string.Formatter().parse(value) if n]
+        names = template_fields(value, f"--field-map {key}={value}")
         missing = [n for n in (names or [value]) if n not in record]
         if missing:
             raise DataError(f"{where}: no field {missing[0]!r} for --field-map {key}={value}; the record has "
                             f"{', '.join(sorted(record)) or 'no fields'}")
-        out[key] = value.format(**record) if names else record[value]
+        out[key] = fill_template(value, record, f"{where}: --field-map {key}") if names else record[value]
     return out
 
 

@@ -29,6 +29,25 @@ METRICS = {  # metric -> the kind of task it scores
 }
 
 
+TEMPLATE_HELP = "templates are Python format strings such as '{question}' ('{{' for a literal brace)"
+
+
+def template_fields(template: str, what: str) -> list[str]:
+    """The field names a template reads, in order; a malformed template is one clear error naming `what`."""
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    except ValueError as e:
+        raise UserError(f"{what}: the template {template!r} is malformed ({e}); {TEMPLATE_HELP}") from None
+
+
+def fill_template(template: str, fields: dict, what: str) -> str:
+    try:
+        return template.format(**fields)
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
+        raise UserError(f"{what}: cannot fill the template {template!r} ({type(e).__name__}: {e}); "
+                        f"{TEMPLATE_HELP}") from None
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
@@ -58,18 +77,19 @@ class TaskSpec:
         missing = [label for label in self.labels if label not in self.verbalizers]
         if self.kind == "classification" and missing:
             raise UserError(f"task {self.name!r}: no verbalizer for label(s) {', '.join(missing)}")
+        self.fields()  # a malformed template fails when the spec is read, not at its first example
 
     def prompt_fields(self) -> list[str]:
         """The example fields the prompt template reads, in order."""
-        return list(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(self.prompt) if name))
+        return list(dict.fromkeys(template_fields(self.prompt, f"task {self.name!r} prompt")))
 
     def fields(self) -> list[str]:
         """The fields every example must have."""
-        names = set(self.prompt_fields()) | {n for _, n, _, _ in string.Formatter().parse(self.group_by or "") if n}
+        names = set(self.prompt_fields()) | set(template_fields(self.group_by or "", f"task {self.name!r} group_by"))
         return sorted(names | {self.answer} | ({self.references} if self.references else set()))
 
     def render(self, example: dict) -> str:
-        return self.prompt.format(**example)
+        return fill_template(self.prompt, example, f"task {self.name!r} prompt")
 
     def target_text(self, example: dict) -> str:
         """The text that follows the prompt in a few-shot example."""
@@ -77,7 +97,7 @@ class TaskSpec:
         return self.verbalizers[answer] if self.kind == "classification" else " " + str(answer)
 
     def group(self, example: dict) -> str | None:
-        return self.group_by.format(**example) if self.group_by else None
+        return fill_template(self.group_by, example, f"task {self.name!r} group_by") if self.group_by else None
 
 
 def _classifier(name: str, prompt: str, labels: list[str]) -> TaskSpec:
