@@ -46,6 +46,12 @@ def test_bad_lines_are_named_with_their_number(tmp_path):
     path.write_text('[1, 2]\n')
     with pytest.raises(UserError, match=r"d.jsonl:1: expected a JSON object"):
         read_examples(path, spec)
+    scitldr = BUILTIN["scitldr"]
+    path.write_text('{"document": "s", "summary": "a", "summaries": []}\n')
+    with pytest.raises(UserError, match=r"d.jsonl:1: summaries must be a reference text or a non-empty list"):
+        read_examples(path, scitldr)
+    path.write_text('{"document": "s", "summary": "a", "summaries": "A single reference"}\n')
+    assert read_examples(path, scitldr)[0]["summaries"] == ["A single reference"]  # not split into characters
 
 
 def test_unknown_task_and_metric_name_the_known_ones(tmp_path):

@@ -164,6 +164,13 @@ def read_examples(path: str | Path, spec: TaskSpec, limit: int | None = None) ->
             if spec.kind == "classification" and example[spec.answer] not in spec.labels:
                 raise UserError(f"{path}:{number}: label {example[spec.answer]!r} is not one of task {spec.name}'s "
                                 f"labels ({', '.join(spec.labels)})")
+            if spec.references:
+                refs = example[spec.references]
+                refs = [refs] if isinstance(refs, str) else refs  # one reference given alone
+                if not (isinstance(refs, list) and refs and all(isinstance(r, str) for r in refs)):
+                    raise UserError(f"{path}:{number}: {spec.references} must be a reference text or a non-empty "
+                                    f"list of them, got {str(example[spec.references])[:80]!r}")
+                example = {**example, spec.references: refs}
             examples.append(example)
             if limit is not None and len(examples) >= limit:
                 break
