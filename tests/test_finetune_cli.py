@@ -144,7 +144,7 @@ def test_base_after_data_is_named_as_the_mistake(base, spam, capsys):
     assert "put BASE before --data" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["malformed", "no_assistant", "bad_label", "bad_base"])
+@pytest.mark.parametrize("case", ["malformed", "no_assistant", "bad_label", "one_label", "bad_base"])
 def test_bad_input_is_one_clear_error_and_leaves_no_output_folder(base, spam, tmp_path, capsys, case):
     train, _ = spam
     bad = tmp_path / "bad.jsonl"
@@ -155,6 +155,9 @@ def test_bad_input_is_one_clear_error_and_leaves_no_output_folder(base, spam, tm
     elif case == "no_assistant":
         write(bad, [{"messages": [{"role": "user", "content": "hi"}]}])
         task, data, expected = "sft", bad, "bad.jsonl:1: the conversation has no assistant turn"
+    elif case == "one_label":
+        write(bad, [{"text": f"x {i}", "label": "ham"} for i in range(4)])
+        data, expected = bad, "every training record has the label 'ham'"
     elif case == "bad_label":
         write(bad, [{"text": "x", "label": "eggs"}])
         eval_data, expected = bad, "bad.jsonl:1: label 'eggs' is not in the label set"

@@ -71,6 +71,10 @@ def test_bad_records_are_one_clear_error_each(tok, tmp_path, chat_template):
                                                             {"text": "b", "label": "hma"}]), {})
     with pytest.raises(ftdata.DataError, match=r"l.jsonl:2: label 'hma' is not in the label set"):
         ftdata.encode_classify(records, tok, ["ham", "spam"], 64)
+    null_content = ftdata.read_jsonl(write(tmp_path / "n.jsonl", [{"messages": [
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": None}]}]), {})
+    with pytest.raises(ftdata.DataError, match=r"n.jsonl:1: \"messages\" must be a list"):  # not the text "None"
+        ftdata.encode_sft(null_content, tok, chat_template, 64)
     with pytest.raises(ftdata.DataError, match=r"no field 'question'"):
         ftdata.read_jsonl(write(tmp_path / "q.jsonl", [{"context": "c"}]), ftdata.parse_field_map(["qa"]))
     with pytest.raises(UserError, match=r"--field-map 'prompt=\{prompt\[0\}'.*malformed"):

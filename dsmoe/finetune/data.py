@@ -122,9 +122,10 @@ class SFTEncoder:
                         f"--field-map that builds them); it has {', '.join(sorted(record))}")
 
     def _chat_segments(self, messages, where: str) -> list[tuple[str, bool]]:
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                     for m in messages):
-            raise DataError(f"{where}: \"messages\" must be a list of {{\"role\", \"content\"}} objects")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                     and isinstance(m.get("content"), str) for m in messages):
+            raise DataError(f"{where}: \"messages\" must be a list of {{\"role\", \"content\"}} objects whose "
+                            "role and content are text")
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not turns:
             raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn; add one or "

@@ -135,6 +135,9 @@ class FinetuneTrainer(Trainer):
         self.dropped = 0
         if ft.task == "classify":
             self.labels = ftdata.label_set(train)
+            if len(self.labels) < 2:
+                raise ftdata.DataError(f"every training record has the label {self.labels[0]!r}: a classifier "
+                                       "needs at least two labels in its training data")
             ftdata.label_set(evals)
             self.train_examples = ftdata.encode_classify(train, tok, self.labels, seq_len)
             self.eval_examples = ftdata.encode_classify(evals, tok, self.labels, seq_len)
