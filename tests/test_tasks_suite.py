@@ -261,6 +261,9 @@ def test_bench_tasks_runs_the_suite_batched_and_one_at_a_time(model_dir, tmp_pat
     assert [r["task"] for r in rows] == ["sms_spam", "oasst1_en"]
     assert all(r["batched"] > 0 and r["one_at_a_time"] > 0 for r in rows)
     assert "speed-up" in capsys.readouterr().out
+    for bad in (["--limit", "0"], ["--limit", "-1"], ["--batch-size", "0"], ["--batch-size", "1"]):
+        assert main(["bench", "tasks", "--model", str(model_dir), "--data-dir", str(SHARED), *bad]) == 2
+        assert "--limit must be at least 1" in capsys.readouterr().err
 
 
 def test_scoring_forward_buckets_and_cpu_fallback():

@@ -75,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
     from dsmoe.tasks.specs import get_task, read_examples
     from dsmoe.tasks.suite import TaskRun, predict
 
+    if args.limit < 1 or args.batch_size < 2:
+        raise UserError("--limit must be at least 1 and --batch-size at least 2 (the batched run is compared with "
+                        "one example at a time)")
     data = Path(args.data_dir)
     tasks = [t for t in args.tasks.split(",") if t]
     missing = [t for t in tasks if not (data / f"{t}_test.jsonl").is_file()]
