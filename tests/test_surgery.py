@@ -253,3 +253,25 @@ def test_cli_refuses_bad_numbers_in_one_sentence(tmp_path, model_dir, capsys, ex
     assert main(["experts", action, str(model_dir), "--data", str(calib), "--out", str(out), *rest]) == 2
     err = capsys.readouterr().err
     assert re.search(match, err) and "Traceback" not in err and not out.exists()
+
+
+def test_cli_prune_chooses_the_mtp_modules_experts_by_their_own_use(tmp_path, model_dir, capsys):
+    import json
+    import shutil
+
+    from dsmoe.cli import main
+
+    base = load_pretrained(model_dir)
+    with_mtp = build_model(base.config.replace(num_nextn_predict_layers=1)).eval()
+    with_mtp.load_state_dict(base.state_dict(), strict=False)
+    src = tmp_path / "mtp"
+    save_pretrained(with_mtp, src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / name, src / name)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("def f(x):\n    return x + 1\n" * 200)
+    out = tmp_path / "pruned"
+    assert main(["experts", "prune", str(src), "--data", str(calib), "--keep", "4", "--seq-len", "64",
+                 "--out", str(out)]) == 0
+    tokens = json.loads((out / "surgery.json").read_text())["expert_tokens"]
+    assert len(tokens) == len(with_mtp.moe_layers()) and sum(tokens[-1]) == sum(tokens[0]) > 0  # MTP's layer ran

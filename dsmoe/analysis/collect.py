@@ -121,15 +121,17 @@ class RoutingCollector:
 
 
 def collect_routing(model: Transformer, windows_by_domain: list[list[np.ndarray]], *, batch_size: int,
-                    device: torch.device, autocast_dtype: torch.dtype | None = None) -> RoutingTotals:
+                    device: torch.device, autocast_dtype: torch.dtype | None = None,
+                    drafts: bool = False) -> RoutingTotals:
     """Score each domain's windows with `evaluate_loss` (the numbers `dsmoe eval` prints) while the hooks sum
-    the routing statistics."""
+    the routing statistics; drafts: run the MTP modules too, so that their MoE layers are counted (the loss
+    stays the main model's)."""
     losses, counts = [], []
     with RoutingCollector(model, len(windows_by_domain)) as c:
         for domain, windows in enumerate(windows_by_domain):
             c.domain = domain
             loss, n = evaluate_loss(model, windows, batch_size=batch_size, device=device,
-                                    autocast_dtype=autocast_dtype)
+                                    autocast_dtype=autocast_dtype, drafts=drafts)
             losses.append(loss)
             counts.append(n)
     cpu = lambda t: t.cpu().numpy()

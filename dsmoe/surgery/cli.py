@@ -151,7 +151,8 @@ def _routing(model, windows) -> tuple[torch.Tensor, float]:
     from dsmoe.analysis.collect import collect_routing
 
     device = next(model.parameters()).device
-    totals = collect_routing(model, [windows], batch_size=8, device=device, autocast_dtype=_autocast(device))
+    totals = collect_routing(model, [windows], batch_size=8, device=device, autocast_dtype=_autocast(device),
+                             drafts=len(model.mtp) > 0)  # the MTP modules' experts are chosen by their own use
     return torch.from_numpy(totals.counts_LE).long(), totals.domain_loss[0]
 
 
