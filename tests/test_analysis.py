@@ -10,7 +10,7 @@ import torch
 from dsmoe.analysis.analyze import analyze, domain_windows
 from dsmoe.analysis.collect import collect_routing
 from dsmoe.analysis.probes import experts_disabled, shared_experts_removed
-from dsmoe.analysis.report import coactivation_lift, mutual_information_bits
+from dsmoe.analysis.report import coactivation_lift, mutual_information_bits, top_coactivated_pairs
 from dsmoe.checkpoint.hf import save_pretrained
 from dsmoe.cli import main
 from dsmoe.config import get_preset
@@ -155,3 +155,13 @@ def test_the_mtp_modules_layers_are_left_out_of_the_analysis(tiny):
     theirs, arrays = analyze(with_mtp, tok, files, tokens=256, seq_len=32, disable=[], device=CPU)
     assert [l["layer"] for l in theirs["layers"]] == [l["layer"] for l in ours["layers"]] == [1, 2]
     assert theirs["summary"] == ours["summary"] and arrays["counts_LE"].shape[0] == 2
+
+
+def test_top_coactivated_pairs_ignore_pairs_seen_by_a_few_tokens():
+    """Two experts chosen once each, by the same token, have the largest lift possible (T): noise, not a pair."""
+    co = np.zeros((4, 4))
+    co[0, 0] = co[1, 1] = 300
+    co[0, 1] = co[1, 0] = 120  # often together: lift 1000 * 120 / (300 * 300) = 1.33
+    co[2, 2] = co[3, 3] = co[2, 3] = co[3, 2] = 1  # one token: lift 1000
+    assert top_coactivated_pairs(co, 1000) == [{"experts": [0, 1], "lift": pytest.approx(1000 * 120 / 300**2),
+                                                "tokens": 120}]

@@ -49,6 +49,19 @@ def coactivation_lift(coactivation_EE: np.ndarray, tokens: int) -> np.ndarray:
     return lift
 
 
+MIN_PAIR_TOKENS = 20  # a lift from a few tokens is noise: two experts chosen once each, together, have lift T
+
+
+def top_coactivated_pairs(coactivation_EE: np.ndarray, tokens: int, top: int = 5) -> list[dict]:
+    """The expert pairs chosen together most often relative to chance (lift), among pairs chosen together by at
+    least MIN_PAIR_TOKENS tokens."""
+    lift = coactivation_lift(coactivation_EE, tokens)
+    ranked = np.triu(np.where(coactivation_EE >= MIN_PAIR_TOKENS, np.nan_to_num(lift, nan=0.0), 0.0), 1)
+    order = np.argsort(-ranked, axis=None)[:top]
+    return [{"experts": [int(i), int(j)], "lift": float(lift[i, j]), "tokens": int(coactivation_EE[i, j])}
+            for i, j in zip(*np.unravel_index(order, lift.shape)) if ranked[i, j] > 0]
+
+
 def characteristic_tokens(token_expert_EV: torch.Tensor, tokenizer: Tokenizer, top: int) -> list[list[dict]]:
     n = token_expert_EV.double()
     n_e, n_v, total = n.sum(1, keepdim=True), n.sum(0, keepdim=True), n.sum()
@@ -72,16 +85,13 @@ def layer_statistics(totals: RoutingTotals, layer_ids: list[int], tokenizer: Tok
         mi = mutual_information_bits(domain)
         entropy = float(totals.entropy_sum_L[l] / max(totals.tokens, 1))
         shared, routed = totals.shared_norm_L[l], totals.routed_norm_L[l]
-        lift = coactivation_lift(totals.coactivation_LEE[l], totals.tokens)
-        order = np.argsort(-np.nan_to_num(np.triu(lift, 1), nan=0.0), axis=None)[:5]
         layers.append({
             "layer": layer_id, "maxvio": maxvio[l], "load_share": (counts / max(counts.sum(), 1)).tolist(),
             "routing_entropy_nats": entropy, "routing_entropy_share": entropy / math.log(E),
             "domain_mi_bits": mi, "specialisation": mi / h_domain if h_domain > 0 else 0.0,
             "domain_share": (domain / np.maximum(domain.sum(axis=1, keepdims=True), 1)).tolist(),
             "shared_norm_share": float(shared / (shared + routed)) if shared > 0 else None,
-            "top_coactivated_pairs": [{"experts": [int(i), int(j)], "lift": float(lift[i, j])}
-                                      for i, j in zip(*np.unravel_index(order, lift.shape))],
+            "top_coactivated_pairs": top_coactivated_pairs(totals.coactivation_LEE[l], totals.tokens),
             "characteristic_tokens": characteristic_tokens(totals.token_expert_LEV[l], tokenizer, top_tokens),
             **experts_per_token(totals, l, tokenizer, top_tokens),
         })
