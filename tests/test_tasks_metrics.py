@@ -74,3 +74,13 @@ def test_confusion_png_is_written(tmp_path):
     metrics.plot_confusion(result["confusion_matrix"], tmp_path / "confusion.png", "t")
     assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["confusion.png"]
+
+
+def test_a_fine_tunes_log_scores_classification_as_dsmoe_eval_does():
+    """Label 2 occurs in neither gold nor predictions: it must not pull macro-F1 down in one of the two only."""
+    from dsmoe.finetune.metrics import classification_scores
+
+    ours = classification_scores([0, 1, 1], [0, 0, 1], num_labels=3)
+    theirs = metrics.classification_metrics(["a", "a", "b"], ["a", "b", "b"], ["a", "b", "c"])
+    assert ours["macro_f1"] == pytest.approx(theirs["macro_f1"]) == pytest.approx(2 / 3)
+    assert ours["accuracy"] == theirs["accuracy"] and ours["majority_accuracy"] == pytest.approx(2 / 3)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 
+from dsmoe.tasks.metrics import classification_metrics
+
 
 def classification_scores(predicted: list[int], gold: list[int], num_labels: int) -> dict[str, float]:
-    """Macro-F1 averages F1 over all labels of the label set (a label never predicted nor present counts 0)."""
-    f1s = []
-    for label in range(num_labels):
-        tp = sum(p == g == label for p, g in zip(predicted, gold))
-        fp = sum(p == label != g for p, g in zip(predicted, gold))
-        fn = sum(g == label != p for p, g in zip(predicted, gold))
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    """Accuracy and macro-F1 as `dsmoe eval` computes them (macro-F1 over the labels that occur in gold or
+    predictions, as scikit-learn does), so a fine-tune's log and the evaluation of its result agree."""
+    scores = classification_metrics(gold, predicted, list(range(num_labels)))
     n = max(len(gold), 1)
-    return {"accuracy": sum(p == g for p, g in zip(predicted, gold)) / n, "macro_f1": sum(f1s) / max(num_labels, 1),
+    return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"],
             "majority_accuracy": Counter(gold).most_common(1)[0][1] / n if gold else 0.0, "examples": len(gold)}
