@@ -41,6 +41,14 @@ def test_rouge_scores_each_example_against_its_best_reference():
     assert best["rouge1"] == pytest.approx(100.0)
 
 
+def test_rouge_scores_text_in_other_scripts_instead_of_dropping_it():
+    """rouge-score's tokenizer keeps [a-z0-9] only: an exact Chinese or Greek summary scored 0 with it."""
+    same = metrics.rouge_metrics(["模型学习了专家", "Καλημέρα κόσμε"], [["模型学习了专家"], ["Καλημέρα κόσμε"]])
+    assert same == {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0}
+    half = metrics.rouge_metrics(["模型"], [["模型学习"]])  # 2 of 4 characters: recall 0.5, precision 1
+    assert half["rouge1"] == pytest.approx(100 * 2 / 3)
+
+
 def test_translation_metrics_are_sacrebleus():
     hyps = ["The dog bit the man.", "It wasn't surprising.", "The man had just bitten him."]
     refs = ["The dog bit the man.", "It was not unexpected.", "The man bit him first."]

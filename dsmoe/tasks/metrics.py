@@ -123,6 +123,16 @@ def translation_metrics(predictions: list[str], references: list[str], target_la
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
+class UnicodeWords:
+    """ROUGE tokens of any script: lower-cased runs of letters and digits, each CJK character a token of its own
+    (those scripts write no spaces between words). Used where an example is not plain ASCII."""
+
+    _TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]|[^\W_]+")
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._TOKEN.findall(text.lower())
+
+
 def rouge_metrics(predictions: list[str], references: list[list[str]]) -> dict:
     """Mean ROUGE-1/2/L F-measure (percent), each example scored against its best reference; Porter stemming
     as in the summarisation papers."""
@@ -130,10 +140,14 @@ def rouge_metrics(predictions: list[str], references: list[list[str]]) -> dict:
     from rouge_score.tokenizers import DefaultTokenizer
 
     # its own default tokenizer, passed explicitly: without one it logs "Using default tokenizer." into every run
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True, tokenizer=DefaultTokenizer(use_stemmer=True))
+    english = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True,
+                                       tokenizer=DefaultTokenizer(use_stemmer=True))
+    # that tokenizer keeps only [a-z0-9]: text in other scripts would score 0 even when equal to its reference
+    any_script = rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=UnicodeWords())
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for prediction, refs in zip(predictions, references):
-        scores = scorer.score_multi(refs, prediction)
+        ascii_only = prediction.isascii() and all(r.isascii() for r in refs)
+        scores = (english if ascii_only else any_script).score_multi(refs, prediction)
         for name in ROUGE_TYPES:
             totals[name] += scores[name].fmeasure
     return {name: 100 * total / len(predictions) for name, total in totals.items()}
