@@ -48,6 +48,18 @@ def test_prompt_completion_learns_the_completion_and_eos(tok, tmp_path):
     assert example.ids[:1 + len(enc("Q: 2+2\nA:"))] == [tok.bos_id] + enc("Q: 2+2\nA:")
 
 
+def test_a_long_example_loses_its_prompts_start_not_its_answer(tok, tmp_path):
+    """As task evaluation cuts prompts from the left: a QA example whose context is too long keeps the question
+    and the answer (cut from the end, it kept the context and lost everything it could learn)."""
+    records = ftdata.read_jsonl(write(tmp_path / "p.jsonl", [{"c": "word " * 200, "q": "2+2", "a": "4"}]),
+                                {"prompt": "{c}\nQ: {q}\nA:", "completion": " {a}"})
+    (example,), dropped = ftdata.encode_sft(records, tok, None, seq_len=32)
+    enc = lambda text: tok.encode(text, add_special_tokens=False)
+    assert dropped == 0 and len(example.ids) == 32 + 1 and example.ids[0] == tok.bos_id  # seq_len predictions
+    assert tok.decode(example.ids).endswith("word \nQ: 2+2\nA: 4")
+    assert [t for t, label in zip(example.ids, example.labels) if label != ftdata.IGNORE] == enc(" 4") + [tok.eos_id]
+
+
 @pytest.mark.parametrize("name,preset,fields", [("xquad_en_test.jsonl", "qa", ("context", "answer")),
                                                 ("ntrex128_test.jsonl", "translation", ("source", "target")),
                                                 ("scitldr_test.jsonl", "summarization", ("document", "summary"))])

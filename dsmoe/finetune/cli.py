@@ -29,7 +29,8 @@ DEFAULTS = {"lr": 1e-3, "steps": 200, "warmup_steps": 10, "eval_interval": 50, "
             "weight_decay": 0.0}
 # what the batch shape flags mean here: sft packs examples into rows, classify pads one example per row
 HELP = {"steps": "optimizer steps, unless --tokens is given",
-        "seq_len": "sft: tokens per packed row (longer examples are cut to it); classify: the longest text kept",
+        "seq_len": "sft: tokens per packed row (a longer example loses its prompt's start first); classify: the "
+                   "longest text kept",
         "micro_batch": "sft: packed rows per forward/backward; classify: examples per forward/backward",
         "mtp_layers": "MTP modules (default: BASE's); more than BASE has adds fresh ones, trained from scratch "
                       "(with --freeze main only they train: a draft head for --speculative mtp); fewer drops some",

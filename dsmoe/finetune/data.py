@@ -154,12 +154,18 @@ class SFTEncoder:
                 piece = piece + [self.tok.eos_id]  # a completion ends the sequence
             ids += piece
             labels += piece if learn else [IGNORE] * len(piece)
+        overflow = len(ids) - self.max_len
+        if overflow > 0:  # the prompt's start goes first (as task evaluation cuts prompts), so the answer stays
+            first_target = next((i for i, t in enumerate(labels) if t != IGNORE), len(labels))
+            cut = min(overflow, max(first_target - 1, 0))
+            ids, labels = ids[:1] + ids[1 + cut:], labels[:1] + labels[1 + cut:]  # BOS stays
         ids, labels = ids[:self.max_len], labels[:self.max_len]
         return Example(ids, labels) if any(t != IGNORE for t in labels[1:]) else None
 
 
 def encode_sft(records, tokenizer, chat_template: str | None, seq_len: int) -> tuple[list[Example], int]:
-    """-> (examples, number dropped because truncation to seq_len left no target token)."""
+    """-> (examples, number dropped because truncation to seq_len left no target token). A long example loses
+    its prompt's start, then, if its targets alone are too long, their end."""
     encoder = SFTEncoder(tokenizer, chat_template, seq_len)
     encoded = [encoder.encode(r, where) for where, r in records]
     return [e for e in encoded if e is not None], sum(e is None for e in encoded)
