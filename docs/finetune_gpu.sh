@@ -38,7 +38,7 @@ python - "$R/v2lite" "$R/small" <<'EOF'
 import shutil, sys, torch
 from pathlib import Path
 from dsmoe.checkpoint.hf import save_pretrained
-from dsmoe.config import get_preset
+from dsmoe.presets import get_preset
 from dsmoe.model.transformer import build_model
 out, tok = Path(sys.argv[1]), Path(sys.argv[2])
 if not (out / "config.json").is_file():

@@ -1,6 +1,7 @@
 """dsmoe: DeepSeekMoE sparse Mixture-of-Experts language models in PyTorch."""
 
-from dsmoe.config import PRESETS, ModelConfig, get_preset
+from dsmoe.config import ModelConfig
+from dsmoe.presets import PRESETS, get_preset
 from dsmoe.model.transformer import Transformer, build_model
 
 __all__ = ["ModelConfig", "PRESETS", "get_preset", "Transformer", "build_model",

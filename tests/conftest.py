@@ -47,7 +47,7 @@ def single_thread():
 
 
 def make_tiny_config(vocab_size: int):
-    from dsmoe.config import get_preset
+    from dsmoe.presets import get_preset
 
     return get_preset("tiny").replace(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,

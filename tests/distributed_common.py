@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from dsmoe.config import PRESETS
+from dsmoe.presets import PRESETS
 from dsmoe.model.transformer import build_model
 
 # 8 experts, top-3, 4 routing groups of 2 experts with 2 groups per token: with EP = 4 the groups are the

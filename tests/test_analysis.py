@@ -13,7 +13,7 @@ from dsmoe.analysis.probes import experts_disabled, shared_experts_removed
 from dsmoe.analysis.report import coactivation_lift, mutual_information_bits, top_coactivated_pairs
 from dsmoe.checkpoint.hf import save_pretrained
 from dsmoe.cli import main
-from dsmoe.config import get_preset
+from dsmoe.presets import get_preset
 from dsmoe.data.tokenizer import train_tokenizer
 from dsmoe.errors import UserError
 from dsmoe.model.transformer import build_model

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from dsmoe import build_model, save_pretrained
 from dsmoe.atomic import atomic_write, atomic_write_text
-from dsmoe.config import PRESETS
+from dsmoe.presets import PRESETS
 
 
 def mode(path) -> int:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dsmoe.config import PRESETS
+from dsmoe.presets import PRESETS
 from dsmoe.model.balance import (AddAuxiliaryLoss, affinity_probs, communication_balance_loss,
                                  device_balance_loss, expert_balance_loss, max_violation, update_bias)
 from dsmoe.model.transformer import build_model

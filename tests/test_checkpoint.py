@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 from dsmoe import load_pretrained, save_pretrained
 from dsmoe.checkpoint.hf import CheckpointError
 from dsmoe.kernels.quant import dequantize
-from dsmoe.config import PRESETS, ConfigError
+from dsmoe.config import ConfigError
+from dsmoe.presets import PRESETS
 from dsmoe.model.transformer import Transformer, build_model
 
 CFG = PRESETS["tiny"].replace(vocab_size=96, hidden_size=136, intermediate_size=200, moe_intermediate_size=72,

@@ -1,6 +1,7 @@
 import pytest
 
-from dsmoe.config import PRESETS, ConfigError, ModelConfig, get_preset
+from dsmoe.config import ConfigError, ModelConfig
+from dsmoe.presets import PRESETS, get_preset
 
 V3_HUB = {"model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
           "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,

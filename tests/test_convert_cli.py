@@ -2,7 +2,7 @@ import torch
 
 from dsmoe import load_pretrained, save_pretrained
 from dsmoe.cli import main
-from dsmoe.config import PRESETS
+from dsmoe.presets import PRESETS
 from dsmoe.model.transformer import build_model
 
 

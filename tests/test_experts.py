@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dsmoe.config import PRESETS
+from dsmoe.presets import PRESETS
 from dsmoe.kernels.grouped import moe_experts_grouped
 from dsmoe.kernels.ops import moe_experts, resolve_impl
 from dsmoe.kernels.reference import moe_experts_reference, permute_reference

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dsmoe.bench import decode
-from dsmoe.config import get_preset
+from dsmoe.presets import get_preset
 from dsmoe.infer.generate import generate
 from dsmoe.infer.sampling import SamplingParams
 from dsmoe.model.transformer import build_model

@@ -4,7 +4,7 @@ DeepSeekMoE 16B (MHA, here with GQA too), V2-Lite, V2 and V3 architectures, in f
 import pytest
 import torch
 
-from dsmoe.config import get_preset
+from dsmoe.presets import get_preset
 from dsmoe.infer.cache import KVCache
 from dsmoe.model.transformer import build_model
 

@@ -5,7 +5,7 @@ bucket sizes."""
 import pytest
 import torch
 
-from dsmoe.config import get_preset
+from dsmoe.presets import get_preset
 from dsmoe.infer.engine import Engine
 from dsmoe.infer.sampling import SamplingParams
 from dsmoe.model.transformer import build_model

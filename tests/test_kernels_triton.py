@@ -31,7 +31,7 @@ def _import_kernels():
 
 rows_mod, weights_mod, moe_mod, permute_mod, router_mod, swiglu_mod = _import_kernels()
 
-from dsmoe.config import get_preset  # noqa: E402
+from dsmoe.presets import get_preset  # noqa: E402
 from dsmoe.kernels import ops, reference  # noqa: E402
 from dsmoe.model.router import route  # noqa: E402
 

@@ -14,7 +14,7 @@ from triton_guard import DEVICE, ON_GPU, require_triton
 
 require_triton(module_level=True)
 
-from dsmoe.config import get_preset  # noqa: E402
+from dsmoe.presets import get_preset  # noqa: E402
 from dsmoe.kernels import ops  # noqa: E402
 from dsmoe.kernels.reference import moe_experts_reference  # noqa: E402
 from dsmoe.kernels.triton_moe_decode import moe_decode  # noqa: E402

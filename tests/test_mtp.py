@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from dsmoe import load_pretrained, save_pretrained
-from dsmoe.config import PRESETS
+from dsmoe.presets import PRESETS
 from dsmoe.model.mtp import mtp_loss
 from dsmoe.model.transformer import build_model
 

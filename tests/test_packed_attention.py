@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsmoe.config import PRESETS
+from dsmoe.presets import PRESETS
 from dsmoe.errors import UserError
 from dsmoe.finetune import data as ftdata
 from dsmoe.model import packed_attention as pa

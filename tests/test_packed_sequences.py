@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsmoe.config import PRESETS
+from dsmoe.presets import PRESETS
 from dsmoe.finetune import data as ftdata
 from dsmoe.model.mtp import mtp_loss
 from dsmoe.model.transformer import build_model

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from dsmoe.config import get_preset
+from dsmoe.presets import get_preset
 from dsmoe.kernels.quant import dequantize, quantize, quantize_fp8
 from dsmoe.model.quantized import QuantExperts, QuantLinear, quantize_model, weight_bytes
 from dsmoe.kernels.reference import moe_experts_reference

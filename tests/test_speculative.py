@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsmoe.config import PRESETS
+from dsmoe.presets import PRESETS
 from dsmoe.errors import UserError
 from dsmoe.infer.engine import Engine
 from dsmoe.infer.generate import generate

@@ -10,7 +10,7 @@ import torch
 
 from shared_data import SHARED_DATA as SHARED
 from dsmoe.cli import main
-from dsmoe.config import get_preset
+from dsmoe.presets import get_preset
 from dsmoe.data.tokenizer import Tokenizer
 from dsmoe.errors import UserError
 from dsmoe.model.transformer import build_model

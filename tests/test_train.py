@@ -9,7 +9,7 @@ import torch
 
 from shared_data import SHAKESPEARE
 from dsmoe import load_pretrained
-from dsmoe.config import PRESETS
+from dsmoe.presets import PRESETS
 from dsmoe.errors import UserError
 from dsmoe.train.config import TrainConfig
 from dsmoe.train.flops import matmul_params_per_token

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dsmoe.checkpoint import training
-from dsmoe.config import PRESETS
+from dsmoe.presets import PRESETS
 from dsmoe.errors import CheckpointError, UserError
 from dsmoe.model.transformer import build_model
 

@@ -304,7 +304,7 @@ def time_transformers(hf, batch: int, prompt_len: int, new_tokens: int) -> float
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dsmoe.config import get_preset
+    from dsmoe.presets import get_preset
     from dsmoe.devices import resolve_device
     from dsmoe.model.transformer import build_model
 

@@ -42,7 +42,7 @@ SHAPES = {
 def dsmoe_layer(shape: LayerShape, device: torch.device, dtype: torch.dtype, impl: str):
     """dsmoe's MoE layer (router, experts, shared experts) with random weights; router kept in fp32.
     Balance losses are off: transformers computes none, and they are not part of the kernels' work."""
-    from dsmoe.config import get_preset
+    from dsmoe.presets import get_preset
     from dsmoe.model.moe import MoE
 
     base = get_preset("deepseek-v2-lite" if shape.scoring == "softmax" else "deepseek-v3")

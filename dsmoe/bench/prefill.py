@@ -86,7 +86,7 @@ def time_transformers(hf, batch: int, prompt_len: int, repeats: int) -> float:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dsmoe.config import get_preset
+    from dsmoe.presets import get_preset
     from dsmoe.devices import resolve_device
     from dsmoe.model.transformer import build_model
 

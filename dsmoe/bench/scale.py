@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from dsmoe.config import PRESETS, get_preset
+from dsmoe.presets import PRESETS, get_preset
 from dsmoe.devices import add_moe_impl_argument
 from dsmoe.distributed import flags
 

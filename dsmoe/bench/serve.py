@@ -156,7 +156,7 @@ def random_model_folder(preset: str, root: Path) -> Path:
     import torch
 
     from dsmoe.checkpoint.hf import save_pretrained
-    from dsmoe.config import get_preset
+    from dsmoe.presets import get_preset
     from dsmoe.data.tokenizer import MIN_VOCAB, train_tokenizer
     from dsmoe.model.transformer import build_model
 

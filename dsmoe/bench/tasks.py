@@ -41,7 +41,7 @@ def random_model(preset: str, folder: Path, device, vocab_size: int = 4096):
     trained on 1 MB of the built-in corpus and saved in `folder`). The vocabulary is cut to the tokenizer's."""
     import torch
 
-    from dsmoe.config import get_preset
+    from dsmoe.presets import get_preset
     from dsmoe.data.sources import builtin_corpus
     from dsmoe.data.tokenizer import train_tokenizer
     from dsmoe.model.transformer import build_model

@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dsmoe.config import get_preset
+    from dsmoe.presets import get_preset
     from dsmoe.errors import UserError
     from dsmoe.train.flops import H200_BF16_SPEC_TFLOPS, dense_tflops, train_flops_per_token
 
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train_config(args, device, **changes):
-    from dsmoe.config import get_preset
+    from dsmoe.presets import get_preset
     from dsmoe.train.config import TrainConfig
 
     never = 10**9  # no evaluation or checkpoint inside the timed steps

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsmoe.config import PRESETS, ModelConfig, check_types, get_preset
+from dsmoe.config import ModelConfig, check_types
+from dsmoe.presets import PRESETS, get_preset
 from dsmoe.data.tokenizer import MIN_VOCAB
 from dsmoe.errors import UserError
 from dsmoe.json_files import read_json
