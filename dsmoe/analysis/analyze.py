@@ -92,6 +92,7 @@ def analyze(model, tokenizer, specs: list[str], *, text_field: str = "text", tok
     loss = sum(l * n for l, n in zip(totals.domain_loss, totals.domain_tokens)) / n_tokens
     main = config.main_moe_layer_ids  # the MTP modules' layers do not run here: no statistics of theirs
     layers = layer_statistics(totals, main, tokenizer, top_tokens)
+    counts_LE = totals.counts_LE[:len(main)]  # the main model's layers come first
     figure_layer = int(np.argmax([l["domain_mi_bits"] for l in layers])) if len(specs) > 1 else len(layers) // 2
     all_windows = [w for ws in windows for w in ws]
     report = {
@@ -100,12 +101,12 @@ def analyze(model, tokenizer, specs: list[str], *, text_field: str = "text", tok
                     for spec, dl, dn in zip(specs, totals.domain_loss, totals.domain_tokens)],
         "experts": {"routed": E, "per_token": K, "shared": config.n_shared_experts},
         "summary": summary_numbers(layers), "figure_layer": figure_layer, "layers": layers,
-        "redundancy": redundancy_probe(model, all_windows, totals.counts_LE[:len(main)], list(disable), baseline=loss,
+        "redundancy": redundancy_probe(model, all_windows, counts_LE, list(disable), baseline=loss,
                                        random_draws=random_draws, **eval_kw) if disable else [],
         "shared_ablation": shared_expert_ablation(model, all_windows, baseline=loss, **eval_kw),
         "seconds": {"statistics_pass": round(stats_s, 2), "total": round(time.perf_counter() - start, 2)},
     }
-    arrays = {"counts_LE": totals.counts_LE[:len(main)],
+    arrays = {"counts_LE": counts_LE,
               "coactivation_lift": coactivation_lift(totals.coactivation_LEE[figure_layer], totals.tokens)}
     return report, arrays
 
