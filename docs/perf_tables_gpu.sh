@@ -9,7 +9,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/perf_tables}
 PARTS=${PARTS:-tests decode serve train moe prefill}
-DSMOE=(python -m dsmoe)
+DSMOE=(python3 -m dsmoe)
 mkdir -p "$OUT"
 
 part() {  # name, then the command
@@ -21,7 +21,7 @@ part() {  # name, then the command
 
 for p in $PARTS; do
     case $p in
-    tests)   part tests python -m pytest -m gpu -q -p no:cacheprovider tests ;;
+    tests)   part tests python3 -m pytest -m gpu -q -p no:cacheprovider tests ;;
     decode)  part decode "${DSMOE[@]}" bench decode --variants graphs,compiled --hf-impls grouped_mm \
                  --quantize fp8,int8 --profile --json "$OUT/decode.json" ;;
     serve)   part serve "${DSMOE[@]}" bench serve --preset small --servers dsmoe,transformers \
