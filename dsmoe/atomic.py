@@ -1,5 +1,6 @@
-"""Atomic file writes: write under a temporary name in the same folder, then rename into place, so a crash
-never leaves a partial file under the real name (the rename is atomic on POSIX file systems)."""
+"""Atomic file writes: write under a temporary name in the same folder, flush it to the disk, then rename it
+into place, so a crash never leaves a partial file under the real name (the rename is atomic on POSIX file
+systems; without the flush a power cut after the rename can leave the new name pointing at unwritten blocks)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def atomic_write(target: Path, write: Callable[[str], None], mode: int | None = 
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")  # pid: concurrent writers never collide
     try:
         write(str(tmp))
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, target)

@@ -41,3 +41,14 @@ def test_a_copy_keeps_its_sources_mode(tmp_path):
     source.chmod(0o750)
     atomic_copy(source, tmp_path / "copy.sh")
     assert mode(tmp_path / "copy.sh") == 0o750
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names open files through /proc")
+def test_the_contents_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """A rename before the data is on the disk can survive a power cut that the data does not."""
+    events = []
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))))
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b)))
+    atomic_write_text(tmp_path / "state.json", "{}")
+    assert [kind for kind, _ in events] == ["fsync", "replace"] and events[0][1] == events[1][1]
