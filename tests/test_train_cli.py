@@ -109,7 +109,13 @@ def test_an_existing_run_is_neither_overwritten_nor_resumed_with_another_config(
     fails(capsys, ["train", "--data", SHAKESPEARE, "--out", str(run), *MICRO], "--resume")
     fails(capsys, ["train", "--resume", str(run), "--lr", "0.5"], "was trained with --lr")
     fails(capsys, ["train", "--resume", str(run), "--out", str(run.parent / "elsewhere")], "drop --out")
+    def validated_steps():
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["step"] for r in records if "val_loss" in r]
+
+    before = validated_steps()
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0  # same config: allowed (already complete)
+    assert validated_steps() == before  # the last step's validation is not logged twice
     assert main(["train", "--data", SHAKESPEARE, "--out", str(run), "--steps", "2", "--overwrite", *MICRO]) == 0
     assert json.loads((run / "train_config.json").read_text())["steps"] == 2
 

@@ -153,12 +153,14 @@ class Trainer:
         """Counters, and (resuming) weights, optimizer and RNG states from the checkpoint."""
         self.step = self.skipped = self.consecutive_skips = 0
         self.tokens_seen, self.elapsed_before = 0, 0.0
+        self.evaluated_at: int | None = None  # the step of the last validation
         if resume_from is None:
             return
         state = load_checkpoint(resume_from, self._checkpointed(), self.optimizer, seed=self.cfg.seed)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.skipped, self.consecutive_skips = state["skipped_steps"], state["consecutive_skips"]
         self.elapsed_before = state["elapsed_s"]
+        self.evaluated_at = state.get("evaluated_at")  # absent in checkpoints of earlier versions
 
     def _setup_metrics(self, resume: bool) -> None:
         cfg = self.cfg
@@ -279,8 +281,8 @@ class Trainer:
         checkpoint and export the model at the end. Returns the summary printed by the CLI."""
         if self.main and self.step == 0:
             self._say(self.describe())
-        elapsed, evaluated_at, saved_at = self.run(stop_after, time_limit)
-        if evaluated_at != self.step:
+        elapsed, saved_at = self.run(stop_after, time_limit)
+        if self.evaluated_at != self.step:  # resumed at the last step: it was evaluated before that save
             self.evaluate_and_plot(None)
         stopped_early = self.step < self.total_steps  # --stop-after / --time-limit: --resume needs a checkpoint
         if saved_at != self.step and (self.cfg.checkpoint_interval or stopped_early):
@@ -297,11 +299,10 @@ class Trainer:
             summary.update({k: self.last_record[k] for k in ("tokens_per_s", "mfu") if k in self.last_record})
         return summary
 
-    def run(self, stop_after: int | None = None, time_limit: float | None = None
-            ) -> tuple[float, int | None, int | None]:
+    def run(self, stop_after: int | None = None, time_limit: float | None = None) -> tuple[float, int | None]:
         """The steps with their logging, evaluations and checkpoints as configured, without the final
         evaluation, checkpoint and export (what `dsmoe bench train` times). The last step is always logged.
-        -> (seconds, step of the last evaluation or None, step of the last checkpoint or None)."""
+        -> (seconds, step of the last checkpoint or None)."""
         cfg = self.cfg
         end = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, unit="step",
@@ -309,7 +310,7 @@ class Trainer:
         self.window = []
         start = window_start = time.perf_counter()
         paused = 0.0  # seconds of evaluation and saving inside the current window: not training throughput
-        saved_at = evaluated_at = None
+        saved_at = None
         while self.step < end:
             self.train_step()
             bar.update(1)
@@ -326,7 +327,6 @@ class Trainer:
             side_start = time.perf_counter()
             if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
                 self.evaluate_and_plot(bar)
-                evaluated_at = self.step
             if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0:
                 self.save_checkpoint(time.perf_counter() - start)
                 saved_at = self.step
@@ -335,7 +335,7 @@ class Trainer:
                 self._say(f"time limit of {time_limit:.0f}s reached at step {self.step}")
                 break
         bar.close()
-        return time.perf_counter() - start, evaluated_at, saved_at
+        return time.perf_counter() - start, saved_at
 
     def _past(self, deadline: float) -> bool:
         """Whether any rank's clock has passed the deadline: every rank stops after the same step."""
@@ -388,6 +388,7 @@ class Trainer:
 
     def evaluate_and_plot(self, bar) -> None:
         result = self.evaluate()
+        self.evaluated_at = self.step
         if not self.main:
             return
         if result is not None:
@@ -410,7 +411,8 @@ class Trainer:
         self.read_steps()  # the skip counters of every step so far
         state = {"tokens_seen": self.tokens_seen, "skipped_steps": self.skipped,
                  "consecutive_skips": self.consecutive_skips, "elapsed_s": self.elapsed_before + elapsed,
-                 "total_steps": self.total_steps, "lr": lr_at(max(self.step - 1, 0), self.cfg, self.total_steps),
+                 "total_steps": self.total_steps, "evaluated_at": self.evaluated_at,
+                 "lr": lr_at(max(self.step - 1, 0), self.cfg, self.total_steps),
                  "data": {"seed": self.cfg.seed, "next_step": self.step, "sequences_per_step": self.sequences_per_step},
                  "train_config": self.cfg.to_dict()}
         return save_checkpoint(self.out / "checkpoints", self.step, self._checkpointed(), self.optimizer, state,
