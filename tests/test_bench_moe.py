@@ -1,6 +1,7 @@
 """`dsmoe bench moe` end to end on the CPU with the tiny shape: the harness, not the speed."""
 
 import argparse
+import gc
 import json
 from dataclasses import replace
 
@@ -91,3 +92,27 @@ def test_triton_layer_keeps_for_backward_under_half_of_what_transformers_keeps()
     theirs = L.saved_for_backward_gb(L.hf_layer(shape, layer, "grouped_mm"), x) * 1e9
     assert gate_up_out <= ours <= 2 * gate_up_out  # + the shared expert's and the router's: not N x D more
     assert ours <= 0.5 * theirs
+
+
+def test_measuring_what_the_forward_keeps_leaves_no_graph_alive():
+    """A saved output packed as itself held its own grad_fn: the graph (and the parameters' gradient accumulators,
+    bound to the stream that made them) outlived the call, and the next CUDA graph capture of the layer failed."""
+    import weakref
+
+    from dsmoe.bench import moe_layers as L
+
+    kept = []
+
+    class SavesItsOutput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = torch.sigmoid(self.linear(x))  # sigmoid's backward needs its output
+            kept.append(weakref.ref(y))
+            return y * 2
+
+    assert L.saved_for_backward_gb(SavesItsOutput(), torch.randn(4, 8, requires_grad=True)) > 0
+    gc.collect()
+    assert kept[0]() is None

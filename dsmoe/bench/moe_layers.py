@@ -167,13 +167,15 @@ def saved_for_backward_gb(module, x: torch.Tensor) -> float:
     exclude = {t.untyped_storage().data_ptr() for t in (x, *module.parameters())}
     kept = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def pack(t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         if storage.data_ptr() not in exclude:
             kept[storage.data_ptr()] = storage.nbytes()
-        return t
+        # Nothing is kept: this graph never runs backward, and a saved output packed as itself would hold its
+        # own grad_fn, a cycle that outlives the call with the parameters' gradient accumulators, which then
+        # belong to this stream and break a later CUDA graph capture on another one.
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed):
         module(x)
     return sum(kept.values()) / 1e9
 
