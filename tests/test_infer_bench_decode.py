@@ -109,7 +109,9 @@ def test_kernel_table_sorts_kernels_into_kinds():
     events = [SimpleNamespace(key="_grouped_rows_kernel", self_device_time_total=3000.0, count=4),
               SimpleNamespace(key="nvjet_tst_gemm", self_device_time_total=1000.0, count=2),
               SimpleNamespace(key="idle", self_device_time_total=0.0, count=1),
-              SimpleNamespace(key="aten::mm", self_device_time_total=1000.0, count=2, device_type=DeviceType.CPU)]
+              SimpleNamespace(key="aten::mm", self_device_time_total=1000.0, count=2, device_type=DeviceType.CPU),
+              SimpleNamespace(key="## Call CompiledFxGraph f4x ##", self_device_time_total=4000.0, count=2,
+                              is_user_annotation=True)]  # spans kernels counted above
     table = kernel_table(SimpleNamespace(key_averages=lambda: events), steps=2)
     assert "75.0%     1.500      2  MoE expert GEMMs (dsmoe Triton)" in table
     assert "total 2.000 ms of GPU kernels in 3 launches per step" in table

@@ -48,9 +48,12 @@ def kernel_table(prof, steps: int, top: int = 14, indent: str = "    ") -> str:
     """The `top` kernels by GPU time and the time per kind, both per step, with each one's share."""
     from torch.autograd import DeviceType
 
-    # kernel rows only: with CPU activity recorded, the operator that launched a kernel also carries its time
+    # kernel rows only: with CPU activity recorded, the operator that launched a kernel also carries its time, and
+    # a record_function range (torch.compile's "## Call CompiledFxGraph ##", "Optimizer.step") gets a GPU row
+    # spanning the kernels it launched, which would count them twice
     events = [e for e in prof.key_averages()
-              if e.self_device_time_total > 0 and getattr(e, "device_type", None) != DeviceType.CPU]
+              if e.self_device_time_total > 0 and getattr(e, "device_type", None) != DeviceType.CPU
+              and not getattr(e, "is_user_annotation", False)]
     total = sum(e.self_device_time_total for e in events) or 1.0
     events.sort(key=lambda e: -e.self_device_time_total)
     kinds: dict[str, list[float]] = {}
