@@ -301,6 +301,19 @@ def time_transformers(hf, batch: int, prompt_len: int, new_tokens: int) -> float
     return batch * (new_tokens - 1) / (generate(new_tokens) - generate(1))
 
 
+def release_models(device) -> None:
+    """Free the GPU memory of models no longer named: torch.compile's caches hold the modules they compiled (a
+    V2-Lite fp8 copy stayed on the GPU, and quantising the next copy ran out of memory on an 80 GB card)."""
+    import gc
+
+    import torch
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -345,6 +358,7 @@ def run(args: argparse.Namespace) -> int:
                 timed = time_variants(quantized, batch, variants, args, bandwidth, cuda_graphs)
                 entry["batches"][batch]["dsmoe"].update({f"{v}+{scheme}": r for v, r in timed.items()})
             del quantized
+            release_models(device)
         if hf_impls and preset not in args.hf_skip.split(","):
             import transformers
 
@@ -367,8 +381,7 @@ def run(args: argparse.Namespace) -> int:
             del hf
         report["models"][preset] = entry
         del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_models(device)
     print_table(report, hf_impls)
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(report, indent=2, default=str))
