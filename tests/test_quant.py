@@ -73,6 +73,29 @@ def test_wq_matmul_equals_dequantize_then_linear(scheme, M, N, K):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("block_n,block_k", [(16, 64), (32, 128), (16, 128)])
+def test_every_wq_matmul_tile_the_autotuner_may_pick_is_exact(scheme, block_n, block_k):
+    """The autotuner keeps whichever tile is fastest, so each candidate must be right: 64-wide K blocks take two
+    steps per fp8 scale block, and narrow column tiles end inside a scale block."""
+    import triton
+
+    from dsmoe.kernels.triton_configs import dot_precision
+
+    tq = _kernels()
+    g = torch.Generator().manual_seed(block_n + block_k)
+    M, N, K = 3, 200, 300
+    x = torch.randn(M, K, generator=g).to(DEVICE)
+    q, s = quantize(torch.randn(N, K, generator=g) / K**0.5, scheme)
+    codes, fp8 = tq.codes_view(q.to(DEVICE))
+    s = s.to(DEVICE).float().contiguous()
+    y = torch.empty(M, N, device=DEVICE)
+    tq._wq_matmul_kernel.fn[(triton.cdiv(N, block_n), 1)](
+        x, codes, s, y, M, N, tq.scale_strides(s, fp8)[1], K=K, FP8=fp8, PRECISION=dot_precision(x.dtype),
+        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k)
+    assert rel(y, x @ dequantize(q.to(DEVICE), s).T) < 1e-5
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("T,D,F,E,K,empty", [(1, 128, 64, 4, 2, ()), (3, 160, 136, 5, 2, (1,)),
                                               (4, 72, 40, 6, 3, (0, 5))])
 def test_moe_decode_on_codes_equals_the_reference_on_dequantized_weights(scheme, T, D, F, E, K, empty):

@@ -105,6 +105,16 @@ else:
                                                   (16, 64, 4, 1), (32, 128, 8, 1), (32, 128, 4, 2), (32, 128, 4, 4),
                                                   (16, 128, 4, 4), (64, 128, 8, 4)]]
 
+# The weight-only quantized linears at decode shapes (triton_quant.wq_matmul): (output columns, reduced dim) per
+# program, the reduced block dividing 128 (fp8 block scales). One token's projections have few column tiles of 64
+# (V2-Lite's q_proj 48, o_proj 32: a third of an H100's SMs), so narrower tiles are candidates; the first is the
+# tile the kernel was written with.
+if INTERPRET:
+    WQ_CONFIGS = [_decode_cfg("BLOCK_N", 64, "BLOCK_K", 128, 4)]
+else:
+    WQ_CONFIGS = [_decode_cfg("BLOCK_N", n, "BLOCK_K", k, w)
+                  for n, k, w in [(64, 128, 4), (32, 128, 4), (16, 128, 4), (16, 128, 2), (32, 64, 4), (16, 64, 2)]]
+
 
 SMEM_BUDGET = 180 * 1024  # bytes; H100/H200 allow 227 KB per block, leave room for the epilogue
 

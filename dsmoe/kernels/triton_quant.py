@@ -6,7 +6,8 @@ is reading 1 byte per weight instead of 2, which only a kernel that dequantises 
 `dsmoe.kernels.quant` (`dequantize`); fp8 scales are per 128x128 block, int8 scales per output row.
 
 - `wq_matmul`: y[M, N] = x[M, K] @ W[N, K]^T for small M (tensor-core dot on bf16(codes), fp32 accumulate,
-  the scale applied to each K-block's partial product).
+  the scale applied to each K-block's partial product); the column tile is autotuned per shape, since one
+  token's projection has too few 64-wide tiles to keep every SM reading.
 The routed experts of a MoE layer at decode shapes run the kernels of `triton_moe_decode`, which read plain
 weights and these codes alike (`load_codes`, `row_scale` below).
 fp8 codes are passed as uint8 and bitcast in the kernel. The model dims are compile-time constants (a handful
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsmoe.kernels.triton_configs import dot_precision
+from dsmoe.kernels.triton_configs import WQ_CONFIGS, dot_precision, prune_decode_configs, tolerant_bench
 
 SCALE_BLOCK = 128
 
@@ -32,7 +33,9 @@ def load_codes(ptrs, mask, FP8: tl.constexpr):
     return q.to(tl.float32)
 
 
-@triton.jit
+@triton.autotune(configs=WQ_CONFIGS, key=["N", "K", "FP8", "BLOCK_M"],
+                 prune_configs_by={"early_config_prune": prune_decode_configs}, do_bench=tolerant_bench)
+@triton.jit(do_not_specialize=["M"])
 def _wq_matmul_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, s_stride, K: tl.constexpr,
                       FP8: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
@@ -85,7 +88,10 @@ def wq_matmul(x_MK: torch.Tensor, q_NK: torch.Tensor, scale: torch.Tensor) -> to
     x_MK, scale = x_MK.contiguous(), scale.contiguous().float()
     y = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
     block_m = 16 if M <= 16 else 32
-    grid = (triton.cdiv(N, 64), triton.cdiv(M, block_m))
+
+    def grid(meta):
+        return triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m)
+
     _wq_matmul_kernel[grid](x_MK, codes, scale, y, M, N, scale_strides(scale, fp8)[1], K=K, FP8=fp8,
-                            PRECISION=dot_precision(x_MK.dtype), BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128)
+                            PRECISION=dot_precision(x_MK.dtype), BLOCK_M=block_m)
     return y
