@@ -312,3 +312,29 @@ def test_quantize_benchmark_compares_memory_perplexity_and_greedy_continuations(
         assert r["perplexity"] != results["float32"]["perplexity"]
         assert abs(r["perplexity"] / results["float32"]["perplexity"] - 1) < 0.05
         assert 0 <= r["identical_continuations"] <= 1 and 0 <= r["mean_agreeing_tokens"] <= 5
+
+
+def test_quantized_experts_read_codes_per_decision_up_to_four_decisions_an_expert(monkeypatch):
+    """Past DECODE_MAX_ROWS decisions the bf16 experts take the permuted path, but dequantising every expert moves
+    5 bytes a weight: quantized experts keep the per-decision kernels up to 4 decisions an expert, and both paths
+    give the same output."""
+    _kernels()
+    from dsmoe.kernels import ops
+
+    E, D, F, K = 20, 64, 32, 6
+    g = torch.Generator().manual_seed(0)
+    gu, gs = (t.to(DEVICE) for t in quantize(torch.randn(E, 2 * F, D, generator=g) / D**0.5, "fp8"))
+    dn, ds = (t.to(DEVICE) for t in quantize(torch.randn(E, D, F, generator=g) / F**0.5, "fp8"))
+    monkeypatch.setattr(ops, "triton_available", lambda device: True)  # the interpreter runs them on the CPU
+    paths, summed, experts = [], ops._summed_decode, ops.moe_experts
+    monkeypatch.setattr(ops, "_summed_decode", lambda *a: paths.append("decode") or summed(*a))
+    monkeypatch.setattr(ops, "moe_experts", lambda *a: paths.append("dequantised") or experts(*a))
+    outputs = {}
+    for tokens in (ops.DECODE_MAX_ROWS // K + 1, 4 * E // K, 4 * E // K + 1):
+        x = torch.randn(tokens, D, generator=g).to(DEVICE)
+        idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(tokens)]).to(DEVICE)
+        w = torch.rand(tokens, K, generator=g).to(DEVICE)
+        outputs[tokens] = ops.quant_moe_experts(x, idx, w, gu, gs, dn, ds, "reference")
+        reference = moe_experts_reference(x, idx, w, dequantize(gu, gs), dequantize(dn, ds))
+        assert rel(outputs[tokens], reference) < 1e-5
+    assert paths == ["decode", "decode", "dequantised"]

@@ -280,11 +280,12 @@ DECODE_MAX_ROWS = 64  # routing decisions (T*K, plus T*S folded shared experts) 
 #                       run; past it (prefill, large batches) the permuted grouped GEMMs read each expert once
 
 
-def decode_fits(x: torch.Tensor, rows: int, *params: torch.Tensor) -> bool:
+def decode_fits(x: torch.Tensor, rows: int, *params: torch.Tensor, max_rows: int | None = None) -> bool:
     """Whether the decode kernels (triton_moe_decode.py, inference only) take these `rows` routing decisions of
     the Triton path: no gradient wanted through x or params (pass the routing weights too: a trained router
-    needs the experts' backward), few decisions, a float dtype. Decided from shapes alone (CUDA graphs)."""
-    return (not _wants_grad(x, *params) and rows <= DECODE_MAX_ROWS
+    needs the experts' backward), at most `max_rows` (default DECODE_MAX_ROWS) decisions, a float dtype.
+    Decided from shapes alone (CUDA graphs)."""
+    return (not _wants_grad(x, *params) and rows <= (DECODE_MAX_ROWS if max_rows is None else max_rows)
             and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
 
 
@@ -324,10 +325,18 @@ def experts_decode(
 
 # ---- weight-only fp8 / int8 inference: dsmoe::wq_matmul, and the quantized codes through dsmoe::experts_decode ----
 
-def _wq_kernel_fits(x: torch.Tensor, rows: int, scale_block_ok: bool, *params: torch.Tensor) -> bool:
-    """Past DECODE_MAX_ROWS rows (prefill, large batches), or where a gradient is wanted (the kernels are forward
+def _wq_kernel_fits(x: torch.Tensor, rows: int, scale_block_ok: bool, *params: torch.Tensor,
+                    max_rows: int | None = None) -> bool:
+    """Past `max_rows` rows (prefill, large batches), or where a gradient is wanted (the kernels are forward
     only), the codes are dequantised and the usual path runs."""
-    return (decode_fits(x, rows, *params) and scale_block_ok and triton_available(x.device))
+    return (decode_fits(x, rows, *params, max_rows=max_rows) and scale_block_ok and triton_available(x.device))
+
+
+# The decode kernels read one expert's codes per routing decision (1 byte a weight); the dequantising path reads
+# every expert's codes, writes them in bf16 and the grouped GEMM reads those again (5 bytes a weight). Reading
+# per decision moves fewer bytes up to about five decisions an expert (V2-Lite at batch 32: 192 decisions, 64
+# experts), so quantized experts keep the decode kernels that far.
+QUANT_DECODE_DECISIONS_PER_EXPERT = 4
 
 
 def _fp8_blocks_are_128(q: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -363,10 +372,11 @@ def quant_moe_experts(
     x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor, gate_up_q: torch.Tensor,
     gate_up_scale: torch.Tensor, down_q: torch.Tensor, down_scale: torch.Tensor, impl: str,
 ) -> torch.Tensor:
-    """`moe_experts` on quantized expert stacks. Decode-sized batches read only the chosen experts' codes;
-    larger ones dequantise the stacks once and take `moe_experts(impl)`."""
+    """`moe_experts` on quantized expert stacks. Up to QUANT_DECODE_DECISIONS_PER_EXPERT decisions an expert read
+    only the chosen experts' codes; more dequantise the stacks once and take `moe_experts(impl)`."""
     blocks_ok = _fp8_blocks_are_128(gate_up_q, gate_up_scale) and _fp8_blocks_are_128(down_q, down_scale)
-    if _wq_kernel_fits(x_TD, topk_idx_TK.numel(), blocks_ok, topk_weight_TK):
+    max_rows = max(DECODE_MAX_ROWS, QUANT_DECODE_DECISIONS_PER_EXPERT * gate_up_q.shape[0])
+    if _wq_kernel_fits(x_TD, topk_idx_TK.numel(), blocks_ok, topk_weight_TK, max_rows=max_rows):
         return _summed_decode(x_TD, topk_idx_TK, topk_weight_TK, gate_up_q, down_q, gate_up_scale, down_scale, None,
                               None, None)
     return moe_experts(x_TD, topk_idx_TK, topk_weight_TK, dequantize(gate_up_q, gate_up_scale, x_TD.dtype),
