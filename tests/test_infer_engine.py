@@ -267,3 +267,22 @@ def test_compiled_decode_step_equals_eager(tiny_config):
     # bf16: inductor fuses away some intermediate roundings, so single logits move by a few bf16 ulps
     assert (got - want).norm() / want.norm() < 2e-2 and (got - want).abs().max() < 5e-2
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # the dense block and the MoE block
+
+
+def test_warm_up_runs_every_step_shape_and_changes_no_output(model, prompts):
+    """dsmoe serve warms up before its first request, so that no request pays the autotuning, compilation or
+    capture of a new shape (a 5.4 s time to first token at p99 on an H200 before). It writes only free slots'
+    cache rows: what the engine generates after it is what a fresh engine generates."""
+    engine = Engine(model, max_batch=4, max_model_len=40, prefill_chunk=12)
+    prefills, steps = [], []
+    prefill, forward = engine.runner.prefill, engine.runner.forward
+    engine.runner.prefill = lambda ids, *a, **k: prefills.append(ids.shape[1]) or prefill(ids, *a, **k)
+    engine.runner.forward = lambda B, L: steps.append(B) or forward(B, L)
+    engine.warm_up()
+    assert prefills == [1, 2, 4, 8, 12] and steps == [1, 2, 4]
+    for params in (GREEDY, SAMPLED):
+        assert generate_with(engine, prompts, params) == generate(model, prompts, params, max_batch=4,
+                                                                   max_model_len=40, prefill_chunk=12)
+    engine.add_request(prompts[0], GREEDY)
+    with pytest.raises(UserError, match="before it takes requests"):
+        engine.warm_up()

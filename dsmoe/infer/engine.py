@@ -84,6 +84,12 @@ class Engine:
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ public API
+    def warm_up(self) -> None:
+        """Autotune, compile and capture every step shape before the first request (see DecodeRunner.warm_up)."""
+        if self.has_work():
+            raise UserError("warm up an engine before it takes requests: the warm-up writes free slots' cache")
+        self.runner.warm_up(self.prefill_chunk)
+
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue a request; raises UserError for a prompt the model cannot take (empty, ids outside the
         vocabulary, prompt + max_new_tokens past max_model_len)."""

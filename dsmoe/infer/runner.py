@@ -73,6 +73,19 @@ class DecodeRunner:
             self.samplers[key] = SamplingRunner(self, flags)
         return self.samplers[key]
 
+    @torch.no_grad()
+    def warm_up(self, prefill_tokens: int) -> None:
+        """Pay now what the first request of each size would pay later, in its latency: per shape, Triton's
+        autotuning (seconds on a GPU) and torch.compile; the decode step of each batch bucket is captured at the
+        shortest length. Prefills of 1, 2, 4, ... up to `prefill_tokens` tokens give the expert kernels every
+        row-count bucket a prompt step can. Only cache rows of free slots are written (a prompt overwrites what
+        it reads), so call it before the first request."""
+        device = self.slots.input_ids.device
+        for n in _buckets(min(prefill_tokens, self.cache.max_len), 1):
+            self.prefill(torch.zeros(1, n, dtype=torch.long, device=device), 0, 0, last_only=True)
+        for batch in self.batch_sizes:
+            self(batch, self.lengths[0])
+
     def batch_bucket(self, n: int) -> int:
         return next(b for b in self.batch_sizes if b >= n) if self.bucketed else n
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 import uvicorn  # this module is imported only when `dsmoe serve` runs
@@ -57,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(model, max_batch=args.max_batch, max_model_len=args.max_model_len,
                     prefill_chunk=args.prefill_chunk, eos_token_ids=eos, cuda_graphs=not args.no_cuda_graphs,
                     compile=args.compile, **speculative_options(args))
+    if engine.device.type == "cuda":  # else there is nothing to autotune, compile or capture
+        started = time.perf_counter()
+        engine.warm_up()
+        log.info("warmed up every step shape in %.1f s", time.perf_counter() - started)
     name = args.model_name or Path(args.path).resolve().name
     limits = BodyLimits(max_bytes=args.max_body_bytes, timeout_s=args.body_timeout)
     state = ServerState(AsyncEngine(engine, max_waiting=args.max_queue).start(), tokenizer, name, eos,
