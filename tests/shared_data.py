@@ -1,5 +1,5 @@
 """Where the project's shared real data lives (../shared/data beside the repository, README there); a GPU
-machine or another layout sets DSMOE_SHARED_DATA. Tests that need it skip with this path in the reason."""
+machine or another layout sets DSMOE_SHARED_DATA. The GPU tests need none of it (they train on the built-in corpus)."""
 
 import os
 from pathlib import Path
