@@ -82,7 +82,7 @@ class DecodeRunner:
         it reads), so call it before the first request."""
         device = self.slots.input_ids.device
         for n in _buckets(min(prefill_tokens, self.cache.max_len), 1):
-            self.prefill(torch.zeros(1, n, dtype=torch.long, device=device), 0, 0, last_only=True)
+            self.prefill(torch.zeros(1, n, dtype=torch.long, device=device), [0], 0, return_hidden=True)
         for batch in self.batch_sizes:
             self(batch, self.lengths[0])
 
