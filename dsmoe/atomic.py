@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,8 +40,9 @@ def atomic_write_text(target: Path, text: str) -> None:
 
 
 def atomic_copy(source: Path, target: Path) -> None:
-    """A copy of `source` (contents and permission bits) that appears under `target` whole or not at all."""
-    atomic_write(target, lambda tmp: shutil.copy2(source, tmp), mode=None)
+    """A copy of `source` (contents and permission bits) that appears under `target` whole or not at all. The bits
+    are set after the flush, which reads the copy (a source its owner cannot read would make it unreadable first)."""
+    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp), mode=stat.S_IMODE(os.stat(source).st_mode))
 
 
 def replace_folder(new: Path, target: Path) -> None:

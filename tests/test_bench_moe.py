@@ -111,8 +111,12 @@ def test_measuring_what_the_forward_keeps_leaves_no_graph_alive():
         def forward(self, x):
             y = torch.sigmoid(self.linear(x))  # sigmoid's backward needs its output
             kept.append(weakref.ref(y))
-            return y * 2
+            for _ in range(7):
+                y = torch.sigmoid(y)  # each output saved, each one dropped by Python at once
+            return y
 
-    assert L.saved_for_backward_gb(SavesItsOutput(), torch.randn(4, 8, requires_grad=True)) > 0
+    x = torch.randn(256, 8, requires_grad=True)
+    # the linear's output (saved by nothing here) is not counted; eight sigmoid outputs of 256 x 8 floats are
+    assert L.saved_for_backward_gb(SavesItsOutput(), x) * 1e9 == 8 * 256 * 8 * 4
     gc.collect()
     assert kept[0]() is None

@@ -88,6 +88,18 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert training.load_checkpoint(tmp_path / "step_10", fresh, fresh_opt)["step"] == 10
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names open files through /proc")
+def test_state_json_reaches_the_disk_before_the_folder_counts_as_complete(tmp_path, monkeypatch):
+    """A step folder with a state.json is a complete checkpoint: after a power cut an unflushed, empty one would
+    be chosen by --resume and fail to load."""
+    model, opt = trained_pair()
+    flushed = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    training.save_checkpoint(tmp_path, 5, model, opt, {})
+    assert any(Path(name).name.startswith(".state.json.tmp") for name in flushed)
+
+
 def test_keep_last_k_and_resaving_a_step(tmp_path):
     model, opt = trained_pair(steps=1)
     for step in (1, 2, 3, 10):

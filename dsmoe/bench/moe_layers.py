@@ -165,15 +165,17 @@ def saved_for_backward_gb(module, x: torch.Tensor) -> float:
     parameters nor x (they exist without it): what every layer of a model holds at once until its backward
     runs, so what decides how many tokens fit. Temporaries of the forward and of the backward are the peak's."""
     exclude = {t.untyped_storage().data_ptr() for t in (x, *module.parameters())}
-    kept = {}
+    kept, alive = {}, []
 
     def pack(t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         if storage.data_ptr() not in exclude:
             kept[storage.data_ptr()] = storage.nbytes()
-        # Nothing is kept: this graph never runs backward, and a saved output packed as itself would hold its
-        # own grad_fn, a cycle that outlives the call with the parameters' gradient accumulators, which then
+        # Held here, detached, until the forward ends, as the graph would hold it (else its memory is reused and a
+        # later tensor at the same address replaces its entry). Not packed as itself: a saved output would hold
+        # its own grad_fn, a cycle that outlives the call with the parameters' gradient accumulators, which then
         # belong to this stream and break a later CUDA graph capture on another one.
+        alive.append(t.detach())
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed):
         module(x)

@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from dsmoe.atomic import atomic_write, replace_folder
+from dsmoe.atomic import atomic_write, atomic_write_text, replace_folder
 from dsmoe.checkpoint.ranks import barrier, broadcast_int, distributed, one_process_is_intended, rank, world_size
 from dsmoe.config import ModelConfig
 from dsmoe.errors import CheckpointError
@@ -85,7 +85,8 @@ def save_checkpoint(checkpoints_dir: str | os.PathLike, step: int, model: nn.Mod
         _save_rng(tmp / RANKS_DIR / f"rank_{rank()}.safetensors")
         barrier()
         if rank() == 0:
-            (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1) + "\n")  # last: it marks the folder complete
+            # last, and on the disk before the rename: it marks the folder complete
+            atomic_write_text(tmp / STATE_FILE, json.dumps(meta, indent=1) + "\n")
             replace_folder(tmp, final)
             if keep > 0:
                 for old in list_checkpoints(checkpoints_dir)[:-keep]:
