@@ -60,16 +60,15 @@ def test_graph_generation_equals_eager_generation(model, params):
     assert not any(r.graphs for r in eager.runner.samplers.values())
 
 
-def test_warm_up_captures_each_batch_bucket_and_generation_is_unchanged(model):
-    """What `dsmoe serve` runs before it listens: each batch bucket's decode step captured at the shortest
-    length, and the tokens a warmed-up engine generates are a cold one's."""
+def test_warm_up_leaves_generation_unchanged(model):
+    """What `dsmoe serve` runs before it listens (eager prefills and decode steps of every bucket): the tokens a
+    warmed-up engine generates, through its CUDA graphs, are a cold one's."""
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 4096, (n,), generator=gen).tolist() for n in (5, 40, 17)]
     params = SamplingParams(max_new_tokens=16, temperature=0)
     warm = Engine(model, max_batch=4, max_model_len=128, prefill_chunk=64)
     warm.warm_up()
-    runner = warm.runner
-    assert {(b, runner.lengths[0]) for b in runner.batch_sizes} <= set(runner.graphs) and not runner.failed
+    assert not warm.runner.graphs  # nothing captured that the requests might not use
     assert run(warm, prompts, params) == run(Engine(model, max_batch=4, max_model_len=128, prefill_chunk=64),
                                              prompts, params)
 

@@ -85,7 +85,7 @@ class Engine:
 
     # ------------------------------------------------------------------ public API
     def warm_up(self) -> None:
-        """Autotune, compile and capture every step shape before the first request (see DecodeRunner.warm_up)."""
+        """Autotune and compile the step shapes before the first request (see DecodeRunner.warm_up)."""
         if self.has_work():
             raise UserError("warm up an engine before it takes requests: the warm-up writes free slots' cache")
         self.runner.warm_up(self.prefill_chunk)

@@ -76,15 +76,16 @@ class DecodeRunner:
     @torch.no_grad()
     def warm_up(self, prefill_tokens: int) -> None:
         """Pay now what the first request of each size would pay later, in its latency: per shape, Triton's
-        autotuning (seconds on a GPU) and torch.compile; the decode step of each batch bucket is captured at the
-        shortest length. Prefills of 1, 2, 4, ... up to `prefill_tokens` tokens give the expert kernels every
-        row-count bucket a prompt step can. Only cache rows of free slots are written (a prompt overwrites what
-        it reads), so call it before the first request."""
+        autotuning (seconds on a GPU) and torch.compile, shared by every step variant. Prefills of 1, 2, 4, ...
+        up to `prefill_tokens` tokens give the expert kernels every row-count bucket a prompt step can; the
+        decode step runs once per batch bucket, uncaptured (which variant of it a batch takes, sampling inside
+        or not, is the requests' choice; its capture at first use costs a few forwards). Only cache rows of free
+        slots are written (a prompt overwrites what it reads), so call it before the first request."""
         device = self.slots.input_ids.device
         for n in _buckets(min(prefill_tokens, self.cache.max_len), 1):
             self.prefill(torch.zeros(1, n, dtype=torch.long, device=device), [0], 0, return_hidden=True)
         for batch in self.batch_sizes:
-            self(batch, self.lengths[0])
+            self.forward(batch, self.lengths[0])
 
     def batch_bucket(self, n: int) -> int:
         return next(b for b in self.batch_sizes if b >= n) if self.bucketed else n
