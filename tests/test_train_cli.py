@@ -114,8 +114,10 @@ def test_an_existing_run_is_neither_overwritten_nor_resumed_with_another_config(
         return [r["step"] for r in records if "val_loss" in r]
 
     before = validated_steps()
+    capsys.readouterr()
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0  # same config: allowed (already complete)
     assert validated_steps() == before  # the last step's validation is not logged twice
+    assert "final val loss" in capsys.readouterr().out  # and the summary still reports it
     assert main(["train", "--data", SHAKESPEARE, "--out", str(run), "--steps", "2", "--overwrite", *MICRO]) == 0
     assert json.loads((run / "train_config.json").read_text())["steps"] == 2
 

@@ -173,7 +173,9 @@ class Trainer:
         self.pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, on-device statistics) not read yet
         self.metric_names: list[str] = []
         self.window: list[dict] = []  # host records of the steps since the last log record
-        self.last_eval: dict | None = None
+        # resumed: the last validation so far (a run resumed at its end is not validated again, see train())
+        self.last_eval: dict | None = next((r for r in reversed(self.metrics.records) if "val_loss" in r), None) \
+            if resume and self.main else None
         self.last_record: dict | None = None
         self.ep_layers: list = []  # the model's expert-parallel experts (their dispatch statistics)
         if self.distributed:
