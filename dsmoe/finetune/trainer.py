@@ -29,6 +29,7 @@ from dsmoe.json_files import read_json
 from dsmoe.model.classifier import SequenceClassifier
 from dsmoe.model.mtp import new_mtp_module, set_mtp_depth
 from dsmoe.train.data import TrainingData
+from dsmoe.train.describe import plan as plan_line
 from dsmoe.train.loss import next_token_loss
 from dsmoe.train.model_setup import prepare_and_parallelize, seed_per_rank
 from dsmoe.train.trainer import Trainer
@@ -307,8 +308,7 @@ class FinetuneTrainer(Trainer):
                 f"{self.ft.task}: "
                 f"{mode}{frozen}; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train\n"
                 f"data: {self.data.description}\n"
-                f"plan: {self.total_steps} steps x {self.sequences_per_step} {rows} on {self._placement()} "
-                f"({self._execution()}) -> {self.out}")
+                + plan_line(self, f"{self.sequences_per_step} {rows}"))
 
 
 class TrainedState:

@@ -14,10 +14,26 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dsmoe.atomic import atomic_write_text
 from dsmoe.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+def window_means(window: list[dict], metric_names: list[str]) -> dict[str, Any]:
+    """A log record's statistics of the steps since the last one: means over the steps that updated (all of them
+    if none did), the last step's learning rate, maxvio per MoE layer and its mean."""
+    good = [r for r in window if r["ok"]] or window
+
+    def mean(key: str) -> float:
+        return float(np.mean([r[key] for r in good]))
+
+    maxvio = np.mean([r["maxvio"] for r in good], axis=0).tolist() if good[0]["maxvio"] else []
+    return {"loss": mean("loss"), **{name: mean(name) for name in ("aux_loss", *metric_names) if name in good[0]},
+            "lr": window[-1]["lr"], "grad_norm": mean("grad_norm"), "maxvio": maxvio,
+            "maxvio_mean": float(np.mean(maxvio)) if maxvio else None}
 
 
 def require_tensorboard():

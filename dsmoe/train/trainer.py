@@ -29,7 +29,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -41,13 +40,13 @@ from dsmoe.data.tokenizer import MIN_VOCAB, Tokenizer
 from dsmoe.devices import resolve_device
 from dsmoe.errors import UserError
 from dsmoe.model.balance import max_violation
-from dsmoe.model.router import adaptive_start_note
 from dsmoe.tasks.perplexity import evaluate_windows, perplexity
 from dsmoe.train.config import TrainConfig
 from dsmoe.train.data import TrainingData, pretraining_data
+from dsmoe.train.describe import pretraining as describe_pretraining
 from dsmoe.train.flops import dense_tflops, train_flops_per_token
 from dsmoe.train.loss import LossFn, next_token_loss
-from dsmoe.train.metrics import MetricsLog, require_tensorboard
+from dsmoe.train.metrics import MetricsLog, require_tensorboard, window_means
 from dsmoe.train.model_setup import build_training_model
 from dsmoe.train.optim import build_optimizer, lr_at, set_lr
 from dsmoe.train.reduce import SingleProcess
@@ -347,15 +346,9 @@ class Trainer:
         return bool(self.reducer.sum(torch.tensor([over], device=self.device)).item() > 0)
 
     def _log_record(self, window: list[dict], seconds: float, elapsed: float) -> dict:
-        good = [r for r in window if r["ok"]] or window
-        mean = lambda key: float(np.mean([r[key] for r in good]))
-        maxvio = np.mean([r["maxvio"] for r in good], axis=0).tolist() if good[0]["maxvio"] else []
         tokens_per_s = sum(self._step_tokens(r) for r in window) / max(seconds, 1e-9)
-        record = {"step": self.step, "tokens": self.tokens_seen, "loss": mean("loss"),
-                  **{name: mean(name) for name in ("aux_loss", *self.metric_names) if name in good[0]},
-                  "lr": window[-1]["lr"],
-                  "grad_norm": mean("grad_norm"), "tokens_per_s": tokens_per_s, "maxvio": maxvio,
-                  "maxvio_mean": float(np.mean(maxvio)) if maxvio else None, "skipped_steps": self.skipped,
+        record = {"step": self.step, "tokens": self.tokens_seen, **window_means(window, self.metric_names),
+                  "tokens_per_s": tokens_per_s, "skipped_steps": self.skipped,
                   "elapsed_s": round(self.elapsed_before + elapsed, 2)}
         if self.device.type == "cuda":  # measured once per process, the first time it is needed
             record["mfu"] = self.flops_per_token * tokens_per_s / self.reducer.world_size / (
@@ -421,30 +414,7 @@ class Trainer:
                                keep=self.cfg.keep_checkpoints)
 
     def describe(self) -> str:
-        c, cfg = self.model_config, self.cfg
-        mtp = sum(p.numel() for p in self.model.mtp.parameters()) if c.num_nextn_predict_layers else 0
-        mtp = f" + {mtp / 1e6:.1f}M in {c.num_nextn_predict_layers} MTP module(s)" if mtp else ""
-        return (f"model: {cfg.preset} preset, {c.num_params() / 1e6:.1f}M parameters "
-                f"({c.num_params(active=True) / 1e6:.1f}M active){mtp}, vocab {c.vocab_size}\n"
-                f"data: {self.data.description}\n"
-                f"plan: {self.total_steps} steps x {self.sequences_per_step * cfg.seq_len:,} tokens on "
-                f"{self._placement()} ({self._execution()}) -> {self.out}"
-                f"{adaptive_start_note(self.model_config) if self.step == 0 else ''}")
-
-
-    def _execution(self) -> str:
-        """How each step computes: the precision, and whether the blocks (or the model) are compiled."""
-        cfg = self.cfg
-        precision = "bf16 weights" if cfg.param_dtype == "bf16" else "bf16 autocast" if self.autocast_dtype else "fp32"
-        return precision + (f", compiled ({cfg.compile_scope})" if cfg.compile else "")
-
-    def _placement(self) -> str:
-        """Where the steps run: the device, or the ranks and their layout under torchrun."""
-        if not self.distributed:
-            return str(self.device)
-        dims = self.reducer.mesh.dims
-        return (f"{self.reducer.world_size} ranks ({self.device.type}, expert parallel {dims.ep} x data parallel "
-                f"{dims.dp}, {self.grad_accum} micro-batches of {self.cfg.micro_batch} per rank)")
+        return describe_pretraining(self)
 
     def _say(self, text: str) -> None:
         if self.main:
