@@ -33,3 +33,15 @@ def add_moe_impl_argument(parser) -> None:
 
     parser.add_argument("--moe-impl", default="auto", choices=IMPLS,
                         help="routed-experts implementation: auto (the fastest available), reference, grouped, triton")
+
+
+def release_models(device: torch.device) -> None:
+    """Free the memory of models no longer named, between a benchmark's variants: torch.compile's caches hold the
+    modules they compiled (a V2-Lite fp8 copy stayed on the GPU, and quantising the next copy ran out of memory
+    on an 80 GB card), so each compiled variant also compiles from scratch."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from dsmoe.atomic import atomic_write_text
-from dsmoe.devices import add_device_argument, add_moe_impl_argument
+from dsmoe.devices import add_device_argument, add_moe_impl_argument, release_models
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -299,19 +299,6 @@ def time_transformers(hf, batch: int, prompt_len: int, new_tokens: int) -> float
 
     generate(2)  # warm-up
     return batch * (new_tokens - 1) / (generate(new_tokens) - generate(1))
-
-
-def release_models(device) -> None:
-    """Free the GPU memory of models no longer named: torch.compile's caches hold the modules they compiled (a
-    V2-Lite fp8 copy stayed on the GPU, and quantising the next copy ran out of memory on an 80 GB card)."""
-    import gc
-
-    import torch
-
-    torch._dynamo.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,13 +21,13 @@ first-step losses of the trainer variants are checked against transformers'. The
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import tempfile
 import time
 from pathlib import Path
 
 from dsmoe.atomic import atomic_write_text
+from dsmoe.devices import release_models
 from dsmoe.kernels.ops import IMPLS
 
 PROFILED_STEPS = 2
@@ -99,11 +99,9 @@ def run(args: argparse.Namespace) -> int:
                                               Path(tmp) / label.replace(" ", "_"))
             except Exception as e:  # one failing variant (an old transformers, an OOM) must not hide the others
                 result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
-            torch._dynamo.reset()  # each compiled variant compiles from scratch, inside its own warm-up
-            gc.collect()  # the variant's model and optimizer are gone with its frame
+            release_models(device)  # the variant's model and optimizer are gone with its frame
             if device.type == "cuda":
                 result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-                torch.cuda.empty_cache()
             result.update(variant=label, moe_impl=impl)
             if "tokens_per_s" in result:
                 result["model_tflops"] = result["tokens_per_s"] * flops_per_token / 1e12
