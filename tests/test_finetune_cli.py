@@ -116,6 +116,9 @@ def test_start_and_end_lines_read_right(base, spam, tmp_path, capsys):
                  "2", *FAST]) == 0
     trained, total = re.search(r"([\d.]+)M of ([\d.]+)M parameters train", capsys.readouterr().out).groups()
     assert trained == total  # a classifier trains every weight it has
+    from dsmoe.tasks.eval_tasks import fine_tuned_text_tokens
+
+    assert fine_tuned_text_tokens(out) == 48  # dsmoe eval reads its texts cut where training cut them
     assert main(["finetune", "--resume", str(out), "--no-progress"]) == 0
     done = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("done:"))
     assert "padding" not in done

@@ -4,6 +4,7 @@ only, the classifier head equal to transformers' DeepseekV3ForSequenceClassifica
 to end on the shared data."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -225,6 +226,17 @@ def test_classifier_head_reads_the_text_as_fine_tuning_fed_it(classifier_dir, tm
     assert main(["eval", str(path), "--task", str(spec), "--data", str(renamed), "--out", str(tmp_path / "own")]) == 0
     own = [json.loads(line)["scores"] for line in (tmp_path / "own" / "predictions.jsonl").read_text().splitlines()]
     assert own == scored
+    # a dsmoe fine-tune's folder: texts cut at its --seq-len, as training cut them (train_config.json)
+    cut = tmp_path / "cut"
+    shutil.copytree(path, cut)
+    (cut / "train_config.json").write_text(json.dumps({"seq_len": 4}))
+    assert main(["eval", str(cut), "--task", "sms_spam", "--data", str(data), "--out", str(tmp_path / "cut_out")]) == 0
+    assert "first 4 tokens" in capsys.readouterr().out
+    scored = [json.loads(line)["scores"] for line in (tmp_path / "cut_out" / "predictions.jsonl").read_text().splitlines()]
+    for example, scores in zip(encode_classify([("row", r) for r in rows], tok, ["ham", "spam"], seq_len=4), scored):
+        with torch.no_grad():
+            expected = model.classify(torch.tensor([example.ids]))[0].log_softmax(-1)
+        assert len(example.ids) == 4 and [scores["ham"], scores["spam"]] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
 # ---------------------------------------------------------------- each task kind end to end

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dsmoe.atomic import atomic_write_text
 from dsmoe.errors import UserError
+from dsmoe.json_files import read_json
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +41,18 @@ def _load(args: argparse.Namespace):
     return load_for_inference(args, classifier_ok=True)  # a fine-tuned head classifies
 
 
+def fine_tuned_text_tokens(folder) -> int | None:
+    """The --seq-len at which `dsmoe finetune --task classify` cut each text (its RUN/train_config.json); None for a
+    folder that no dsmoe fine-tune wrote."""
+    path = Path(folder) / "train_config.json"
+    if not path.is_file():
+        return None
+    seq_len = read_json(path, "restore it from the fine-tune's run folder or delete it").get("seq_len")
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise UserError(f"{path} has no positive integer seq_len; restore it from the fine-tune's run folder")
+    return seq_len
+
+
 def run_suite(args: argparse.Namespace) -> int:
     from dsmoe.tasks.specs import draw_shots, few_shot_prefix, get_task, read_examples
     from dsmoe.model.classifier import SequenceClassifier
@@ -61,6 +74,9 @@ def run_suite(args: argparse.Namespace) -> int:
     if spec.kind == "classification" and isinstance(model, SequenceClassifier):
         check_head_labels(spec, model.labels)  # before any compute
     run = TaskRun(model, tokenizer, batch_size=args.batch_size, prefix=prefix, cuda_graphs=not args.no_cuda_graphs)
+    if isinstance(model, SequenceClassifier) and (trained := fine_tuned_text_tokens(args.path)):
+        run.max_len = min(run.max_len, trained)  # a text the head never saw whole is read as training cut it
+        print(f"the head reads each text's first {run.max_len} tokens, as its fine-tune did (--seq-len {trained})")
 
     seconds, predicted = timed(device, lambda: predict(spec, examples, run))
     result, rows = score(spec, examples, predicted)
