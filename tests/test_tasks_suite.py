@@ -199,6 +199,7 @@ def test_classifier_head_reads_the_text_as_fine_tuning_fed_it(classifier_dir, tm
     prompt template instead ("Message: ...\nSpam or ham:") scored the wrong last token: near the majority class."""
     from dsmoe.checkpoint.hf import load_pretrained
     from dsmoe.finetune.data import encode_classify
+    from dsmoe.train.config import TrainConfig
 
     path, _ = classifier_dir
     rows = [{"text": "Free entry in a weekly competition!", "label": "spam"}, {"text": "ok see you", "label": "ham"},
@@ -229,7 +230,7 @@ def test_classifier_head_reads_the_text_as_fine_tuning_fed_it(classifier_dir, tm
     # a dsmoe fine-tune's folder: texts cut at its --seq-len, as training cut them (train_config.json)
     cut = tmp_path / "cut"
     shutil.copytree(path, cut)
-    (cut / "train_config.json").write_text(json.dumps({"seq_len": 4}))
+    (cut / "train_config.json").write_text(json.dumps(TrainConfig(seq_len=4).to_dict()))
     assert main(["eval", str(cut), "--task", "sms_spam", "--data", str(data), "--out", str(tmp_path / "cut_out")]) == 0
     assert "first 4 tokens" in capsys.readouterr().out
     scored = [json.loads(line)["scores"] for line in (tmp_path / "cut_out" / "predictions.jsonl").read_text().splitlines()]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from dsmoe.atomic import atomic_write_text
 from dsmoe.errors import UserError
-from dsmoe.json_files import read_json
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,15 +41,13 @@ def _load(args: argparse.Namespace):
 
 
 def fine_tuned_text_tokens(folder) -> int | None:
-    """The --seq-len at which `dsmoe finetune --task classify` cut each text (its RUN/train_config.json); None for a
-    folder that no dsmoe fine-tune wrote."""
-    path = Path(folder) / "train_config.json"
-    if not path.is_file():
+    """The --seq-len at which `dsmoe finetune --task classify` cut each text (the run's train_config.json); None for
+    a folder that no dsmoe fine-tune wrote."""
+    if not (Path(folder) / "train_config.json").is_file():
         return None
-    seq_len = read_json(path, "restore it from the fine-tune's run folder or delete it").get("seq_len")
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise UserError(f"{path} has no positive integer seq_len; restore it from the fine-tune's run folder")
-    return seq_len
+    from dsmoe.train.config import TrainConfig
+
+    return TrainConfig.load(folder).seq_len
 
 
 def run_suite(args: argparse.Namespace) -> int:
